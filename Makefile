@@ -1,0 +1,77 @@
+# Tile-Aware MoE Accelerators: the two commands are `make lab` and `make test`.
+# Every target makes or updates the environment first (quick when nothing changed).
+#
+# Settings (make VAR=value):
+#   PYTHON             the Python that makes the environment (default python3, 3.10 or newer)
+#   VENV               where the environment lives (default .venv)
+#   USE_CURRENT_PYTHON 1: install into PYTHON itself, no venv (a GPU image that has torch and CuPy)
+#   WHEELHOUSE         install from this folder of wheels alone (a machine with no internet)
+#   CUDA_MAJOR         12 or 13: which CuPy/NVRTC build (default: read from nvidia-smi; 13 with no GPU)
+#   LAB_PORT, LAB_IP   where `make lab` listens (default 8888 on 127.0.0.1)
+
+PYTHON ?= python3
+VENV ?= .venv
+LAB_PORT ?= 8888
+LAB_IP ?= 127.0.0.1
+WHEEL_PYTHON ?= 3.12
+WHEEL_SKIP ?=
+PYTEST_ARGS ?=
+
+ifeq ($(USE_CURRENT_PYTHON),1)
+PY := $(PYTHON)
+SETUP_FLAGS := --current-python
+else
+PY := $(VENV)/bin/python
+SETUP_FLAGS := --venv $(VENV)
+endif
+ifneq ($(WHEELHOUSE),)
+SETUP_FLAGS += --wheelhouse $(WHEELHOUSE)
+endif
+
+NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900
+
+.PHONY: help setup setup-lab lab test grade bench exercises wheelhouse clean
+
+help:
+	@echo "make lab         set up, then open JupyterLab on the course"
+	@echo "make test        set up, then check everything (helpers, kernels, notebooks, solutions)"
+	@echo "make grade       run your exercises in exercises/ and say what passes"
+	@echo "make bench       measure this GPU's ceilings and record them in benchmarks/results/"
+	@echo "make exercises   regenerate exercises/ from solutions/ (never overwrites your work)"
+	@echo "make wheelhouse  download wheels for a GPU machine with no internet (WHEEL_PYTHON, WHEEL_SKIP)"
+	@echo "make clean       remove the environment and caches (not your exercises, not results)"
+
+setup:
+	@$(PYTHON) tools/setup_env.py $(SETUP_FLAGS)
+
+setup-lab:
+	@$(PYTHON) tools/setup_env.py $(SETUP_FLAGS) --lab
+
+lab: setup-lab
+	@echo ""
+	@echo "JupyterLab is starting on http://$(LAB_IP):$(LAB_PORT)/lab (the address with its token follows)."
+	@echo "On a remote machine, forward the port first:  ssh -L $(LAB_PORT):localhost:$(LAB_PORT) you@that-machine"
+	@echo "Stop it with Ctrl-C (twice), or File > Shut Down in JupyterLab."
+	@echo ""
+	$(PY) -m jupyterlab --no-browser --ip=$(LAB_IP) --port=$(LAB_PORT) \
+		--ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/notebooks/00_setup.ipynb
+
+test: setup
+	$(PY) -m pytest -rs $(NBVAL) tests $(wildcard notebooks/*.ipynb solutions/*.ipynb) $(PYTEST_ARGS)
+
+grade: setup
+	$(PY) -m pytest -rs $(NBVAL) exercises $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/ceilings.py
+
+exercises: setup
+	$(PY) tools/make_exercises.py
+
+wheelhouse:
+	$(PYTHON) tools/setup_env.py --download wheelhouse --python-version $(WHEEL_PYTHON) --lab \
+		$(if $(WHEEL_SKIP),--skip $(WHEEL_SKIP))
+
+clean:
+	rm -rf $(VENV) .setup .pytest_cache .ipynb_checkpoints */.ipynb_checkpoints
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

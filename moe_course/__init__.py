@@ -1,0 +1,23 @@
+"""Helpers shared by every notebook of "Tile-Aware MoE Accelerators".
+
+One obvious place for each thing:
+
+- ``machine``    what this machine has (GPU, CUDA driver and runtime, CuPy, NVRTC)
+- ``kernels``    CUDA sources in ``kernels/``: compiled and loaded through CuPy on a GPU,
+                 or compiled for ``sm_90a`` without one to read their resource use
+- ``bench``      timing (CUDA events, warm-up, median, inputs rotated past the L2)
+- ``ceilings``   this machine's two ceilings: dense bf16 matmul rate and device copy bandwidth
+- ``records``    benchmark results saved as JSON under ``benchmarks/results/``
+- ``plotting``   charts of live or recorded results, always labelled with where they came from
+- ``checking``   friendly checks for exercises and tests
+"""
+
+from pathlib import Path
+import os
+
+#: The course's top folder (holds ``kernels/``, ``notebooks/``, ``benchmarks/``).
+ROOT = Path(os.environ.get("MOE_COURSE_ROOT", Path(__file__).resolve().parent.parent))
+KERNELS_DIR = ROOT / "kernels"
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+__all__ = ["ROOT", "KERNELS_DIR", "RESULTS_DIR"]

@@ -1,0 +1,106 @@
+"""Small, friendly checks: each failure says what was expected, what came back, and where.
+
+Used by exercise graders and by the kernel tests. A failed check raises :class:`CheckFailed`
+(an ``AssertionError``), so nbval and pytest both count it as a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+
+class CheckFailed(AssertionError):
+    pass
+
+
+def to_numpy(x) -> np.ndarray:
+    """torch (CPU or GPU, any dtype incl. bf16), CuPy or NumPy to a float64/int64 NumPy array."""
+    if hasattr(x, "detach"):  # torch
+        x = x.detach()
+        x = x.float() if x.is_floating_point() else x
+        return x.cpu().numpy()
+    if type(x).__module__.startswith("cupy"):
+        return x.get()
+    return np.asarray(x)
+
+
+def _describe(arr: np.ndarray) -> str:
+    return f"shape {tuple(arr.shape)}, dtype {arr.dtype}"
+
+
+def check_shape(name: str, got, expected_shape) -> None:
+    shape = tuple(getattr(got, "shape", ()))
+    if shape != tuple(expected_shape):
+        raise CheckFailed(f"{name}: expected shape {tuple(expected_shape)}, got {shape}")
+
+
+def check_dtype(name: str, got, expected_dtype) -> None:
+    if got.dtype != expected_dtype:
+        raise CheckFailed(f"{name}: expected dtype {expected_dtype}, got {got.dtype}")
+
+
+def check_close(name: str, got, expected, *, rtol: float = 1e-4, atol: float = 1e-5,
+                max_shown: int = 3) -> None:
+    """Element-wise ``|got - expected| <= atol + rtol * |expected|``; NaN never passes."""
+    if got is None:
+        raise CheckFailed(f"{name}: got None (did the function forget to return its result?)")
+    g, e = to_numpy(got), to_numpy(expected)
+    if g.shape != e.shape:
+        raise CheckFailed(f"{name}: expected {_describe(e)}, got {_describe(g)}")
+    g64, e64 = g.astype(np.float64), e.astype(np.float64)
+    bad = ~(np.abs(g64 - e64) <= atol + rtol * np.abs(e64))  # NaN compares False: counted bad
+    if not bad.any():
+        return
+    where = np.argwhere(bad)
+    err = np.where(bad, np.nan_to_num(np.abs(g64 - e64), nan=np.inf), 0)
+    worst = np.unravel_index(np.argmax(err), err.shape)
+    lines = [f"{name}: {bad.sum()} of {bad.size} values differ "
+             f"(tolerance {atol:g} + {rtol:g}*|expected|)"]
+    for idx in [worst] + [tuple(i) for i in where[:max_shown] if tuple(i) != worst][: max_shown - 1]:
+        i = tuple(int(v) for v in idx)
+        lines.append(f"  at {list(i)}: expected {e64[i]:.6g}, got {g64[i]:.6g}")
+    raise CheckFailed("\n".join(lines))
+
+
+def check_equal(name: str, got, expected) -> None:
+    """Exact equality, for indices, counts and masks."""
+    if got is None:
+        raise CheckFailed(f"{name}: got None (did the function forget to return its result?)")
+    g, e = to_numpy(got), to_numpy(expected)
+    if g.shape != e.shape:
+        raise CheckFailed(f"{name}: expected {_describe(e)}, got {_describe(g)}")
+    bad = g != e
+    if bad.any():
+        first = tuple(int(v) for v in np.argwhere(bad)[0])
+        raise CheckFailed(f"{name}: {bad.sum()} of {bad.size} entries differ; first at {list(first)}: "
+                          f"expected {e[first]}, got {g[first]}")
+
+
+def check_true(name: str, condition: bool, explanation: str) -> None:
+    if not condition:
+        raise CheckFailed(f"{name}: {explanation}")
+
+
+def relative_error(got, expected) -> float:
+    """‖got − expected‖ / ‖expected‖ in float64: the one number for a whole tensor."""
+    g, e = to_numpy(got).astype(np.float64), to_numpy(expected).astype(np.float64)
+    denom = np.linalg.norm(e)
+    return float(np.linalg.norm(g - e) / (denom if denom else 1.0))
+
+
+@contextlib.contextmanager
+def grading(title: str):
+    """Wrap a grader: a pass prints one line; an unfilled exercise says so plainly.
+
+    >>> with grading("Exercise 1: router"):
+    ...     check_close("router weights", my_router(x), reference_router(x))
+    """
+    try:
+        yield
+    except NotImplementedError as exc:
+        raise CheckFailed(f"{title}: not implemented yet ({exc or 'fill in the cell marked YOUR CODE'})") from None
+    except CheckFailed as exc:
+        raise CheckFailed(f"{title}: FAILED\n{exc}") from None
+    print(f"PASS  {title}")

@@ -1,0 +1,243 @@
+"""The CUDA sources in ``kernels/``: load them on a GPU, or inspect them without one.
+
+Two ways in, one source:
+
+- :func:`load` compiles a source with CuPy ``RawModule`` for the GPU at hand (``sm_90a`` on
+  Hopper) and returns the module, ready to launch.
+- :func:`compile_report` compiles the same source with NVRTC for ``sm_90a`` (or any target)
+  *without a GPU* and returns the cubin and, per kernel, the registers, shared memory, stack
+  frame and spills that ptxas reported. That is what a laptop can still show of a kernel.
+
+A compile error from either path is a :class:`CompileError` whose message quotes the source
+lines the compiler complained about.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import KERNELS_DIR
+from .machine import info
+
+DEFAULT_ARCH = "sm_90a"  # the course targets Hopper; the 'a' unlocks wgmma and setmaxnreg
+BASE_OPTIONS = ("-std=c++17",)
+
+
+class CompileError(RuntimeError):
+    """The compiler rejected a source; the message shows the offending lines."""
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str  # file name used in compiler messages, e.g. "00_scale.cu"
+    code: str
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What ptxas reported for one kernel (static shared memory only: dynamic is set at launch)."""
+
+    kernel: str
+    registers: int
+    shared_bytes: int
+    stack_bytes: int
+    spill_stores: int
+    spill_loads: int
+    barriers: int = 0
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_stores > 0 or self.spill_loads > 0
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    source: Source
+    arch: str
+    cubin: bytes
+    log: str
+    resources: dict[str, Resources]
+
+    def table(self) -> str:
+        head = f"{'kernel':<34} {'regs':>5} {'smem B':>8} {'stack B':>8} {'spill st/ld B':>14}"
+        rows = [head, "-" * len(head)]
+        for r in self.resources.values():
+            rows.append(f"{r.kernel:<34} {r.registers:>5} {r.shared_bytes:>8} {r.stack_bytes:>8} "
+                        f"{f'{r.spill_stores}/{r.spill_loads}':>14}")
+        return f"{self.source.name} for {self.arch} ({len(self.cubin)} byte cubin)\n" + "\n".join(rows)
+
+
+def kernel_files() -> list[Path]:
+    """Every ``.cu`` file in ``kernels/``, in teaching order (their names are numbered)."""
+    return sorted(KERNELS_DIR.glob("*.cu"))
+
+
+def read_source(name_or_path: str | os.PathLike) -> Source:
+    """``"00_scale"``, ``"00_scale.cu"`` or a path; a name is looked up in ``kernels/``."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = path.with_suffix(".cu")
+    if not path.is_absolute() and not path.exists():
+        path = KERNELS_DIR / path
+    if not path.exists():
+        known = ", ".join(p.stem for p in kernel_files()) or "none"
+        raise FileNotFoundError(f"no kernel source {name_or_path!r} (kernels/ has: {known})")
+    return Source(path.name, path.read_text())
+
+
+def _as_source(src: str | os.PathLike | Source) -> Source:
+    if isinstance(src, Source):
+        return src
+    if isinstance(src, str) and ("\n" in src or "__global__" in src):
+        return Source("cell.cu", src)  # CUDA C written in a notebook cell
+    return read_source(src)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_include_dir() -> str | None:
+    """Where ``cuda_bf16.h`` and friends are: the NVIDIA header wheels, else a CUDA toolkit."""
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+
+        found = find_nvidia_header_directory("cudart")
+        if found:
+            return found
+    except Exception:
+        pass
+    for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and Path(root, "include", "cuda_bf16.h").exists():
+            return str(Path(root, "include"))
+    return None
+
+
+def _options(arch: str | None, defines: dict | None, extra: tuple[str, ...]) -> tuple[str, ...]:
+    opts = list(BASE_OPTIONS) + [f"-I{KERNELS_DIR}"]
+    if inc := cuda_include_dir():
+        opts.append(f"-I{inc}")
+    if arch:
+        opts.append(f"-arch={arch}")
+    for key, value in (defines or {}).items():
+        opts.append(f"-D{key}" if value is None else f"-D{key}={value}")
+    return tuple(opts) + tuple(extra)
+
+
+_DIAG = re.compile(r"^(?P<file>[^\s(]+)\((?P<line>\d+)\): (?P<kind>error|warning)[^:]*: (?P<msg>.*)$")
+
+
+def explain_log(source: Source, log: str, arch: str | None, context: int = 2) -> str:
+    """Turn an NVRTC log into a message that quotes each offending source line."""
+    lines = source.code.splitlines()
+    out = [f"{source.name} could not be compiled for {arch or 'this GPU'}:"]
+    shown = 0
+    for entry in log.splitlines():
+        m = _DIAG.match(entry.strip())
+        if not m or m["kind"] != "error":
+            continue
+        shown += 1
+        n = int(m["line"])
+        where = m["file"]
+        out.append(f"\n  {where} line {n}: {m['msg']}")
+        if not where.endswith((".h", ".cuh", ".hpp")):  # the source itself, whatever CuPy named it
+            for i in range(max(1, n - context), min(len(lines), n + context) + 1):
+                out.append(f"  {'>' if i == n else ' '} {i:4d} | {lines[i - 1]}")
+        if shown == 5:
+            out.append("\n  (more errors follow in the full log: CompileError.log)")
+            break
+    if not shown:
+        out.append(log.strip() or "(the compiler gave no message)")
+    return "\n".join(out)
+
+
+def _error(source: Source, log: str, arch: str | None) -> CompileError:
+    err = CompileError(explain_log(source, log, arch))
+    err.log = log
+    return err
+
+
+_PTXAS_FUNC = re.compile(r"Function properties for (\S+)")
+_PTXAS_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers(?:, used (\d+) barriers)?(?:, (\d+) bytes smem)?")
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\S+)'")
+
+
+def parse_ptxas_report(log: str) -> dict[str, Resources]:
+    """Read ptxas's ``-v`` lines: one entry per ``__global__`` function."""
+    found: dict[str, dict] = {}
+    current = None
+    for line in log.splitlines():
+        if m := _PTXAS_ENTRY.search(line) or _PTXAS_FUNC.search(line):
+            current = found.setdefault(m[1], {"kernel": m[1]})
+        elif current is None:
+            continue
+        elif m := _PTXAS_STACK.search(line):
+            current.update(stack_bytes=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
+        elif m := _PTXAS_USED.search(line):
+            current.update(registers=int(m[1]), barriers=int(m[2] or 0), shared_bytes=int(m[3] or 0))
+    return {
+        k: Resources(**{"stack_bytes": 0, "spill_stores": 0, "spill_loads": 0, **v})
+        for k, v in found.items() if "registers" in v
+    }
+
+
+def compile_report(src: str | os.PathLike | Source, arch: str = DEFAULT_ARCH,
+                   defines: dict | None = None, options: tuple[str, ...] = ()) -> CompiledKernel:
+    """Compile with NVRTC (no GPU needed) and report each kernel's resources."""
+    return _compile_report(_as_source(src), arch, tuple(sorted((defines or {}).items())), tuple(options))
+
+
+@functools.lru_cache(maxsize=64)
+def _compile_report(source: Source, arch: str, defines: tuple, options: tuple) -> CompiledKernel:
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError as exc:
+        raise RuntimeError("compiling without a GPU needs cuda-bindings and NVRTC: run `make setup`") from exc
+
+    def check(result):
+        err, *rest = result
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise RuntimeError(f"NVRTC: {nvrtc.nvrtcGetErrorString(err)[1].decode()}")
+        return rest[0] if len(rest) == 1 else rest
+
+    opts = _options(arch, dict(defines), ("-Xptxas=-v", "-lineinfo") + options)
+    prog = check(nvrtc.nvrtcCreateProgram(source.code.encode(), source.name.encode(), 0, [], []))
+    try:
+        (status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
+        log = bytearray(check(nvrtc.nvrtcGetProgramLogSize(prog)))
+        check((nvrtc.nvrtcGetProgramLog(prog, log)[0], None))
+        log = log.rstrip(b"\0").decode(errors="replace")
+        if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise _error(source, log, arch)
+        cubin = bytearray(check(nvrtc.nvrtcGetCUBINSize(prog)))
+        check((nvrtc.nvrtcGetCUBIN(prog, cubin)[0], None))
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    return CompiledKernel(source, arch, bytes(cubin), log, parse_ptxas_report(log))
+
+
+def load(src: str | os.PathLike | Source, defines: dict | None = None,
+         options: tuple[str, ...] = (), name_expressions: tuple[str, ...] = ()):
+    """Compile for this GPU with CuPy ``RawModule`` and return the module (needs a GPU)."""
+    machine = info()
+    if not machine.has_gpu:
+        raise RuntimeError(f"loading a kernel needs a GPU ({machine.why_no_gpu}); "
+                           "compile_report() shows what it compiles to without one")
+    return _load(_as_source(src), machine.arch, tuple(sorted((defines or {}).items())),
+                 tuple(options), tuple(name_expressions))
+
+
+@functools.lru_cache(maxsize=64)
+def _load(source: Source, arch: str, defines: tuple, options: tuple, name_expressions: tuple):
+    import cupy
+
+    opts = _options(arch, dict(defines), options)
+    module = cupy.RawModule(code=source.code, options=opts,
+                            name_expressions=name_expressions or None)
+    try:
+        module.compile()  # compile now, so errors surface here and not at the first launch
+    except cupy.cuda.compiler.CompileException as exc:
+        raise _error(source, str(exc), arch) from None
+    return module

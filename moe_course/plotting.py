@@ -1,0 +1,72 @@
+"""Charts of live or recorded results. Every chart carries a visible label saying where and
+when its numbers were measured, so a recorded H200 result is never mistaken for this machine's.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+LIVE_COLOR = "#1a7f37"
+RECORDED_COLOR = "#9a6700"
+
+
+def source_text(record, live: bool) -> str:
+    return (f"LIVE on {record.label()}" if live
+            else f"RECORDED on {record.label()} (no GPU here)")
+
+
+def stamp(ax, record, live: bool) -> None:
+    """Write the source of the numbers inside the axes, top left, in a coloured box."""
+    ax.text(0.01, 0.99, source_text(record, live), transform=ax.transAxes, va="top", ha="left",
+            fontsize=8, color="white",
+            bbox={"facecolor": LIVE_COLOR if live else RECORDED_COLOR, "alpha": 0.85,
+                  "edgecolor": "none", "boxstyle": "round,pad=0.3"})
+
+
+def roofline(ceilings, points: Iterable[tuple[str, float, float]] = (), ax=None, live: bool | None = None):
+    """The roofline of a machine: attainable TFLOP/s against FLOPs per byte, with ``points``
+    ``(label, intensity, tflops)`` placed on it. Later chapters add their kernels here."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4.2))
+    ridge = ceilings.ridge_intensity
+    x = np.logspace(-1, 4, 200)
+    ax.loglog(x, np.minimum(ceilings.matmul_tflops, ceilings.copy_tbps * x), color="black", lw=2,
+              label=f"roof: {ceilings.copy_tbps:.2f} TB/s x intensity, capped at {ceilings.matmul_tflops:.0f} TFLOP/s")
+    ax.axvline(ridge, color="grey", ls=":", lw=1)
+    ax.annotate(f"ridge {ridge:.0f} FLOP/B", (ridge, ceilings.matmul_tflops * 0.05), rotation=90,
+                fontsize=8, color="grey", ha="right")
+    for label, intensity, tflops in points:
+        ax.loglog([intensity], [tflops], "o", ms=8, label=f"{label}: {tflops:.3g} TFLOP/s")
+    ax.set_xlabel("arithmetic intensity (FLOP per byte of device memory traffic)")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_ylim(1e-2, ceilings.matmul_tflops * 3)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8, loc="lower right")
+    if ceilings.record is not None:
+        stamp(ax, ceilings.record, ceilings.live if live is None else live)
+    return ax
+
+
+def grouped_bars(categories: Sequence[str], series: dict[str, Sequence[float]], *, ylabel: str,
+                 record, live: bool, ceiling: float | None = None, ceiling_label: str = "",
+                 title: str = "", ax=None):
+    """Bars of one value per (category, series), e.g. TFLOP/s per MoE shape and implementation."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(6, 1.6 * len(categories) + 2), 4))
+    width = 0.8 / max(1, len(series))
+    xs = np.arange(len(categories))
+    for i, (name, values) in enumerate(series.items()):
+        bars = ax.bar(xs + (i - (len(series) - 1) / 2) * width, values, width, label=name)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    if ceiling:
+        ax.axhline(ceiling, color="black", ls="--", lw=1, label=ceiling_label or f"ceiling {ceiling:.0f}")
+    ax.set_xticks(xs, categories)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.margins(y=0.2)
+    stamp(ax, record, live)
+    return ax

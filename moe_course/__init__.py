@@ -10,6 +10,9 @@ One obvious place for each thing:
 - ``records``    benchmark results saved as JSON under ``benchmarks/results/``
 - ``plotting``   charts of live or recorded results, always labelled with where they came from
 - ``checking``   friendly checks for exercises and tests
+- ``moe``        the reference MoE maths: routers, dispatch, SwiGLU experts, combine,
+                 load-balancing losses, capacity and dropping, the ``MoELayer`` module
+- ``graders``    the exercise graders (one module per exercise notebook)
 """
 
 from pathlib import Path

@@ -60,8 +60,8 @@ def measure(n: int = 8192, copy_gib: float = 2.0, reps: int = 30, save: bool = T
     return Ceilings(mm.tflops, cp.tbps, rec, live=True)
 
 
-def recorded(gpu: str | None = None) -> Ceilings | None:
-    rec = records.load(KIND, gpu=gpu)
+def recorded(gpu: str | None = None, results_dir=None) -> Ceilings | None:
+    rec = records.load(KIND, gpu=gpu, results_dir=results_dir)
     return None if rec is None else Ceilings(rec.data["matmul_tflops"], rec.data["copy_tbps"], rec)
 
 

@@ -84,7 +84,12 @@ def check_true(name: str, condition: bool, explanation: str) -> None:
 
 
 def relative_error(got, expected) -> float:
-    """‖got − expected‖ / ‖expected‖ in float64: the one number for a whole tensor."""
+    """‖got − expected‖ / ‖expected‖ in float64: the one number for a whole tensor.
+    Two torch tensors are compared where they are (a GPU need not copy gigabytes to the host)."""
+    if hasattr(got, "detach") and hasattr(expected, "detach"):
+        g, e = got.detach().double(), expected.detach().to(got.device).double()
+        denom = float(e.norm())
+        return float((g - e).norm()) / (denom if denom else 1.0)
     g, e = to_numpy(got).astype(np.float64), to_numpy(expected).astype(np.float64)
     denom = np.linalg.norm(e)
     return float(np.linalg.norm(g - e) / (denom if denom else 1.0))

@@ -125,7 +125,7 @@ def _options(arch: str | None, defines: dict | None, extra: tuple[str, ...]) -> 
     return tuple(opts) + tuple(extra)
 
 
-_DIAG = re.compile(r"^(?P<file>[^\s(]+)\((?P<line>\d+)\): (?P<kind>error|warning)[^:]*: (?P<msg>.*)$")
+_DIAG = re.compile(r"^(?P<file>[^\s(]+)\((?P<line>\d+)\): (?P<kind>(?:catastrophic )?error|warning)[^:]*: (?P<msg>.*)$")
 
 
 def explain_log(source: Source, log: str, arch: str | None, context: int = 2) -> str:
@@ -135,7 +135,7 @@ def explain_log(source: Source, log: str, arch: str | None, context: int = 2) ->
     shown = 0
     for entry in log.splitlines():
         m = _DIAG.match(entry.strip())
-        if not m or m["kind"] != "error":
+        if not m or not m["kind"].endswith("error"):
             continue
         shown += 1
         n = int(m["line"])

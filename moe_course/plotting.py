@@ -70,3 +70,24 @@ def grouped_bars(categories: Sequence[str], series: dict[str, Sequence[float]], 
     ax.margins(y=0.2)
     stamp(ax, record, live)
     return ax
+
+
+def expert_load(counts, ax=None, *, capacity: float | None = None, title: str = "",
+                color: str | None = None, label: str | None = None):
+    """Bars of tokens (token-expert pairs) per expert, with the perfectly balanced load as a
+    dashed line and, if given, each expert's ``capacity`` as a red line (what lies above it is
+    dropped). ``counts``: one number per expert (torch, NumPy or a list)."""
+    counts = np.asarray(counts.tolist() if hasattr(counts, "tolist") else counts, dtype=float)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(5, 0.25 * len(counts) + 2), 3))
+    ax.bar(np.arange(len(counts)), counts, width=0.85, color=color, label=label)
+    mean = counts.mean() if len(counts) else 0.0
+    ax.axhline(mean, color="black", ls="--", lw=1, label=f"balanced: {mean:.0f}")
+    if capacity is not None:
+        ax.axhline(capacity, color="#cf222e", lw=1.5, label=f"capacity: {capacity:.0f}")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("tokens")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    return ax

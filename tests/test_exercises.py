@@ -21,6 +21,8 @@ def test_strip_solution_keeps_indentation_and_the_rest():
     src = "def f(x):\n    y = 1\n    # BEGIN SOLUTION\n    return x + y\n    # END SOLUTION\n\nprint('kept')"
     out = make_exercises.strip_solution(src, "f")
     assert out == "def f(x):\n    y = 1\n    # YOUR CODE HERE\n    raise NotImplementedError('f')\n\nprint('kept')"
+    cuda = 'src = r"""\n__global__ void k() {\n    // BEGIN SOLUTION\n    y[0] = 1;\n    // END SOLUTION\n}\n"""'
+    assert make_exercises.strip_solution(cuda, "k") == 'src = r"""\n__global__ void k() {\n    // YOUR CODE HERE\n}\n"""'
     with pytest.raises(ValueError, match="without END"):
         make_exercises.strip_solution("# BEGIN SOLUTION\nx = 1", "f")
 

@@ -13,7 +13,8 @@ The exercise keeps everything else and puts, at the same indentation::
         # YOUR CODE HERE
         raise NotImplementedError("router")
 
-Outputs are dropped. ``exercises/.generated.json`` remembers what was generated, so a notebook
+In CUDA C held in a Python string, the markers are ``// BEGIN SOLUTION`` and ``// END SOLUTION``
+and the exercise keeps an empty body with ``// YOUR CODE HERE``. Outputs are dropped. ``exercises/.generated.json`` remembers what was generated, so a notebook
 the learner has changed (any code or text cell) is never overwritten: it is reported and left
 alone. ``--check`` says whether ``exercises/`` is exactly what this script would write.
 """
@@ -32,8 +33,8 @@ import nbformat
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS, EXERCISES = ROOT / "solutions", ROOT / "exercises"
 MANIFEST = EXERCISES / ".generated.json"
-BEGIN = re.compile(r"^(\s*)# BEGIN SOLUTION\s*$")
-END = re.compile(r"^\s*# END SOLUTION\s*$")
+BEGIN = re.compile(r"^(\s*)(#|//) BEGIN SOLUTION\s*$")  # '//' inside CUDA C held in a string
+END = re.compile(r"^\s*(#|//) END SOLUTION\s*$")
 
 
 def strip_solution(source: str, hint: str) -> str:
@@ -43,7 +44,10 @@ def strip_solution(source: str, hint: str) -> str:
             if inside:
                 raise ValueError(f"nested BEGIN SOLUTION in cell:\n{source}")
             inside = True
-            out += [f"{m[1]}# YOUR CODE HERE", f"{m[1]}raise NotImplementedError({hint!r})"]
+            if m[2] == "#":
+                out += [f"{m[1]}# YOUR CODE HERE", f"{m[1]}raise NotImplementedError({hint!r})"]
+            else:  # CUDA C: an empty body compiles, and its unwritten output fails the grader
+                out += [f"{m[1]}// YOUR CODE HERE"]
         elif END.match(line):
             if not inside:
                 raise ValueError(f"END SOLUTION without BEGIN in cell:\n{source}")

@@ -1,0 +1,123 @@
+"""Grader of exercise 01, a simple MoE forward pass: router, expert assignment, aggregation.
+
+The learner writes (shapes as in :mod:`moe_course.moe`):
+
+- ``router(x, w_router, k) -> (weights (T, k), experts (T, k))``: softmax over the experts,
+  keep the ``k`` best, renormalise their weights to sum to one (as :func:`moe.topk_softmax`)
+- ``assign(experts, num_experts) -> (order (T*K,), counts (E,), offsets (E+1,))``: the pairs
+  sorted by expert, stably (as :func:`moe.dispatch`)
+- ``aggregate(y_sorted, order, weights) -> (T, d)``: back to token order, weighted sum over each
+  token's experts (as :func:`moe.combine`)
+- ``simple_moe(x, w, k) -> (T, d)``: the three put together with the experts in between
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import moe
+from ..checking import CheckFailed, check_close, check_equal, check_shape, check_true, grading, to_numpy
+from . import CASES, Case, as_tensor_pair, fresh_seed, generator, random_experts
+
+TITLE = "Exercise 01"
+
+
+def _router_inputs(case: Case, gen: torch.Generator):
+    """Tokens whose first feature is a constant 1, and a router that gives ``case.empty`` a
+    logit about -100 through it: that expert never makes anyone's top k. The other logits are
+    of order one, so no weight is close to 0 or 1 (a missing renormalisation shows)."""
+    x = torch.randn(case.T, case.d, generator=gen, device=gen.device)
+    x[:, 0] = 1.0
+    w_router = torch.randn(case.d, case.E, generator=gen, device=gen.device) / case.d**0.5
+    if case.empty is not None:
+        w_router[0, case.empty] = -100.0
+    return x, w_router
+
+
+def _by_expert_id(weights, experts):
+    """Each row's (weight, expert) pairs ordered by expert id: any slot order is accepted."""
+    experts = torch.as_tensor(experts).long()
+    idx = experts.argsort(dim=-1)
+    return torch.as_tensor(weights).float().gather(-1, idx), experts.gather(-1, idx)
+
+
+def grade_router(router, seed: int | None = None) -> None:
+    """``router(x (T, d), w_router (d, E), k) -> (weights (T, k), experts (T, k))``."""
+    seed = fresh_seed(seed)
+    gen = generator(seed)
+    with grading(f"{TITLE} · router"):
+        for case in CASES:
+            where = f"{case}, seed {seed}"
+            x, w_router = _router_inputs(case, gen)
+            want = moe.topk_softmax(moe.router_logits(x, w_router), case.K)
+            weights, experts = as_tensor_pair("router", router(x.clone(), w_router.clone(), case.K), where)
+            check_shape(f"weights ({where})", weights, (case.T, case.K))
+            check_shape(f"experts ({where})", experts, (case.T, case.K))
+            sums = to_numpy(weights).sum(axis=-1)
+            bad = abs(sums - 1) > 1e-4
+            check_true(f"weights ({where})", not bad.any(),
+                       f"each token's k weights must sum to 1 (softmax over its k chosen experts, "
+                       f"i.e. renormalised); token {int(bad.argmax())} sums to {sums[bad.argmax()]:.4f}")
+            got_w, got_e = _by_expert_id(weights, experts)
+            want_w, want_e = _by_expert_id(*want)
+            check_equal(f"experts, each row sorted by id ({where})", got_e, want_e)
+            check_close(f"weights, each row sorted by expert id ({where})", got_w, want_w)
+
+
+def grade_assignment(assign, seed: int | None = None) -> None:
+    """``assign(experts (T, K), num_experts) -> (order (T*K,), counts (E,), offsets (E+1,))``."""
+    seed = fresh_seed(seed)
+    gen = generator(seed)
+    with grading(f"{TITLE} · expert assignment"):
+        for case in CASES:
+            where = f"{case}, seed {seed}"
+            experts = random_experts(case, gen)
+            want = moe.dispatch(experts, case.E)
+            result = assign(experts.clone(), case.E)
+            if result is None:
+                raise CheckFailed(f"assign ({where}): got None (did the function forget to return its result?)")
+            check_true(f"assign ({where})", isinstance(result, (tuple, list)) and len(result) == 3,
+                       f"expected (order, counts, offsets), got {type(result).__name__}")
+            order, counts, offsets = (torch.as_tensor(to_numpy(r)).long() for r in result)
+            check_equal(f"counts, tokens per expert ({where})", counts, want.counts)
+            check_equal(f"offsets, E+1 entries starting at 0 ({where})", offsets, want.offsets)
+            check_shape(f"order ({where})", order, (case.T * case.K,))
+            check_true(f"order ({where})", torch.equal(order.sort().values, torch.arange(case.T * case.K)),
+                       "order must list every pair index 0 .. T*K-1 exactly once (pair t*K + j is "
+                       "token t's j-th expert)")
+            flat = experts.reshape(-1).cpu()
+            check_true(f"order ({where})", bool((flat[order].diff() >= 0).all()),
+                       "the pairs are not grouped by expert: experts.flatten()[order] must be sorted")
+            check_equal(f"order: within an expert, pairs in token order (a stable sort) ({where})",
+                        order, want.order)
+
+
+def grade_aggregation(aggregate, seed: int | None = None) -> None:
+    """``aggregate(y_sorted (T*K, d), order (T*K,), weights (T, K)) -> (T, d)``."""
+    seed = fresh_seed(seed)
+    gen = generator(seed)
+    with grading(f"{TITLE} · output aggregation"):
+        for case in CASES:
+            where = f"{case}, seed {seed}"
+            experts = random_experts(case, gen)
+            d = moe.dispatch(experts, case.E)
+            weights = torch.rand(case.T, case.K, generator=gen, device=gen.device) + 0.1
+            weights = weights / weights.sum(-1, keepdim=True)
+            y_sorted = torch.randn(case.T * case.K, case.d, generator=gen, device=gen.device)
+            got = aggregate(y_sorted.clone(), d.order.clone(), weights.clone())
+            check_close(f"output ({where})", got, moe.combine(y_sorted, d, weights), atol=1e-5)
+
+
+def grade_simple_moe(simple_moe, seed: int | None = None) -> None:
+    """``simple_moe(x (T, d), w: moe.MoEWeights, k) -> (T, d)``, the whole forward pass."""
+    seed = fresh_seed(seed)
+    gen = generator(seed)
+    with grading(f"{TITLE} · the whole MoE forward pass"):
+        for case in CASES:
+            where = f"{case}, seed {seed}"
+            x, w_router = _router_inputs(case, gen)
+            w = moe.random_weights(case.d, 2 * case.d, case.E, device=gen.device, generator=gen)
+            w = w._replace(w_router=w_router)
+            want = moe.moe_forward(x, w, case.K)
+            got = simple_moe(x.clone(), moe.MoEWeights(*(t.clone() for t in w)), case.K)
+            check_close(f"MoE output ({where})", got, want.y, rtol=1e-4, atol=1e-4)

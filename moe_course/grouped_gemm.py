@@ -1,0 +1,344 @@
+"""Host side of the grouped GEMM ladder (chapter 02): one launcher for every step in ``kernels/``.
+
+The problem: rows of ``x`` are sorted by expert, ``offs[e]`` is the end row of expert ``e``
+(as ``torch._grouped_mm`` takes it), and for every expert::
+
+    y[start_e:end_e] = x[start_e:end_e] @ w[e].T      # x [M, K], w [E, N, K], y [M, N], bf16
+
+Every step is checked here before launch: a shape a kernel cannot take is refused with a
+message that names the problem, never launched into an out-of-bounds read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import kernels
+from .machine import info
+
+MAX_EXPERTS = 1024  # build_tile_map uses one thread per expert
+
+
+@dataclass(frozen=True)
+class Step:
+    source: str  # file in kernels/
+    kernel: str  # __global__ function
+    title: str  # what it adds, for charts and tables
+    block_m: int  # rows per tile (0: one launch per expert)
+    block_n: int = 1  # N must be a multiple of this
+    k_multiple: int = 1  # K must be a multiple of this
+    threads: int = 256
+    min_cc: tuple[int, int] = (8, 0)
+    smem_bytes: int = 0  # dynamic shared memory
+    persistent: bool = False
+    defines: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.source + "".join(f"[{k}={v}]" for k, v in self.defines.items())
+
+
+def _wgmma_smem(block_n: int, stages: int = 4) -> int:
+    """Bytes of the ring in wgmma_tile.cuh: STAGES x (128 + BN) rows x 64 bf16, + 1024 to align."""
+    return stages * (128 * 64 + block_n * 64) * 2 + 1024
+
+
+STEPS: dict[str, Step] = {s.name: s for s in [
+    Step("02_1_naive_per_expert", "naive_gemm", "naive, one launch per expert", 0, threads=256),
+    Step("02_2_naive_grouped", "naive_grouped_gemm", "naive, one launch (tile map)", 16),
+    Step("02_3_smem_tiled", "smem_tiled_grouped_gemm", "shared-memory tiles, CUDA cores", 128, 128, 32),
+    Step("02_4_mma_sync", "mma_sync_grouped_gemm", "tensor cores: mma.sync + cp.async", 128, 128, 32,
+         smem_bytes=3 * 256 * 40 * 2),
+    Step("02_5_wgmma", "wgmma_grouped_gemm", "Hopper wgmma", 128, 128, 64, min_cc=(9, 0),
+         smem_bytes=_wgmma_smem(128)),
+    Step("02_6_persistent", "persistent_grouped_gemm", "persistent, device tile scheduler", 128, 128, 64,
+         min_cc=(9, 0), smem_bytes=_wgmma_smem(128), persistent=True),
+    Step("02_6_persistent", "persistent_grouped_gemm", "persistent, 128x256 tiles", 128, 256, 64,
+         min_cc=(9, 0), smem_bytes=_wgmma_smem(256), persistent=True, defines={"BN": 256}),
+    Step("02_6_persistent", "persistent_grouped_gemm", "persistent, 6 stages", 128, 128, 64,
+         min_cc=(9, 0), smem_bytes=_wgmma_smem(128, 6), persistent=True, defines={"STAGES": 6}),
+]}
+LADDER = [name for name in STEPS if "[" not in name]  # one entry per file, in teaching order
+BEST = "02_6_persistent[BN=256]"
+
+
+def _ptr(t) -> np.uint64:
+    return np.uint64(t.data_ptr())
+
+
+def check_inputs(x, w, offs, step: Step, validate_offsets: bool = True) -> tuple[int, int, int, int]:
+    """Refuse what ``step`` cannot compute, naming the problem. Returns (M, N, K, E)."""
+    import torch
+
+    for name, t, dtype, dim in (("x", x, torch.bfloat16, 2), ("w", w, torch.bfloat16, 3), ("offs", offs, torch.int32, 1)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+        if t.dim() != dim:
+            raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
+    M, K = x.shape
+    E, N, Kw = w.shape
+    if Kw != K:
+        raise ValueError(f"x has K={K} columns but w is [E, N, K] = {tuple(w.shape)}: K differs "
+                         "(w holds each expert's weight as [out, in])")
+    if offs.numel() != E:
+        raise ValueError(f"offs must hold one end row per expert: {E} values, got {offs.numel()}")
+    if E > MAX_EXPERTS:
+        raise ValueError(f"at most {MAX_EXPERTS} experts, got {E}")
+    if N % step.block_n or K % step.k_multiple:
+        raise ValueError(f"{step.name} needs N % {step.block_n} == 0 and K % {step.k_multiple} == 0; "
+                         f"got N={N}, K={K}")
+    for name, t in (("x", x), ("w", w), ("offs", offs)):
+        if t.device.type != "cuda":
+            raise ValueError(f"{name} is on {t.device}; the kernels read GPU memory: move it with .cuda()")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (call .contiguous())")
+    cc = info().compute_capability or (0, 0)
+    if cc < step.min_cc:
+        raise RuntimeError(f"{step.name} needs compute capability {step.min_cc[0]}.{step.min_cc[1]} "
+                           f"(wgmma is Hopper-only); this GPU is {cc[0]}.{cc[1]}")
+    if validate_offsets:  # one small copy to the host; benchmarks pass validate=False
+        o = offs.cpu()
+        if E and (int(o[0]) < 0 or bool((o[1:] < o[:-1]).any()) or int(o[-1]) != M):
+            raise ValueError(f"offs must be non-decreasing end rows with offs[-1] == M == {M}; got {o.tolist()[:16]}"
+                             + ("..." if E > 16 else ""))
+    return M, N, K, E
+
+
+def grouped_gemm(x, w, offs, step: str = BEST, out=None, validate: bool = True):
+    """``y[rows of e] = x[rows of e] @ w[e].T`` for every expert, by one step of the ladder.
+
+    ``validate`` also checks the offsets on the host (one small copy, a synchronisation);
+    benchmarks turn it off. Malformed offsets can never make a kernel read out of bounds (the
+    kernels clamp them), but only validation says they were malformed.
+    """
+    if step not in STEPS:
+        raise KeyError(f"unknown step {step!r}; steps: {', '.join(STEPS)}")
+    return run_step(STEPS[step], x, w, offs, out, validate)
+
+
+def run_step(s: Step, x, w, offs, out=None, validate: bool = True, module=None):
+    """Launch one step (``module``: an already loaded module, e.g. an exercise's own kernel)."""
+    import torch
+
+    M, N, K, E = check_inputs(x, w, offs, s, validate)
+    if out is None:
+        out = torch.empty(M, N, device=x.device, dtype=torch.bfloat16)
+    elif out.shape != (M, N) or out.dtype != torch.bfloat16 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous bf16 tensor of shape ({M}, {N})")
+    if M == 0 or N == 0:
+        return out
+    module = module or kernels.load(s.source, defines=s.defines)
+    fn = module.get_function(s.kernel)
+    if s.smem_bytes:
+        fn.max_dynamic_shared_size_bytes = s.smem_bytes
+    i32 = np.int32
+    if s.block_m == 0:  # step 1: the host reads the counts (a sync) and launches per expert
+        ends = offs.cpu().tolist()
+        start = 0
+        for e, end in enumerate(ends):
+            rows = end - start
+            if rows > 0:
+                fn((math.ceil(N / 16), math.ceil(rows / 16)), (16, 16),
+                   (np.uint64(x.data_ptr() + start * K * 2), np.uint64(w[e].data_ptr()),
+                    np.uint64(out.data_ptr() + start * N * 2), i32(rows), i32(N), i32(K)))
+            start = end
+        return out
+
+    max_tiles = math.ceil(M / s.block_m) + E  # >= sum over experts of ceil(rows / block_m)
+    if not s.persistent and max_tiles > 65535:
+        raise ValueError(f"{step} launches one block row per tile: {max_tiles} tiles exceed the grid's "
+                         f"65535; use a persistent step")
+    tile_map = torch.empty(max_tiles, 2, device=x.device, dtype=torch.int32)
+    num_tiles = torch.empty(1, device=x.device, dtype=torch.int32)
+    module.get_function("build_tile_map")((1,), (1024,), (
+        _ptr(offs), i32(E), i32(M), i32(s.block_m), i32(max_tiles), _ptr(tile_map), _ptr(num_tiles)))
+    args = (_ptr(x), _ptr(w), _ptr(out), _ptr(offs), _ptr(tile_map))
+    if s.persistent:
+        fn((info().sm_count,), (s.threads,), args + (_ptr(num_tiles), i32(M), i32(N), i32(K)),
+           shared_mem=s.smem_bytes)
+    elif s.block_m == 16:
+        fn((math.ceil(N / 16), max_tiles), (16, 16), args + (i32(M), i32(N), i32(K)))
+    else:
+        fn((N // s.block_n, max_tiles), (s.threads,), args + (i32(M), i32(N), i32(K)), shared_mem=s.smem_bytes)
+    return out
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def reference(x, w, offs):
+    """float32 result, one torch.mm per expert, computed from the bf16 inputs."""
+    import torch
+
+    y = torch.zeros(x.shape[0], w.shape[1], device=x.device, dtype=torch.float32)
+    start = 0
+    for e, end in enumerate(offs.cpu().tolist()):
+        if end > start:
+            y[start:end] = x[start:end].float() @ w[e].float().T
+        start = end
+    return y
+
+
+def torch_loop(x, w, offs, out=None):
+    """What a plain PyTorch MoE does: the host reads the counts, then one bf16 mm per expert."""
+    import torch
+
+    out = torch.empty(x.shape[0], w.shape[1], device=x.device, dtype=x.dtype) if out is None else out
+    start = 0
+    for e, end in enumerate(offs.cpu().tolist()):
+        if end > start:
+            torch.mm(x[start:end], w[e].T, out=out[start:end])
+        start = end
+    return out
+
+
+def torch_grouped_mm(x, w, offs):
+    """PyTorch's grouped GEMM (CUTLASS on sm90): takes w as [E, K, N], here a transposed view."""
+    import torch
+
+    return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+
+
+# ----------------------------------------------------------------------------- problems
+
+
+def expert_counts(tokens: int, experts: int, top_k: int, skew: float = 0.0, seed: int = 0):
+    """Rows per expert after token-choice top-k of random router logits.
+
+    ``skew`` biases the router towards low-numbered experts (logit bias ``-skew * log(1 + e)``):
+    0 gives near-uniform counts, 1 a heavily loaded few, as real routers do early in training.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    bias = -skew * torch.log1p(torch.arange(experts, dtype=torch.float32))
+    chosen = (torch.randn(tokens, experts, generator=g) + bias).topk(top_k, dim=1).indices
+    return torch.bincount(chosen.flatten(), minlength=experts)
+
+
+@dataclass
+class Problem:
+    x: object
+    w: object
+    offs: object
+    counts: object
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.x.shape[0] * self.w.shape[1] * self.w.shape[2]
+
+    @property
+    def bytes(self) -> float:
+        """Fewest bytes moved: x and every weight read once, y written once (bf16)."""
+        return 2.0 * (self.x.numel() + self.w.numel() + self.x.shape[0] * self.w.shape[1])
+
+
+def make_problem(counts, d_in: int, d_out: int, device: str = "cuda", seed: int = 0) -> Problem:
+    """Random x [sum(counts), d_in] and w [E, d_out, d_in] (scaled so outputs are ~N(0, 1))."""
+    import torch
+
+    counts = torch.as_tensor(counts, dtype=torch.int64)
+    g = torch.Generator(device=device).manual_seed(seed)
+    M, E = int(counts.sum()), counts.numel()
+    x = torch.randn(M, d_in, device=device, generator=g).to(torch.bfloat16)
+    w = (torch.randn(E, d_out, d_in, device=device, generator=g) / math.sqrt(d_in)).to(torch.bfloat16)
+    offs = torch.cumsum(counts, 0).to(device=device, dtype=torch.int32)
+    return Problem(x, w, offs, counts)
+
+
+# ----------------------------------------------------------------------------- measuring the ladder
+
+SLOW_STEPS = ("02_1_naive_per_expert", "02_2_naive_grouped")  # ~1 TFLOP/s: seconds per call
+SLOW_STEP_MAX_FLOPS = 1e12  # larger problems are not timed for the naive steps (the table says so)
+BASELINES = {
+    "torch loop": torch_loop,  # one torch.mm (cuBLAS) per expert, counts read on the host
+    "torch._grouped_mm": torch_grouped_mm,  # CUTLASS sm90 grouped GEMM inside PyTorch
+}
+MAX_REL_ERR = 1e-2  # bf16 output against a float32 reference
+
+
+def _reps_for(fn, budget_ms: float = 200.0) -> tuple[int, int]:
+    """(reps, warm-up calls): a stable median for fast kernels, without spending minutes on
+    the naive steps (a call of seconds is timed once; this probe call was its warm-up)."""
+    import time
+
+    import torch
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    once = (time.perf_counter() - t0) * 1e3
+    return int(min(100, max(1, budget_ms / max(once, 1e-3)))), (0 if once > 100 else 3)
+
+
+def measure_ladder(shapes: dict, projections=("up", "down"), routings=(("uniform", 0.0),),
+                   impls=None, seed: int = 0, progress=None, on_row=None) -> list[dict]:
+    """Check, then time, every implementation on every (shape, projection, routing).
+
+    ``shapes``: name -> (T, d, n, E, K). Up-projection: X[T*K, d] x W[E, 2n, d];
+    down-projection: X[T*K, n] x W[E, d, n]. Returns one row per measurement, with the error
+    against a float32 reference and the rates; a wrong result is reported, never timed.
+    """
+    from .bench import benchmark
+    from .checking import relative_error
+
+    impls = list(impls or (list(BASELINES) + list(STEPS)))
+    rows = []
+    for shape, (T, d, n, E, K) in shapes.items():
+        for routing, skew in routings:
+            counts = expert_counts(T, E, K, skew=skew, seed=seed)
+            for proj in projections:
+                d_in, d_out = (d, 2 * n) if proj == "up" else (n, d)
+                p = make_problem(counts, d_in, d_out, seed=seed)
+                ref = reference(p.x, p.w, p.offs)
+                for impl in impls:
+                    if impl in SLOW_STEPS and (routing != routings[0][0] or p.flops > SLOW_STEP_MAX_FLOPS):
+                        continue  # first routing and problems under 1 TFLOP only: a call takes seconds
+                    fn = BASELINES.get(impl) or (lambda x, w, o, s=impl: grouped_gemm(x, w, o, step=s, validate=False))
+                    row = {"shape": shape, "proj": proj, "routing": routing, "impl": impl, "T": T, "d": d, "n": n,
+                           "E": E, "K": K, "M": p.x.shape[0], "N": d_out, "Kdim": d_in,
+                           "max_rows_per_expert": int(counts.max()), "flops": p.flops, "bytes": p.bytes}
+                    if progress:
+                        progress(f"{shape} {proj} {routing} {impl}")
+                    try:
+                        err = relative_error(fn(p.x, p.w, p.offs), ref)
+                    except Exception as exc:  # a shape this step refuses: say so in the table
+                        rows.append({**row, "error": f"{type(exc).__name__}: {exc}"})
+                        continue
+                    row["rel_err"] = err
+                    if not err < MAX_REL_ERR:
+                        rows.append({**row, "error": f"wrong result: relative error {err:.3g}"})
+                        continue
+                    call = lambda: fn(p.x, p.w, p.offs)  # noqa: E731
+                    reps, warmup = _reps_for(call)
+                    m = benchmark(call, reps=reps, warmup=warmup, flops=p.flops, bytes=p.bytes, name=impl)
+                    rows.append({**row, "ms": m.ms, "ms_p10": m.ms_p10, "ms_p90": m.ms_p90, "reps": m.reps,
+                                 "tflops": m.tflops})
+                    if on_row:
+                        on_row(rows)
+                del p, ref
+    return rows
+
+
+def ladder_table(rows, matmul_tflops: float) -> str:
+    """The results of :func:`measure_ladder` as a text table, with the ratios that matter."""
+    by_key = {(r["shape"], r["proj"], r["routing"], r["impl"]): r for r in rows}
+    out = [f"{'shape':<15}{'proj':<5}{'routing':<9}{'implementation':<26}{'ms':>9}{'TFLOP/s':>9}"
+           f"{'% dense':>9}{'x grouped_mm':>13}{'x loop':>8}"]
+    for r in rows:
+        key = (r["shape"], r["proj"], r["routing"])
+        if "error" in r:
+            out.append(f"{r['shape']:<15}{r['proj']:<5}{r['routing']:<9}{r['impl']:<26}  {r['error'][:70]}")
+            continue
+        gmm = by_key.get(key + ("torch._grouped_mm",), {}).get("tflops")
+        loop = by_key.get(key + ("torch loop",), {}).get("tflops")
+        out.append(f"{r['shape']:<15}{r['proj']:<5}{r['routing']:<9}{r['impl']:<26}{r['ms']:>9.3f}"
+                   f"{r['tflops']:>9.1f}{100 * r['tflops'] / matmul_tflops:>8.0f}%"
+                   f"{r['tflops'] / gmm if gmm else float('nan'):>13.2f}{r['tflops'] / loop if loop else float('nan'):>8.2f}")
+    return "\n".join(out)

@@ -8,6 +8,7 @@
 #   WHEELHOUSE         install from this folder of wheels alone (a machine with no internet)
 #   CUDA_MAJOR         12 or 13: which CuPy/NVRTC build (default: read from nvidia-smi; 13 with no GPU)
 #   LAB_PORT, LAB_IP   where `make lab` listens (default 8888 on 127.0.0.1)
+#   CHROMIUM           the browser `make test-browser` drives (default /usr/bin/chromium)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,11 +31,12 @@ endif
 
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900
 
-.PHONY: help setup setup-lab lab test grade bench exercises wheelhouse clean
+.PHONY: help setup setup-lab lab test test-browser grade bench exercises wheelhouse clean
 
 help:
 	@echo "make lab         set up, then open JupyterLab on the course"
 	@echo "make test        set up, then check everything (helpers, kernels, notebooks, solutions)"
+	@echo "make test-browser  run chapters in JupyterLab in headless Chromium (installs chromium, playwright)"
 	@echo "make grade       run your exercises in exercises/ and say what passes"
 	@echo "make bench       measure this GPU's ceilings and record them in benchmarks/results/"
 	@echo "make exercises   regenerate exercises/ from solutions/ (never overwrites your work)"
@@ -47,17 +49,35 @@ setup:
 setup-lab:
 	@$(PYTHON) tools/setup_env.py $(SETUP_FLAGS) --lab
 
+# The JupyterLab server, as `make lab` starts it (`make test-browser` starts it through `make lab`).
+# Loopback only; the token is new at each start unless JUPYTER_TOKEN is set. A busy port is an
+# error (port_retries=0), never a silent move to a port other than the one printed and forwarded.
+# As root (containers, cloud GPU machines) JupyterLab refuses to start without --allow-root.
+LAB_FLAGS = --no-browser --ip=$(LAB_IP) --port=$(LAB_PORT) --ServerApp.port_retries=0 \
+	--ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/notebooks/00_setup.ipynb \
+	$(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: setup-lab
 	@echo ""
 	@echo "JupyterLab is starting on http://$(LAB_IP):$(LAB_PORT)/lab (the address with its token follows)."
-	@echo "On a remote machine, forward the port first:  ssh -L $(LAB_PORT):localhost:$(LAB_PORT) you@that-machine"
-	@echo "Stop it with Ctrl-C (twice), or File > Shut Down in JupyterLab."
+	@echo "On a remote machine, forward the port first:  ssh -L $(LAB_PORT):$(LAB_IP):$(LAB_PORT) you@that-machine"
+	@echo "Port taken? make lab LAB_PORT=8890.  Stop it with Ctrl-C (twice), or File > Shut Down in JupyterLab."
 	@echo ""
-	$(PY) -m jupyterlab --no-browser --ip=$(LAB_IP) --port=$(LAB_PORT) \
-		--ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/notebooks/00_setup.ipynb
+	$(PY) -m jupyterlab $(LAB_FLAGS)
 
 test: setup
 	$(PY) -m pytest -rs $(NBVAL) tests $(wildcard notebooks/*.ipynb solutions/*.ipynb) $(PYTEST_ARGS)
+
+# The course in a real browser: installs chromium (apt, needs root or sudo) and Playwright, then
+# tests/browser starts `make lab`, runs chapters in headless Chromium, and stops the server
+# (also on failure or SIGTERM: `exec` makes make's SIGTERM reach pytest). Screenshots: .browser-test/
+CHROMIUM ?= /usr/bin/chromium
+
+test-browser: setup-lab
+	@CHROMIUM=$(CHROMIUM) bash tools/install_browser.sh
+	@$(PY) -m pip install --disable-pip-version-check -q $(if $(WHEELHOUSE),--no-index --find-links $(WHEELHOUSE)) \
+		-r requirements/browser.txt
+	COURSE_BROWSER_TEST=1 CHROMIUM=$(CHROMIUM) exec $(PY) -m pytest -rs tests/browser $(PYTEST_ARGS)
 
 grade: setup
 	$(PY) -m pytest -rs $(NBVAL) exercises $(PYTEST_ARGS)
@@ -73,5 +93,5 @@ wheelhouse:
 		$(if $(WHEEL_SKIP),--skip $(WHEEL_SKIP))
 
 clean:
-	rm -rf $(VENV) .setup .pytest_cache .ipynb_checkpoints */.ipynb_checkpoints
+	rm -rf $(VENV) .setup .pytest_cache .ipynb_checkpoints */.ipynb_checkpoints .browser-test
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

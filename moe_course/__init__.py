@@ -13,6 +13,13 @@ One obvious place for each thing:
 - ``moe``        the reference MoE maths: routers, dispatch, SwiGLU experts, combine,
                  load-balancing losses, capacity and dropping, the ``MoELayer`` module
 - ``graders``    the exercise graders (one module per exercise notebook)
+- ``first_kernel``  host side of chapter 00's first kernel: the pattern every wrapper follows
+- ``grouped_gemm``  chapter 02's kernel ladder: one launcher for every step, the baselines,
+                 and the check-then-time runner behind ``benchmarks/bench_grouped_gemm.py``
+- ``configs``    the MoE model configurations (shapes, parameter counts, each value cited)
+- ``hardware``   GPU profiles (datasheet rates, prices) for ``benchmarks/throughput.py``
+- ``variants``   every implementation of the MoE layer in one registry, checked then timed
+                 by ``benchmarks/bench_moe_variants.py``
 """
 
 from pathlib import Path

@@ -13,7 +13,8 @@ One forward pass, in the order of this file:
 2. **dispatch**: the ``T*K`` (token, expert) pairs are sorted by expert, so each expert's tokens
    sit in one contiguous block of rows (:func:`dispatch`, :func:`permute`).
 3. **experts**: each block goes through its expert's SwiGLU feed-forward network
-   (:func:`swiglu`, :func:`experts_forward`): three matrix products per expert.
+   (:func:`swiglu`, :func:`experts_forward`): three matrix products per expert; or all experts
+   at once, three ``torch._grouped_mm`` calls (:func:`experts_forward_grouped_mm`).
 4. **combine**: the rows go back to token order (the inverse permutation) and each token sums
    its ``K`` expert outputs, weighted by the router (:func:`combine`).
 
@@ -337,6 +338,42 @@ def experts_forward(x_sorted: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Ten
     return out
 
 
+def experts_forward_grouped_mm(x_sorted: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor,
+                               w_down: Tensor) -> Tensor:
+    """The same experts as :func:`experts_forward`, without the loop: each of the three
+    projections is one ``torch._grouped_mm`` call for all experts (CUTLASS on a Hopper GPU; torch
+    has a slower fallback elsewhere, the CPU included). The block sizes stay on the device, so
+    there is no host sync either. Same arguments and result as :func:`experts_forward`.
+
+    ``torch._grouped_mm`` wants each expert's *end* row as int32 (``offsets[1:]``) and rows of a
+    multiple of 16 bytes: ``d`` and ``n`` multiples of 8 in bf16, of 4 in float32.
+    """
+    _check_tensor("x_sorted", x_sorted, 2, "shape (R, d)")
+    _check_expert_weights(w_gate, w_up, w_down, x_sorted.shape[1])
+    num_experts, d, n = w_gate.shape
+    _require(offsets.shape == (num_experts + 1,),
+             f"offsets must have shape (E+1,) = ({num_experts + 1},), got {tuple(offsets.shape)}")
+    grouped_mm = getattr(torch, "_grouped_mm", None)
+    _require(grouped_mm is not None, f"this torch ({torch.__version__}) has no torch._grouped_mm")
+    align = 16 // x_sorted.element_size()
+    _require(d % align == 0 and n % align == 0,
+             f"torch._grouped_mm needs rows of a multiple of 16 bytes: d and n multiples of {align} "
+             f"in {str(x_sorted.dtype).removeprefix('torch.')}; got d={d}, n={n}")
+    if not x_sorted.is_cuda:  # on a GPU this check would cost the sync the grouped step avoids
+        _require(int(offsets[-1]) == x_sorted.shape[0],
+                 f"offsets end at {int(offsets[-1])} but x_sorted has {x_sorted.shape[0]} rows")
+    if x_sorted.shape[0] == 0:
+        return x_sorted.new_empty(0, d)
+    ends = offsets[1:].to(torch.int32)  # on the device: no sync, unlike the loop's .tolist()
+    gate = grouped_mm(x_sorted, w_gate, offs=ends)
+    up = grouped_mm(x_sorted, w_up, offs=ends)
+    return grouped_mm(F.silu(gate) * up, w_down, offs=ends)
+
+
+#: The expert step by name: what ``moe_forward(..., expert_step=NAME)`` runs.
+EXPERTS = {"loop": experts_forward, "grouped_mm": experts_forward_grouped_mm}
+
+
 # --------------------------------------------------------------------------------------------
 # 4. Combine: back to token order, weighted sum over each token's experts
 
@@ -498,7 +535,8 @@ class MoEOutput(NamedTuple):
 def moe_forward(x: Tensor, w: MoEWeights, k: int, *, router: str = "topk_softmax",
                 capacity_factor: float | None = None, noise_std: float | Tensor = 0.0,
                 generator: torch.Generator | None = None,
-                on_step: Callable[[str], None] | None = None) -> MoEOutput:
+                on_step: Callable[[str], None] | None = None,
+                expert_step: str | Callable[..., Tensor] = "loop") -> MoEOutput:
     """One MoE forward pass, from the four steps above. ``x (T, d) -> MoEOutput`` (``y (T, d)``).
 
     ``router``: a name in :data:`TOKEN_CHOICE_ROUTERS` or ``"expert_choice"``.
@@ -507,8 +545,15 @@ def moe_forward(x: Tensor, w: MoEWeights, k: int, *, router: str = "topk_softmax
     ``noise_std``: the noise of ``noisy_topk`` (0 turns it off, e.g. at inference).
     ``on_step``: called with ``"router"``, ``"dispatch"``, ``"experts"``, ``"combine"`` as each
     step ends (chapter 01 times the steps with it).
+    ``expert_step``: the expert step, a name in :data:`EXPERTS` (``"loop"``, the default:
+    :func:`experts_forward`; ``"grouped_mm"``: :func:`experts_forward_grouped_mm`) or a function
+    with their arguments.
     """
     mark = on_step or (lambda step: None)
+    if not callable(expert_step):
+        _require(expert_step in EXPERTS, f"unknown expert step {expert_step!r}; choose one of "
+                                         f"{sorted(EXPERTS)} or pass a function")
+        expert_step = EXPERTS[expert_step]
     logits = router_logits(x, w.w_router)
     num_tokens, num_experts = logits.shape
     _check_expert_weights(w.w_gate, w.w_up, w.w_down, x.shape[1])
@@ -525,7 +570,7 @@ def moe_forward(x: Tensor, w: MoEWeights, k: int, *, router: str = "topk_softmax
         offsets = torch.arange(num_experts + 1, device=x.device) * cap
         x_rows = x[rows]
         mark("dispatch")
-        y_rows = experts_forward(x_rows, offsets, w.w_gate, w.w_up, w.w_down)
+        y_rows = expert_step(x_rows, offsets, w.w_gate, w.w_up, w.w_down)
         mark("experts")
         y = combine_rows(y_rows, rows, choice.weights.reshape(-1), num_tokens)
         mark("combine")
@@ -544,7 +589,7 @@ def moe_forward(x: Tensor, w: MoEWeights, k: int, *, router: str = "topk_softmax
     d = dispatch(experts, num_experts, keep)
     x_sorted = permute(x, d)
     mark("dispatch")
-    y_sorted = experts_forward(x_sorted, d.offsets, w.w_gate, w.w_up, w.w_down)
+    y_sorted = expert_step(x_sorted, d.offsets, w.w_gate, w.w_up, w.w_down)
     mark("experts")
     y = combine(y_sorted, d, weights)
     mark("combine")

@@ -17,11 +17,6 @@ THREADS = 256
 BLOCKS_PER_SM = 8  # enough resident warps to keep many 16-byte loads in flight
 
 
-def ptr(t) -> np.uint64:
-    """A tensor's device address as a kernel argument (CuPy passes it as a 64-bit pointer)."""
-    return np.uint64(t.data_ptr())
-
-
 def check_bf16_cuda(name: str, t, align: int = 16) -> None:
     import torch
 
@@ -53,5 +48,5 @@ def scale(x, alpha: float, out=None):
         return out
     kernel = kernels.load(SOURCE).get_function("scale_bf16")
     blocks = max(1, min(-(-n // (8 * THREADS)), info().sm_count * BLOCKS_PER_SM))
-    kernel((blocks,), (THREADS,), (ptr(x), ptr(out), np.float32(alpha), np.int64(n)))
+    kernel((blocks,), (THREADS,), (kernels.ptr(x), kernels.ptr(out), np.float32(alpha), np.int64(n)))
     return out

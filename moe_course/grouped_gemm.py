@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import kernels
+from .kernels import ptr
 from .machine import info
 
 MAX_EXPERTS = 1024  # build_tile_map uses one thread per expert
@@ -63,10 +64,6 @@ STEPS: dict[str, Step] = {s.name: s for s in [
 ]}
 LADDER = [name for name in STEPS if "[" not in name]  # one entry per file, in teaching order
 BEST = "02_6_persistent[BN=256]"
-
-
-def _ptr(t) -> np.uint64:
-    return np.uint64(t.data_ptr())
 
 
 def check_inputs(x, w, offs, step: Step, validate_offsets: bool = True) -> tuple[int, int, int, int]:
@@ -144,22 +141,21 @@ def run_step(s: Step, x, w, offs, out=None, validate: bool = True, module=None):
             rows = end - start
             if rows > 0:
                 fn((math.ceil(N / 16), math.ceil(rows / 16)), (16, 16),
-                   (np.uint64(x.data_ptr() + start * K * 2), np.uint64(w[e].data_ptr()),
-                    np.uint64(out.data_ptr() + start * N * 2), i32(rows), i32(N), i32(K)))
+                   (ptr(x, start * K * 2), ptr(w[e]), ptr(out, start * N * 2), i32(rows), i32(N), i32(K)))
             start = end
         return out
 
     max_tiles = math.ceil(M / s.block_m) + E  # >= sum over experts of ceil(rows / block_m)
     if not s.persistent and max_tiles > 65535:
-        raise ValueError(f"{step} launches one block row per tile: {max_tiles} tiles exceed the grid's "
+        raise ValueError(f"{s.name} launches one block row per tile: {max_tiles} tiles exceed the grid's "
                          f"65535; use a persistent step")
     tile_map = torch.empty(max_tiles, 2, device=x.device, dtype=torch.int32)
     num_tiles = torch.empty(1, device=x.device, dtype=torch.int32)
     module.get_function("build_tile_map")((1,), (1024,), (
-        _ptr(offs), i32(E), i32(M), i32(s.block_m), i32(max_tiles), _ptr(tile_map), _ptr(num_tiles)))
-    args = (_ptr(x), _ptr(w), _ptr(out), _ptr(offs), _ptr(tile_map))
+        ptr(offs), i32(E), i32(M), i32(s.block_m), i32(max_tiles), ptr(tile_map), ptr(num_tiles)))
+    args = (ptr(x), ptr(w), ptr(out), ptr(offs), ptr(tile_map))
     if s.persistent:
-        fn((info().sm_count,), (s.threads,), args + (_ptr(num_tiles), i32(M), i32(N), i32(K)),
+        fn((info().sm_count,), (s.threads,), args + (ptr(num_tiles), i32(M), i32(N), i32(K)),
            shared_mem=s.smem_bytes)
     elif s.block_m == 16:
         fn((math.ceil(N / 16), max_tiles), (16, 16), args + (i32(M), i32(N), i32(K)))
@@ -315,7 +311,7 @@ def measure_ladder(shapes: dict, projections=("up", "down"), routings=(("uniform
                     if not err < MAX_REL_ERR:
                         rows.append({**row, "error": f"wrong result: relative error {err:.3g}"})
                         continue
-                    call = lambda: fn(p.x, p.w, p.offs)  # noqa: E731
+                    call = lambda p=p: fn(p.x, p.w, p.offs)  # noqa: E731
                     reps, warmup = _reps_for(call)
                     m = benchmark(call, reps=reps, warmup=warmup, flops=p.flops, bytes=p.bytes, name=impl)
                     rows.append({**row, "ms": m.ms, "ms_p10": m.ms_p10, "ms_p90": m.ms_p90, "reps": m.reps,

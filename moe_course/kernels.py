@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from . import KERNELS_DIR
 from .machine import info
 
@@ -216,6 +218,12 @@ def _compile_report(source: Source, arch: str, defines: tuple, options: tuple) -
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
     return CompiledKernel(source, arch, bytes(cubin), log, parse_ptxas_report(log))
+
+
+def ptr(tensor, offset_bytes: int = 0) -> np.uint64:
+    """A tensor's device address (plus an offset) as a kernel argument: CuPy passes a
+    ``np.uint64`` as the 64 bits a pointer parameter expects."""
+    return np.uint64(tensor.data_ptr() + offset_bytes)
 
 
 def load(src: str | os.PathLike | Source, defines: dict | None = None,

@@ -1,7 +1,6 @@
 """exercises/ is generated from solutions/, stays in step with it, and never loses a learner's work."""
 
 import importlib.util
-import shutil
 
 import nbformat
 import pytest

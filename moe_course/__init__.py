@@ -12,6 +12,9 @@ One obvious place for each thing:
 - ``checking``   friendly checks for exercises and tests
 - ``moe``        the reference MoE maths: routers, dispatch, SwiGLU experts, combine,
                  load-balancing losses, capacity and dropping, the ``MoELayer`` module
+- ``token_rounding``    tile-aware token rounding (chapter 04): the routing in torch, its CUDA
+                 kernels' host side, and the grouped GEMM's time on top-K against rounded routing
+- ``rounding_quality``  chapter 04's quality experiment: a small MoE trained with and without rounding
 - ``graders``    the exercise graders (one module per exercise notebook)
 - ``first_kernel``  host side of chapter 00's first kernel: the pattern every wrapper follows
 - ``grouped_gemm``  chapter 02's kernel ladder: one launcher for every step, the baselines,

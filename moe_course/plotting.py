@@ -52,18 +52,21 @@ def roofline(ceilings, points: Iterable[tuple[str, float, float]] = (), ax=None,
 
 def grouped_bars(categories: Sequence[str], series: dict[str, Sequence[float]], *, ylabel: str,
                  record, live: bool, ceiling: float | None = None, ceiling_label: str = "",
-                 title: str = "", ax=None):
-    """Bars of one value per (category, series), e.g. TFLOP/s per MoE shape and implementation."""
+                 title: str = "", ax=None, fmt: str = "%.0f"):
+    """Bars of one value per (category, series), e.g. TFLOP/s per MoE shape and implementation;
+    ``fmt`` labels each bar (``"%.2f"`` for ratios)."""
     if ax is None:
         _, ax = plt.subplots(figsize=(max(6, 1.6 * len(categories) + 2), 4))
     width = 0.8 / max(1, len(series))
     xs = np.arange(len(categories))
     for i, (name, values) in enumerate(series.items()):
         bars = ax.bar(xs + (i - (len(series) - 1) / 2) * width, values, width, label=name)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.bar_label(bars, fmt=fmt, fontsize=7)
     if ceiling:
         ax.axhline(ceiling, color="black", ls="--", lw=1, label=ceiling_label or f"ceiling {ceiling:.0f}")
     ax.set_xticks(xs, categories)
+    if sum(len(max(c.split("\n"), key=len)) for c in categories) > 70:  # keep long labels apart
+        ax.tick_params(axis="x", labelsize=7)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper right")

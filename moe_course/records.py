@@ -53,7 +53,7 @@ class Record:
         """One line for a chart: where, when and with what this was measured."""
         e = self.environment
         versions = ", ".join(f"{k} {e[k]}" for k in ("torch", "cupy") if e.get(k))
-        cuda = f", CUDA {e['cuda_runtime']}" if e.get("cuda_runtime") else ""
+        cuda = f", CUDA {e['cuda_runtime']}" if e.get("cuda_runtime") and e.get("gpu") else ""
         return f"{self.gpu}, {e.get('date', '?')} ({versions}{cuda})"
 
     def is_from_this_machine(self) -> bool:

@@ -122,29 +122,30 @@ def _check_selection(name: str, result, scores: torch.Tensor, topk: torch.Tensor
                           f"{st:g}) of the same group: keep the highest scores, drop the lowest first")
 
 
+def _selection_cases(seed: int):
+    """Every case x rounding mode, with the top-K choice and the rounded counts of the reference."""
+    for name, scores, k, tile in cases(seed):
+        topk = tr.topk_experts(scores, k)
+        for mode in tr.MODES:
+            rounded = tr.round_counts(tr.expert_counts(topk, scores.shape[1]), tile, mode,
+                                      num_tokens=scores.shape[0])
+            where = f"{name}, T={scores.shape[0]}, E={scores.shape[1]}, k={k}, tile={tile}, {mode}, seed {seed}"
+            yield scores, topk, rounded, k, tile, mode, where
+
+
 def grade_select_tokens(select_tokens, seed: int | None = None) -> None:
     """``select_tokens(scores (T, E), topk (T, K), rounded (E,)) -> (token_ids, counts)``."""
     seed = fresh_seed(seed)
     with grading(f"{TITLE} · selecting each expert's tokens"):
-        for name, scores, k, tile in cases(seed):
-            topk = tr.topk_experts(scores, k)
-            for mode in tr.MODES:
-                rounded = tr.round_counts(tr.expert_counts(topk, scores.shape[1]), tile, mode,
-                                          num_tokens=scores.shape[0])
-                where = f"{name}, T={scores.shape[0]}, E={scores.shape[1]}, k={k}, tile={tile}, {mode}, seed {seed}"
-                result = select_tokens(scores.clone(), topk.clone(), rounded.clone())
-                _check_selection("select_tokens", result, scores, topk, rounded, where)
+        for scores, topk, rounded, _, _, _, where in _selection_cases(seed):
+            result = select_tokens(scores.clone(), topk.clone(), rounded.clone())
+            _check_selection("select_tokens", result, scores, topk, rounded, where)
 
 
 def grade_token_rounding(token_rounding, seed: int | None = None) -> None:
     """``token_rounding(scores (T, E), k, tile, mode) -> (token_ids, counts)``."""
     seed = fresh_seed(seed)
     with grading(f"{TITLE} · token rounding, the whole step"):
-        for name, scores, k, tile in cases(seed):
-            topk = tr.topk_experts(scores, k)
-            for mode in tr.MODES:
-                rounded = tr.round_counts(tr.expert_counts(topk, scores.shape[1]), tile, mode,
-                                          num_tokens=scores.shape[0])
-                where = f"{name}, T={scores.shape[0]}, E={scores.shape[1]}, k={k}, tile={tile}, {mode}, seed {seed}"
-                _check_selection("token_rounding", token_rounding(scores.clone(), k, tile, mode), scores, topk,
-                                 rounded, where)
+        for scores, topk, rounded, k, tile, mode, where in _selection_cases(seed):
+            _check_selection("token_rounding", token_rounding(scores.clone(), k, tile, mode), scores, topk,
+                             rounded, where)

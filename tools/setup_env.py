@@ -34,6 +34,9 @@ SUPPORTED_CUDA = (12, 13)
 def cuda_major() -> tuple[int, str]:
     """(major, why): from CUDA_MAJOR, else nvidia-smi's 'CUDA Version', else 13."""
     if os.environ.get("CUDA_MAJOR"):
+        if os.environ["CUDA_MAJOR"] not in {str(m) for m in SUPPORTED_CUDA}:
+            sys.exit(f"CUDA_MAJOR={os.environ['CUDA_MAJOR']}: the course has CuPy builds for CUDA "
+                     f"{' and '.join(map(str, SUPPORTED_CUDA))} only")
         return int(os.environ["CUDA_MAJOR"]), "CUDA_MAJOR is set"
     smi = shutil.which("nvidia-smi")
     if smi:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import kernels
+from .bench import benchmark
+from .checking import relative_error
 from .kernels import ptr
 from .machine import info
 
@@ -273,6 +275,28 @@ def _reps_for(fn, budget_ms: float = 200.0) -> tuple[int, int]:
     return int(min(100, max(1, budget_ms / max(once, 1e-3)))), (0 if once > 100 else 3)
 
 
+def implementation(impl: str):
+    """``fn(x, w, offs)`` for a baseline's name or a step's (steps launched without the host check)."""
+    return BASELINES.get(impl) or (lambda x, w, o, s=impl: grouped_gemm(x, w, o, step=s, validate=False))
+
+
+def check_result(fn, x, w, offs, ref) -> dict:
+    """``rel_err`` of ``fn`` against ``ref``, and an ``error`` when it is too large: a wrong result
+    is reported, never timed."""
+    err = relative_error(fn(x, w, offs), ref)
+    return {"rel_err": err} if err < MAX_REL_ERR else {"rel_err": err, "error": f"wrong result: relative error {err:.3g}"}
+
+
+def time_result(fn, x, w, offs, *, flops: float, bytes: float = 0.0, name: str, reps: int | None = None,
+                warmup: int = 3) -> dict:
+    """Median time of ``fn(x, w, offs)``; ``reps=None`` picks the repetitions from one probe call."""
+    call = lambda: fn(x, w, offs)  # noqa: E731
+    if reps is None:
+        reps, warmup = _reps_for(call)
+    m = benchmark(call, reps=reps, warmup=warmup, flops=flops, bytes=bytes, name=name)
+    return {"ms": m.ms, "ms_p10": m.ms_p10, "ms_p90": m.ms_p90, "reps": m.reps, "tflops": m.tflops}
+
+
 def measure_ladder(shapes: dict, projections=("up", "down"), routings=(("uniform", 0.0),),
                    impls=None, seed: int = 0, progress=None, on_row=None) -> list[dict]:
     """Check, then time, every implementation on every (shape, projection, routing).
@@ -281,9 +305,6 @@ def measure_ladder(shapes: dict, projections=("up", "down"), routings=(("uniform
     down-projection: X[T*K, n] x W[E, d, n]. Returns one row per measurement, with the error
     against a float32 reference and the rates; a wrong result is reported, never timed.
     """
-    from .bench import benchmark
-    from .checking import relative_error
-
     impls = list(impls or (list(BASELINES) + list(STEPS)))
     rows = []
     for shape, (T, d, n, E, K) in shapes.items():
@@ -296,26 +317,20 @@ def measure_ladder(shapes: dict, projections=("up", "down"), routings=(("uniform
                 for impl in impls:
                     if impl in SLOW_STEPS and (routing != routings[0][0] or p.flops > SLOW_STEP_MAX_FLOPS):
                         continue  # first routing and problems under 1 TFLOP only: a call takes seconds
-                    fn = BASELINES.get(impl) or (lambda x, w, o, s=impl: grouped_gemm(x, w, o, step=s, validate=False))
+                    fn = implementation(impl)
                     row = {"shape": shape, "proj": proj, "routing": routing, "impl": impl, "T": T, "d": d, "n": n,
                            "E": E, "K": K, "M": p.x.shape[0], "N": d_out, "Kdim": d_in,
                            "max_rows_per_expert": int(counts.max()), "flops": p.flops, "bytes": p.bytes}
                     if progress:
                         progress(f"{shape} {proj} {routing} {impl}")
                     try:
-                        err = relative_error(fn(p.x, p.w, p.offs), ref)
+                        row.update(check_result(fn, p.x, p.w, p.offs, ref))
                     except Exception as exc:  # a shape this step refuses: say so in the table
                         rows.append({**row, "error": f"{type(exc).__name__}: {exc}"})
                         continue
-                    row["rel_err"] = err
-                    if not err < MAX_REL_ERR:
-                        rows.append({**row, "error": f"wrong result: relative error {err:.3g}"})
-                        continue
-                    call = lambda p=p: fn(p.x, p.w, p.offs)  # noqa: E731
-                    reps, warmup = _reps_for(call)
-                    m = benchmark(call, reps=reps, warmup=warmup, flops=p.flops, bytes=p.bytes, name=impl)
-                    rows.append({**row, "ms": m.ms, "ms_p10": m.ms_p10, "ms_p90": m.ms_p90, "reps": m.reps,
-                                 "tflops": m.tflops})
+                    if "error" not in row:
+                        row.update(time_result(fn, p.x, p.w, p.offs, flops=p.flops, bytes=p.bytes, name=impl))
+                    rows.append(row)
                     if on_row:
                         on_row(rows)
                 del p, ref

@@ -609,7 +609,6 @@ def measure_speed(shapes: dict | None = None, methods=SPEED_METHODS, impls=None,
     """
     from . import grouped_gemm as gg
     from .bench import benchmark
-    from .checking import relative_error
     from . import kernels
 
     shapes = shapes or SPEED_SHAPES
@@ -645,16 +644,13 @@ def measure_speed(shapes: dict | None = None, methods=SPEED_METHODS, impls=None,
                 for impl in impls:
                     if progress:
                         progress(f"{shape}: {proj} {method} {impl}")
-                    fn = gg.BASELINES.get(impl) or (lambda a, b, o, s=impl: gg.grouped_gemm(a, b, o, step=s, validate=False))
+                    fn = gg.implementation(impl)
                     row = {**base, "method": method, "proj": proj, "impl": impl, "M": routing.num_rows,
                            "N": d_out, "Kdim": d_in, "flops": flops, **info_}
-                    err = relative_error(fn(x, w, offs), ref)
-                    if not err < gg.MAX_REL_ERR:
-                        rows.append({**row, "error": f"wrong result: relative error {err:.3g}"})
-                        continue
-                    t = benchmark(lambda: fn(x, w, offs), warmup=5, reps=50, flops=flops, name=impl)
-                    rows.append({**row, "rel_err": err, "ms": t.ms, "ms_p10": t.ms_p10, "ms_p90": t.ms_p90,
-                                 "tflops": t.tflops})
+                    row.update(gg.check_result(fn, x, w, offs, ref))
+                    if "error" not in row:
+                        row.update(gg.time_result(fn, x, w, offs, flops=flops, name=impl, reps=50, warmup=5))
+                    rows.append(row)
                 del x, ref
             del w
     return rows

@@ -118,3 +118,18 @@ def test_expert_counts():
     assert c.sum() == 1000 and c.numel() == 8
     skewed = gg.expert_counts(tokens=500, experts=8, top_k=2, skew=2.0, seed=1)
     assert skewed[0] > skewed[-1] and skewed.max() > c.max()
+
+
+def test_check_then_time_helpers_on_the_cpu():
+    """The check-then-time pieces every benchmark of the course uses: a wrong result is
+    reported and never timed; a right one gets its error and its time."""
+    p = cpu_problem(counts=(40, 0, 24), k=64, n=256)
+    ref = gg.reference(p.x, p.w, p.offs)
+    loop = gg.implementation("torch loop")
+    ok = gg.check_result(loop, p.x, p.w, p.offs, ref)
+    assert "error" not in ok and ok["rel_err"] < gg.MAX_REL_ERR
+    wrong = gg.check_result(lambda x, w, o: loop(x, w, o) * 1.1, p.x, p.w, p.offs, ref)
+    assert wrong["error"].startswith("wrong result: relative error")
+    timed = gg.time_result(loop, p.x, p.w, p.offs, flops=p.flops, name="loop", reps=3, warmup=1)
+    assert timed["reps"] == 3 and timed["ms"] > 0 and timed["tflops"] > 0
+    assert gg.implementation("02_5_wgmma") is not loop

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import kernels
-from .bench import benchmark
+from . import kernels, tma
+from .bench import benchmark, interleaved
 from .checking import relative_error
 from .kernels import ptr
 from .machine import info
@@ -38,6 +38,7 @@ class Step:
     smem_bytes: int = 0  # dynamic shared memory
     persistent: bool = False
     defines: dict = field(default_factory=dict)
+    tma: bool = False  # chapter 03: X and W passed as TMA tensor maps, not pointers
 
     @property
     def name(self) -> str:
@@ -47,6 +48,32 @@ class Step:
 def _wgmma_smem(block_n: int, stages: int = 4) -> int:
     """Bytes of the ring in wgmma_tile.cuh: STAGES x (128 + BN) rows x 64 bf16, + 1024 to align."""
     return stages * (128 * 64 + block_n * 64) * 2 + 1024
+
+
+def _tma_smem(block_n: int = 256, stages: int = 4) -> int:
+    """Chapter 03's ring: the same slots, plus a full and an empty mbarrier (8 bytes each) per slot."""
+    return _wgmma_smem(block_n, stages) + 2 * 8 * stages
+
+
+def _ws_smem(stages: int = 4) -> int:
+    """warp_specialized.cuh: the ring (128 x 256 tiles) and two 16 KB epilogue staging buffers."""
+    return _tma_smem(256, stages) + 2 * 64 * 128 * 2
+
+
+GROUP_M_MAX = 16
+GROUP_M_MIN = 4  # DeepSeek-V3's 2 tiles an expert: groups of 4 beat groups of 2 by 3-10%
+GROUP_X_BYTES = 16 << 20  # X rows one group of M-tiles reads: kept well inside the 60 MB L2
+
+
+def group_m_for(M: int, E: int, K: int, block_m: int = 128) -> int:
+    """M-tiles per group of the warp-specialised kernels' tile order (warp_specialized.cuh):
+    about one average expert's M-tiles (at least GROUP_M_MIN), so its weights are read once
+    while all its rows are in flight, but no more than GROUP_X_BYTES of X rows per group.
+    Computed from the shapes alone: no look at the expert counts, no host sync. Measured on the
+    H200 (group sizes 1-16 on the chapter 02 shapes): within 2% of the best group everywhere."""
+    per_expert = math.ceil(M / max(E, 1) / block_m)
+    fits = max(1, GROUP_X_BYTES // (block_m * K * 2))
+    return int(max(1, min(GROUP_M_MAX, fits, max(GROUP_M_MIN, per_expert))))
 
 
 STEPS: dict[str, Step] = {s.name: s for s in [
@@ -63,13 +90,29 @@ STEPS: dict[str, Step] = {s.name: s for s in [
          min_cc=(9, 0), smem_bytes=_wgmma_smem(256), persistent=True, defines={"BN": 256}),
     Step("02_6_persistent", "persistent_grouped_gemm", "persistent, 6 stages", 128, 128, 64,
          min_cc=(9, 0), smem_bytes=_wgmma_smem(128, 6), persistent=True, defines={"STAGES": 6}),
+    # chapter 03 (the gathered and SwiGLU steps take other inputs: moe_course/io_overlap.py)
+    Step("03_1_tma", "tma_grouped_gemm", "TMA, one slot: no overlap", 128, 256, 64, min_cc=(9, 0),
+         smem_bytes=_tma_smem(256, 1), tma=True, defines={"STAGES": 1}),
+    Step("03_1_tma", "tma_grouped_gemm", "TMA + mbarrier ring (4 slots)", 128, 256, 64, min_cc=(9, 0),
+         smem_bytes=_tma_smem(256, 4), tma=True),
+    Step("03_2_warp_specialized", "ws_grouped_gemm", "producer + 2 consumer warpgroups", 128, 256, 64,
+         threads=384, min_cc=(9, 0), smem_bytes=_ws_smem(4), persistent=True, tma=True),
 ]}
 LADDER = [name for name in STEPS if "[" not in name]  # one entry per file, in teaching order
-BEST = "02_6_persistent[BN=256]"
 
 
-def check_inputs(x, w, offs, step: Step, validate_offsets: bool = True) -> tuple[int, int, int, int]:
-    """Refuse what ``step`` cannot compute, naming the problem. Returns (M, N, K, E)."""
+def chapter_steps(chapter: str) -> dict[str, Step]:
+    """The steps of one chapter (``"02"`` or ``"03"``), in teaching order."""
+    return {name: s for name, s in STEPS.items() if name.startswith(chapter + "_")}
+CHAPTER02_BEST = "02_6_persistent[BN=256]"  # the best of chapter 02's ladder
+BEST = "03_2_warp_specialized"  # the course's best grouped GEMM (chapter 03): the default everywhere
+
+
+def check_inputs(x, w, offs, step: Step, validate_offsets: bool = True, rows: int | None = None
+                 ) -> tuple[int, int, int, int]:
+    """Refuse what ``step`` cannot compute, naming the problem. Returns (M, N, K, E).
+
+    ``rows``: the number of rows the experts own, when it is not ``x``'s (gathered inputs)."""
     import torch
 
     for name, t, dtype, dim in (("x", x, torch.bfloat16, 2), ("w", w, torch.bfloat16, 3), ("offs", offs, torch.int32, 1)):
@@ -80,6 +123,7 @@ def check_inputs(x, w, offs, step: Step, validate_offsets: bool = True) -> tuple
         if t.dim() != dim:
             raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
     M, K = x.shape
+    M = M if rows is None else rows
     E, N, Kw = w.shape
     if Kw != K:
         raise ValueError(f"x has K={K} columns but w is [E, N, K] = {tuple(w.shape)}: K differs "
@@ -120,8 +164,9 @@ def grouped_gemm(x, w, offs, step: str = BEST, out=None, validate: bool = True):
     return run_step(STEPS[step], x, w, offs, out, validate)
 
 
-def run_step(s: Step, x, w, offs, out=None, validate: bool = True, module=None):
-    """Launch one step (``module``: an already loaded module, e.g. an exercise's own kernel)."""
+def run_step(s: Step, x, w, offs, out=None, validate: bool = True, module=None, group_m: int | None = None):
+    """Launch one step (``module``: an already loaded module, e.g. an exercise's own kernel;
+    ``group_m``: the warp-specialised kernels' tile grouping, default :func:`group_m_for`)."""
     import torch
 
     M, N, K, E = check_inputs(x, w, offs, s, validate)
@@ -147,16 +192,18 @@ def run_step(s: Step, x, w, offs, out=None, validate: bool = True, module=None):
             start = end
         return out
 
-    max_tiles = math.ceil(M / s.block_m) + E  # >= sum over experts of ceil(rows / block_m)
+    tile_map, num_tiles, max_tiles = build_tile_map(module, offs, M, s.block_m)
     if not s.persistent and max_tiles > 65535:
         raise ValueError(f"{s.name} launches one block row per tile: {max_tiles} tiles exceed the grid's "
                          f"65535; use a persistent step")
-    tile_map = torch.empty(max_tiles, 2, device=x.device, dtype=torch.int32)
-    num_tiles = torch.empty(1, device=x.device, dtype=torch.int32)
-    module.get_function("build_tile_map")((1,), (1024,), (
-        ptr(offs), i32(E), i32(M), i32(s.block_m), i32(max_tiles), ptr(tile_map), ptr(num_tiles)))
-    args = (ptr(x), ptr(w), ptr(out), ptr(offs), ptr(tile_map))
-    if s.persistent:
+    if s.tma:  # the copy engine reads X and W through tensor maps (moe_course/tma.py)
+        args = (tma.tensor_map_2d(x, s.block_m), tma.tensor_map_2d(w, s.block_n), ptr(out), ptr(offs), ptr(tile_map))
+    else:
+        args = (ptr(x), ptr(w), ptr(out), ptr(offs), ptr(tile_map))
+    if s.persistent and s.tma:  # warp_specialized.cuh: the tile order's group size too
+        fn((info().sm_count,), (s.threads,), args + (ptr(num_tiles), i32(M), i32(N), i32(K),
+           i32(group_m or group_m_for(M, E, K, s.block_m))), shared_mem=s.smem_bytes)
+    elif s.persistent:
         fn((info().sm_count,), (s.threads,), args + (ptr(num_tiles), i32(M), i32(N), i32(K)),
            shared_mem=s.smem_bytes)
     elif s.block_m == 16:
@@ -164,6 +211,21 @@ def run_step(s: Step, x, w, offs, out=None, validate: bool = True, module=None):
     else:
         fn((N // s.block_n, max_tiles), (s.threads,), args + (i32(M), i32(N), i32(K)), shared_mem=s.smem_bytes)
     return out
+
+
+def build_tile_map(module, offs, M: int, block_m: int):
+    """Launch ``build_tile_map`` (grouped_gemm.cuh): (tile_map, num_tiles, max_tiles), all on the GPU.
+
+    ``max_tiles`` = ceil(M / block_m) + E bounds the real count without reading the offsets."""
+    import torch
+
+    E = offs.numel()
+    max_tiles = math.ceil(M / block_m) + E
+    tile_map = torch.empty(max_tiles, 2, device=offs.device, dtype=torch.int32)
+    num_tiles = torch.empty(1, device=offs.device, dtype=torch.int32)
+    module.get_function("build_tile_map")((1,), (1024,), (
+        ptr(offs), np.int32(E), np.int32(M), np.int32(block_m), np.int32(max_tiles), ptr(tile_map), ptr(num_tiles)))
+    return tile_map, num_tiles, max_tiles
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -297,6 +359,19 @@ def time_result(fn, x, w, offs, *, flops: float, bytes: float = 0.0, name: str, 
     return {"ms": m.ms, "ms_p10": m.ms_p10, "ms_p90": m.ms_p90, "reps": m.reps, "tflops": m.tflops}
 
 
+FAST_CALL_MS = 20.0  # implementations faster than this are timed interleaved (bench.interleaved)
+
+
+def time_interleaved(fns: dict, x, w, offs, *, flops: float, bytes: float = 0.0, rounds: int = 5,
+                     reps: int = 10) -> dict[str, dict]:
+    """Time several implementations of one problem in turns (:func:`moe_course.bench.interleaved`),
+    so that the GPU's clock drifting over the run is not charged to whichever ran last."""
+    calls = {name: (lambda fn=fn: fn(x, w, offs)) for name, fn in fns.items()}
+    res = interleaved(calls, rounds=rounds, reps=reps, flops=flops, bytes=bytes)
+    return {name: {"ms": m.ms, "ms_p10": m.ms_p10, "ms_p90": m.ms_p90, "reps": m.reps, "tflops": m.tflops}
+            for name, m in res.items()}
+
+
 def measure_ladder(shapes: dict, projections=("up", "down"), routings=(("uniform", 0.0),),
                    impls=None, seed: int = 0, progress=None, on_row=None) -> list[dict]:
     """Check, then time, every implementation on every (shape, projection, routing).
@@ -304,7 +379,13 @@ def measure_ladder(shapes: dict, projections=("up", "down"), routings=(("uniform
     ``shapes``: name -> (T, d, n, E, K). Up-projection: X[T*K, d] x W[E, 2n, d];
     down-projection: X[T*K, n] x W[E, d, n]. Returns one row per measurement, with the error
     against a float32 reference and the rates; a wrong result is reported, never timed.
+    Implementations that take under FAST_CALL_MS a call are timed interleaved with each other;
+    slower ones (the naive steps, seconds a call) on their own, with fewer repetitions.
     """
+    import time
+
+    import torch
+
     impls = list(impls or (list(BASELINES) + list(STEPS)))
     rows = []
     for shape, (T, d, n, E, K) in shapes.items():
@@ -314,6 +395,7 @@ def measure_ladder(shapes: dict, projections=("up", "down"), routings=(("uniform
                 d_in, d_out = (d, 2 * n) if proj == "up" else (n, d)
                 p = make_problem(counts, d_in, d_out, seed=seed)
                 ref = reference(p.x, p.w, p.offs)
+                problem_rows, fast, slow = [], {}, {}
                 for impl in impls:
                     if impl in SLOW_STEPS and (routing != routings[0][0] or p.flops > SLOW_STEP_MAX_FLOPS):
                         continue  # first routing and problems under 1 TFLOP only: a call takes seconds
@@ -324,15 +406,30 @@ def measure_ladder(shapes: dict, projections=("up", "down"), routings=(("uniform
                     if progress:
                         progress(f"{shape} {proj} {routing} {impl}")
                     try:
-                        row.update(check_result(fn, p.x, p.w, p.offs, ref))
+                        row.update(check_result(fn, p.x, p.w, p.offs, ref))  # also compiles the kernel
                     except Exception as exc:  # a shape this step refuses: say so in the table
-                        rows.append({**row, "error": f"{type(exc).__name__}: {exc}"})
+                        row["error"] = f"{type(exc).__name__}: {exc}"
+                    problem_rows.append(row)
+                    if "error" in row:
                         continue
-                    if "error" not in row:
-                        row.update(time_result(fn, p.x, p.w, p.offs, flops=p.flops, bytes=p.bytes, name=impl))
-                    rows.append(row)
-                    if on_row:
-                        on_row(rows)
+                    once_ms = float("inf")
+                    if impl not in SLOW_STEPS:  # one compiled call, to sort fast from slow
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        fn(p.x, p.w, p.offs)
+                        torch.cuda.synchronize()
+                        once_ms = (time.perf_counter() - t0) * 1e3
+                    (fast if once_ms < FAST_CALL_MS else slow)[impl] = (fn, row)
+                if fast:
+                    timed = time_interleaved({k: fn for k, (fn, _) in fast.items()}, p.x, p.w, p.offs,
+                                             flops=p.flops, bytes=p.bytes)
+                    for impl, (_, row) in fast.items():
+                        row.update(timed[impl])
+                for impl, (fn, row) in slow.items():
+                    row.update(time_result(fn, p.x, p.w, p.offs, flops=p.flops, bytes=p.bytes, name=impl))
+                rows.extend(problem_rows)
+                if on_row:
+                    on_row(rows)
                 del p, ref
     return rows
 

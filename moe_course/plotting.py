@@ -94,3 +94,33 @@ def expert_load(counts, ax=None, *, capacity: float | None = None, title: str = 
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     return ax
+
+
+def timeline(trace: dict, ax=None, *, slices: int = 24, title: str = "", record=None, live: bool = False):
+    """A traced main loop (moe_course.io_overlap.trace_timeline): per slice along K, the load
+    in flight (issued -> landed, one lane per ring slot) above the multiply (landed -> slot
+    released); green: the consumers storing a finished tile; red: the math waiting for a
+    slice that has not landed yet."""
+    issued, landed, released = (np.asarray(trace[k], dtype=float)[:slices] for k in ("issued", "landed", "released"))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(11, 2.2))
+    lanes = 4
+    for i in range(len(landed)):
+        if np.isfinite(issued[i]) and np.isfinite(landed[i]):
+            ax.broken_barh([(issued[i], landed[i] - issued[i])], (1.2 + (i % lanes) * 0.25, 0.2), color="#8c959f")
+        if np.isfinite(landed[i]) and np.isfinite(released[i]):
+            ax.broken_barh([(landed[i], released[i] - landed[i])], (0.1, 0.8), color="#1f6feb", edgecolor="white")
+    from .io_overlap import timeline_gaps
+
+    shown = {"landed": landed, "released": released, "stored": trace.get("stored", [])}
+    for start, stored, end in timeline_gaps(shown):
+        if stored > start:
+            ax.broken_barh([(start, stored - start)], (0.1, 0.8), color="#1a7f37")
+        ax.broken_barh([(stored, end - stored)], (0.1, 0.8), color="#cf222e")
+    ax.set_yticks([0.5, 1.2 + lanes * 0.125], ["multiply", "loads in flight"])
+    ax.set_ylim(0, 1.3 + lanes * 0.25)
+    ax.set_xlabel("microseconds since the block's first load")
+    ax.set_title(title, fontsize=9)
+    if record is not None:
+        stamp(ax, record, live)
+    return ax

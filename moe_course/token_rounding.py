@@ -602,7 +602,7 @@ def measure_speed(shapes: dict | None = None, methods=SPEED_METHODS, impls=None,
     For every shape, one synthetic router (softmax of random logits, ``skew`` as in
     :func:`synthetic_scores`) is routed by every method with the CUDA kernels (checked against
     the torch version first). Then, per projection (up: ``X[R, d] x W[E, 2n, d]``; down:
-    ``X[R, n] x W[E, d, n]``) and implementation (default: chapter 02's best step and
+    ``X[R, n] x W[E, d, n]``) and implementation (default: the course's best grouped GEMM and
     ``torch._grouped_mm``), the GEMM on that routing's rows is checked against a float32
     reference and timed (median of CUDA events). The routing's own time is recorded too, as
     ``proj="routing"`` rows: the kernels, and the torch version on the GPU.

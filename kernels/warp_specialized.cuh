@@ -1,0 +1,279 @@
+// warp_specialized.cuh: the persistent, warp-specialised grouped GEMM of chapter 03 (sm_90a).
+// Steps 03_2 (plain), 03_3 (X rows gathered inside the load) and 03_4 (SwiGLU in the epilogue)
+// are this one kernel body with different switches; each step's file says what it adds.
+//
+// Roles. A block is three warpgroups (384 threads), one block per SM, walking the tiles
+// t = blockIdx.x, + gridDim.x, ... as 02_6 does:
+//   warpgroup 0, the producer: only loads. It gives most of its registers away (setmaxnreg) and
+//     runs ahead of the math by up to STAGES slices, across tile boundaries: while the consumers
+//     store one tile, the first slices of the next are already arriving.
+//   warpgroups 1 and 2, the consumers: only multiply (64 rows of the 128 x BN tile each) and
+//     store. No __syncthreads anywhere in the loop: the two sides meet only at mbarriers.
+//       full[s]  completes when slot s holds its slice (bytes counted by TMA, and, for a
+//                gathered X, one arrival per producer thread when its cp.async copies land);
+//       empty[s] completes when the 8 consumer warps are done reading slot s.
+//
+// Tile order. Tile t covers M-tile m and N-tile n (tile map: which expert and rows an M-tile is).
+// Consecutive t go down a group of group_m M-tiles before moving one N-tile right, so the SMs
+// busy at the same moment share both their W tiles (all M-tiles of one expert) and their X
+// rows in L2, instead of streaming a whole expert's weights once per M-tile. The host picks
+// group_m (grouped_gemm.group_m_for): about one expert's M-tiles, fewer when K is long.
+//
+// Epilogue. A warpgroup's 64 x BN result leaves through shared memory, 128 columns at a time:
+// its registers are written into a small staging buffer (the 128-byte swizzle keeps those
+// writes free of bank conflicts), then read back as whole 16-byte chunks of rows and stored
+// with coalesced 16-byte writes (a row past the expert's end is skipped). Storing straight from
+// the accumulator registers (chapter 02) writes 4 bytes per thread, 16 bytes per row and warp:
+// eight times as many memory transactions.
+#pragma once
+#include "tma.cuh"
+
+#define BM 128
+#define BK 64
+#ifndef BN
+#define BN 256
+#endif
+#ifndef STAGES
+#define STAGES 4  // 4 x 48 KB with BN = 256
+#endif
+#define THREADS 384
+#ifndef PRODUCER_REGS
+#define PRODUCER_REGS 64  // 40 is enough for TMA alone; the gather's row list needs 64 not to spill (NVRTC 13.0)
+#endif
+#ifndef CONSUMER_REGS
+#define CONSUMER_REGS 216  // 128 x 64 + 256 x 216 <= 65536 registers of the SM
+#endif
+
+struct __align__(1024) Slot {
+    bf16 a[BM * BK];  // 128 rows of X, 64 values along K each, 128B-swizzled
+    bf16 b[BN * BK];  // BN rows of W[e]
+};
+struct __align__(1024) Staging {  // one consumer warpgroup's epilogue buffer: 64 rows x 128 columns,
+    bf16 box[2][64 * 64];         // as two 64 x 64 boxes in the 128-byte swizzled layout
+};
+#define WS_SMEM_BYTES (STAGES * sizeof(Slot) + 2 * sizeof(Staging) + 2 * STAGES * 8 + 1024)
+
+// Tile t -> (M-tile, N-tile), grouped as described above.
+__device__ __forceinline__ void tile_coords(int t, int m_tiles, int n_tiles, int group_m, int& m, int& n) {
+    const int per_group = group_m * n_tiles;
+    const int group = t / per_group, first = group * group_m;
+    const int rows = min(group_m, m_tiles - first);
+    const int i = t - group * per_group;
+    m = first + i % rows;
+    n = i / rows;
+}
+
+struct Problem {
+    const bf16* X;          // gathered: X is the token matrix [tokens, K], read at rows gather_idx[]
+    const int* gather_idx;  // [M]: the row of X each sorted row comes from (GATHER only)
+    bf16* Y;                // [M, N] (plain), or H, the pre-activation, [M, N] or nullptr (SWIGLU)
+    bf16* A;                // SWIGLU only: [M, N / 2] = silu(gate) * up
+    const int* offs;
+    const TileInfo* tile_map;
+    const int* num_tiles;
+    int M, N, K;
+    int tokens;             // rows of X (GATHER): an index outside [0, tokens) reads zeros, never out of bounds
+    int group_m;            // M-tiles per group of the tile order
+};
+
+// ---------------------------------------------------------------------------------------------
+// X gathered inside the load (GATHER). TMA copies boxes of a tensor, not a list of rows, so the
+// producer warpgroup's 128 threads copy X's tile themselves with cp.async: 8 threads per row
+// (one 16-byte chunk each, so a warp reads 4 whole rows of 128 bytes), each thread 8 of the
+// 128 rows. Which token row to read is looked up once per tile, not once per slice.
+// ---------------------------------------------------------------------------------------------
+struct GatherRows {
+    int src[BM / 16];  // this thread's 8 source rows (-1: past the expert's end, zero-filled)
+};
+
+__device__ __forceinline__ void gather_rows(GatherRows& g, const int* gather_idx, int tokens, int row0, int row_end) {
+    const int t = threadIdx.x % 128;
+#pragma unroll
+    for (int i = 0; i < BM / 16; ++i) {
+        const int row = row0 + t / 8 + 16 * i;
+        const int src = row < row_end ? __ldg(&gather_idx[row]) : -1;
+        g.src[i] = (unsigned)src < (unsigned)tokens ? src : -1;
+    }
+}
+
+__device__ __forceinline__ void gather_slice(bf16* a, const GatherRows& g, const bf16* X, int K, int k0) {
+    const int t = threadIdx.x % 128, chunk = t % 8;
+#pragma unroll
+    for (int i = 0; i < BM / 16; ++i) {
+        const int r = t / 8 + 16 * i;
+        const bool valid = g.src[i] >= 0;
+        cp_async_16(&a[swizzle_128b(r, chunk) * 8], X + (size_t)(valid ? g.src[i] : 0) * K + k0 + chunk * 8, valid);
+    }
+}
+
+// When may the consumers read a gathered slice? Each producer thread's cp.async copies count
+// one arrival on the slot's full barrier when they have landed (cp.async.mbarrier.arrive), so
+// the producer never waits for its own copies. cp.async writes shared memory through the
+// ordinary (generic) proxy and wgmma reads it through the async proxy: after the barrier, each
+// consumer thread fences the two proxies (fence.proxy.async) before its wgmma reads the slice.
+// Measured on the H200 with interleaved timing, the fence costs nothing visible (Qwen3 up:
+// 1.457 ms with it, 1.447 ms without, within the run-to-run spread).
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU epilogue (SWIGLU). W's rows are interleaved, gate_j at row 2j and up_j at row 2j + 1
+// (moe_course.io_overlap.interleave_gate_up), so a thread's two neighbouring accumulators
+// (v, v + 1) are one (gate, up) pair: A[row, j] = silu(gate) * up, with no data exchanged
+// (store_swiglu_staged below). H, the pre-activation, is stored too when asked for (the
+// backward pass needs it).
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ float silu(float x) { return __fdividef(x, 1.0f + __expf(-x)); }  // fast divide: 64 per thread and tile
+
+// ---------------------------------------------------------------------------------------------
+// The staged epilogue (see the top of this file). bar.sync 1 + c: a barrier for the 128 threads
+// of consumer warpgroup c alone (barrier 0 is __syncthreads).
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ void warpgroup_sync(int c) { asm volatile("bar.sync %0, 128;\n" :: "r"(1 + c) : "memory"); }
+
+// The buffer's 64 x 128 values to Y[row0 : row0 + 64, col0 : col0 + 128], rows past row_end skipped.
+__device__ __forceinline__ void copy_out_staged(Staging& buf, int c, bf16* Y, int ldy, int row0, int row_end, int col0) {
+    const int t = threadIdx.x % 128;
+    warpgroup_sync(c);  // every thread's values are in the buffer
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {  // 64 rows x 16 chunks of 16 bytes, 8 per thread; a warp: 2 whole rows
+        const int idx = t + 128 * i, r = idx / 16, chunk = idx % 16;
+        const uint4 val = *reinterpret_cast<const uint4*>(&buf.box[chunk / 8][swizzle_128b(r, chunk % 8) * 8]);
+        if (row0 + r < row_end) *reinterpret_cast<uint4*>(&Y[(size_t)(row0 + r) * ldy + col0 + chunk * 8]) = val;
+    }
+    warpgroup_sync(c);  // read back before the buffer is written again
+}
+
+__device__ __forceinline__ bf16* staged(Staging& buf, int r, int col) {  // col in 0..127
+    return &buf.box[col / 64][swizzle_128b(r, (col % 64) / 8) * 8 + col % 8];
+}
+
+// The warpgroup's 64 x BN accumulators, 128 columns at a time.
+template <int NV>
+__device__ __forceinline__ void store_tile_staged(const float (&d)[NV], Staging& buf, int c, bf16* Y, int ldy,
+                                                  int row0, int row_end, int col0) {
+    const int t = threadIdx.x % 128;
+#pragma unroll
+    for (int half = 0; half < NV / 64; ++half) {  // 128 columns = 64 accumulators per thread
+#pragma unroll
+        for (int v = 64 * half; v < 64 * half + 64; v += 2) {
+            const int r = 16 * (t / 32) + (t % 32) / 4 + 8 * ((v / 2) % 2);  // wgmma's fragment layout
+            const int col = 8 * (v / 4) + 2 * (t % 4) - 128 * half;
+            *reinterpret_cast<__nv_bfloat162*>(staged(buf, r, col)) = __floats2bfloat162_rn(d[v], d[v + 1]);
+        }
+        copy_out_staged(buf, c, Y, ldy, row0, row_end, col0 + 128 * half);
+    }
+}
+
+// SwiGLU of the warpgroup's 64 x BN accumulators (BN / 2 output columns, at most 128).
+template <int NV>
+__device__ __forceinline__ void store_swiglu_staged(const float (&d)[NV], Staging& buf, int c, bf16* A, int lda,
+                                                    int row0, int row_end, int col0) {
+    static_assert(NV <= 128, "one staging buffer holds 128 output columns");
+    const int t = threadIdx.x % 128;
+#pragma unroll
+    for (int v = 0; v < NV; v += 2) {
+        const int r = 16 * (t / 32) + (t % 32) / 4 + 8 * ((v / 2) % 2);
+        const int j = 4 * (v / 4) + t % 4;  // (col, col + 1) = (gate_j, up_j)
+        *staged(buf, r, j) = __float2bfloat16_rn(silu(d[v]) * d[v + 1]);
+    }
+    copy_out_staged(buf, c, A, lda, row0, row_end, col0 / 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernel body.
+// ---------------------------------------------------------------------------------------------
+template <bool GATHER, bool SWIGLU>
+__device__ __forceinline__ void warp_specialized_grouped_gemm(const TmaDesc& map_x, const TmaDesc& map_w,
+                                                              const Problem& p) {
+    extern __shared__ unsigned char smem[];
+    const u32 pad = (1024 - (smem_addr(smem) & 1023)) & 1023;
+    Slot* slots = reinterpret_cast<Slot*>(smem + pad);
+    Staging* staging = reinterpret_cast<Staging*>(slots + STAGES);
+    u64* full = reinterpret_cast<u64*>(staging + 2);
+    u64* empty = full + STAGES;
+
+    const int warpgroup = threadIdx.x / 128, lane = threadIdx.x % 32;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(&full[s], GATHER ? 1 + 128 : 1);  // expect_tx (+ each producer thread's cp.async)
+            mbar_init(&empty[s], 8);                     // one arrival per consumer warp
+        }
+        fence_proxy_async();
+    }
+    __syncthreads();  // the last block-wide barrier: from here on, roles meet at mbarriers only
+
+    const int n_tiles = p.N / BN, m_tiles = p.num_tiles[0];
+    const int total = m_tiles * n_tiles, num_k = p.K / BK;
+
+    if (warpgroup == 0) {  // ------------------------------------------------ producer
+        setmaxnreg_dec<PRODUCER_REGS>();
+        if (!GATHER && threadIdx.x != 0) return;  // TMA needs a single thread
+        int s = 0, parity = 0, slice = 0;  // slice: counted across tiles, for the trace
+        for (int t = blockIdx.x; t < total; t += gridDim.x) {
+            int m, n, expert, row0, row_end;
+            tile_coords(t, m_tiles, n_tiles, p.group_m, m, n);
+            tile_rows(p.tile_map, p.offs, p.M, m, BM, expert, row0, row_end);
+            const int w_row = expert * p.N + n * BN;
+            GatherRows g;
+            if (GATHER) gather_rows(g, p.gather_idx, p.tokens, row0, row_end);
+            for (int kt = 0; kt < num_k; ++kt) {
+                mbar_wait(&empty[s], parity ^ 1);  // the consumers are done with this slot
+                if (threadIdx.x == 0) {
+                    trace_event(0, slice);
+                    mbar_arrive_expect_tx(&full[s], GATHER ? BN * BK * 2 : sizeof(Slot));
+                    if (!GATHER) tma_load_2d(slots[s].a, map_x, kt * BK, row0, &full[s]);
+                    tma_load_2d(slots[s].b, map_w, kt * BK, w_row, &full[s]);
+                }
+                if (GATHER) {
+                    gather_slice(slots[s].a, g, p.X, p.K, kt * BK);
+                    cp_async_mbar_arrive(&full[s]);  // arrives by itself once this thread's copies land
+                }
+                ++slice;
+                if (++s == STAGES) s = 0, parity ^= 1;
+            }
+        }
+    } else {  // ---------------------------------------------------------------- consumers
+        setmaxnreg_inc<CONSUMER_REGS>();
+        const int c = warpgroup - 1;  // which 64 rows of the tile
+        const bool tracer = threadIdx.x == 128;
+        int s = 0, parity = 0, slice = 0, tile = 0;
+        for (int t = blockIdx.x; t < total; t += gridDim.x, ++tile) {
+            int m, n, expert, row0, row_end;
+            tile_coords(t, m_tiles, n_tiles, p.group_m, m, n);
+            tile_rows(p.tile_map, p.offs, p.M, m, BM, expert, row0, row_end);
+            float acc[BN / 2];
+#pragma unroll
+            for (int v = 0; v < BN / 2; ++v) acc[v] = 0.0f;
+            for (int kt = 0; kt < num_k; ++kt) {
+                mbar_wait(&full[s], parity);
+                if (tracer) trace_event(1, slice);
+                if (GATHER) fence_proxy_async();  // generic-proxy copies -> async-proxy reads
+                const bf16* a = slots[s].a + c * 64 * BK;
+                wgmma_fence();
+                wgmma_fence_operands(acc);
+#pragma unroll
+                for (int kk = 0; kk < BK / 16; ++kk)
+                    wgmma_m64k16(acc, wgmma_desc(a + kk * 16), wgmma_desc(slots[s].b + kk * 16));
+                wgmma_commit();
+                // Wait for this slice's multiply and free its slot at once: the producer gets
+                // the slot one slice earlier than with wgmma_wait<1> (chapter 02), and the
+                // tensor cores do not idle meanwhile, since the other consumer warpgroup's
+                // batch is still running. Measured: equal or faster on every shape.
+                wgmma_wait<0>();
+                wgmma_fence_operands(acc);
+                if (lane == 0) mbar_arrive(&empty[s]);
+                if (tracer) trace_event(2, slice);
+                ++slice;
+                if (++s == STAGES) s = 0, parity ^= 1;
+            }
+            // The producer is already loading the next tile while we store this one.
+            const int r0 = row0 + c * 64;
+            if (SWIGLU) {
+                if (p.Y) store_tile_staged(acc, staging[c], c, p.Y, p.N, r0, row_end, n * BN);
+                store_swiglu_staged(acc, staging[c], c, p.A, p.N / 2, r0, row_end, n * BN);
+            } else {
+                store_tile_staged(acc, staging[c], c, p.Y, p.N, r0, row_end, n * BN);
+            }
+            if (tracer) trace_event(3, tile);
+        }
+    }
+}

@@ -29,6 +29,7 @@ CHAPTERS = [
     Expect("notebooks/00_setup.ipynb", plots=1),
     Expect("notebooks/01_moe_basics.ipynb", plots=2, control=Control("slider", "router skew")),
     Expect("notebooks/02_grouped_gemm.ipynb", plots=3),
+    Expect("notebooks/03_io_overlap.ipynb", plots=5),
     Expect("notebooks/04_token_rounding.ipynb", plots=2, control=Control("slider", "router skew")),
 ]
 

@@ -10,8 +10,10 @@ checked against a float32 reference first, then timed.
 The implementations (the registry in moe_course/variants.py; a later chapter adds one entry):
   layer-loop        chapter 01's layer: router, sort by expert, a torch.mm loop over experts, combine
   layer-grouped-mm  the same layer, its expert step as three torch._grouped_mm calls
+  layer-course      the same layer, its expert step the course's kernels (chapter 03: gathered
+                    up-projection with SwiGLU fused, warp-specialised down-projection; Hopper)
   sonicmoe          SonicMoE's layer, given the same weights (where `import sonicmoe` works)
-  gemm-ladder       the expert GEMMs alone, every step of chapter 02's kernel ladder beside a
+  gemm-ladder       the expert GEMMs alone, every step of the chapter 02-03 kernel ladder beside a
                     per-expert torch.mm loop and torch._grouped_mm (GPU only)
 An implementation that cannot run here is skipped with one line saying why.
 

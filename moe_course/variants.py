@@ -15,9 +15,12 @@ Entries today, in table order:
   the experts with three ``torch.mm`` each;
 - ``layer-grouped-mm``: the same layer with the expert step as three ``torch._grouped_mm`` calls
   (:func:`moe_course.moe.experts_forward_grouped_mm`);
+- ``layer-course``: the same layer with the course's kernels as its expert step
+  (:func:`moe_course.layer.forward`: chapter 03's gathered up-projection with SwiGLU fused,
+  then its warp-specialised down-projection; Hopper only);
 - ``sonicmoe``: the SonicMoE library's layer (``pip install sonic-moe``; Hopper or Blackwell);
-- ``gemm-ladder``: the expert GEMMs alone, every step of chapter 02's kernel ladder beside a
-  per-expert ``torch.mm`` loop and ``torch._grouped_mm``
+- ``gemm-ladder``: the expert GEMMs alone, every step of chapters 02 and 03's kernel ladder
+  beside a per-expert ``torch.mm`` loop and ``torch._grouped_mm``
   (:func:`moe_course.grouped_gemm.measure_ladder`, GPU only).
 
 A row is a dict: the configuration (``config``, ``T``, ``d``, ``n``, ``E``, ``K``), ``variant``,
@@ -36,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from . import configs, moe
+from . import configs, layer, moe
 from .bench import benchmark, rotate
 from .checking import relative_error
 from .machine import info
@@ -279,6 +282,14 @@ def _ladder_run(case: Case, progress: Callable[[str], None]) -> list[dict]:
     return sorted(rows, key=lambda r: (case.projections.index(r["proj"]), order.index(r["impl"])))
 
 
+def hopper_unavailable(device: str) -> str | None:
+    """Chapter 03's kernels need sm_90a (wgmma, TMA, setmaxnreg)."""
+    if device != "cuda" or not info().has_gpu:
+        return f"needs a Hopper GPU ({info().why_no_gpu or 'this run is on the CPU'})"
+    cc = info().compute_capability or (0, 0)
+    return None if cc >= (9, 0) else f"needs a Hopper GPU (sm_90a); this one is compute capability {cc[0]}.{cc[1]}"
+
+
 def _ladder_unavailable(device: str) -> str | None:
     # The ladder's kernels are CUDA C launched through CuPy: a GPU or nothing.
     return None if device == "cuda" and info().has_gpu else f"needs an NVIDIA GPU ({info().why_no_gpu})"
@@ -295,8 +306,13 @@ register(layer_variant(
     "torch._grouped_mm", build=lambda w, k: lambda x: moe.moe_forward(x, w, k, expert_step="grouped_mm").y,
     unavailable=grouped_mm_unavailable))
 register(layer_variant(
+    "layer-course", "the same layer, its expert step the course's kernels: gathered up-projection + SwiGLU "
+    "(03_4), down-projection (03_2)", "course kernels",
+    build=lambda w, k: (lambda kw: lambda x: layer.forward(x, kw, k))(layer.prepare(w)),
+    unavailable=hopper_unavailable))
+register(layer_variant(
     "sonicmoe", "SonicMoE's layer (chapter 05), given the same weights", "SonicMoE", build=_sonicmoe_build,
     unavailable=sonicmoe_unavailable))
 register(Variant(
-    "gemm-ladder", "the expert GEMMs alone: chapter 02's kernel ladder, a torch.mm loop, torch._grouped_mm",
+    "gemm-ladder", "the expert GEMMs alone: the kernel ladder of chapters 02-03, a torch.mm loop, torch._grouped_mm",
     _ladder_run, _ladder_unavailable, count=lambda case: len(case.projections) * len(_ladder_impls())))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from benchmark_scripts import load
 
-from moe_course import configs, machine
+from moe_course import configs, machine, records
 
 ma = load("memory_analysis")
 
@@ -110,8 +110,15 @@ def test_cli_on_this_machine(capsys):
 
 
 @pytest.mark.skipif(machine.has_gpu(), reason="checks the no-GPU path")
-def test_without_a_gpu_the_measured_part_says_it_is_skipped(capsys):
+def test_without_a_gpu_the_measured_part_is_the_record_or_says_it_is_skipped(capsys):
     assert ma.main(["--config", "7b"]) == 0
+    out = capsys.readouterr().out
+    rec = records.load(ma.KIND)
+    if rec is not None and "sonicmoe-7b" in rec.data["configs"]:
+        assert f"measured rows: RECORDED on {rec.label()}" in out and "measured: saved by autograd" in out
+    else:
+        assert f"measured: {machine.skip_reason()}" in out
+    assert ma.main(["--config", "7b", "--tokens", "128"]) == 0  # another shape: nothing recorded for it
     assert f"measured: {machine.skip_reason()}" in capsys.readouterr().out
 
 
@@ -120,11 +127,11 @@ def test_a_disagreement_between_the_layers_fails_the_run(monkeypatch, capsys):
             for impl in ma.LAYERS}
     monkeypatch.setattr(machine, "has_gpu", lambda: True)
     monkeypatch.setattr(ma, "measure_gpu", lambda shape: {**fake, "agreement": {"relative_error": 0.5, "ok": False}})
-    assert ma.main(["--config", "7b"]) == 1
+    assert ma.main(["--config", "7b", "--no-save"]) == 1
     captured = capsys.readouterr()
     assert "relative error 5.00e-01 (FAILED)" in captured.out and "disagree" in captured.err
     monkeypatch.setattr(ma, "measure_gpu", lambda shape: {**fake, "agreement": {"relative_error": 1e-3, "ok": True}})
-    assert ma.main(["--config", "7b"]) == 0
+    assert ma.main(["--config", "7b", "--no-save"]) == 0
 
 
 @pytest.mark.gpu

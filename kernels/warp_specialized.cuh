@@ -51,7 +51,6 @@ struct __align__(1024) Slot {
 struct __align__(1024) Staging {  // one consumer warpgroup's epilogue buffer: 64 rows x 128 columns,
     bf16 box[2][64 * 64];         // as two 64 x 64 boxes in the 128-byte swizzled layout
 };
-#define WS_SMEM_BYTES (STAGES * sizeof(Slot) + 2 * sizeof(Staging) + 2 * STAGES * 8 + 1024)
 
 // Tile t -> (M-tile, N-tile), grouped as described above.
 __device__ __forceinline__ void tile_coords(int t, int m_tiles, int n_tiles, int group_m, int& m, int& n) {

@@ -119,16 +119,18 @@ def measure_stalls() -> dict:
             "metric": "smsp__average_warps_issue_stalled_<reason>_per_issue_active.ratio (ncu WarpStateStats)"}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                    help="what to measure (default: all three; see above)")
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
+                    help="MoE shapes for the pipeline and gather parts (default: the four of chapter 02)")
     ap.add_argument("--rounds", type=int, default=5,
                     help="rounds of interleaved timing (10 calls of each implementation per round; median reported)")
     ap.add_argument("--json", action="store_true", help="print the record's data as JSON instead of tables")
     ap.add_argument("--no-save", action="store_true", help="do not write the record")
     ap.add_argument("--launch-once", type=int, metavar="STAGES", help=argparse.SUPPRESS)  # ncu's target
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.launch_once:
         launch_once(args.launch_once)
         return 0

@@ -54,6 +54,10 @@ class Measurement:
         return {"of_matmul": self.tflops / ceilings.matmul_tflops if self.flops else 0.0,
                 "of_copy": self.tbps / ceilings.copy_tbps if self.bytes else 0.0}
 
+    def timing(self) -> dict:
+        """The fields a benchmark row records: median and spread in ms, repetitions, TFLOP/s."""
+        return {"ms": self.ms, "ms_p10": self.ms_p10, "ms_p90": self.ms_p90, "reps": self.reps, "tflops": self.tflops}
+
     def as_dict(self) -> dict:
         return {**asdict(self), "tflops": self.tflops, "tbps": self.tbps}
 

@@ -356,7 +356,7 @@ def time_result(fn, x, w, offs, *, flops: float, bytes: float = 0.0, name: str, 
     if reps is None:
         reps, warmup = _reps_for(call)
     m = benchmark(call, reps=reps, warmup=warmup, flops=flops, bytes=bytes, name=name)
-    return {"ms": m.ms, "ms_p10": m.ms_p10, "ms_p90": m.ms_p90, "reps": m.reps, "tflops": m.tflops}
+    return m.timing()
 
 
 FAST_CALL_MS = 20.0  # implementations faster than this are timed interleaved (bench.interleaved)
@@ -368,8 +368,7 @@ def time_interleaved(fns: dict, x, w, offs, *, flops: float, bytes: float = 0.0,
     so that the GPU's clock drifting over the run is not charged to whichever ran last."""
     calls = {name: (lambda fn=fn: fn(x, w, offs)) for name, fn in fns.items()}
     res = interleaved(calls, rounds=rounds, reps=reps, flops=flops, bytes=bytes)
-    return {name: {"ms": m.ms, "ms_p10": m.ms_p10, "ms_p90": m.ms_p90, "reps": m.reps, "tflops": m.tflops}
-            for name, m in res.items()}
+    return {name: m.timing() for name, m in res.items()}
 
 
 def measure_ladder(shapes: dict, projections=("up", "down"), routings=(("uniform", 0.0),),

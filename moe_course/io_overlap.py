@@ -333,5 +333,5 @@ def _measure_gather_shape(shape, T, d, n, E, K, seed, rounds) -> list[dict]:
     timed = interleaved(checked, rounds=rounds, reps=10, flops=flops)
     for row in rows:
         if m := timed.get(row["impl"]):
-            row.update({"ms": m.ms, "ms_p10": m.ms_p10, "ms_p90": m.ms_p90, "tflops": m.tflops})
+            row.update(m.timing())
     return rows

@@ -184,8 +184,7 @@ def layer_variant(name: str, title: str, impl: str,
         with torch.no_grad():
             m = benchmark(forward, sets, name=impl, flops=flops, reps=case.reps, warmup=case.warmup,
                           device=case.device)
-        return [{**row, "status": "ok", "flops": flops, "ms": m.ms, "ms_p10": m.ms_p10, "ms_p90": m.ms_p90,
-                 "reps": m.reps, "tflops": m.tflops}]
+        return [{**row, "status": "ok", "flops": flops, **m.timing()}]
 
     return Variant(name, title, run, unavailable)
 

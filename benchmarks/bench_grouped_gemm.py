@@ -48,12 +48,8 @@ def main() -> int:
     args = ap.parse_args()
 
     if not machine.has_gpu():
-        print(machine.skip_reason(), "(timing); the recorded results follow")
-        rec = records.load(KIND)
-        if rec is None:
-            print("no recorded results either")
+        if (rec := records.recorded_instead(KIND)) is None:
             return 1
-        print(f"recorded on {rec.label()}")
         print(grouped_gemm.ladder_table(rec.data["rows"], rec.data["matmul_tflops"]))
         return 0
 

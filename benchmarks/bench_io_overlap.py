@@ -136,13 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if not machine.has_gpu():
-        print(machine.skip_reason(), "(timing); the recorded results follow")
-        rec = records.load(KIND)
-        if rec is None:
-            print("no recorded results either")
+        if (rec := records.recorded_instead(KIND)) is None:
             return 1
         data = rec.data
-        print(f"recorded on {rec.label()}")
     else:
         old = records.load(KIND, gpu=machine.info().gpu)
         data = dict(old.data) if old else {}

@@ -86,6 +86,18 @@ def load(kind: str, gpu: str | None = None, results_dir: Path | None = None) -> 
     return max(records, key=lambda r: r.environment.get("date", ""), default=None)
 
 
+def recorded_instead(kind: str) -> Record | None:
+    """For a benchmark script on a machine without a GPU: say why nothing is timed, then return
+    the recorded results (after a line saying where and when they were measured), or ``None``
+    after a line saying there are none."""
+    from .machine import skip_reason
+
+    print(skip_reason(), "(timing); the recorded results follow")
+    rec = load(kind)
+    print("no recorded results either" if rec is None else f"recorded on {rec.label()}")
+    return rec
+
+
 def live_or_recorded(kind: str, measure, *, save_live: bool = True) -> tuple[Record, bool]:
     """Run ``measure()`` (returning a dict) on a GPU and record it; without a GPU, load the
     recorded result instead and say so in one line. Returns ``(record, live)``."""

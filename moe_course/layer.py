@@ -46,14 +46,27 @@ def prepare(w: moe.MoEWeights, dtype=torch.bfloat16) -> KernelWeights:
     return KernelWeights(w.w_router, cast(gate_up), cast(w.w_down.transpose(1, 2)))
 
 
+class Routing(NamedTuple):
+    """Top-k routing in the kernels' terms: ``weights``, ``experts`` ``(T, k)``; the sort
+    (:class:`moe_course.moe.Dispatch`); each sorted row's token and each expert's end row, int32."""
+    weights: torch.Tensor
+    experts: torch.Tensor
+    dispatch: moe.Dispatch
+    gather_idx: torch.Tensor
+    offs: torch.Tensor
+
+
+def route(x: torch.Tensor, w_router: torch.Tensor, k: int) -> Routing:
+    """Softmax over the k largest logits (:func:`moe_course.moe.topk_softmax`), rows sorted by expert."""
+    weights, experts = moe.topk_softmax(moe.router_logits(x, w_router), k)
+    d = moe.dispatch(experts, w_router.shape[1])
+    return Routing(weights, experts, d, d.token_of.to(torch.int32), d.offsets[1:].to(torch.int32))
+
+
 def forward(x: torch.Tensor, kw: KernelWeights, k: int) -> torch.Tensor:
     """``x (T, d)`` bf16 on a Hopper GPU -> ``y (T, d)``: top-k routing (softmax over the k
     largest logits), then the two kernels, then the weighted combine."""
-    logits = moe.router_logits(x, kw.w_router)
-    weights, experts = moe.topk_softmax(logits, k)
-    d = moe.dispatch(experts, kw.w_gate_up.shape[0])
-    gather_idx = d.token_of.to(torch.int32)
-    offs = d.offsets[1:].to(torch.int32)
+    weights, _, d, gather_idx, offs = route(x, kw.w_router, k)
     a, _ = io_overlap.swiglu_grouped_gemm(x, gather_idx, kw.w_gate_up, offs, store_h=False, validate=False)
     y_sorted = gg.grouped_gemm(a, kw.w_down, offs, step=gg.BEST, validate=False)
     return moe.combine(y_sorted, d, weights)
@@ -93,22 +106,9 @@ class Ops(NamedTuple):
     weight_grad: object
 
 
-def _ends(offs) -> list[int]:
-    return [0] + offs.tolist()  # the loop's one host sync
-
-
-def _torch_grouped(x, w, offs):
-    out = x.new_zeros(x.shape[0], w.shape[1])
-    b = _ends(offs)
-    for e in range(w.shape[0]):
-        if b[e + 1] > b[e]:
-            out[b[e]:b[e + 1]] = x[b[e]:b[e + 1]] @ w[e].T
-    return out
-
-
 def _torch_weight_grad(dy, x, offs):
     out = dy.new_zeros(offs.numel(), dy.shape[1], x.shape[1])
-    b = _ends(offs)
+    b = [0] + offs.tolist()  # the loop's one host sync
     for e in range(offs.numel()):
         if b[e + 1] > b[e]:
             out[e] = dy[b[e]:b[e + 1]].T @ x[b[e]:b[e + 1]]
@@ -121,11 +121,11 @@ def _swiglu_of(h):
 
 
 def _torch_up(x, idx, w, offs):
-    h = _torch_grouped(x[idx.long()], w, offs)
+    h = gg.torch_loop(x[idx.long()], w, offs)
     return _swiglu_of(h), h
 
 
-TORCH_OPS = Ops(grouped=_torch_grouped, gathered=lambda x, idx, w, offs: _torch_grouped(x[idx.long()], w, offs),
+TORCH_OPS = Ops(grouped=gg.torch_loop, gathered=lambda x, idx, w, offs: gg.torch_loop(x[idx.long()], w, offs),
                 up=_torch_up, weight_grad=_torch_weight_grad)
 
 
@@ -168,12 +168,7 @@ class MoEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_router, w_gate_up, w_down, k: int, ops: Ops):
-        E = w_gate_up.shape[0]
-        logits = moe.router_logits(x, w_router)
-        weights, experts = moe.topk_softmax(logits, k)  # fp32 (T, k), int64 (T, k)
-        d = moe.dispatch(experts, E)
-        gather_idx = d.token_of.to(torch.int32)
-        offs = d.offsets[1:].to(torch.int32)
+        weights, experts, d, gather_idx, offs = route(x, w_router, k)  # weights fp32, experts int64
         a, h = ops.up(x, gather_idx, w_gate_up, offs)
         y_sorted = ops.grouped(a, w_down, offs)
         out = moe.combine(y_sorted, d, weights)

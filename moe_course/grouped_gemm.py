@@ -267,8 +267,8 @@ def torch_grouped_mm(x, w, offs):
 # ----------------------------------------------------------------------------- problems
 
 
-def expert_counts(tokens: int, experts: int, top_k: int, skew: float = 0.0, seed: int = 0):
-    """Rows per expert after token-choice top-k of random router logits.
+def routed_experts(tokens: int, experts: int, top_k: int, skew: float = 0.0, seed: int = 0):
+    """The experts ``(tokens, top_k)`` token-choice top-k picks from random router logits, on the CPU.
 
     ``skew`` biases the router towards low-numbered experts (logit bias ``-skew * log(1 + e)``):
     0 gives near-uniform counts, 1 a heavily loaded few, as real routers do early in training.
@@ -277,8 +277,14 @@ def expert_counts(tokens: int, experts: int, top_k: int, skew: float = 0.0, seed
 
     g = torch.Generator().manual_seed(seed)
     bias = -skew * torch.log1p(torch.arange(experts, dtype=torch.float32))
-    chosen = (torch.randn(tokens, experts, generator=g) + bias).topk(top_k, dim=1).indices
-    return torch.bincount(chosen.flatten(), minlength=experts)
+    return (torch.randn(tokens, experts, generator=g) + bias).topk(top_k, dim=1).indices
+
+
+def expert_counts(tokens: int, experts: int, top_k: int, skew: float = 0.0, seed: int = 0):
+    """Rows per expert after :func:`routed_experts`."""
+    import torch
+
+    return torch.bincount(routed_experts(tokens, experts, top_k, skew, seed).flatten(), minlength=experts)
 
 
 @dataclass

@@ -151,14 +151,11 @@ def gather_bytes_saved(tokens: int, top_k: int, d: int) -> int:
 
 
 def example_routing(tokens: int, experts: int, top_k: int, skew: float = 0.0, seed: int = 0, device="cuda"):
-    """Top-k routing of random logits (``skew`` as in grouped_gemm.expert_counts), as
+    """Top-k routing of random logits (:func:`moe_course.grouped_gemm.routed_experts`), as
     ``(gather_idx, offs)`` on ``device``."""
-    import torch
+    from .grouped_gemm import routed_experts
 
-    g = torch.Generator().manual_seed(seed)
-    bias = -skew * torch.log1p(torch.arange(experts, dtype=torch.float32))
-    topk = (torch.randn(tokens, experts, generator=g) + bias).topk(top_k, dim=1).indices
-    gather_idx, offs = routing_order(topk, experts)
+    gather_idx, offs = routing_order(routed_experts(tokens, experts, top_k, skew, seed), experts)
     return gather_idx.to(device), offs.to(device)
 
 

@@ -211,6 +211,18 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], u64 desc_a, u6
 __device__ __forceinline__ void wgmma_m64k16(float (&d)[64], u64 a, u64 b) { wgmma_m64n128k16(d, a, b); }
 __device__ __forceinline__ void wgmma_m64k16(float (&d)[128], u64 a, u64 b) { wgmma_m64n256k16(d, a, b); }
 
+// One slice of 64 values along K: the warpgroup's batch of 4 x k16 wgmma on its A rows and the
+// B tile (both [rows][64] in the 128-byte swizzled layout; +32 bytes per k16 inside a row),
+// fenced and committed. The caller decides how long to let it run (wgmma_wait<N>).
+template <int NV>
+__device__ __forceinline__ void wgmma_slice(float (&acc)[NV], const bf16* a, const bf16* b) {
+    wgmma_fence();
+    wgmma_fence_operands(acc);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_m64k16(acc, wgmma_desc(a + kk * 16), wgmma_desc(b + kk * 16));
+    wgmma_commit();
+}
+
 // Accumulator fragment of m64nNk16: value v of thread t (in its warpgroup) sits at
 //     row = 16 * (t / 32) + (t % 32) / 4 + 8 * ((v / 2) % 2),   col = 8 * (v / 4) + 2 * (t % 4) + v % 2.
 // Store pairs of columns as bf16x2, rows past row_end skipped.

@@ -246,13 +246,7 @@ __device__ __forceinline__ void warp_specialized_grouped_gemm(const TmaDesc& map
                 mbar_wait(&full[s], parity);
                 if (tracer) trace_event(1, slice);
                 if (GATHER) fence_proxy_async();  // generic-proxy copies -> async-proxy reads
-                const bf16* a = slots[s].a + c * 64 * BK;
-                wgmma_fence();
-                wgmma_fence_operands(acc);
-#pragma unroll
-                for (int kk = 0; kk < BK / 16; ++kk)
-                    wgmma_m64k16(acc, wgmma_desc(a + kk * 16), wgmma_desc(slots[s].b + kk * 16));
-                wgmma_commit();
+                wgmma_slice(acc, slots[s].a + c * 64 * BK, slots[s].b);
                 // Wait for this slice's multiply and free its slot at once: the producer gets
                 // the slot one slice earlier than with wgmma_wait<1> (chapter 02), and the
                 // tensor cores do not idle meanwhile, since the other consumer warpgroup's

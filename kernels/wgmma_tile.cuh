@@ -74,13 +74,7 @@ __device__ __forceinline__ void wgmma_tile(float (&acc)[BN / 2], WgmmaStage* sta
         cp_async_commit();  // an empty group at the end keeps the wait count right
 
         const WgmmaStage& s = stages[kt % STAGES];
-        const bf16* a = s.a + warpgroup * 64 * BK;  // this warpgroup's 64 rows
-        wgmma_fence();
-        wgmma_fence_operands(acc);
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk)  // 4 x k16; +32 bytes inside the swizzled rows
-            wgmma_m64k16(acc, wgmma_desc(a + kk * 16), wgmma_desc(s.b + kk * 16));
-        wgmma_commit();
+        wgmma_slice(acc, s.a + warpgroup * 64 * BK, s.b);  // this warpgroup's 64 rows
         wgmma_wait<1>();  // slice kt-1's batch is done; slice kt's may run on
         wgmma_fence_operands(acc);
     }

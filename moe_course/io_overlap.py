@@ -112,6 +112,14 @@ def deinterleave(h):
     return h[..., 0::2], h[..., 1::2]
 
 
+def swiglu_of(h):
+    """``silu(gate) * up`` of an interleaved pre-activation ``h`` (what 03_4's epilogue writes)."""
+    import torch
+
+    gate, up = deinterleave(h)
+    return torch.nn.functional.silu(gate) * up
+
+
 # ----------------------------------------------------------------------------- references and baselines
 
 
@@ -124,11 +132,8 @@ def gather_reference(x, gather_idx, w, offs):
 
 def swiglu_reference(x, gather_idx, w_interleaved, offs):
     """float32 ``(a, h)`` as :func:`swiglu_grouped_gemm` computes them."""
-    import torch
-
     h = gather_reference(x, gather_idx, w_interleaved, offs)
-    gate, up = deinterleave(h)
-    return torch.nn.functional.silu(gate) * up, h
+    return swiglu_of(h), h
 
 
 def permute_then_gemm(x, gather_idx, w, offs, step: str = PLAIN):
@@ -139,9 +144,9 @@ def permute_then_gemm(x, gather_idx, w, offs, step: str = PLAIN):
 
 def permute_then_grouped_mm(x, gather_idx, w, offs):
     """The same with PyTorch only: index_select, then ``torch._grouped_mm``."""
-    import torch
+    from .grouped_gemm import torch_grouped_mm
 
-    return torch._grouped_mm(x.index_select(0, gather_idx), w.transpose(1, 2), offs=offs)
+    return torch_grouped_mm(x.index_select(0, gather_idx), w, offs)
 
 
 def gather_bytes_saved(tokens: int, top_k: int, d: int) -> int:
@@ -160,7 +165,7 @@ def example_routing(tokens: int, experts: int, top_k: int, skew: float = 0.0, se
 
 
 __all__ = ["GATHER", "SWIGLU", "PLAIN", "routing_order", "gather_grouped_gemm", "swiglu_grouped_gemm",
-           "interleave_gate_up", "deinterleave", "gather_reference", "swiglu_reference", "permute_then_gemm",
+           "interleave_gate_up", "deinterleave", "swiglu_of", "gather_reference", "swiglu_reference", "permute_then_gemm",
            "permute_then_grouped_mm", "gather_bytes_saved", "example_routing"]
 
 
@@ -296,13 +301,10 @@ def _measure_gather_shape(shape, T, d, n, E, K, seed, rounds) -> list[dict]:
     M = gather_idx.numel()
     flops = 2.0 * M * 2 * n * d
     ref = gather_reference(x, gather_idx, w, offs)
-    gate, up = deinterleave(ref)
-    ref_a = torch.nn.functional.silu(gate) * up
+    ref_a = swiglu_of(ref)
 
     def separate_swiglu():  # 03_3 then the activation as its own pass over H
-        h = gather_grouped_gemm(x, gather_idx, w, offs, validate=False)
-        gate, up = deinterleave(h)
-        return torch.nn.functional.silu(gate) * up
+        return swiglu_of(gather_grouped_gemm(x, gather_idx, w, offs, validate=False))
 
     impls = {
         "03_2 on pre-permuted rows": lambda: grouped_gemm(x_sorted, w, offs, step=PLAIN, validate=False),

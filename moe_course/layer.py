@@ -115,14 +115,9 @@ def _torch_weight_grad(dy, x, offs):
     return out
 
 
-def _swiglu_of(h):
-    gate, up = io_overlap.deinterleave(h)
-    return torch.nn.functional.silu(gate) * up
-
-
 def _torch_up(x, idx, w, offs):
     h = gg.torch_loop(x[idx.long()], w, offs)
-    return _swiglu_of(h), h
+    return io_overlap.swiglu_of(h), h
 
 
 TORCH_OPS = Ops(grouped=gg.torch_loop, gathered=lambda x, idx, w, offs: gg.torch_loop(x[idx.long()], w, offs),

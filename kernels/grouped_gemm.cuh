@@ -149,8 +149,10 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[N]) {
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// D[64 x 128] += A[64 x 16] * B[16 x 128]^T, A and B in shared memory (K-major, 128B swizzle).
+// D[64 x 128] += A[64 x 16] * B[16 x 128]^T, A and B in shared memory (K-major, 128B swizzle;
+// TRANS_A / TRANS_B = 1: that operand is MN-major instead, see wgmma_desc_mn).
 // d holds this thread's 64 fp32 accumulators in wgmma's fragment order.
+template <int TRANS_A = 0, int TRANS_B = 0>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], u64 desc_a, u64 desc_b) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
@@ -160,7 +162,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], u64 desc_a, u64
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
         "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        "}, %64, %65, p, 1, 1, %66, %67;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -169,11 +171,12 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], u64 desc_a, u64
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b));
+        : "l"(desc_a), "l"(desc_b), "n"(TRANS_A), "n"(TRANS_B));
 }
 
-// D[64 x 256] += A[64 x 16] * B[16 x 256]^T, A and B in shared memory (K-major, 128B swizzle).
+// D[64 x 256] += A[64 x 16] * B[16 x 256]^T, the same for 256 columns.
 // d holds this thread's 128 fp32 accumulators in wgmma's fragment order.
+template <int TRANS_A = 0, int TRANS_B = 0>
 __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], u64 desc_a, u64 desc_b) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
@@ -187,7 +190,7 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], u64 desc_a, u6
         "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
         "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"
         "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-        "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+        "}, %128, %129, p, 1, 1, %130, %131;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -204,12 +207,14 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], u64 desc_a, u6
           "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
           "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
           "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-        : "l"(desc_a), "l"(desc_b));
+        : "l"(desc_a), "l"(desc_b), "n"(TRANS_A), "n"(TRANS_B));
 }
 
 // One name for both widths: the accumulator array's size picks the instruction.
-__device__ __forceinline__ void wgmma_m64k16(float (&d)[64], u64 a, u64 b) { wgmma_m64n128k16(d, a, b); }
-__device__ __forceinline__ void wgmma_m64k16(float (&d)[128], u64 a, u64 b) { wgmma_m64n256k16(d, a, b); }
+template <int TRANS_B = 0>
+__device__ __forceinline__ void wgmma_m64k16(float (&d)[64], u64 a, u64 b) { wgmma_m64n128k16<0, TRANS_B>(d, a, b); }
+template <int TRANS_B = 0>
+__device__ __forceinline__ void wgmma_m64k16(float (&d)[128], u64 a, u64 b) { wgmma_m64n256k16<0, TRANS_B>(d, a, b); }
 
 // One slice of 64 values along K: the warpgroup's batch of 4 x k16 wgmma on its A rows and the
 // B tile (both [rows][64] in the 128-byte swizzled layout; +32 bytes per k16 inside a row),
@@ -220,6 +225,31 @@ __device__ __forceinline__ void wgmma_slice(float (&acc)[NV], const bf16* a, con
     wgmma_fence_operands(acc);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) wgmma_m64k16(acc, wgmma_desc(a + kk * 16), wgmma_desc(b + kk * 16));
+    wgmma_commit();
+}
+
+// The same slice with B stored MN-major (chapter 06: a weight kept as [E, K, N], N contiguous,
+// read without transposing it first). B's tile is then BN / 64 boxes, one per 64 columns of N,
+// each [64 rows of K][64 values of N] in the 128-byte swizzled layout (what a 64 x 64 TMA box of
+// the [E * K, N] matrix writes). Its descriptor (wgmma_desc_mn) says where the next 64 columns
+// of N start (the box size, 8 KB) and where the next 8 rows of K (1024 bytes); a k16 step moves
+// 16 rows down the box (2048 bytes), and the instruction's transpose bit for B is set.
+__device__ __forceinline__ u64 wgmma_desc_mn(const void* smem_tile, u32 mn_block_bytes) {
+    u64 addr = smem_addr(smem_tile);
+    u64 desc = (addr & 0x3FFFF) >> 4;
+    desc |= u64((mn_block_bytes & 0x3FFFF) >> 4) << 16;  // leading byte offset: the next 64 columns of N
+    desc |= u64(1024 >> 4) << 32;                         // stride byte offset: the next 8 rows of K
+    desc |= u64(1) << 62;                                 // 128-byte swizzle
+    return desc;
+}
+
+template <int NV>
+__device__ __forceinline__ void wgmma_slice_b_mn(float (&acc)[NV], const bf16* a, const bf16* b) {
+    wgmma_fence();
+    wgmma_fence_operands(acc);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+        wgmma_m64k16</*TRANS_B=*/1>(acc, wgmma_desc(a + kk * 16), wgmma_desc_mn(b + kk * 16 * 64, 64 * 64 * 2));
     wgmma_commit();
 }
 

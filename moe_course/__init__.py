@@ -23,6 +23,14 @@ One obvious place for each thing:
 - ``hardware``   GPU profiles (datasheet rates, prices) for ``benchmarks/throughput.py``
 - ``variants``   every implementation of the MoE layer in one registry, checked then timed
                  by ``benchmarks/bench_moe_variants.py``
+- ``tma``        TMA tensor maps for chapter 03's and 06's kernels (through cuda.bindings)
+- ``io_overlap`` chapter 03's kernels that take the layer's own inputs (gather, SwiGLU), and
+                 its pipeline measurements
+- ``layer``      the MoE layer on the course's kernels: inference ``forward``, and the
+                 trainable ``MoEFunction`` / ``CourseMoE`` (chapter 06), with the same maths in torch
+- ``layer_kernels``  host side of chapter 06's kernels (06_1 .. 06_4)
+- ``training``   chapter 06's measurements: the layer against the torch layers and SonicMoE,
+                 forward + backward time and memory, and a short training run
 """
 
 from pathlib import Path

@@ -1,21 +1,21 @@
 """The MoE layer built from the course's own kernels (chapters 03 and 06).
 
-Status (2026-11-29): :func:`forward` (inference) is checked and measured on the H200
-(``tests/test_layer.py``, ``bench_moe_variants.py``). The trainable layer below
-(:class:`MoEFunction`, :class:`CourseMoE`) is checked on the CPU against autograd in float64
-(``tests/test_layer_training.py``) with :data:`TORCH_OPS`; its :data:`KERNEL_OPS` path has not
-run on a GPU yet, and its weight gradients still use ``torch._grouped_mm`` (issue 7).
+:func:`forward` (inference) and :class:`MoEFunction` / :class:`CourseMoE` (training) share one
+plan, chapter 01's layer with every step on a course kernel where there is a Hopper GPU:
 
-:func:`forward` is chapter 01's layer (:func:`moe_course.moe.moe_forward` with the default
-``topk_softmax`` router) with its expert step replaced by two kernels of chapter 03:
+1. the router (softmax over the k largest logits) and the sort by expert, in torch;
+2. the up-projection with the token rows gathered inside the load and SwiGLU in the epilogue
+   (``kernels/03_4_swiglu.cu``): tokens in, ``A = silu(x W_gate) * (x W_up)`` out (and, for
+   training, the pre-activation ``H``), with no permuted copy of ``x`` and no activation pass;
+3. the down-projection on ``A`` (``kernels/06_1_transposed_b.cu``: ``W_down`` kept as
+   ``[E, n, d]``, chapter 01's layout);
+4. the combine: each token gathers its k rows and sums them, weighted (``06_4_combine.cu``,
+   no atomics);
 
-1. the up-projection with the token rows gathered inside the load and SwiGLU in the epilogue
-   (``kernels/03_4_swiglu.cu``): tokens in, activations ``A = silu(x W_gate) * (x W_up)`` out,
-   with no permuted copy of ``x`` and no separate activation pass;
-2. the down-projection on ``A`` (``kernels/03_2_warp_specialized.cu``);
-
-and the router and the combine in torch (the combine gathers each token's K rows and sums
-them: no atomics). The weights are prepared once by :func:`prepare` in the kernels' layout.
+and the backward (:class:`MoEFunction`) on ``06_2`` (the output gradient gathered, times
+``W_down^T``, with the SwiGLU backward in the epilogue), ``06_1`` (``dX``), ``06_3`` (the weight
+gradients) and ``06_4``. The weights are prepared once by :func:`prepare` in the kernels'
+layout. The same maths in plain torch (:data:`TORCH_OPS`) runs anywhere, the CPU included.
 """
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ from typing import NamedTuple
 
 import torch
 
-from . import grouped_gemm as gg
 from . import io_overlap, moe
 
 
 class KernelWeights(NamedTuple):
     """One layer's weights in the kernels' layout: ``w_router (d, E)``; ``w_gate_up
-    (E, 2n, d)``, the gate and up rows interleaved (03_4's SwiGLU epilogue); ``w_down (E, d, n)``
-    (``[E, N, K]``, like ``nn.Linear``'s weight)."""
+    (E, 2n, d)``, the gate and up rows interleaved (03_4's SwiGLU epilogue); ``w_down (E, n, d)``
+    (chapter 01's layout: 06_1 reads it transposed, 06_2 as it is)."""
     w_router: torch.Tensor
     w_gate_up: torch.Tensor
     w_down: torch.Tensor
@@ -43,101 +42,153 @@ def prepare(w: moe.MoEWeights, dtype=torch.bfloat16) -> KernelWeights:
     E, d, n = w.w_gate.shape
     gate_up = torch.stack((w.w_gate.transpose(1, 2), w.w_up.transpose(1, 2)), dim=2).reshape(E, 2 * n, d)
     cast = lambda t: (t if dtype is None else t.to(dtype)).contiguous()  # noqa: E731
-    return KernelWeights(w.w_router, cast(gate_up), cast(w.w_down.transpose(1, 2)))
+    return KernelWeights(w.w_router, cast(gate_up), cast(w.w_down))
 
 
 class Routing(NamedTuple):
-    """Top-k routing in the kernels' terms: ``weights``, ``experts`` ``(T, k)``; the sort
-    (:class:`moe_course.moe.Dispatch`); each sorted row's token and each expert's end row, int32."""
+    """Top-k routing in the kernels' terms: ``weights`` (fp32) and ``experts`` ``(T, k)``, each
+    token's; ``gather_idx`` ``(R,)``, the token of each expert-sorted row (within an expert, in
+    token order); ``offs`` ``(E,)``, each expert's end row; ``pos`` ``(T, k)``, where each
+    (token, slot) pair's row is; ``row_weights`` ``(R,)``, each row's routing weight. int32
+    indices (what the kernels take), ``experts`` int64."""
     weights: torch.Tensor
     experts: torch.Tensor
-    dispatch: moe.Dispatch
     gather_idx: torch.Tensor
     offs: torch.Tensor
+    pos: torch.Tensor
+    row_weights: torch.Tensor
 
 
 def route(x: torch.Tensor, w_router: torch.Tensor, k: int) -> Routing:
-    """Softmax over the k largest logits (:func:`moe_course.moe.topk_softmax`), rows sorted by expert."""
-    weights, experts = moe.topk_softmax(moe.router_logits(x, w_router), k)
-    d = moe.dispatch(experts, w_router.shape[1])
-    return Routing(weights, experts, d, d.token_of.to(torch.int32), d.offsets[1:].to(torch.int32))
+    """Softmax over the k largest logits (:func:`moe_course.moe.topk_softmax`), rows sorted by
+    expert. On a GPU the top-k and the sort are chapter 04's routing kernels
+    (:func:`moe_course.token_rounding.route_cuda`, plain top-K): no host synchronisation, where
+    torch's sort by expert needs one (``torch.bincount`` reads the counts back). Elsewhere, torch."""
+    logits = moe.router_logits(x, w_router).float()  # routers decide in float32
+    T, E = logits.shape
+    if logits.is_cuda:
+        return _route_on_gpu(logits, k)
+    weights, experts = moe.topk_softmax(logits, k)
+    d = moe.dispatch(experts, E)
+    i32 = torch.int32
+    return Routing(weights, experts, d.token_of.to(i32), d.offsets[1:].to(i32), d.inverse.view(T, k).to(i32),
+                   weights.reshape(-1)[d.order])
 
 
-def forward(x: torch.Tensor, kw: KernelWeights, k: int) -> torch.Tensor:
-    """``x (T, d)`` bf16 on a Hopper GPU -> ``y (T, d)``: top-k routing (softmax over the k
-    largest logits), then the two kernels, then the weighted combine."""
-    weights, _, d, gather_idx, offs = route(x, kw.w_router, k)
-    a, _ = io_overlap.swiglu_grouped_gemm(x, gather_idx, kw.w_gate_up, offs, store_h=False, validate=False)
-    y_sorted = gg.grouped_gemm(a, kw.w_down, offs, step=gg.BEST, validate=False)
-    return moe.combine(y_sorted, d, weights)
+def _route_on_gpu(logits: torch.Tensor, k: int) -> Routing:
+    from . import token_rounding as tr
+
+    T, E = logits.shape
+    r = tr.route_cuda(logits, k, method="top-K", validate=False)  # top-K adds no rows: exactly T k
+    R = T * k
+    token, expert = r.token_ids[:R], r.expert_ids[:R]
+    experts = r.topk.long()  # (T, k), best first
+    weights = logits.gather(1, experts).softmax(dim=-1)
+    # which of its token's k slots each row is, and so where each (token, slot) pair's row is
+    slot = (experts[token.long()] == expert[:, None].long()).int().argmax(dim=1)
+    pair = token.long() * k + slot
+    pos = torch.empty(R, device=logits.device, dtype=torch.int32)
+    pos[pair] = torch.arange(R, device=logits.device, dtype=torch.int32)
+    return Routing(weights, experts, token, r.ends, pos.view(T, k), weights.reshape(-1)[pair])
 
 
 # --------------------------------------------------------------------------------------------
-# Training: forward and backward as one torch.autograd.Function (chapter 06)
+# The products the layer needs, in two implementations: the course's kernels and plain torch
 #
-# What the forward keeps for the backward is what SonicMoE keeps: X, the pre-activation H and
-# the routing (the top-K weights and experts, the sorted order). Not the gathered X, not A, not
-# the expert outputs: the backward recomputes A from H, and gets each routing weight's gradient
-# as <dA', A> (below) instead of from the expert outputs.
-#
-# Notation, per sorted row r (token t = token_of[r], routing weight s_r):
-#   h_r = x_t W1[e]^T (gate and up interleaved), a_r = silu(g_r) * u_r, y_r = a_r W2[e]^T,
-#   out_t = sum_r s_r y_r.
+# Notation, per sorted row r (token t = gather_idx[r], expert e, routing weight s_r):
+#   h_r = x_t W1[e]^T (gate and up interleaved), a_r = silu(g_r) * u_r, y_r = a_r W2[e],
+#   out_t = sum over t's rows of s_r y_r            (W1 = w_gate_up [E, 2n, d], W2 = w_down [E, n, d])
 # Backward, given dout:
-#   dA'_r = dout_t W2[e]          (gathered up-projection's mirror: rows of dout gathered)
-#   ds_r  = <dA'_r, a_r>          (since <dout_t, y_r> = <dout_t W2[e], a_r>)
+#   dA'_r = dout_t W2[e]^T        (the up-projection's mirror: rows of dout gathered)
+#   ds_r  = <dA'_r, a_r>          (since <dout_t, y_r> = <dout_t W2[e]^T, a_r>)
 #   da_r  = s_r dA'_r;  dg = da * u * silu'(g);  du = da * silu(g)
 #   dX_t  = sum over t's rows of dh_r W1[e]       (a gather-sum: no atomics)
-#   dW1[e] = sum over e's rows of dh_r^T x_t;  dW2[e] = sum over e's rows of (s_r dout_t)^T a_r
-#   the router: ds -> the K top logits through their softmax -> dlogits -> dX, dW_router.
+#   dW1[e] = sum over e's rows of dh_r^T x_t;  dW2[e] = sum over e's rows of (s_r a_r)^T dout_t
+#   the router: ds -> the k top logits through their softmax -> dlogits -> dX, dW_router.
 
 
 class Ops(NamedTuple):
-    """The grouped products the layer needs, in one implementation.
-
-    ``grouped(x, w, offs)``: rows of expert e times ``w[e]^T`` (``w [E, N, K]``);
-    ``gathered(x, idx, w, offs)``: the same on rows ``x[idx]``, without writing them;
-    ``up(x, idx, w_gate_up, offs)``: ``(a, h)``, the gathered up-projection and its SwiGLU;
-    ``weight_grad(dy, x, offs)``: ``dW[e] = dy_e^T x_e``, ``[E, N, K]`` (a sum over e's rows).
-    """
-    grouped: object
-    gathered: object
+    """``up(x, idx, w_gate_up, offs)``: ``(a, h)``, the gathered up-projection and its SwiGLU;
+    ``times_w(x, w, offs)``: rows of expert e times ``w[e]`` (``w [E, K, N]``);
+    ``dswiglu(dout, idx, w_down, h, s, offs)``: ``(dh, s * a, ds)`` (above);
+    ``weight_grad(dy, x, idx, offs)``: ``dW[e] = dy_e^T x[idx]_e``, ``[E, N, K]``;
+    ``combine(rows, pos, weights)``: ``out_t = sum_j weights[t, j] rows[pos[t, j]]`` (None: ones)."""
     up: object
+    times_w: object
+    dswiglu: object
     weight_grad: object
+    combine: object
 
 
-def _torch_weight_grad(dy, x, offs):
-    out = dy.new_zeros(offs.numel(), dy.shape[1], x.shape[1])
-    b = [0] + offs.tolist()  # the loop's one host sync
-    for e in range(offs.numel()):
-        if b[e + 1] > b[e]:
-            out[e] = dy[b[e]:b[e + 1]].T @ x[b[e]:b[e + 1]]
+def _per_expert(offs, fn):
+    """Call ``fn(e, lo, hi)`` for every expert with rows: the torch ops' one host sync."""
+    lo = 0
+    for e, hi in enumerate(offs.tolist()):
+        if hi > lo:
+            fn(e, lo, hi)
+        lo = hi
+
+
+def _torch_times_w(x, w, offs):
+    out = x.new_zeros(x.shape[0], w.shape[2])
+    _per_expert(offs, lambda e, lo, hi: out[lo:hi].copy_(x[lo:hi] @ w[e]))
     return out
 
 
 def _torch_up(x, idx, w, offs):
-    h = gg.torch_loop(x[idx.long()], w, offs)
+    xs = x[idx.long()]
+    h = xs.new_zeros(xs.shape[0], w.shape[1])
+    _per_expert(offs, lambda e, lo, hi: h[lo:hi].copy_(xs[lo:hi] @ w[e].T))
     return io_overlap.swiglu_of(h), h
 
 
-TORCH_OPS = Ops(grouped=gg.torch_loop, gathered=lambda x, idx, w, offs: gg.torch_loop(x[idx.long()], w, offs),
-                up=_torch_up, weight_grad=_torch_weight_grad)
+def _torch_dswiglu(dout, idx, w_down, h, s, offs):
+    acc = torch.promote_types(dout.dtype, torch.float32)  # bf16 in, fp32 for the elementwise maths
+    douts = dout[idx.long()].to(acc)
+    da_raw = douts.new_zeros(douts.shape[0], w_down.shape[1])
+    _per_expert(offs, lambda e, lo, hi: da_raw[lo:hi].copy_(douts[lo:hi] @ w_down[e].to(acc).T))
+    gate, up = (t.to(acc) for t in io_overlap.deinterleave(h))
+    sig = torch.sigmoid(gate)
+    silu_g = gate * sig
+    a = silu_g * up  # recomputed from H, never kept
+    s = s.to(acc)[:, None]
+    da = da_raw * s
+    dh = torch.stack((da * up * sig * (1 + gate * (1 - sig)), da * silu_g), dim=-1).reshape(h.shape)
+    return dh.to(h.dtype), (s * a).to(h.dtype), (da_raw * a).sum(-1)
 
 
-def _grouped_mm_weight_grad(dy, x, offs):
-    """On the GPU for now: torch._grouped_mm's ragged-K form (one [N, K] product per expert,
-    summed over its rows). The course's own kernel for it is still to come (issue 7)."""
-    if not x.is_cuda or not hasattr(torch, "_grouped_mm"):
-        return _torch_weight_grad(dy, x, offs)
-    return torch._grouped_mm(dy.t(), x, offs=offs)
+def _torch_weight_grad(dy, x, idx, offs):
+    xs = x[idx.long()] if idx is not None else x
+    out = dy.new_zeros(offs.numel(), dy.shape[1], x.shape[1])
+    _per_expert(offs, lambda e, lo, hi: out[e].copy_(dy[lo:hi].T @ xs[lo:hi]))
+    return out
 
 
-KERNEL_OPS = Ops(
-    grouped=lambda x, w, offs: gg.grouped_gemm(x, w, offs, step=gg.BEST, validate=False),
-    gathered=lambda x, idx, w, offs: io_overlap.gather_grouped_gemm(x, idx, w, offs, validate=False),
-    up=lambda x, idx, w, offs: io_overlap.swiglu_grouped_gemm(x, idx, w, offs, store_h=True, validate=False),
-    weight_grad=_grouped_mm_weight_grad,
-)
+def _torch_combine(rows, pos, weights):
+    acc = torch.promote_types(rows.dtype, torch.float32)
+    picked = rows.to(acc)[pos.long()]  # (T, k, d)
+    summed = picked.sum(1) if weights is None else torch.einsum("tk,tkd->td", weights.to(acc), picked)
+    return summed.to(rows.dtype)
+
+
+TORCH_OPS = Ops(up=_torch_up, times_w=_torch_times_w, dswiglu=_torch_dswiglu, weight_grad=_torch_weight_grad,
+                combine=_torch_combine)
+
+
+def _kernel_ops() -> Ops:
+    from . import layer_kernels as lk
+
+    return Ops(
+        up=lambda x, idx, w, offs: io_overlap.swiglu_grouped_gemm(x, idx, w, offs, store_h=True, validate=False),
+        times_w=lambda x, w, offs: lk.transposed_b_grouped_gemm(x, w, offs, validate=False),
+        dswiglu=lambda dout, idx, w, h, s, offs: lk.dswiglu_grouped_gemm(dout, idx, w, h, s.contiguous(), offs,
+                                                                        validate=False),
+        weight_grad=lambda dy, x, idx, offs: lk.weight_grad(dy, x, idx, offs, validate=False),
+        combine=lambda rows, pos, weights: lk.combine(rows, pos, weights, validate=False),
+    )
+
+
+KERNEL_OPS = _kernel_ops()
 
 
 def kernels_unavailable(x, d: int, n: int) -> str | None:
@@ -151,66 +202,71 @@ def kernels_unavailable(x, d: int, n: int) -> str | None:
         return f"chapter 03's kernels need a Hopper GPU (sm_90a); this one is {m.compute_capability}"
     if x.dtype != torch.bfloat16:
         return f"the kernels take bf16, got {x.dtype}"
-    if d % 256 or n % 256:  # every product's N (2n, d, n, d) a multiple of 256, every K of 64
+    if d % 256 or n % 256:  # every product's N (2n, d, n) a multiple of 256 or 128, every K of 256
         return f"the kernels need d and n to be multiples of 256; got d={d}, n={n}"
     return None
+
+
+def forward(x: torch.Tensor, kw: KernelWeights, k: int) -> torch.Tensor:
+    """``x (T, d)`` bf16 on a Hopper GPU -> ``y (T, d)``, inference only (nothing kept):
+    top-k routing, the two kernels, then the weighted combine."""
+    r = route(x, kw.w_router, k)
+    a, _ = io_overlap.swiglu_grouped_gemm(x, r.gather_idx, kw.w_gate_up, r.offs, store_h=False, validate=False)
+    return KERNEL_OPS.combine(KERNEL_OPS.times_w(a, kw.w_down, r.offs), r.pos, r.weights)
+
+
+# --------------------------------------------------------------------------------------------
+# Training: forward and backward as one torch.autograd.Function (chapter 06)
+#
+# What the forward keeps for the backward is what SonicMoE keeps: X, the pre-activation H and
+# the routing (the top-k weights and experts, the sorted order). Not the gathered X, not A, not
+# the expert outputs: the backward recomputes A from H, and gets each routing weight's gradient
+# as <dA', A> (above) instead of from the expert outputs.
 
 
 class MoEFunction(torch.autograd.Function):
     """``out = MoEFunction.apply(x, w_router, w_gate_up, w_down, k, ops)``: top-k routing
     (softmax over the k largest logits), SwiGLU experts, weighted combine; ``w_gate_up`` is
-    ``[E, 2n, d]`` interleaved, ``w_down`` ``[E, d, n]`` (:class:`KernelWeights`'s layout)."""
+    ``[E, 2n, d]`` interleaved, ``w_down`` ``[E, n, d]`` (:class:`KernelWeights`'s layout)."""
 
     @staticmethod
     def forward(ctx, x, w_router, w_gate_up, w_down, k: int, ops: Ops):
-        weights, experts, d, gather_idx, offs = route(x, w_router, k)  # weights fp32, experts int64
-        a, h = ops.up(x, gather_idx, w_gate_up, offs)
-        y_sorted = ops.grouped(a, w_down, offs)
-        out = moe.combine(y_sorted, d, weights)
+        r = route(x, w_router, k)
+        a, h = ops.up(x, r.gather_idx, w_gate_up, r.offs)
+        out = ops.combine(ops.times_w(a, w_down, r.offs), r.pos, r.weights)
         # activations: X, H and the routing; the weights are kept anyway (they are parameters)
-        ctx.save_for_backward(x, h, weights, experts, d.order, d.inverse, gather_idx, offs,
+        ctx.save_for_backward(x, h, r.weights, r.experts, r.row_weights, r.pos, r.gather_idx, r.offs,
                               w_router, w_gate_up, w_down)
-        ctx.k, ctx.ops = k, ops
+        ctx.ops = ops
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, h, weights, experts, order, inverse, gather_idx, offs, w_router, w_gate_up, w_down = ctx.saved_tensors
-        ops, k = ctx.ops, ctx.k
-        T, R = x.shape[0], gather_idx.numel()
+        x, h, weights, experts, s, pos, gather_idx, offs, w_router, w_gate_up, w_down = ctx.saved_tensors
+        ops = ctx.ops
         dout = dout.contiguous().to(x.dtype)
-        acc = torch.promote_types(x.dtype, torch.float32)  # bf16 in, fp32 for the elementwise maths
-        s = weights.reshape(-1)[order].to(acc)  # the routing weight of each sorted row
+        acc = torch.promote_types(x.dtype, torch.float32)
+        s = s.to(acc)  # the routing weight of each sorted row
 
-        # dA' = dout[token] W2[e]: W2 as [E, n, d] for the kernels' [E, N, K]
-        da_raw = ops.gathered(dout, gather_idx, w_down.transpose(1, 2).contiguous(), offs).to(acc)
-        gate, up = (t.to(acc) for t in io_overlap.deinterleave(h))
-        sig = torch.sigmoid(gate)
-        silu_g = gate * sig
-        a = silu_g * up  # recomputed from H, never kept
-        ds = (da_raw * a).sum(-1)  # (R,)
-        da = da_raw * s[:, None]
-        dgate = da * up * sig * (1 + gate * (1 - sig))
-        dup = da * silu_g
-        dh = torch.stack((dgate, dup), dim=-1).reshape(R, -1).to(x.dtype)  # interleaved like H
-
-        # dX through the experts: dh W1[e] (W1 as [E, d, 2n]), then each token's K rows summed
-        dx_rows = ops.grouped(dh, w_gate_up.transpose(1, 2).contiguous(), offs)
-        dx = dx_rows[inverse].view(T, k, -1).to(acc).sum(1)
-        # weight gradients, summed over each expert's rows
-        dw_gate_up = ops.weight_grad(dh, x[gather_idx.long()], offs)
-        dy_rows = (dout[gather_idx.long()].to(acc) * s[:, None]).to(x.dtype)
-        dw_down = ops.weight_grad(dy_rows, a.to(x.dtype), offs)
+        # in an order that lets each temporary go as soon as its last use is done
+        dh, sa, ds = ops.dswiglu(dout, gather_idx, w_down, h, s, offs)
+        dw_down = ops.weight_grad(sa, dout, gather_idx, offs)
+        del sa
+        dx = ops.combine(ops.times_w(dh, w_gate_up, offs), pos, None)  # dh W1[e], each token's k rows summed
+        dw_gate_up = ops.weight_grad(dh, x, gather_idx, offs)
+        del dh
         # the router: ds -> the softmax over the k top logits -> all E logits
-        ds_pairs = ds[inverse].view(T, k)
+        ds_pairs = ds.to(acc)[pos.long()]
         w_top = weights.to(acc)
         dtop = w_top * (ds_pairs - (w_top * ds_pairs).sum(-1, keepdim=True))
-        dlogits = torch.zeros(T, w_router.shape[1], device=x.device, dtype=acc)
+        dlogits = torch.zeros(x.shape[0], w_router.shape[1], device=x.device, dtype=acc)
         dlogits.scatter_(1, experts, dtop)
-        dx = dx + dlogits @ w_router.to(acc).T
-        dw_router = x.to(acc).T @ dlogits
-        return (dx.to(x.dtype), dw_router.to(w_router.dtype), dw_gate_up.to(w_gate_up.dtype),
-                dw_down.to(w_down.dtype), None, None)
+        # the router's two products in the layer's dtype, as autograd does them for x @ w_router
+        # (in float32 they cost a copy of x in float32 and two slow GEMMs: 0.6 ms of Qwen3's 8)
+        dlogits = dlogits.to(x.dtype)
+        dx = torch.addmm(dx, dlogits, w_router.to(x.dtype).T)
+        dw_router = x.T @ dlogits
+        return (dx, dw_router.to(w_router.dtype), dw_gate_up.to(w_gate_up.dtype), dw_down.to(w_down.dtype), None, None)
 
 
 class CourseMoE(torch.nn.Module):
@@ -232,8 +288,12 @@ class CourseMoE(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        self.why_torch = kernels_unavailable(x2, self.w_gate_up.shape[2], self.w_down.shape[2])
+        self.why_torch = kernels_unavailable(x2, self.w_gate_up.shape[2], self.w_down.shape[1])
         self.backend = "torch" if self.why_torch else "kernels"
         ops = TORCH_OPS if self.why_torch else KERNEL_OPS
         y = MoEFunction.apply(x2, self.w_router, self.w_gate_up, self.w_down, self.k, ops)
         return y.reshape(*lead, -1)
+
+    def extra_repr(self) -> str:
+        E, two_n, d = self.w_gate_up.shape
+        return f"d_model={d}, d_hidden={two_n // 2}, num_experts={E}, k={self.k}"

@@ -47,6 +47,7 @@ def _encode(address: int, rows: int, cols: int, box_rows: int):
     (err,) = cu.cuInit(0)
     if err != cu.CUresult.CUDA_SUCCESS:
         raise RuntimeError(f"cuInit failed: {err}")
+    _make_context_current(cu)
     err, tmap = cu.cuTensorMapEncodeTiled(
         cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         2,
@@ -64,3 +65,22 @@ def _encode(address: int, rows: int, cols: int, box_rows: int):
         raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err}) for a [{rows}, {cols}] bf16 matrix, "
                            f"box {box_rows} x {BOX_COLS}")
     return np.array(tmap.opaque, dtype=np.uint64).view(np.dtype((np.void, 128)))[0]
+
+
+def _make_context_current(cu) -> None:
+    """The driver encodes a tensor map only with a context current in the calling thread. The
+    CUDA runtime (torch, CuPy) makes the device's primary context current in a thread at its first
+    call there; autograd runs a layer's backward in a thread of its own, where a tensor map can be
+    the first thing asked for. So: make the primary context current if nothing is."""
+    import torch
+
+    err, ctx = cu.cuCtxGetCurrent()
+    if err == cu.CUresult.CUDA_SUCCESS and int(ctx) != 0:
+        return
+    err, dev = cu.cuDeviceGet(torch.cuda.current_device())
+    if err == cu.CUresult.CUDA_SUCCESS:
+        err, ctx = cu.cuDevicePrimaryCtxRetain(dev)
+    if err == cu.CUresult.CUDA_SUCCESS:
+        (err,) = cu.cuCtxSetCurrent(ctx)
+    if err != cu.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"no CUDA context for the tensor map, and making the primary one current failed: {err}")

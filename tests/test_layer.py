@@ -14,16 +14,16 @@ def weights(d, n, E, seed=0, device="cpu"):
     return moe.random_weights(d, n, E, dtype=torch.float32, device=device, generator=g)
 
 
-def test_prepare_interleaves_gate_and_up_and_transposes_down():
+def test_prepare_interleaves_gate_and_up_and_keeps_down():
     w = weights(64, 32, 3)
     kw = layer.prepare(w)
-    assert kw.w_gate_up.shape == (3, 64, 64) and kw.w_down.shape == (3, 64, 32)
+    assert kw.w_gate_up.shape == (3, 64, 64) and kw.w_down.shape == (3, 32, 64)
     assert kw.w_gate_up.dtype == torch.bfloat16 and kw.w_gate_up.is_contiguous()
     assert torch.equal(kw.w_gate_up[:, 0::2], w.w_gate.transpose(1, 2).bfloat16())
     assert torch.equal(kw.w_gate_up[:, 1::2], w.w_up.transpose(1, 2).bfloat16())
     stacked = torch.cat([w.w_gate.transpose(1, 2), w.w_up.transpose(1, 2)], dim=1).bfloat16()
     assert torch.equal(kw.w_gate_up, io.interleave_gate_up(stacked))  # the same layout, two ways
-    assert torch.equal(kw.w_down, w.w_down.transpose(1, 2).bfloat16())
+    assert torch.equal(kw.w_down, w.w_down.bfloat16())
 
 
 @pytest.mark.gpu

@@ -6,7 +6,7 @@ forward and backward against the torch implementation of the same maths."""
 import pytest
 import torch
 
-from moe_course import layer, moe
+from moe_course import layer, moe, training
 
 CASES = {  # (T, d, n, E, k, router bias towards expert 0)
     "ragged": (50, 16, 8, 5, 2, 0.0),
@@ -17,31 +17,10 @@ CASES = {  # (T, d, n, E, k, router bias towards expert 0)
 
 
 def reference_and_ours(T, d, n, E, k, bias, ops=layer.TORCH_OPS, seed=0):
-    """Gradients of <g, out> with respect to x and every weight, by autograd through
-    moe.moe_forward (reference) and by MoEFunction (ours), in float64; ours mapped back to
-    chapter 01's layouts."""
-    g = torch.Generator().manual_seed(seed)
-    w = moe.random_weights(d, n, E, dtype=torch.float64, generator=g)
-    x = torch.randn(T, d, dtype=torch.float64, generator=g)
-    x[:, 0] = 1.0
-    w.w_router[0] += bias * torch.linspace(1, 0, E, dtype=torch.float64)
-    grad_out = torch.randn(T, d, dtype=torch.float64, generator=g)
-
-    ref = [t.clone().requires_grad_() for t in (x, *w)]
-    moe.moe_forward(ref[0], moe.MoEWeights(*ref[1:]), k).y.backward(grad_out)
-    kw = layer.prepare(w, dtype=None)
-    ours = [t.clone().requires_grad_() for t in (x, *kw)]
-    out = layer.MoEFunction.apply(*ours, k, ops)
-    out.backward(grad_out)
-    dx, dr, dgu, dd = (t.grad for t in ours)
-    mine = {"x": dx, "w_router": dr, "w_gate": dgu[:, 0::2].transpose(1, 2), "w_up": dgu[:, 1::2].transpose(1, 2),
-            "w_down": dd.transpose(1, 2)}
-    theirs = dict(zip(["x", "w_router", "w_gate", "w_up", "w_down"], (t.grad for t in ref)))
-    return mine, theirs
+    return training.float64_gradients(T, d, n, E, k, router_bias=bias, seed=seed, ops=ops)
 
 
-def max_rel_errors(mine, theirs):
-    return {k: float((mine[k] - theirs[k]).abs().max() / theirs[k].abs().max().clamp_min(1e-30)) for k in mine}
+max_rel_errors = training.max_rel_errors
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -54,8 +33,8 @@ def test_backward_matches_autograd_in_float64(case):
 
 
 def test_a_wrong_backward_fails_the_check():
-    broken = layer.Ops(grouped=layer.TORCH_OPS.grouped, gathered=layer.TORCH_OPS.gathered, up=layer.TORCH_OPS.up,
-                       weight_grad=lambda dy, x, offs: layer.TORCH_OPS.weight_grad(dy, x, offs) * 0.99)
+    broken = layer.TORCH_OPS._replace(
+        weight_grad=lambda dy, x, idx, offs: layer.TORCH_OPS.weight_grad(dy, x, idx, offs) * 0.99)
     errors = max_rel_errors(*reference_and_ours(*CASES["ragged"], ops=broken))
     assert errors["w_gate"] > 1e-3 and errors["w_down"] > 1e-3
 
@@ -76,7 +55,8 @@ def test_the_forward_keeps_x_h_and_the_routing_only():
     activations = [t for t in saved if not any(t is p for p in params)]
     R = T * k
     shapes = sorted(tuple(t.shape) for t in activations)
-    assert shapes == sorted([(T, d), (R, 2 * n), (T, k), (T, k), (R,), (R,), (R,), (E,)]), shapes
+    # x, h; the top-k weights, experts and each pair's sorted row; the sort order, each row's token; offsets
+    assert shapes == sorted([(T, d), (R, 2 * n), (T, k), (T, k), (T, k), (R,), (R,), (E,)]), shapes
     assert not any(t.shape in {(R, d), (R, n)} for t in activations)  # no gathered X, no A, no expert outputs
     out.sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in params)
@@ -102,21 +82,39 @@ def test_course_moe_trains_on_the_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,E,k", [(1000, 8, 2), (777, 16, 4)])
-def test_kernels_match_the_torch_maths_on_the_gpu(T, E, k):
-    d, n = 256, 256
+@pytest.mark.parametrize("T,d,n,E,k,bias", [
+    (1000, 256, 256, 8, 2, 0.0),  # ragged counts
+    (777, 512, 512, 16, 4, 0.0),  # two N-tiles of dA' per row: ds in two shares
+    (300, 256, 256, 64, 2, 0.0),  # experts with no tokens
+    (200, 256, 256, 4, 1, 100.0),  # one expert takes all
+])
+def test_kernels_match_the_torch_maths_on_the_gpu(T, d, n, E, k, bias):
+    """Output and all five gradients, kernels in bf16 against the same maths in float32. The
+    router sees logits that are small integers (w_router picks a permutation of 0..E-1 out of
+    x's first E features), exact in bf16 and float32 alike, so both pick the same experts."""
     torch.manual_seed(T)
-    w = [t.cuda() for t in layer.prepare(moe.random_weights(d, n, E), dtype=torch.bfloat16)]
-    w[0] = w[0].bfloat16()
+    w = layer.prepare(moe.random_weights(d, n, E, device="cuda"), dtype=torch.bfloat16)
+    w_router = torch.zeros(d, E, device="cuda", dtype=torch.bfloat16)
+    w_router[:E] = torch.eye(E, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(T, d, device="cuda").bfloat16()
+    x[:, :E] = torch.argsort(torch.rand(T, E, device="cuda"), dim=1).bfloat16()
+    x[:, 0] += bias
     grad_out = torch.randn(T, d, device="cuda").bfloat16()
     assert layer.kernels_unavailable(x, d, n) is None
     results = {}
     for name, ops in (("kernels", layer.KERNEL_OPS), ("torch", layer.TORCH_OPS)):
-        ins = [t.clone().float().requires_grad_() if name == "torch" else t.clone().requires_grad_() for t in (x, *w)]
+        ins = [t.clone().requires_grad_() for t in (x, w_router, w.w_gate_up, w.w_down)]
+        if name == "torch":
+            ins = [t.detach().float().requires_grad_() for t in ins]
         out = layer.MoEFunction.apply(*ins, k, ops)
         out.backward(grad_out.to(out.dtype))
         results[name] = [out.detach().float()] + [t.grad.float() for t in ins]
     for label, a, b in zip(["out", "x", "w_router", "w_gate_up", "w_down"], results["kernels"], results["torch"]):
+        assert torch.isfinite(a).all(), label
+        if b.norm() == 0:  # k = 1: the one weight is always 1, so the router gets no gradient
+            assert a.norm() == 0, label
+            continue
         err = float((a - b).norm() / b.norm())
         assert err < 2e-2, (label, err)
+    if bias:
+        assert torch.all(layer.route(x, w_router, k).experts == 0), "meant: one expert takes every token"

@@ -31,6 +31,8 @@ CHAPTERS = [
     Expect("notebooks/02_grouped_gemm.ipynb", plots=3),
     Expect("notebooks/03_io_overlap.ipynb", plots=5),
     Expect("notebooks/04_token_rounding.ipynb", plots=2, control=Control("slider", "router skew")),
+    Expect("notebooks/05_sonicmoe.ipynb", plots=1),
+    Expect("notebooks/06_full_moe_layer.ipynb", plots=3),
 ]
 
 

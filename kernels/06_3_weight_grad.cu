@@ -1,0 +1,125 @@
+// 06_3_weight_grad.cu: chapter 06, step 3: the weight gradients of an MoE layer, a grouped
+// GEMM whose reduction runs over each expert's rows (a ragged K, where 02-03 had a ragged M):
+//     dW[e] = sum over rows r of expert e of  dY[r]^T (outer) X[src(r)]        dW [E, N, K]
+// dY: [R, N] rows sorted by expert; X: [R, K] (src(r) = r) or, gathered, the token matrix
+// [T, K] with src(r) = gather_idx[r]. The layer calls it twice, gathering both times:
+//     dW_gate_up[e] = dH_e^T x_gathered          (dY = dH, X = the layer's input)
+//     dW_down[e]    = (s A)_e^T dout_gathered    (dY = s * A from 06_2, X = the output gradient)
+// so neither the gathered input nor the gathered output gradient is ever written.
+//
+// Both operands are stored with the reduction index (the row r) as the slow dimension: in
+// wgmma's words they are MN-major, not K-major. wgmma reads MN-major tiles from shared memory
+// when its transpose bits are set; the 128-byte swizzled layout is then [r][64 values of N]
+// per box, which is exactly what a TMA box of dY (64 columns x 64 rows) writes.
+//
+// Tile: 128 (N) x 256 (K) of one expert's dW; consumer warpgroup c owns N rows 64c..64c+63.
+// Reduction: the expert's rows in slices of 64. dY's slice comes by TMA (rows past the expert's
+// end are the next expert's: harmless, because X's rows there are zero); X's slice by cp.async
+// (gathered or not), zero-filled past the expert's end.
+//
+// Epilogue: the 128 x 256 tile of dW leaves through shared memory like chapter 03's
+// (store_tile_staged in warp_specialized.cuh, which also gives BM = 128 rows of N and BN = 256
+// columns of K per tile, STAGES, THREADS and the register split).
+#include "warp_specialized.cuh"
+
+#define BR 64  // rows reduced per slice
+
+struct __align__(1024) WgSlot {
+    bf16 dy[2][BR * 64];  // [box: N columns 0-63 / 64-127][r][64], from TMA
+    bf16 x[4][BR * 64];   // [box: K columns 64 each][r][64], from cp.async
+};
+
+// Tiles: for each expert, (N / BM) x (K / BN) tiles, numbered expert-major.
+__device__ __forceinline__ void wg_tile(int t, int n_tiles, int k_tiles, int& e, int& n, int& k) {
+    e = t / (n_tiles * k_tiles);
+    const int i = t % (n_tiles * k_tiles);
+    n = i / k_tiles;
+    k = i % k_tiles;
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+weight_grad_grouped_gemm(const __grid_constant__ TmaDesc map_dy, const bf16* __restrict__ X,
+                         const int* __restrict__ gather_idx,  // nullptr: X's rows are the sorted rows
+                         bf16* __restrict__ dW, const int* __restrict__ offs, int E, int R, int N, int K,
+                         int x_rows) {
+    const Ring<WgSlot> ring = make_ring<WgSlot>(1 + 128);  // expect_tx + each producer thread's cp.async
+    WgSlot* slots = ring.slots;
+    Staging* staging = ring.staging;
+    u64 *full = ring.full, *empty = ring.empty;
+    const int warpgroup = threadIdx.x / 128, lane = threadIdx.x % 32;
+    const int n_tiles = N / BM, k_tiles = K / BN, total = E * n_tiles * k_tiles;
+
+    if (warpgroup == 0) {  // producer: dY by TMA (thread 0), X by cp.async (all 128)
+        setmaxnreg_dec<PRODUCER_REGS>();
+        const int t128 = threadIdx.x;
+        int s = 0, parity = 0;
+        for (int t = blockIdx.x; t < total; t += gridDim.x) {
+            int e, n, k, start, end;
+            wg_tile(t, n_tiles, k_tiles, e, n, k);
+            expert_rows(offs, e, R, start, end);
+            // X: 64 rows x 256 columns = 4 boxes x 8 chunks of 16 bytes per row. Thread t copies
+            // chunk t % 32 of rows t / 32, + 4, + 8, ...: a warp reads one row's 512 bytes.
+            // Which token each row comes from is a load from gather_idx, and a copy cannot start
+            // before it returns; so a slice's 16 indices of a warp are fetched one slice early
+            // (lane i holds row t / 32 + 4i's, passed round by shuffles) and their latency hides
+            // behind the wait for a free slot. (Fetched in the loop itself, the producer stalled
+            // on them every slice: 2.3x slower, measured on the H200.)
+            const int box = (t128 % 32) / 8, chunk = t128 % 8, warp = t128 / 32, lane16 = lane % 16;
+            const bf16* x_col = X + k * BN + box * 64 + chunk * 8;
+            auto source_row = [&](int r0) {
+                const int row = r0 + warp + 4 * lane16;
+                return row < end ? (gather_idx ? __ldg(&gather_idx[row]) : row) : -1;
+            };
+            int src_now = source_row(start);
+            for (int r0 = start; r0 < end; r0 += BR) {
+                const int src_next = r0 + BR < end ? source_row(r0 + BR) : -1;  // in flight during the wait
+                mbar_wait(&empty[s], parity ^ 1);
+                if (t128 == 0) {
+                    mbar_arrive_expect_tx(&full[s], 2 * BR * 64 * 2);
+                    tma_load_2d(slots[s].dy[0], map_dy, n * BM, r0, &full[s]);
+                    tma_load_2d(slots[s].dy[1], map_dy, n * BM + 64, r0, &full[s]);
+                }
+#pragma unroll
+                for (int i = 0; i < BR / 4; ++i) {
+                    const int r = warp + 4 * i, src = __shfl_sync(0xffffffffu, src_now, i);
+                    const bool valid = (unsigned)src < (unsigned)x_rows;
+                    cp_async_16(&slots[s].x[box][swizzle_128b(r, chunk) * 8], x_col + (size_t)(valid ? src : 0) * K, valid);
+                }
+                cp_async_mbar_arrive(&full[s]);
+                src_now = src_next;
+                if (++s == STAGES) s = 0, parity ^= 1;
+            }
+        }
+    } else {  // consumers
+        setmaxnreg_inc<CONSUMER_REGS>();
+        const int c = warpgroup - 1;
+        int s = 0, parity = 0;
+        for (int t = blockIdx.x; t < total; t += gridDim.x) {
+            int e, n, k, start, end;
+            wg_tile(t, n_tiles, k_tiles, e, n, k);
+            expert_rows(offs, e, R, start, end);
+            float acc[BN / 2];
+#pragma unroll
+            for (int v = 0; v < BN / 2; ++v) acc[v] = 0.0f;
+            for (int r0 = start; r0 < end; r0 += BR) {
+                mbar_wait(&full[s], parity);
+                fence_proxy_async();  // X came by cp.async (generic proxy)
+                wgmma_fence();
+                wgmma_fence_operands(acc);
+#pragma unroll
+                for (int kk = 0; kk < BR / 16; ++kk)  // 16 rows of the reduction = 16 x 128 B further
+                    wgmma_m64n256k16</*TRANS_A=*/1, /*TRANS_B=*/1>(acc, wgmma_desc_mn(slots[s].dy[c] + kk * 16 * 64, 0),
+                                                                   wgmma_desc_mn(slots[s].x[0] + kk * 16 * 64, BR * 64 * 2));
+                wgmma_commit();
+                // As in chapter 03: wait for the batch and free its slot at once. (Keeping one
+                // batch running while the next is issued measured the same here, within 2%.)
+                wgmma_wait<0>();
+                wgmma_fence_operands(acc);
+                if (lane == 0) mbar_arrive(&empty[s]);
+                if (++s == STAGES) s = 0, parity ^= 1;
+            }
+            // dW[e][n*128 + 64c + row][k*256 + col]: rows of the tile are N, columns K
+            store_tile_staged(acc, staging[c], c, dW + (size_t)e * N * K, K, n * BM + 64 * c, N, k * BN);
+        }
+    }
+}

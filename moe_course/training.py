@@ -1,0 +1,401 @@
+"""Chapter 06's measurements: the whole MoE layer, forward and backward, against what a learner
+would otherwise use, on the same weights and inputs; and a short training run.
+
+Contenders (:func:`contenders`), all the same maths (softmax over the k largest logits, SwiGLU
+experts, weighted combine), all trainable:
+
+- ``torch loop``: chapter 01's layer (:func:`moe_course.moe.moe_forward`), one matmul per expert;
+- ``torch._grouped_mm``: the same layer with the gate and up projections in one grouped GEMM
+  and the down projection in another (CUTLASS on Hopper), autograd for the backward;
+- ``course``: :class:`moe_course.layer.MoEFunction` on the course's kernels;
+- ``SonicMoE``: the library (chapter 05), where it is installed and runs.
+
+:func:`measure_layer` times each one's forward and forward + backward (interleaved, CUDA
+events) and measures its memory: what the forward leaves allocated for the backward, and the
+peak of forward + backward above the inputs and weights. ``benchmarks/bench_moe_layer.py``
+records it for the four shapes of chapter 02; notebook 06 draws the record.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+
+from . import layer, moe
+from .bench import interleaved
+
+
+class Contender(NamedTuple):
+    name: str
+    params: list  # the leaf tensors whose gradients the backward computes (x first)
+    forward: Callable[[], torch.Tensor]  # one forward pass on the stored input
+
+
+def _leaf(t):
+    return t.detach().clone().contiguous().requires_grad_()
+
+
+def grouped_mm_layer(x, w_router, w13, w_down, k: int):
+    """The plain torch layer on ``torch._grouped_mm``: ``w13 (E, d, 2n)`` = gate | up side by
+    side, ``w_down (E, n, d)``. Routing and combine as chapter 01's; autograd does the rest
+    (it keeps the gathered x, H, A and the expert outputs for the backward)."""
+    weights, experts = moe.topk_softmax(moe.router_logits(x, w_router), k)
+    d = moe.dispatch(experts, w_router.shape[1])
+    ends = d.offsets[1:].to(torch.int32)
+    h = torch._grouped_mm(x[d.token_of], w13, offs=ends)
+    gate, up = h.chunk(2, dim=-1)
+    y = torch._grouped_mm(torch.nn.functional.silu(gate) * up, w_down, offs=ends)
+    return moe.combine(y, d, weights)
+
+
+def sonicmoe_layer(w: moe.MoEWeights, k: int):
+    """A trainable ``sonicmoe.MoE`` holding ``w`` (its layout: router ``(E, d)``, ``c_fc``
+    ``(E, 2n, d)`` gate/up interleaved, ``c_proj`` ``(E, d, n)``); returns ``(module, params)``."""
+    from sonicmoe import MoE
+    from sonicmoe.enums import ActivationType
+
+    E, d, n = w.w_gate.shape
+    kw = layer.prepare(w)
+    m = MoE(num_experts=E, num_experts_per_tok=k, hidden_size=d, intermediate_size=n,
+            activation_function=ActivationType.SWIGLU, add_bias=False, std=0.02).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        m.router.weight.copy_(w.w_router.t())
+        m.c_fc.weight.copy_(kw.w_gate_up)
+        m.c_proj.weight.copy_(kw.w_down.transpose(1, 2))
+    return m, [m.router.weight, m.c_fc.weight, m.c_proj.weight]
+
+
+def contenders(x, w: moe.MoEWeights, k: int, names=("torch loop", "torch._grouped_mm", "course", "SonicMoE")
+               ) -> tuple[dict[str, Contender], dict[str, str]]:
+    """Each named contender with its own copy of ``x`` and the weights (bf16); and, for those
+    that cannot run here, why not."""
+    from .variants import grouped_mm_unavailable, sonicmoe_unavailable
+
+    out, skipped = {}, {}
+    kw = layer.prepare(w)
+    if "torch loop" in names:
+        p = [_leaf(t) for t in (x, w.w_router, w.w_gate, w.w_up, w.w_down)]
+        out["torch loop"] = Contender("torch loop", p, lambda p=p: moe.moe_forward(p[0], moe.MoEWeights(*p[1:]), k).y)
+    if "torch._grouped_mm" in names:
+        why = grouped_mm_unavailable(x.device.type)
+        if why:
+            skipped["torch._grouped_mm"] = why
+        else:
+            p = [_leaf(t) for t in (x, w.w_router, torch.cat((w.w_gate, w.w_up), dim=2), w.w_down)]
+            out["torch._grouped_mm"] = Contender("torch._grouped_mm", p, lambda p=p: grouped_mm_layer(*p, k))
+    if "course" in names:
+        why = layer.kernels_unavailable(x, w.w_gate.shape[1], w.w_gate.shape[2])
+        if why:
+            skipped["course"] = why
+        else:
+            p = [_leaf(t) for t in (x, *kw)]
+            out["course"] = Contender("course", p, lambda p=p: layer.MoEFunction.apply(*p, k, layer.KERNEL_OPS))
+    if "SonicMoE" in names:
+        why = sonicmoe_unavailable(x.device.type)
+        if why:
+            skipped["SonicMoE"] = why
+        else:
+            try:
+                from sonicmoe import KernelBackendMoE
+
+                m, params = sonicmoe_layer(w, k)
+                xs = _leaf(x)
+                out["SonicMoE"] = Contender("SonicMoE", [xs, *params],
+                                            lambda: m(xs, kernel_backend_moe=KernelBackendMoE.sonicmoe)[0])
+            except Exception as exc:  # an install that imports but cannot build the layer
+                skipped["SonicMoE"] = f"building sonicmoe.MoE failed: {str(exc).splitlines()[0][:160]}"
+    return out, skipped
+
+
+def saved_for_backward(forward: Callable[[], torch.Tensor], params) -> list[tuple[tuple, str, int]]:
+    """Run ``forward()`` and list what autograd saves for the backward, weights (``params``)
+    excluded: ``(shape, dtype, bytes)`` per tensor, each storage counted once (views share it).
+    Works on any device (saved-tensor hooks, no GPU memory statistics)."""
+    weights = {p.untyped_storage().data_ptr() for p in params}
+    seen, out = set(), []
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights and ptr not in seen:
+            seen.add(ptr)
+            out.append((tuple(t.shape), str(t.dtype).removeprefix("torch."), t.untyped_storage().nbytes()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return out
+
+
+def gradients(c: Contender, dout) -> list[torch.Tensor]:
+    """Output and every gradient of one forward + backward, in chapter 01's layouts (so that all
+    contenders compare): x, w_router (d, E), w_gate and w_up (E, d, n), w_down (E, n, d)."""
+    for t in c.params:
+        t.grad = None
+    out = c.forward()
+    out.backward(dout)
+    g = [t.grad for t in c.params]
+    if c.name == "torch loop":
+        return [out.detach(), *g]
+    if c.name == "torch._grouped_mm":
+        gate, up = g[2].chunk(2, dim=2)
+        return [out.detach(), g[0], g[1], gate, up, g[3]]
+    if c.name == "course":
+        return [out.detach(), g[0], g[1], g[2][:, 0::2].transpose(1, 2), g[2][:, 1::2].transpose(1, 2), g[3]]
+    if c.name == "SonicMoE":
+        return [out.detach(), g[0], g[1].t(), g[2][:, 0::2].transpose(1, 2), g[2][:, 1::2].transpose(1, 2),
+                g[3].transpose(1, 2)]
+    raise ValueError(c.name)
+
+
+GRADIENT_NAMES = ("out", "x", "w_router", "w_gate", "w_up", "w_down")
+
+
+def agreement(a: list, b: list) -> dict[str, float]:
+    """Relative error (Frobenius) of each of :func:`gradients`' tensors, ``a`` against ``b``."""
+    return {n: float((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-30))
+            for n, x, y in zip(GRADIENT_NAMES, a, b)}
+
+
+def memory(c: Contender, dout) -> dict[str, int]:
+    """Bytes above what was allocated before the forward (inputs, weights):
+
+    - ``held_after_forward_bytes``: still allocated after the forward, less its output: what the
+      layer keeps for its backward, its *activation memory* (the SonicMoE paper's measure). In a
+      model this is what adds up, layer after layer, until the backward reaches the layer;
+    - ``peak_fwd_bwd_bytes``: the peak of forward + backward, which also holds the gradients of
+      the input and the weights (every contender allocates those alike: ``gradient_bytes``;
+      for DeepSeek-V3's 256 experts they alone are 22 GiB) and the backward's temporaries."""
+    for t in c.params:
+        t.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = c.forward()
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - base - out.untyped_storage().nbytes()
+    out.backward(dout)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    grads = sum(t.grad.nbytes for t in c.params if t.grad is not None)
+    for t in c.params:
+        t.grad = None
+    return {"held_after_forward_bytes": held, "peak_fwd_bwd_bytes": peak, "gradient_bytes": grads}
+
+
+def layer_flops(T: int, d: int, n: int, k: int) -> dict[str, float]:
+    """The expert GEMMs' FLOPs: forward 2 T k d (2n) + 2 T k n d = 6 T k d n; the backward twice that."""
+    f = 6.0 * T * k * d * n
+    return {"forward": f, "forward+backward": 3 * f}
+
+
+def measure_layer(shape, names=("torch loop", "torch._grouped_mm", "course", "SonicMoE"), seed: int = 0,
+                  rounds: int = 3, reps: int = 3, reference: str = "torch._grouped_mm",
+                  progress: Callable[[str], None] = print) -> dict:
+    """One shape ``(T, d, n, E, k)`` on this GPU: for each contender, forward and forward +
+    backward time (TFLOP/s of the expert GEMMs), memory (:func:`memory`) and agreement with
+    ``reference`` (out and every gradient); and why any contender was skipped."""
+    T, d, n, E, k = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = moe.random_weights(d, n, E, dtype=torch.bfloat16, device="cuda", generator=g)
+    x = torch.randn(T, d, device="cuda", generator=g).bfloat16()
+    dout = torch.randn(T, d, device="cuda", generator=g).bfloat16()
+    found, skipped = contenders(x, w, k, names)
+    del w  # each contender holds its own copy
+    rows, failed, ref = {}, {}, None
+    # the reference first; then each contender's output and gradients are compared and dropped,
+    # so that at most two sets of gradients are alive (DeepSeek-V3's weight gradients: 22 GiB a set)
+    for name in sorted(found, key=lambda nm: nm != reference):
+        c = found[name]
+        progress(f"{name}: first run (compiles)")
+        try:
+            g = gradients(c, dout)
+            if name == reference:
+                ref = g
+            rows[name] = {"agreement_with_" + reference: agreement(g, ref) if ref is not None else None}
+            del g
+            rows[name] |= memory(c, dout)
+        except Exception as exc:  # e.g. SonicMoE's backward on a setting it does not support
+            import traceback
+
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            failed[name] = (f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]} "
+                            f"({Path(where.filename).name}:{where.lineno})")
+            progress(f"{name} failed: {failed[name]}")
+            found.pop(name)
+            rows.pop(name, None)
+        for t in c.params:
+            t.grad = None
+        torch.cuda.empty_cache()
+    del ref
+    flops = layer_flops(T, d, n, k)
+
+    def fwd_bwd(c):
+        def run():
+            for t in c.params:
+                t.grad = None
+            c.forward().backward(dout)
+        return run
+
+    progress("timing, contenders interleaved")
+    timed = {f"{name}|forward": c.forward for name, c in found.items()}
+    timed |= {f"{name}|forward+backward": fwd_bwd(c) for name, c in found.items()}
+    res = interleaved(timed, rounds=rounds, reps=reps, warmup=2,
+                      flops={key: flops[key.split("|")[1]] for key in timed})
+    for key, m in res.items():
+        name, what = key.split("|")
+        rows[name][what] = m.timing()
+    return {"shape": list(shape), "contenders": rows, "skipped": skipped | failed, "flops": flops}
+
+
+def speedups(result: dict, base: str = "torch._grouped_mm") -> dict[str, dict[str, float]]:
+    """For each contender: its forward + backward speed and peak memory relative to ``base``."""
+    c = result["contenders"]
+    if base not in c:
+        return {}
+    b = c[base]
+    out = {}
+    for name, r in c.items():
+        if "forward+backward" in r:
+            out[name] = {"fwd_bwd_speedup": b["forward+backward"]["ms"] / r["forward+backward"]["ms"],
+                         "forward_speedup": b["forward"]["ms"] / r["forward"]["ms"],
+                         "activation_memory_ratio": r["held_after_forward_bytes"] / max(b["held_after_forward_bytes"], 1),
+                         "peak_memory_ratio": r["peak_fwd_bwd_bytes"] / b["peak_fwd_bwd_bytes"]}
+    return out
+
+
+def table(data: dict) -> str:
+    """A benchmark record's ``data`` (``{"shapes": {name: measure_layer(...)}}``) as a text table:
+    time, TFLOP/s, speed and memory relative to ``torch._grouped_mm``, and the largest relative
+    error of the output and gradients against it (where it was recorded)."""
+    lines = [f"{'shape':<14} {'contender':<18} {'fwd ms':>7} {'fwd+bwd ms':>10} {'TFLOP/s':>7} {'speed':>6} "
+             f"{'activations MiB':>15} {'ratio':>6} {'peak MiB':>8} {'ratio':>6} {'max err':>8}"]
+    for name, res in data["shapes"].items():
+        sp = speedups(res)
+        for c, r in res["contenders"].items():
+            if "forward+backward" not in r:
+                continue
+            s = sp.get(c, {})
+            err = r.get("agreement_with_torch._grouped_mm")
+            lines.append(f"{name:<14} {c:<18} {r['forward']['ms']:7.2f} {r['forward+backward']['ms']:10.2f} "
+                         f"{r['forward+backward']['tflops']:7.0f} {s.get('fwd_bwd_speedup', float('nan')):5.2f}x "
+                         f"{r['held_after_forward_bytes'] / 2**20:15.0f} {s.get('activation_memory_ratio', float('nan')):5.2f}x "
+                         f"{r['peak_fwd_bwd_bytes'] / 2**20:8.0f} {s.get('peak_memory_ratio', float('nan')):5.2f}x "
+                         + (f"{max(err.values()):8.1e}" if err else f"{'-':>8}"))
+        for c, why in res["skipped"].items():
+            lines.append(f"{name:<14} {c:<18} skipped: {why}")
+    lines.append("speed and ratios: against torch._grouped_mm on the same shape; activations: what the forward "
+                 "keeps for the backward; peak: forward + backward, gradients included")
+    return "\n".join(lines)
+
+
+def plot_layer(record, live: bool, base: str = "torch._grouped_mm"):
+    """Two charts from a record of :func:`measure_layer` results: forward + backward speed
+    relative to ``base``, and the activation memory each contender keeps, per shape."""
+    import matplotlib.pyplot as plt
+
+    from . import plotting
+
+    shapes = list(record.data["shapes"])
+    names = []
+    for s in shapes:
+        names += [c for c in record.data["shapes"][s]["contenders"] if c not in names]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.2))
+    sp = {s: speedups(record.data["shapes"][s], base) for s in shapes}
+    plotting.grouped_bars(shapes, {c: [sp[s].get(c, {}).get("fwd_bwd_speedup", 0.0) for s in shapes] for c in names},
+                          ylabel=f"forward + backward, x {base}", record=record, live=live, fmt="%.2f",
+                          ceiling=1.5, ceiling_label="1.5x: chapter 06's minimum", ax=a1,
+                          title="speed (higher is better)")
+    mib = {c: [record.data["shapes"][s]["contenders"].get(c, {}).get("held_after_forward_bytes", 0) / 2**20
+               for s in shapes] for c in names}
+    plotting.grouped_bars(shapes, mib, ylabel="MiB kept for the backward", record=record, live=live, ax=a2,
+                          title="activation memory (lower is better)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_losses(curves: dict[str, list[float]], record, live: bool, ax=None):
+    """Loss per step of each training run, overlaid (log scale)."""
+    import matplotlib.pyplot as plt
+
+    from . import plotting
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.8))
+    for (label, losses), style in zip(curves.items(), ("-", "--", ":", "-.")):
+        ax.plot(range(1, len(losses) + 1), losses, style, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (MSE to the teacher)")
+    ax.legend(fontsize=8)
+    plotting.stamp(ax, record, live)
+    return ax
+
+
+# --------------------------------------------------------------------------------------------
+# The hand-written backward against autograd, in float64 (any machine)
+
+
+def float64_gradients(T: int, d: int, n: int, E: int, k: int, router_bias: float = 0.0, seed: int = 0,
+                      ops: layer.Ops | None = None) -> tuple[dict, dict]:
+    """Gradients of ``<g, out>`` for a random ``g``, with respect to x and every weight: by autograd
+    through chapter 01's layer (:func:`moe_course.moe.moe_forward`) and by
+    :class:`moe_course.layer.MoEFunction` (``ops``, default :data:`moe_course.layer.TORCH_OPS`),
+    both in float64 on the CPU, ours mapped back to chapter 01's layouts. ``router_bias`` pushes
+    tokens towards expert 0 (large: one expert takes all)."""
+    g = torch.Generator().manual_seed(seed)
+    w = moe.random_weights(d, n, E, dtype=torch.float64, generator=g)
+    x = torch.randn(T, d, dtype=torch.float64, generator=g)
+    x[:, 0] = 1.0
+    w.w_router[0] += router_bias * torch.linspace(1, 0, E, dtype=torch.float64)
+    grad_out = torch.randn(T, d, dtype=torch.float64, generator=g)
+    ref = [t.clone().requires_grad_() for t in (x, *w)]
+    moe.moe_forward(ref[0], moe.MoEWeights(*ref[1:]), k).y.backward(grad_out)
+    ours = [t.clone().requires_grad_() for t in (x, *layer.prepare(w, dtype=None))]
+    layer.MoEFunction.apply(*ours, k, ops or layer.TORCH_OPS).backward(grad_out)
+    dx, dr, dgu, dd = (t.grad for t in ours)
+    mine = {"x": dx, "w_router": dr, "w_gate": dgu[:, 0::2].transpose(1, 2), "w_up": dgu[:, 1::2].transpose(1, 2),
+            "w_down": dd}
+    theirs = dict(zip(["x", "w_router", "w_gate", "w_up", "w_down"], (t.grad for t in ref)))
+    return mine, theirs
+
+
+def max_rel_errors(mine: dict, theirs: dict) -> dict[str, float]:
+    """Largest difference of each tensor, relative to the largest value of the reference."""
+    return {k: float((mine[k] - theirs[k]).abs().max() / theirs[k].abs().max().clamp_min(1e-30)) for k in mine}
+
+
+# --------------------------------------------------------------------------------------------
+# A short training run: does the layer train like the torch reference?
+
+
+def teacher_student(d: int, n: int, E: int, k: int, tokens: int, steps: int, lr: float = 3e-3, seed: int = 0,
+                    device: str = "cuda", dtype=torch.bfloat16, ops: layer.Ops | None = None,
+                    progress: Callable[[int, float], None] | None = None) -> list[float]:
+    """Train an MoE layer (:class:`moe_course.layer.MoEFunction`, with ``ops``) for ``steps``
+    Adam steps to imitate a fixed random teacher MoE layer on fresh random tokens each step
+    (mean squared error); return the loss of every step. The student's initial weights, the
+    teacher and the data depend on ``seed`` only, so two runs with different ``ops`` or dtypes
+    see exactly the same problem."""
+    ops = ops or (layer.KERNEL_OPS if device == "cuda" else layer.TORCH_OPS)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    teacher = layer.prepare(moe.random_weights(d, n, E, generator=g), dtype=torch.float32)
+    student = layer.prepare(moe.random_weights(d, n, E, generator=g), dtype=torch.float32)
+    params = [torch.nn.Parameter(t.to(device=device, dtype=dtype)) for t in student]
+    teacher = [t.to(device) for t in teacher]
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for step in range(steps):
+        x = torch.randn(tokens, d, generator=g).to(device)
+        with torch.no_grad():
+            target = layer.MoEFunction.apply(x, *teacher, k, layer.TORCH_OPS)
+        y = layer.MoEFunction.apply(x.to(dtype), *params, k, ops)
+        loss = torch.nn.functional.mse_loss(y.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if progress:
+            progress(step, losses[-1])
+    return losses

@@ -1,0 +1,167 @@
+"""Chapter 06's kernels (moe_course/layer_kernels.py) one by one, against the same maths in
+float32 (moe_course.layer.TORCH_OPS), at awkward expert counts: experts with no rows, counts
+that are not multiples of the tile, one expert with every row. Outputs are poisoned first (the
+memory the kernel will write held NaN just before), so a tile the kernel skips fails the check.
+The refusals run without a GPU."""
+
+import pytest
+import torch
+
+from moe_course import layer, layer_kernels as lk
+
+COUNTS = {
+    "ragged": [0, 1, 130, 0, 257],
+    "one-expert-has-every-row": [0, 0, 300, 0],
+    "single-expert": [64],
+    "many-tiles": [1500, 3, 700, 0, 129],
+}
+
+
+def routing(counts, tokens, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rows = sum(counts)
+    offs = torch.tensor(counts).cumsum(0).to(device="cuda", dtype=torch.int32)
+    gather_idx = torch.randint(0, tokens, (rows,), device="cuda", dtype=torch.int32, generator=g)
+    return offs, gather_idx
+
+
+def poison(*shapes_dtypes):
+    """Fill and free blocks of the sizes the kernel's outputs will take: the caching allocator
+    hands the same memory back, NaN-filled, so a row or tile left unwritten shows up."""
+    blocks = [torch.full(shape, float("nan"), device="cuda", dtype=dtype) for shape, dtype in shapes_dtypes]
+    del blocks
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    assert torch.isfinite(a).all(), "NaN or inf in the kernel's output: a tile was skipped or read garbage"
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def randn(*shape, scale=1.0):
+    return (torch.randn(*shape, device="cuda") * scale).bfloat16()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(COUNTS))
+@pytest.mark.parametrize("K,N", [(192, 256), (512, 512)])
+def test_transposed_b_matches_float32(case, K, N):
+    offs, _ = routing(COUNTS[case], 1)
+    M, E = sum(COUNTS[case]), len(COUNTS[case])
+    x, w = randn(M, K), randn(E, K, N, scale=K ** -0.5)
+    poison(((M, N), torch.bfloat16))
+    got = lk.transposed_b_grouped_gemm(x, w, offs)
+    assert rel(got, layer.TORCH_OPS.times_w(x.float(), w.float(), offs)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(COUNTS))
+@pytest.mark.parametrize("d,n", [(192, 256), (256, 512)])  # n = 512: each row's ds in two shares
+def test_dswiglu_matches_float32(case, d, n):
+    T = 333
+    offs, idx = routing(COUNTS[case], T, seed=1)
+    R, E = sum(COUNTS[case]), len(COUNTS[case])
+    dout, w_down, h = randn(T, d), randn(E, n, d, scale=d ** -0.5), randn(R, 2 * n, scale=2.0)
+    s = torch.rand(R, device="cuda")
+    poison(((R, 2 * n), torch.bfloat16), ((R, n), torch.bfloat16), ((n // 256, R), torch.float32))
+    dh, sa, ds = lk.dswiglu_grouped_gemm(dout, idx, w_down, h, s, offs)
+    want = layer.TORCH_OPS.dswiglu(dout.float(), idx, w_down.float(), h.float(), s, offs)
+    for name, got, ref in zip(("dh", "s*a", "ds"), (dh, sa, ds), want):
+        assert rel(got, ref) < 1e-2, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(COUNTS))
+@pytest.mark.parametrize("N,K,gathered", [(128, 256, False), (384, 512, True)])
+def test_weight_grad_matches_float32(case, N, K, gathered):
+    T = 333
+    offs, idx = routing(COUNTS[case], T, seed=2)
+    R, E = sum(COUNTS[case]), len(COUNTS[case])
+    dy = randn(R, N)
+    x, idx = (randn(T, K), idx) if gathered else (randn(R, K), None)
+    poison(((E, N, K), torch.bfloat16))
+    got = lk.weight_grad(dy, x, idx, offs)
+    want = layer.TORCH_OPS.weight_grad(dy.float(), x.float(), idx, offs)
+    assert rel(got, want) < 1e-2
+    for e, c in enumerate(COUNTS[case]):
+        if c == 0:
+            assert torch.all(got[e] == 0), f"expert {e} has no rows: its gradient must be zero"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weighted", [True, False])
+def test_combine_matches_float32_and_skips_dropped_pairs(weighted):
+    T, k, d, R = 257, 3, 136, 700
+    pos = torch.randint(0, R, (T, k), device="cuda", dtype=torch.int32)
+    pos[5, 1] = R  # a dropped pair: adds nothing
+    rows = randn(R, d)
+    w = torch.rand(T, k, device="cuda") if weighted else None
+    poison(((T, d), torch.bfloat16))
+    got = lk.combine(rows, pos, w)
+    padded = torch.cat([rows.float(), rows.new_zeros(1, d).float()])
+    want = layer.TORCH_OPS.combine(padded, pos, w)
+    assert rel(got, want) < 1e-2
+
+
+@pytest.mark.gpu
+def test_a_kernel_that_skips_a_tile_fails_the_check():
+    """The poisoning works: leave the last 128 rows to the NaN the allocator hands back."""
+    offs, _ = routing([300], 1)
+    x, w = randn(300, 192), randn(1, 192, 256)
+    poison(((300, 256), torch.bfloat16))
+    skipped = lk.transposed_b_grouped_gemm(x, w, offs.clone().fill_(172), validate=False)  # rows 172.. unwritten
+    with pytest.raises(AssertionError, match="NaN"):
+        rel(skipped, layer.TORCH_OPS.times_w(x.float(), w.float(), offs))
+
+
+def test_refusals_name_the_problem():
+    x = torch.zeros(4, 64, dtype=torch.bfloat16)
+    w = torch.zeros(2, 64, 256, dtype=torch.bfloat16)
+    offs = torch.tensor([2, 4], dtype=torch.int32)
+    with pytest.raises(TypeError, match="x must be torch.bfloat16"):
+        lk.transposed_b_grouped_gemm(x.float(), w, offs)
+    with pytest.raises(ValueError, match="is on cpu"):
+        lk.transposed_b_grouped_gemm(x, w, offs)
+    with pytest.raises(TypeError, match="offs must be torch.int32"):
+        lk.weight_grad(x, x, None, offs.long())
+    with pytest.raises(TypeError, match="pos must be torch.int32"):
+        lk.combine(x, torch.zeros(4, 2, dtype=torch.int64), None)
+
+
+@pytest.mark.gpu
+def test_refusals_on_the_gpu():
+    x = torch.zeros(4, 64, device="cuda", dtype=torch.bfloat16)
+    offs = torch.tensor([2, 4], device="cuda", dtype=torch.int32)
+    with pytest.raises(ValueError, match="N % 256 == 0"):
+        lk.transposed_b_grouped_gemm(x, torch.zeros(2, 64, 100, device="cuda", dtype=torch.bfloat16), offs)
+    with pytest.raises(ValueError, match="K differs"):
+        lk.transposed_b_grouped_gemm(x, torch.zeros(2, 128, 256, device="cuda", dtype=torch.bfloat16), offs)
+    with pytest.raises(ValueError, match="offs must be non-decreasing"):
+        lk.transposed_b_grouped_gemm(x, torch.zeros(2, 64, 256, device="cuda", dtype=torch.bfloat16), offs.flip(0))
+    with pytest.raises(ValueError, match="gather_idx must index"):
+        lk.weight_grad(torch.zeros(4, 128, device="cuda", dtype=torch.bfloat16),
+                       torch.zeros(3, 256, device="cuda", dtype=torch.bfloat16),
+                       torch.tensor([0, 1, 2, 3], device="cuda", dtype=torch.int32), offs)
+
+
+@pytest.mark.gpu
+def test_tensor_maps_work_in_a_thread_with_no_cuda_call_yet():
+    """autograd runs the backward in a thread of its own, where a tensor map can be the first
+    CUDA call: the driver needs a current context there (moe_course/tma.py makes one current)."""
+    import threading
+
+    from moe_course import tma
+
+    w = randn(3, 256, 64)  # a fresh address: not in the tensor map cache
+    errors = []
+
+    def encode():
+        try:
+            tma.tensor_map_2d(w, 64)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=encode)
+    thread.start()
+    thread.join()
+    assert not errors, errors

@@ -1,0 +1,86 @@
+"""moe_course/training.py (chapter 06's measurements) on any machine: the torch contenders agree
+with each other, what each layer keeps for the backward, the training run, the tables drawn from
+the records; and benchmarks/bench_moe_layer.py without a GPU."""
+
+import pytest
+import torch
+
+from benchmark_scripts import load
+from moe_course import layer, moe, records, training
+from moe_course.machine import info
+
+
+def small(seed=0, T=64, d=32, n=16, E=4):
+    g = torch.Generator().manual_seed(seed)
+    return moe.random_weights(d, n, E, generator=g), torch.randn(T, d, generator=g)
+
+
+def test_torch_contenders_agree_and_the_course_says_why_it_is_missing():
+    w, x = small()
+    found, skipped = training.contenders(x, w, 2, ("torch loop", "torch._grouped_mm", "course"))
+    dout = torch.randn_like(x)
+    if "torch._grouped_mm" in found:
+        errs = training.agreement(training.gradients(found["torch loop"], dout),
+                                  training.gradients(found["torch._grouped_mm"], dout))
+        assert max(errs.values()) < 1e-5, errs
+    if not info().has_gpu:
+        assert "course" in skipped and "GPU" in skipped["course"]
+
+
+def test_agreement_catches_a_wrong_gradient():
+    w, x = small()
+    found, _ = training.contenders(x, w, 2, ("torch loop",))
+    g = training.gradients(found["torch loop"], torch.randn_like(x))
+    wrong = list(g)
+    wrong[5] = wrong[5] * 1.01  # w_down's gradient 1% off
+    errs = training.agreement(wrong, g)
+    assert errs["w_down"] > 5e-3 and errs["out"] == 0.0
+
+
+def test_the_course_layer_keeps_less_than_autograd_through_the_loop():
+    w, x = small(T=256, d=64, n=48, E=8)  # d, n and 2n all different: shapes tell tensors apart
+    found, _ = training.contenders(x, w, 4, ("torch loop",))
+    c = found["torch loop"]
+    theirs = sum(b for *_, b in training.saved_for_backward(c.forward, c.params[1:]))
+    params = [t.requires_grad_() for t in layer.prepare(w, dtype=None)]
+    xl = x.clone().requires_grad_()
+    ours = training.saved_for_backward(lambda: layer.MoEFunction.apply(xl, *params, 4, layer.TORCH_OPS), params)
+    R, n = 256 * 4, 48
+    assert {shape for shape, *_ in ours} >= {(256, 64), (R, 2 * n)}  # X and H
+    assert not any(shape in {(R, 64), (R, n)} for shape, *_ in ours)  # no gathered X, no A, no expert output
+    assert sum(b for *_, b in ours) < 0.6 * theirs
+
+
+def test_teacher_student_learns_on_the_cpu():
+    losses = training.teacher_student(32, 16, 4, 2, tokens=256, steps=40, lr=1e-2, device="cpu", dtype=torch.float32)
+    assert len(losses) == 40 and losses[-1] < 0.8 * losses[0]
+
+
+def test_tables_and_speedups_from_a_record():
+    row = lambda ms, kept: {"forward": {"ms": ms / 3}, "forward+backward": {"ms": ms, "tflops": 100 / ms},  # noqa: E731
+                            "held_after_forward_bytes": kept, "peak_fwd_bwd_bytes": 2 * kept}
+    res = {"contenders": {"torch._grouped_mm": row(9.0, 1000), "course": row(4.5, 100)}, "skipped": {"x": "why"}}
+    sp = training.speedups(res)
+    assert sp["course"]["fwd_bwd_speedup"] == pytest.approx(2.0)
+    assert sp["course"]["activation_memory_ratio"] == pytest.approx(0.1)
+    text = training.table({"shapes": {"tiny": res}})
+    assert "course" in text and "2.00x" in text and "skipped: why" in text
+
+
+@pytest.mark.parametrize("kind", ["moe_layer_training", "moe_layer_sonicmoe"])
+def test_recorded_layer_benchmarks_are_complete(kind):
+    rec = records.load(kind)
+    assert rec is not None, f"benchmarks/results has no {kind} record"
+    for shape, res in rec.data["shapes"].items():
+        assert "course" in res["contenders"], shape
+        for name, r in res["contenders"].items():
+            assert r["forward+backward"]["ms"] > 0 and r["held_after_forward_bytes"] > 0, (shape, name)
+    training.plot_layer(rec, live=False)
+
+
+def test_bench_without_a_gpu_prints_the_record(capsys):
+    if info().has_gpu:
+        pytest.skip("with a GPU the script measures (minutes); the GPU run is recorded instead")
+    assert load("bench_moe_layer").main([]) == 0
+    out = capsys.readouterr().out
+    assert "recorded on" in out and "course" in out

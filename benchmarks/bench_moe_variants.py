@@ -200,6 +200,8 @@ def _show_recorded(args, say) -> int:
         for name, why in rec.data.get("skipped", {}).items():
             print(f"{name}: skipped there: {why}")
         print(table(rec.data["rows"], rec.data.get("matmul_tflops")))
+        if rec.data.get("note"):
+            print("Note:", rec.data["note"])
     if args.plot:
         say(f"chart: {plot(rec, False, args.plot)}")
     return 0

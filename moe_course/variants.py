@@ -15,9 +15,9 @@ Entries today, in table order:
   the experts with three ``torch.mm`` each;
 - ``layer-grouped-mm``: the same layer with the expert step as three ``torch._grouped_mm`` calls
   (:func:`moe_course.moe.experts_forward_grouped_mm`);
-- ``layer-course``: the same layer with the course's kernels as its expert step
-  (:func:`moe_course.layer.forward`: chapter 03's gathered up-projection with SwiGLU fused,
-  then its warp-specialised down-projection; Hopper only);
+- ``layer-course``: the same layer on the course's kernels (:func:`moe_course.layer.forward`:
+  chapter 04's routing kernels, chapter 03's gathered up-projection with SwiGLU fused, chapter
+  06's down-projection and combine; Hopper only);
 - ``sonicmoe``: the SonicMoE library's layer (``pip install sonic-moe``; Hopper or Blackwell);
 - ``gemm-ladder``: the expert GEMMs alone, every step of chapters 02 and 03's kernel ladder
   beside a per-expert ``torch.mm`` loop and ``torch._grouped_mm``
@@ -305,8 +305,8 @@ register(layer_variant(
     "torch._grouped_mm", build=lambda w, k: lambda x: moe.moe_forward(x, w, k, expert_step="grouped_mm").y,
     unavailable=grouped_mm_unavailable))
 register(layer_variant(
-    "layer-course", "the same layer, its expert step the course's kernels: gathered up-projection + SwiGLU "
-    "(03_4), down-projection (03_2)", "course kernels",
+    "layer-course", "the same layer on the course's kernels: routing (04_1), gathered up-projection + SwiGLU "
+    "(03_4), down-projection (06_1), combine (06_4)", "course kernels",
     build=lambda w, k: (lambda kw: lambda x: layer.forward(x, kw, k))(layer.prepare(w)),
     unavailable=hopper_unavailable))
 register(layer_variant(

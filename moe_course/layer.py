@@ -3,7 +3,9 @@
 :func:`forward` (inference) and :class:`MoEFunction` / :class:`CourseMoE` (training) share one
 plan, chapter 01's layer with every step on a course kernel where there is a Hopper GPU:
 
-1. the router (softmax over the k largest logits) and the sort by expert, in torch;
+1. the router's logits (``x @ W_router``, torch), then the top-k and the sort by expert on
+   chapter 04's routing kernels (``kernels/04_1_token_rounding.cu``, plain top-K, no host
+   synchronisation), and the softmax over each token's k logits;
 2. the up-projection with the token rows gathered inside the load and SwiGLU in the epilogue
    (``kernels/03_4_swiglu.cu``): tokens in, ``A = silu(x W_gate) * (x W_up)`` out (and, for
    training, the pre-activation ``H``), with no permuted copy of ``x`` and no activation pass;

@@ -145,11 +145,28 @@ def check_inputs(x, w, offs, step: Step, validate_offsets: bool = True, rows: in
         raise RuntimeError(f"{step.name} needs compute capability {step.min_cc[0]}.{step.min_cc[1]} "
                            f"(wgmma is Hopper-only); this GPU is {cc[0]}.{cc[1]}")
     if validate_offsets:  # one small copy to the host; benchmarks pass validate=False
-        o = offs.cpu()
-        if E and (int(o[0]) < 0 or bool((o[1:] < o[:-1]).any()) or int(o[-1]) != M):
-            raise ValueError(f"offs must be non-decreasing end rows with offs[-1] == M == {M}; got {o.tolist()[:16]}"
-                             + ("..." if E > 16 else ""))
+        check_offsets(offs, M)
     return M, N, K, E
+
+
+def check_offsets(offs, M: int) -> None:
+    """Each expert's end row, non-decreasing, the last one ``M`` (the rows): checked on the host
+    (one small copy, a synchronisation; the kernels clamp malformed offsets, only this says so)."""
+    o = offs.cpu()
+    if o.numel() and (int(o[0]) < 0 or bool((o[1:] < o[:-1]).any()) or int(o[-1]) != M):
+        raise ValueError(f"offs must be non-decreasing end rows with offs[-1] == M == {M}; got {o.tolist()[:16]}"
+                         + ("..." if o.numel() > 16 else ""))
+
+
+def launch_persistent(step: Step, module, head: tuple, offs, M: int, K: int, sizes: tuple, group_m: int | None = None):
+    """Launch a persistent kernel of chapters 03 and 06 (one block per SM, the tile map built on
+    the GPU): ``kernel(*head, offs, tile_map, num_tiles, *sizes, group_m)``."""
+    fn = module.get_function(step.kernel)
+    fn.max_dynamic_shared_size_bytes = step.smem_bytes
+    tile_map, num_tiles, _ = build_tile_map(module, offs, M, step.block_m)
+    fn((info().sm_count,), (step.threads,),
+       head + (ptr(offs), ptr(tile_map), ptr(num_tiles)) + tuple(np.int32(v) for v in sizes)
+       + (np.int32(group_m or group_m_for(M, offs.numel(), K)),), shared_mem=step.smem_bytes)
 
 
 def grouped_gemm(x, w, offs, step: str = BEST, out=None, validate: bool = True):

@@ -16,9 +16,8 @@ import numpy as np
 import dataclasses
 
 from . import kernels, tma
-from .grouped_gemm import Step, _ws_smem, build_tile_map, check_inputs, group_m_for, grouped_gemm
+from .grouped_gemm import Step, _ws_smem, check_inputs, grouped_gemm, launch_persistent
 from .kernels import ptr
-from .machine import info
 
 GATHER = Step("03_3_gather", "gather_grouped_gemm", "X rows gathered in the load (cp.async)", 128, 256, 64,
               threads=384, min_cc=(9, 0), smem_bytes=_ws_smem(4), persistent=True, tma=True)
@@ -48,23 +47,24 @@ def _check_gather(x, gather_idx, w, offs, step: Step, validate: bool):
     if gather_idx.device != x.device or not gather_idx.is_contiguous():
         raise ValueError(f"gather_idx must be contiguous and on {x.device}, like x")
     M, N, K, E = check_inputs(x, w, offs, step, validate, rows=gather_idx.numel())
-    if validate and M:
-        lo, hi = int(gather_idx.min()), int(gather_idx.max())
-        if lo < 0 or hi >= x.shape[0]:
-            raise ValueError(f"gather_idx must index rows of x (0..{x.shape[0] - 1}); got values {lo}..{hi}")
+    if validate:
+        check_gather_range(gather_idx, x.shape[0])
     return M, N, K, E
+
+
+def check_gather_range(gather_idx, tokens: int) -> None:
+    """Every index a row of the token matrix (one small copy to the host, a synchronisation;
+    the kernels read a zero row for an index outside, only this says it was wrong)."""
+    if gather_idx.numel():
+        lo, hi = int(gather_idx.min()), int(gather_idx.max())
+        if lo < 0 or hi >= tokens:
+            raise ValueError(f"gather_idx must index rows of x (0..{tokens - 1}); got values {lo}..{hi}")
 
 
 def _launch(step: Step, x, gather_idx, w, offs, outputs, M, N, K, group_m=None):
     module = kernels.load(step.source, defines=step.defines)
-    fn = module.get_function(step.kernel)
-    fn.max_dynamic_shared_size_bytes = step.smem_bytes
-    tile_map, num_tiles, _ = build_tile_map(module, offs, M, step.block_m)
-    i32 = np.int32
-    fn((info().sm_count,), (step.threads,),
-       (tma.tensor_map_2d(w, step.block_n), ptr(x), ptr(gather_idx), *outputs, ptr(offs), ptr(tile_map),
-        ptr(num_tiles), i32(M), i32(N), i32(K), i32(x.shape[0]), i32(group_m or group_m_for(M, offs.numel(), K))),
-       shared_mem=step.smem_bytes)
+    launch_persistent(step, module, (tma.tensor_map_2d(w, step.block_n), ptr(x), ptr(gather_idx), *outputs),
+                      offs, M, K, (M, N, K, x.shape[0]), group_m)
 
 
 def gather_grouped_gemm(x, gather_idx, w, offs, out=None, validate: bool = True, step: Step = GATHER):

@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels, tma
-from .grouped_gemm import MAX_EXPERTS, Step, _ws_smem, build_tile_map, group_m_for
+from .grouped_gemm import MAX_EXPERTS, Step, _ws_smem, check_offsets, launch_persistent
+from .io_overlap import check_gather_range
 from .kernels import ptr
 from .machine import info
 
@@ -60,26 +61,14 @@ def _check_offsets(offs, rows: int, validate: bool) -> int:
     E = offs.numel()
     _require(0 < E <= MAX_EXPERTS, f"between 1 and {MAX_EXPERTS} experts, got {E}")
     if validate:
-        o = offs.cpu()
-        _require(int(o[0]) >= 0 and not bool((o[1:] < o[:-1]).any()) and int(o[-1]) == rows,
-                 f"offs must be non-decreasing end rows with offs[-1] == {rows} (the rows); got {o.tolist()[:16]}")
+        check_offsets(offs, rows)
     return E
 
 
 def _check_gather_idx(gather_idx, rows: int, tokens: int, validate: bool) -> None:
     _require(gather_idx.numel() == rows, f"gather_idx must hold one token per sorted row: {rows}, got {gather_idx.numel()}")
-    if validate and rows:
-        lo, hi = int(gather_idx.min()), int(gather_idx.max())
-        _require(0 <= lo and hi < tokens, f"gather_idx must index the {tokens} token rows; got values {lo}..{hi}")
-
-
-def _persistent_launch(step: Step, module, args: tuple, offs, M: int, K: int, tail: tuple = ()):
-    fn = module.get_function(step.kernel)
-    fn.max_dynamic_shared_size_bytes = step.smem_bytes
-    tile_map, num_tiles, _ = build_tile_map(module, offs, M, step.block_m)
-    i32 = np.int32
-    fn((info().sm_count,), (step.threads,), args + (ptr(offs), ptr(tile_map), ptr(num_tiles)) + tail
-       + (i32(group_m_for(M, offs.numel(), K)),), shared_mem=step.smem_bytes)
+    if validate:
+        check_gather_range(gather_idx, tokens)
 
 
 def transposed_b_grouped_gemm(x, w, offs, validate: bool = True):
@@ -97,8 +86,7 @@ def transposed_b_grouped_gemm(x, w, offs, validate: bool = True):
     if M:
         module = kernels.load(TRANSPOSED_B.source)
         w_map = tma.tensor_map_2d(w, 64)  # w as an [E * K, N] matrix, boxes of 64 rows of K x 64 columns of N
-        _persistent_launch(TRANSPOSED_B, module, (tma.tensor_map_2d(x, 128), w_map, ptr(y)), offs, M, K,
-                           (np.int32(M), np.int32(N), np.int32(K)))
+        launch_persistent(TRANSPOSED_B, module, (tma.tensor_map_2d(x, 128), w_map, ptr(y)), offs, M, K, (M, N, K))
     return y
 
 
@@ -130,7 +118,7 @@ def dswiglu_grouped_gemm(dout, gather_idx, w_down, h, row_scale, offs, validate:
         module = kernels.load(DSWIGLU.source, defines=DSWIGLU.defines)
         args = (tma.tensor_map_2d(w_down, 256), ptr(dout), ptr(gather_idx), ptr(h), ptr(row_scale), ptr(dh), ptr(sa),
                 ptr(ds_part))
-        _persistent_launch(DSWIGLU, module, args, offs, R, d, (np.int32(R), np.int32(n), np.int32(d), np.int32(T)))
+        launch_persistent(DSWIGLU, module, args, offs, R, d, (R, n, d, T))
     return dh, sa, ds_part.sum(0)
 
 

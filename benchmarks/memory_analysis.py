@@ -188,22 +188,14 @@ LAYERS = {"torch-loop": moe_torch_loop, "grouped-mm": moe_grouped_mm}
 
 def forward_saving(impl: str, x, w_router, w_up, w_down, K: int):
     """Run ``impl``'s forward pass and count the bytes autograd saved for the backward, through
-    saved-tensor hooks: each storage once (views of one tensor share it), weights excluded.
-    Returns ``(output, saved_bytes)``. Works on any device."""
-    import torch
+    saved-tensor hooks: each storage once (views of one tensor share it), weights excluded
+    (:func:`moe_course.training.saved_for_backward`). Returns ``(output, saved_bytes)``. Works
+    on any device."""
+    from moe_course import training
 
-    weights = {w.untyped_storage().data_ptr() for w in (w_router, w_up, w_down)}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = LAYERS[impl](x, w_router, w_up, w_down, K)
-    return out, sum(saved.values())
+    out, saved = training.saved_for_backward(lambda: LAYERS[impl](x, w_router, w_up, w_down, K),
+                                             (w_router, w_up, w_down))
+    return out, sum(nbytes for *_, nbytes in saved)
 
 
 def _measure_one(impl: str, shape, seed: int) -> tuple[dict, object]:

@@ -109,23 +109,24 @@ def contenders(x, w: moe.MoEWeights, k: int, names=("torch loop", "torch._groupe
     return out, skipped
 
 
-def saved_for_backward(forward: Callable[[], torch.Tensor], params) -> list[tuple[tuple, str, int]]:
+def saved_for_backward(forward: Callable[[], torch.Tensor], params
+                       ) -> tuple[torch.Tensor, list[tuple[tuple, str, int]]]:
     """Run ``forward()`` and list what autograd saves for the backward, weights (``params``)
-    excluded: ``(shape, dtype, bytes)`` per tensor, each storage counted once (views share it).
-    Works on any device (saved-tensor hooks, no GPU memory statistics)."""
+    excluded: ``(output, [(shape, dtype, bytes), ...])``, each storage counted once (views share
+    it). Works on any device (saved-tensor hooks, no GPU memory statistics)."""
     weights = {p.untyped_storage().data_ptr() for p in params}
-    seen, out = set(), []
+    seen, kept = set(), []
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
         if ptr not in weights and ptr not in seen:
             seen.add(ptr)
-            out.append((tuple(t.shape), str(t.dtype).removeprefix("torch."), t.untyped_storage().nbytes()))
+            kept.append((tuple(t.shape), str(t.dtype).removeprefix("torch."), t.untyped_storage().nbytes()))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward()
-    return out
+        output = forward()
+    return output, kept
 
 
 def gradients(c: Contender, dout) -> list[torch.Tensor]:
@@ -364,6 +365,41 @@ def float64_gradients(T: int, d: int, n: int, E: int, k: int, router_bias: float
 def max_rel_errors(mine: dict, theirs: dict) -> dict[str, float]:
     """Largest difference of each tensor, relative to the largest value of the reference."""
     return {k: float((mine[k] - theirs[k]).abs().max() / theirs[k].abs().max().clamp_min(1e-30)) for k in mine}
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels against the same maths in torch, on the GPU
+
+
+def integer_router_inputs(T: int, d: int, n: int, E: int, router_bias: float = 0.0, seed: int = 0,
+                          device: str = "cuda"):
+    """``(x, w_router, w_gate_up, w_down, dout)`` in bf16 whose router logits are small integers:
+    ``w_router`` picks x's first ``E`` features, a permutation of ``0 .. E-1`` per token (plus
+    ``router_bias`` on expert 0). They are exact in bf16 and float32 alike, so a bf16 and a
+    float32 run of the layer pick the same experts and their results can be compared."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    kw = layer.prepare(moe.random_weights(d, n, E, device=device, generator=g), dtype=torch.bfloat16)
+    w_router = torch.zeros(d, E, device=device, dtype=torch.bfloat16)
+    w_router[:E] = torch.eye(E, device=device, dtype=torch.bfloat16)
+    x = torch.randn(T, d, device=device, generator=g).bfloat16()
+    x[:, :E] = torch.argsort(torch.rand(T, E, device=device, generator=g), dim=1).bfloat16()
+    x[:, 0] += router_bias
+    dout = torch.randn(T, d, device=device, generator=g).bfloat16()
+    return x, w_router, kw.w_gate_up, kw.w_down, dout
+
+
+def kernels_and_torch(x, w_router, w_gate_up, w_down, dout, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Output and the five gradients of :class:`moe_course.layer.MoEFunction`, on the course's
+    kernels in bf16 and on the same maths in float32 torch (:data:`moe_course.layer.TORCH_OPS`),
+    both float32 for comparing: ``{"out": (kernels, torch), "x": ..., "w_down": ...}``."""
+    results = {}
+    for name, ops, dtype in (("kernels", layer.KERNEL_OPS, torch.bfloat16), ("torch", layer.TORCH_OPS, torch.float32)):
+        ins = [t.detach().to(dtype).clone().requires_grad_() for t in (x, w_router, w_gate_up, w_down)]
+        out = layer.MoEFunction.apply(*ins, k, ops)
+        out.backward(dout.to(dtype))
+        results[name] = [out.detach().float()] + [t.grad.float() for t in ins]
+    labels = ("out", "x", "w_router", "w_gate_up", "w_down")
+    return {label: pair for label, pair in zip(labels, zip(results["kernels"], results["torch"]))}
 
 
 # --------------------------------------------------------------------------------------------

@@ -89,27 +89,11 @@ def test_course_moe_trains_on_the_cpu():
     (200, 256, 256, 4, 1, 100.0),  # one expert takes all
 ])
 def test_kernels_match_the_torch_maths_on_the_gpu(T, d, n, E, k, bias):
-    """Output and all five gradients, kernels in bf16 against the same maths in float32. The
-    router sees logits that are small integers (w_router picks a permutation of 0..E-1 out of
-    x's first E features), exact in bf16 and float32 alike, so both pick the same experts."""
-    torch.manual_seed(T)
-    w = layer.prepare(moe.random_weights(d, n, E, device="cuda"), dtype=torch.bfloat16)
-    w_router = torch.zeros(d, E, device="cuda", dtype=torch.bfloat16)
-    w_router[:E] = torch.eye(E, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(T, d, device="cuda").bfloat16()
-    x[:, :E] = torch.argsort(torch.rand(T, E, device="cuda"), dim=1).bfloat16()
-    x[:, 0] += bias
-    grad_out = torch.randn(T, d, device="cuda").bfloat16()
+    """Output and all five gradients, kernels in bf16 against the same maths in float32, with
+    router logits exact in both (training.integer_router_inputs), so both pick the same experts."""
+    x, w_router, w_gate_up, w_down, grad_out = training.integer_router_inputs(T, d, n, E, bias, seed=T)
     assert layer.kernels_unavailable(x, d, n) is None
-    results = {}
-    for name, ops in (("kernels", layer.KERNEL_OPS), ("torch", layer.TORCH_OPS)):
-        ins = [t.clone().requires_grad_() for t in (x, w_router, w.w_gate_up, w.w_down)]
-        if name == "torch":
-            ins = [t.detach().float().requires_grad_() for t in ins]
-        out = layer.MoEFunction.apply(*ins, k, ops)
-        out.backward(grad_out.to(out.dtype))
-        results[name] = [out.detach().float()] + [t.grad.float() for t in ins]
-    for label, a, b in zip(["out", "x", "w_router", "w_gate_up", "w_down"], results["kernels"], results["torch"]):
+    for label, (a, b) in training.kernels_and_torch(x, w_router, w_gate_up, w_down, grad_out, k).items():
         assert torch.isfinite(a).all(), label
         if b.norm() == 0:  # k = 1: the one weight is always 1, so the router gets no gradient
             assert a.norm() == 0, label

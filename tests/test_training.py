@@ -41,10 +41,10 @@ def test_the_course_layer_keeps_less_than_autograd_through_the_loop():
     w, x = small(T=256, d=64, n=48, E=8)  # d, n and 2n all different: shapes tell tensors apart
     found, _ = training.contenders(x, w, 4, ("torch loop",))
     c = found["torch loop"]
-    theirs = sum(b for *_, b in training.saved_for_backward(c.forward, c.params[1:]))
+    theirs = sum(b for *_, b in training.saved_for_backward(c.forward, c.params[1:])[1])
     params = [t.requires_grad_() for t in layer.prepare(w, dtype=None)]
     xl = x.clone().requires_grad_()
-    ours = training.saved_for_backward(lambda: layer.MoEFunction.apply(xl, *params, 4, layer.TORCH_OPS), params)
+    _, ours = training.saved_for_backward(lambda: layer.MoEFunction.apply(xl, *params, 4, layer.TORCH_OPS), params)
     R, n = 256 * 4, 48
     assert {shape for shape, *_ in ours} >= {(256, 64), (R, 2 * n)}  # X and H
     assert not any(shape in {(R, 64), (R, n)} for shape, *_ in ours)  # no gathered X, no A, no expert output

@@ -351,11 +351,14 @@ def check_notebook(browser, server: LabServer, expect: Expect, screenshot: Path)
     return report
 
 
+MISCOUNT_GRACE_S = 20
+
+
 def run_to_the_end(page, n_code: int, timeout: float) -> list[str]:
     """Wait until every code cell has run, or one failed (Run All stops there), and the kernel
     is idle again. Returns each cell's state from the minimap."""
     deadline = time.monotonic() + timeout
-    states = None
+    states, miscounted_since = None, None
     while time.monotonic() < deadline:
         states = page.evaluate(CELL_STATES_JS)
         if states is None:
@@ -363,7 +366,14 @@ def run_to_the_end(page, n_code: int, timeout: float) -> list[str]:
                                       "applied (JUPYTERLAB_SETTINGS_DIR)")
         code = [s for s in states if s]
         if len(code) != n_code:
-            raise NotebookCheckFailed(f"the page shows {len(code)} code cells, the file has {n_code}")
+            # The minimap is redrawn while Run All starts: once in four CI runs it showed no
+            # cells for a moment. A count that stays wrong for MISCOUNT_GRACE_S is a failure.
+            miscounted_since = miscounted_since or time.monotonic()
+            if time.monotonic() - miscounted_since > MISCOUNT_GRACE_S:
+                raise NotebookCheckFailed(f"the page shows {len(code)} code cells, the file has {n_code}")
+            time.sleep(0.5)
+            continue
+        miscounted_since = None
         status = kernel_status(page)
         if status in ("Dead", "Unknown", "Disconnected"):
             raise NotebookCheckFailed(f"the kernel is {status} (states: {code})")

@@ -8,6 +8,8 @@ gradients agree. Without a GPU it prints the recorded results.
     python benchmarks/bench_moe_layer.py                      # all four shapes, recorded
     python benchmarks/bench_moe_layer.py --shapes qwen3-30b-a3b --no-save
     python benchmarks/bench_moe_layer.py --train              # also the training run (loss curves)
+    python benchmarks/bench_moe_layer.py --shapes sonicmoe-7b qwen3-30b-a3b \
+        --contenders torch._grouped_mm course SonicMoE --record moe_layer_sonicmoe   # chapter 05
 """
 
 from __future__ import annotations
@@ -39,14 +41,21 @@ def main(argv=None) -> int:
     ap.add_argument("--contenders", nargs="*", default=["torch loop", "torch._grouped_mm", "course", "SonicMoE"])
     ap.add_argument("--train", action="store_true", help="also run the training comparison")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--record", default=KIND, help=f"the record's name (default {KIND}; the SonicMoE "
+                    "comparison of chapter 05 is recorded as moe_layer_sonicmoe)")
     args = ap.parse_args(argv)
     if not info().has_gpu:
-        rec = records.recorded_instead(KIND)
+        rec = records.recorded_instead(args.record)
         if rec is not None:
             print(training.table(rec.data))
         return 0
     by_name = {c.name: c for c in configs.CHAPTER02}
-    data = {"shapes": {}, "train": None}
+    data = {"shapes": {}, "train": None,
+            "command": " ".join(["python", "benchmarks/bench_moe_layer.py", *(sys.argv[1:] if argv is None else argv)])}
+    if "SonicMoE" in args.contenders:
+        from moe_course.variants import sonicmoe_versions
+
+        data["versions"] = sonicmoe_versions()
     for name in args.shapes:
         cfg = by_name[name] if name in by_name else configs.by_name(name)
         print(f"--- {name} {tuple(cfg.shape)}", flush=True)
@@ -55,6 +64,8 @@ def main(argv=None) -> int:
                                      progress=lambda s: print("  ", s, flush=True))
         res["skipped"] |= {c: why for c, why in left_out.items() if c in args.contenders}
         data["shapes"][name] = res
+        if not args.no_save:  # after every shape: a long run cut short keeps what it measured
+            records.save(args.record, data)
         import torch
         torch.cuda.empty_cache()
     print(training.table(data))
@@ -67,7 +78,7 @@ def main(argv=None) -> int:
             print(label, "loss: first", curves[label][0], "last", curves[label][-1], flush=True)
         data["train"] = {"config": TRAIN, "losses": curves}
     if not args.no_save:
-        print("recorded:", records.save(KIND, data).path)
+        print("recorded:", records.save(args.record, data).path)
     return 0
 
 

@@ -17,9 +17,11 @@
 // end are the next expert's: harmless, because X's rows there are zero); X's slice by cp.async
 // (gathered or not), zero-filled past the expert's end.
 //
-// Epilogue: the 128 x 256 tile of dW leaves through shared memory like chapter 03's
-// (store_tile_staged in warp_specialized.cuh, which also gives BM = 128 rows of N and BN = 256
-// columns of K per tile, STAGES, THREADS and the register split).
+// Epilogue: the 128 x 256 tile of dW goes through shared memory and leaves by TMA stores
+// (store_tile_tma in warp_specialized.cuh, which also gives BM = 128 rows of N and BN = 256
+// columns of K per tile, STAGES, THREADS and the register split): the consumers go on to the
+// next tile's multiplies while it drains. With only 4-5 slices per tile (DeepSeek-V3: 256 rows
+// per expert), ordinary stores kept the consumers from the tensor cores for too long.
 #include "warp_specialized.cuh"
 
 #define BR 64  // rows reduced per slice
@@ -40,8 +42,8 @@ __device__ __forceinline__ void wg_tile(int t, int n_tiles, int k_tiles, int& e,
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 weight_grad_grouped_gemm(const __grid_constant__ TmaDesc map_dy, const bf16* __restrict__ X,
                          const int* __restrict__ gather_idx,  // nullptr: X's rows are the sorted rows
-                         bf16* __restrict__ dW, const int* __restrict__ offs, int E, int R, int N, int K,
-                         int x_rows) {
+                         const __grid_constant__ TmaDesc map_dw,  // dW as an [E * N, K] matrix, 64 x 64 boxes
+                         const int* __restrict__ offs, int E, int R, int N, int K, int x_rows) {
     const Ring<WgSlot> ring = make_ring<WgSlot>(1 + 128);  // expect_tx + each producer thread's cp.async
     WgSlot* slots = ring.slots;
     Staging* staging = ring.staging;
@@ -108,8 +110,9 @@ weight_grad_grouped_gemm(const __grid_constant__ TmaDesc map_dy, const bf16* __r
                 wgmma_fence_operands(acc);
 #pragma unroll
                 for (int kk = 0; kk < BR / 16; ++kk)  // 16 rows of the reduction = 16 x 128 B further
-                    wgmma_m64n256k16</*TRANS_A=*/1, /*TRANS_B=*/1>(acc, wgmma_desc_mn(slots[s].dy[c] + kk * 16 * 64, 0),
-                                                                   wgmma_desc_mn(slots[s].x[0] + kk * 16 * 64, BR * 64 * 2));
+                    if (r0 + 16 * kk < end)  // 16 rows wholly past the expert's end would add zeros: skipped
+                        wgmma_m64n256k16</*TRANS_A=*/1, /*TRANS_B=*/1>(acc, wgmma_desc_mn(slots[s].dy[c] + kk * 16 * 64, 0),
+                                                                       wgmma_desc_mn(slots[s].x[0] + kk * 16 * 64, BR * 64 * 2));
                 wgmma_commit();
                 // As in chapter 03: wait for the batch and free its slot at once. (Keeping one
                 // batch running while the next is issued measured the same here, within 2%.)
@@ -119,7 +122,8 @@ weight_grad_grouped_gemm(const __grid_constant__ TmaDesc map_dy, const bf16* __r
                 if (++s == STAGES) s = 0, parity ^= 1;
             }
             // dW[e][n*128 + 64c + row][k*256 + col]: rows of the tile are N, columns K
-            store_tile_staged(acc, staging[c], c, dW + (size_t)e * N * K, K, n * BM + 64 * c, N, k * BN);
+            store_tile_tma(acc, staging[c], c, map_dw, e * N + n * BM + 64 * c, k * BN);
         }
+        if (threadIdx.x % 128 == 0) tma_store_wait_all();  // shared memory must outlive the stores reading it
     }
 }

@@ -8,6 +8,7 @@
 //      writes shared memory in the 128-byte swizzled layout wgmma reads (grouped_gemm.cuh),
 //      and counts the bytes down on an mbarrier. The tensor is described by a 128-byte tensor
 //      map made on the host (moe_course/tma.py) and passed as a __grid_constant__ parameter.
+//      TMA also stores: a box from shared memory to the tensor, while the SM goes on computing.
 //   3. setmaxnreg: hand registers from the warpgroup that only copies to the ones that compute.
 #pragma once
 #include "grouped_gemm.cuh"
@@ -65,6 +66,22 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TmaDesc& map, int c
         :: "r"(smem_addr(dst)), "l"(reinterpret_cast<u64>(&map)), "r"(col), "r"(row), "r"(smem_addr(bar))
         : "memory");
 }
+
+// TMA the other way (chapter 06): the box at `src` in shared memory (the swizzled layout a load
+// writes) to the tensor at (col, row). The issuing thread does not wait: its stores form bulk
+// groups (commit), and it waits later only until a group has been READ out of shared memory
+// (so the buffer may be written again) or, at the very end, until it has landed. Before the
+// store, the threads that wrote the box make their writes visible to the copy engine
+// (fence_proxy_async, then a barrier): shared memory written by ordinary stores is the
+// "generic proxy", the TMA reads through the "async proxy".
+__device__ __forceinline__ void tma_store_2d(const TmaDesc& map, const void* src, int col, int row) {
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n"
+                 :: "l"(reinterpret_cast<u64>(&map)), "r"(smem_addr(src)), "r"(col), "r"(row) : "memory");
+}
+__device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N>  // until at most N of this thread's store groups still read shared memory
+__device__ __forceinline__ void tma_store_wait_read() { asm volatile("cp.async.bulk.wait_group.read %0;\n" :: "n"(N) : "memory"); }
+__device__ __forceinline__ void tma_store_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
 // ---------------------------------------------------------------------------------------------
 // 3. Register reallocation (sm_90a). Every thread of a warpgroup executes it, and the kernel

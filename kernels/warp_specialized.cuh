@@ -168,6 +168,37 @@ __device__ __forceinline__ void store_tile_staged(const float (&d)[NV], Staging&
     }
 }
 
+// The same 64 x BN accumulators leaving by TMA stores (tma_store_2d), for tiles that are always
+// whole (chapter 06's weight gradients): the registers go to a staging buffer as above, then one
+// thread hands its two 64 x 64 boxes to the copy engine and the warpgroup goes straight on to
+// its next tile's multiplies while the bytes drain to memory. Ordinary stores kept the
+// warpgroup busy until every byte had left (and all SMs of a persistent grid reach their
+// epilogue together, so memory sat idle during the multiplies and was swamped after them).
+// The one buffer is written again once the copy engine has read out its previous contents.
+template <int NV>
+__device__ __forceinline__ void store_tile_tma(const float (&d)[NV], Staging& buf, int c, const TmaDesc& map,
+                                               int row0, int col0) {
+    const int t = threadIdx.x % 128;
+#pragma unroll
+    for (int half = 0; half < NV / 64; ++half) {  // 128 columns = 64 accumulators per thread
+        if (t == 0) tma_store_wait_read<0>();
+        warpgroup_sync(c);  // the buffer is free
+#pragma unroll
+        for (int v = 64 * half; v < 64 * half + 64; v += 2) {
+            const int r = 16 * (t / 32) + (t % 32) / 4 + 8 * ((v / 2) % 2);  // wgmma's fragment layout
+            const int col = 8 * (v / 4) + 2 * (t % 4) - 128 * half;
+            *reinterpret_cast<__nv_bfloat162*>(staged(buf, r, col)) = __floats2bfloat162_rn(d[v], d[v + 1]);
+        }
+        fence_proxy_async();  // these writes, visible to the copy engine
+        warpgroup_sync(c);
+        if (t == 0) {
+            tma_store_2d(map, buf.box[0], col0 + 128 * half, row0);
+            tma_store_2d(map, buf.box[1], col0 + 128 * half + 64, row0);
+            tma_store_commit();
+        }
+    }
+}
+
 // SwiGLU of the warpgroup's 64 x BN accumulators (BN / 2 output columns, at most 128).
 template <int NV>
 __device__ __forceinline__ void store_swiglu_staged(const float (&d)[NV], Staging& buf, int c, bf16* A, int lda,

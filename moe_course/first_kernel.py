@@ -33,6 +33,7 @@ def check_bf16_cuda(name: str, t, align: int = 16) -> None:
                          f"(its address ends in {t.data_ptr() % align} mod {align}; a sliced view?)")
 
 
+@kernels.on_torch_stream
 def scale(x, alpha: float, out=None):
     """``alpha * x`` in bf16 by the course's first kernel."""
     import torch

@@ -158,6 +158,7 @@ def check_offsets(offs, M: int) -> None:
                          + ("..." if o.numel() > 16 else ""))
 
 
+@kernels.on_torch_stream
 def launch_persistent(step: Step, module, head: tuple, offs, M: int, K: int, sizes: tuple, group_m: int | None = None):
     """Launch a persistent kernel of chapters 03 and 06 (one block per SM, the tile map built on
     the GPU): ``kernel(*head, offs, tile_map, num_tiles, *sizes, group_m)``."""
@@ -181,6 +182,7 @@ def grouped_gemm(x, w, offs, step: str = BEST, out=None, validate: bool = True):
     return run_step(STEPS[step], x, w, offs, out, validate)
 
 
+@kernels.on_torch_stream
 def run_step(s: Step, x, w, offs, out=None, validate: bool = True, module=None, group_m: int | None = None):
     """Launch one step (``module``: an already loaded module, e.g. an exercise's own kernel;
     ``group_m``: the warp-specialised kernels' tile grouping, default :func:`group_m_for`)."""
@@ -230,6 +232,7 @@ def run_step(s: Step, x, w, offs, out=None, validate: bool = True, module=None, 
     return out
 
 
+@kernels.on_torch_stream
 def build_tile_map(module, offs, M: int, block_m: int):
     """Launch ``build_tile_map`` (grouped_gemm.cuh): (tile_map, num_tiles, max_tiles), all on the GPU.
 

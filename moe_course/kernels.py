@@ -226,6 +226,39 @@ def ptr(tensor, offset_bytes: int = 0) -> np.uint64:
     return np.uint64(tensor.data_ptr() + offset_bytes)
 
 
+def on_torch_stream(launcher):
+    """Decorator for a function that launches kernels on torch tensors: its CuPy launches go on
+    torch's current stream, where torch's own work on those tensors goes, instead of CuPy's.
+
+    Both libraries default to the same (legacy default) stream, so without this everything still
+    works until someone uses a stream: under ``with torch.cuda.stream(s):`` the course's kernels
+    would not wait for the torch work that made their inputs, and a CUDA graph capture (it
+    records one stream) would fail. ``tests/test_layer_training.py`` checks both."""
+    @functools.wraps(launcher)
+    def on_the_same_stream(*args, **kwargs):
+        if not info().has_gpu:  # nothing will launch: the launcher's own checks say why
+            return launcher(*args, **kwargs)
+        import torch
+
+        with _cupy_stream(torch.cuda.current_stream()):
+            return launcher(*args, **kwargs)
+    return on_the_same_stream
+
+
+_CUPY_STREAMS: dict = {}
+
+
+def _cupy_stream(torch_stream):
+    """CuPy's view of a torch stream (nothing created), made once per stream."""
+    import cupy
+
+    key = (torch_stream.cuda_stream, torch_stream.device.index)
+    if key not in _CUPY_STREAMS:
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)  # CuPy >= 14.1; older: ExternalStream
+        _CUPY_STREAMS[key] = from_external(torch_stream) if from_external else cupy.cuda.ExternalStream(*key)
+    return _CUPY_STREAMS[key]
+
+
 def load(src: str | os.PathLike | Source, defines: dict | None = None,
          options: tuple[str, ...] = (), name_expressions: tuple[str, ...] = ()):
     """Compile for this GPU with CuPy ``RawModule`` and return the module (needs a GPU)."""

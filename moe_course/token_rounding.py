@@ -57,6 +57,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import kernels
+
 
 #: Rounding modes: to the nearest tile multiple (an exact half goes up), up, down.
 MODES = ("nearest", "up", "down")
@@ -443,10 +445,11 @@ def max_rows(num_tokens: int, num_experts: int, k: int, tile: int, method: str) 
     return bound if method == "padded" else min(bound, num_tokens * num_experts)
 
 
+@kernels.on_torch_stream
 def route_cuda(scores: Tensor, k: int, tile: int = DEFAULT_TILE, method: str = "nearest",
                validate: bool = True, module=None) -> DeviceRouting:
     """Build a routing on the GPU with the kernels of ``kernels/04_1_token_rounding.cu``:
-    ``scores (T, E)`` float32 on the GPU -> :class:`DeviceRouting`. Four launches on the current
+    ``scores (T, E)`` float32 on the GPU -> :class:`DeviceRouting`. Four launches on torch's current
     stream, no host synchronisation (``validate=True`` adds one: it checks the scores for NaN
     first; benchmarks turn it off). Identical, bit for bit, to :func:`route` on the same scores.
     """
@@ -469,8 +472,6 @@ def route_cuda(scores: Tensor, k: int, tile: int = DEFAULT_TILE, method: str = "
     _require(rows < 2**31, f"{rows} rows do not fit int32 indices")
 
     if module is None:
-        from . import kernels
-
         module = kernels.load(KERNEL_SOURCE)
     dev, i32 = scores.device, torch.int32
     topk = torch.empty(num_tokens, k, dtype=i32, device=dev)

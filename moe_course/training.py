@@ -403,6 +403,57 @@ def kernels_and_torch(x, w_router, w_gate_up, w_down, dout, k: int) -> dict[str,
 
 
 # --------------------------------------------------------------------------------------------
+# One CUDA graph for the whole step: how much of the eager time is the host's?
+
+
+def graphed_step(c: Contender, dout) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Capture one forward + backward of ``c`` in a CUDA graph, after a warm-up on a side stream
+    (as torch's documentation asks: first calls compile, allocate and pick algorithms); returns
+    the graph and its output tensor. Replaying it reruns the step on whatever its input buffers
+    then hold: the output tensor and the ``.grad`` tensors the capture allocated get the results. Needs every launch on torch's current stream and no
+    host synchronisation: the course's layer qualifies, the ``torch._grouped_mm`` layer does not
+    (its sort by expert reads the counts back to the host)."""
+    def step():
+        for t in c.params:
+            t.grad = None
+        c.forward().backward(dout)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    for t in c.params:
+        t.grad = None
+    with torch.cuda.graph(graph):
+        out = c.forward()
+        out.backward(dout)
+    return graph, out.detach()
+
+
+def eager_and_graph(shape, seed: int = 0, rounds: int = 5, reps: int = 10) -> dict:
+    """The course's layer on one shape ``(T, d, n, E, k)``: forward + backward launched from
+    Python, and the same step replayed as one CUDA graph, timed in turns (:func:`interleaved`)."""
+    T, d, n, E, k = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = moe.random_weights(d, n, E, dtype=torch.bfloat16, device="cuda", generator=g)
+    x = torch.randn(T, d, device="cuda", generator=g).bfloat16()
+    dout = torch.randn(T, d, device="cuda", generator=g).bfloat16()
+    c = contenders(x, w, k, ("course",))[0]["course"]
+    graph, _ = graphed_step(c, dout)
+
+    def eager():
+        for t in c.params:
+            t.grad = None
+        c.forward().backward(dout)
+
+    return interleaved({"eager": eager, "CUDA graph": graph.replay}, rounds=rounds, reps=reps, warmup=3,
+                       flops=layer_flops(T, d, n, k)["forward+backward"])
+
+
+# --------------------------------------------------------------------------------------------
 # A short training run: does the layer train like the torch reference?
 
 

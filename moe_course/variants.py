@@ -207,6 +207,23 @@ def grouped_mm_unavailable(device: str) -> str | None:
 # SonicMoE (chapter 05): the library's layer, given the course's weights
 
 
+SONICMOE_PACKAGES = ("sonic-moe", "quack-kernels", "nvidia-cutlass-dsl")
+
+
+def sonicmoe_versions() -> dict[str, str | None]:
+    """The installed versions of SonicMoE and the two packages its kernels come from (None: not
+    installed): recorded beside every SonicMoE measurement, since its speed moves with them."""
+    import importlib.metadata as md
+
+    found = {}
+    for package in SONICMOE_PACKAGES:
+        try:
+            found[package] = md.version(package)
+        except md.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
 def sonicmoe_unavailable(device: str) -> str | None:
     try:
         import sonicmoe  # noqa: F401

@@ -14,6 +14,7 @@ COUNTS = {
     "one-expert-has-every-row": [0, 0, 300, 0],
     "single-expert": [64],
     "many-tiles": [1500, 3, 700, 0, 129],
+    "16-row-boundaries": [16, 0, 48, 80, 33],  # 06_3 skips the 16-row batches past an expert's end
 }
 
 

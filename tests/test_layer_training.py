@@ -102,3 +102,61 @@ def test_kernels_match_the_torch_maths_on_the_gpu(T, d, n, E, k, bias):
         assert err < 2e-2, (label, err)
     if bias:
         assert torch.all(layer.route(x, w_router, k).experts == 0), "meant: one expert takes every token"
+
+
+def kernels_step(inputs, k):
+    """One forward + backward of the layer on the kernels: the output and the four gradients."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs[:4]]
+    out = layer.MoEFunction.apply(*leaves, k, layer.KERNEL_OPS)
+    out.backward(inputs[4])
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.gpu
+def test_the_kernels_run_on_torchs_current_stream():
+    """Under ``with torch.cuda.stream(s)``, the course's kernels must wait for the torch work
+    queued before them on s: here the input is written on s only after a long sleep, so kernels
+    launched on any other stream would read it before it is there."""
+    inputs = training.integer_router_inputs(512, 256, 256, 8, seed=3)
+    want = kernels_step(inputs, 2)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        late = torch.zeros_like(inputs[0])
+        torch.cuda._sleep(500_000_000)  # about 0.3 s of GPU clock cycles on this stream alone
+        late.copy_(inputs[0])
+        got = kernels_step((late, *inputs[1:]), 2)
+    torch.cuda.current_stream().wait_stream(side)
+    for name, a, b in zip(("out", "x", "w_router", "w_gate_up", "w_down"), got, want):
+        assert torch.equal(a, b), f"{name} differs when the layer runs on a side stream"
+
+
+@pytest.mark.gpu
+def test_forward_and_backward_replay_in_a_cuda_graph():
+    """Every launch on torch's stream and no host synchronisation anywhere: the whole forward and
+    backward can be captured once in a CUDA graph (training.graphed_step) and replayed on new
+    inputs, with the results of an eager run on those inputs."""
+    T, d, n, E, k = 512, 256, 256, 8, 2
+    static = [t.clone() for t in training.integer_router_inputs(T, d, n, E, seed=1)]
+    leaves = [t.requires_grad_() for t in static[:4]]
+    c = training.Contender("course", leaves, lambda: layer.MoEFunction.apply(*leaves, k, layer.KERNEL_OPS))
+    graph, out = training.graphed_step(c, static[4])
+    fresh = training.integer_router_inputs(T, d, n, E, seed=2)
+    with torch.no_grad():
+        for buffer, value in zip(static, fresh):
+            buffer.copy_(value)
+    graph.replay()
+    want = kernels_step(fresh, k)
+    for name, a, b in zip(("out", "x", "w_router", "w_gate_up", "w_down"), [out] + [t.grad for t in leaves], want):
+        assert torch.equal(a, b), f"{name}: the graph's replay differs from an eager run on the same inputs"
+
+
+def test_a_second_backward_through_one_forward_is_refused():
+    """The backward frees H after its one use; a second pass (retain_graph=True) must say so, not
+    read freed memory."""
+    T, d, n, E, k = 64, 48, 16, 8, 2
+    params = [torch.nn.Parameter(t) for t in layer.prepare(moe.random_weights(d, n, E), dtype=None)]
+    out = layer.MoEFunction.apply(torch.randn(T, d, requires_grad=True), *params, k, layer.TORCH_OPS)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.sum().backward()

@@ -84,3 +84,34 @@ def test_bench_without_a_gpu_prints_the_record(capsys):
     assert load("bench_moe_layer").main([]) == 0
     out = capsys.readouterr().out
     assert "recorded on" in out and "course" in out
+
+
+def test_the_sonicmoe_record_compares_outputs_and_names_its_versions():
+    rec = records.load("moe_layer_sonicmoe")
+    assert set(rec.data["versions"]) == {"sonic-moe", "quack-kernels", "nvidia-cutlass-dsl"}
+    assert all(rec.data["versions"].values()), rec.data["versions"]
+    for shape, res in rec.data["shapes"].items():
+        sonic = res["contenders"]["SonicMoE"]
+        errors = sonic["agreement_with_torch._grouped_mm"]
+        assert set(errors) == set(training.GRADIENT_NAMES) and max(errors.values()) < 2e-2, (shape, errors)
+
+
+def test_sonicmoe_versions_names_each_package():
+    from moe_course import variants
+
+    found = variants.sonicmoe_versions()
+    assert tuple(found) == variants.SONICMOE_PACKAGES
+    assert all(v is None or isinstance(v, str) for v in found.values())
+
+
+def test_the_profile_script_prints_a_kernel_table(capsys):
+    profile = load("profile_moe_layer")
+    res = {"ms_per_iter": 10.0, "kernels": {"weight_grad_grouped_gemm": (4.0, 2.0), "combine_rows": (1.0, 2.0),
+                                            "tiny": (0.004, 1.0)}}
+    profile.show("qwen3-30b-a3b", "course", res)
+    out = capsys.readouterr().out
+    assert "GPU idle 4.996 ms" in out and "weight_grad_grouped_gemm" in out and "40.0%" in out
+    assert "tiny" not in out  # under 1% of the kernel time: left out
+    if not info().has_gpu:
+        assert profile.main([]) == 0
+        assert "needs a GPU" in capsys.readouterr().out

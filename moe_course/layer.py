@@ -149,6 +149,14 @@ def _torch_dswiglu(dout, idx, w_down, h, s, offs):
     douts = dout[idx.long()].to(acc)
     da_raw = douts.new_zeros(douts.shape[0], w_down.shape[1])
     _per_expert(offs, lambda e, lo, hi: da_raw[lo:hi].copy_(douts[lo:hi] @ w_down[e].to(acc).T))
+    return swiglu_backward(da_raw, h, s)
+
+
+def swiglu_backward(da_raw, h, s):
+    """The SwiGLU backward of ``06_2``'s epilogue, in torch: ``dA' (R, n)`` (before the routing
+    weights), the forward's ``h (R, 2n)`` (gate, up interleaved), ``s (R,)`` -> ``(dh, s * a, ds)``."""
+    acc = torch.promote_types(da_raw.dtype, torch.float32)
+    da_raw = da_raw.to(acc)
     gate, up = (t.to(acc) for t in io_overlap.deinterleave(h))
     sig = torch.sigmoid(gate)
     silu_g = gate * sig
@@ -175,6 +183,28 @@ def _torch_combine(rows, pos, weights):
 
 TORCH_OPS = Ops(up=_torch_up, times_w=_torch_times_w, dswiglu=_torch_dswiglu, weight_grad=_torch_weight_grad,
                 combine=_torch_combine)
+
+# The same products on torch._grouped_mm (CUTLASS on Hopper): the library each of the course's
+# kernels is measured against (benchmarks/bench_layer_kernels.py); no host sync. A transposed
+# weight is passed as a transposed view: _grouped_mm reads either layout (autograd's backward
+# through the torch._grouped_mm layer does the same).
+
+
+def _grouped_mm_up(x, idx, w, offs):
+    h = torch._grouped_mm(x[idx.long()], w.transpose(1, 2), offs=offs)
+    return io_overlap.swiglu_of(h), h
+
+
+def _grouped_mm_dswiglu(dout, idx, w_down, h, s, offs):
+    return swiglu_backward(torch._grouped_mm(dout[idx.long()], w_down.transpose(1, 2), offs=offs), h, s)
+
+
+def _grouped_mm_weight_grad(dy, x, idx, offs):
+    return torch._grouped_mm(dy.t(), x[idx.long()] if idx is not None else x, offs=offs)  # offsets along K
+
+
+GROUPED_MM_OPS = Ops(up=_grouped_mm_up, times_w=lambda x, w, offs: torch._grouped_mm(x, w, offs=offs),
+                     dswiglu=_grouped_mm_dswiglu, weight_grad=_grouped_mm_weight_grad, combine=_torch_combine)
 
 
 def _kernel_ops() -> Ops:

@@ -403,6 +403,170 @@ def kernels_and_torch(x, w_router, w_gate_up, w_down, dout, k: int) -> dict[str,
 
 
 # --------------------------------------------------------------------------------------------
+# The layer's products one by one: each course kernel against the same product on the library
+
+
+def op_cases(shape, device: str = "cuda", seed: int = 0) -> list[tuple[str, str, Callable, float, float]]:
+    """The seven products of one forward + backward of the layer on shape ``(T, d, n, E, k)``, on
+    realistic inputs (a real routing, each product's inputs made by the one before it):
+    ``(product, course kernel, run(ops), flops, bytes)``; ``run`` calls the product through an
+    :class:`moe_course.layer.Ops` (``layer.KERNEL_OPS``, ``layer.GROUPED_MM_OPS``, ...)."""
+    T, d, n, E, k = shape
+    g = torch.Generator(device=device).manual_seed(seed)
+    bf16 = torch.bfloat16
+    x = torch.randn(T, d, device=device, generator=g).to(bf16)
+    dout = torch.randn(T, d, device=device, generator=g).to(bf16)
+    w_router = (torch.randn(d, E, device=device, generator=g) * d ** -0.5).to(bf16)
+    w_gate_up = (torch.randn(E, 2 * n, d, device=device, generator=g) * d ** -0.5).to(bf16)
+    w_down = (torch.randn(E, n, d, device=device, generator=g) * n ** -0.5).to(bf16)
+    r = layer.route(x, w_router, k)
+    idx, offs, s = r.gather_idx, r.offs, r.row_weights.float().contiguous()
+    made = layer.GROUPED_MM_OPS  # the inputs of the later products, made once by the library
+    a, h = made.up(x, idx, w_gate_up, offs)
+    dh, sa, _ = made.dswiglu(dout, idx, w_down, h, s, offs)
+    y = made.times_w(a, w_down, offs)
+    R = idx.numel()
+    return [
+        ("up: x[gather] W_gate_up^T, SwiGLU", "03_4_swiglu", lambda ops: ops.up(x, idx, w_gate_up, offs),
+         2.0 * R * d * 2 * n, 0.0),
+        ("down: A W_down", "06_1_transposed_b", lambda ops: ops.times_w(a, w_down, offs), 2.0 * R * n * d, 0.0),
+        ("dA' = dout[gather] W_down^T, SwiGLU backward", "06_2_dswiglu",
+         lambda ops: ops.dswiglu(dout, idx, w_down, h, s, offs), 2.0 * R * d * n, 0.0),
+        ("dX rows: dH W_gate_up", "06_1_transposed_b", lambda ops: ops.times_w(dh, w_gate_up, offs),
+         2.0 * R * 2 * n * d, 0.0),
+        ("dW_gate_up = dH^T x[gather]", "06_3_weight_grad", lambda ops: ops.weight_grad(dh, x, idx, offs),
+         2.0 * R * 2 * n * d, 0.0),
+        ("dW_down = (s A)^T dout[gather]", "06_3_weight_grad", lambda ops: ops.weight_grad(sa, dout, idx, offs),
+         2.0 * R * n * d, 0.0),
+        ("combine: each token's k weighted rows", "06_4_combine", lambda ops: ops.combine(y, r.pos, r.weights),
+         0.0, 2.0 * (R + T) * d),
+    ]
+
+
+def relative_error_chunked(got: torch.Tensor, want: torch.Tensor, chunk: int = 1 << 26) -> float:
+    """``||got - want|| / ||want||`` in float32, a chunk at a time (DeepSeek-V3's weight gradient
+    is 15 GB in bf16: whole float copies of both would not fit beside it); inf if ``got`` holds
+    a NaN or an inf."""
+    g, w = got.detach().reshape(-1), want.detach().reshape(-1)
+    num = den = 0.0
+    for i in range(0, g.numel(), chunk):
+        a, b = g[i:i + chunk].float(), w[i:i + chunk].float()
+        if not bool(torch.isfinite(a).all()):
+            return float("inf")
+        num += float((a - b).square().sum())
+        den += float(b.square().sum())
+    return (num / max(den, 1e-60)) ** 0.5
+
+
+def measure_ops(shape, mine: layer.Ops | None = None, theirs: layer.Ops | None = None, device: str = "cuda",
+                names=("course", "torch._grouped_mm"), rounds: int = 5, reps: int = 5, tolerance: float = 2e-2,
+                progress: Callable[[str], None] = print) -> list[dict]:
+    """Each product of :func:`op_cases`, ``mine`` (default the course's kernels) against
+    ``theirs`` (default ``torch._grouped_mm`` plus the torch around it: the gather, the
+    elementwise SwiGLU and its backward): every output compared first (relative error below
+    ``tolerance``), then both timed in turns. A product that fails its check is not timed."""
+    mine, theirs = mine or layer.KERNEL_OPS, theirs or layer.GROUPED_MM_OPS
+    rows = []
+    for product, kernel, run, flops, nbytes in op_cases(shape, device):
+        ours, ref = run(mine), run(theirs)
+        ours, ref = (ours if isinstance(ours, tuple) else (ours,)), (ref if isinstance(ref, tuple) else (ref,))
+        err = max(relative_error_chunked(a, b) for a, b in zip(ours, ref))
+        del ours, ref
+        row = {"product": product, "kernel": kernel, "flops": flops, "bytes": nbytes, "rel_err": err}
+        if not err < tolerance:
+            rows.append(row | {"status": "failed", "note": f"relative error {err:.2e} above {tolerance:.0e}: not timed"})
+            progress(f"{product}: FAILED its check ({err:.2e})")
+            continue
+        res = interleaved({names[0]: lambda: run(mine), names[1]: lambda: run(theirs)}, rounds=rounds, reps=reps,
+                          warmup=2, flops=flops, bytes=nbytes)
+        rows.append(row | {"status": "ok"} | {name: m.timing() | {"tbps": m.tbps} for name, m in res.items()})
+        progress(f"{product}: {names[0]} {res[names[0]].ms:.3f} ms, {names[1]} {res[names[1]].ms:.3f} ms")
+    return rows
+
+
+def ops_table(data: dict, names=("course", "torch._grouped_mm")) -> str:
+    """The products of :func:`measure_ops` per shape: time, rate and the course's speed."""
+    head = (f"{'shape':<14} {'product':<44} {'kernel':<18} {names[0] + ' ms':>10} {names[1] + ' ms':>21} "
+            f"{'rate':>13} {'speed':>6}")
+    lines = [head, "-" * len(head)]
+    for shape, rows in data["shapes"].items():
+        for r in rows:
+            if r["status"] != "ok":
+                lines.append(f"{shape:<14} {r['product']:<44} {r['kernel']:<18} {r['status'].upper()}: {r['note']}")
+                continue
+            a, b = r[names[0]], r[names[1]]
+            rate = f"{a['tflops']:.0f} TFLOP/s" if r["flops"] else f"{a['tbps']:.2f} TB/s"
+            lines.append(f"{shape:<14} {r['product']:<44} {r['kernel']:<18} {a['ms']:>10.3f} {b['ms']:>21.3f} "
+                         f"{rate:>13} {b['ms'] / a['ms']:>5.2f}x")
+    lines.append(f"rate: the course's kernel (TFLOP/s of the product, TB/s for the combine); speed: "
+                 f"{names[1]}'s time over the course's")
+    return "\n".join(lines)
+
+
+def kernel_profile(shape, name: str = "course", iters: int = 3, seed: int = 0) -> dict:
+    """Where one forward + backward of contender ``name`` spends its GPU time on shape ``(T, d,
+    n, E, k)``: torch.profiler over ``iters`` steps (it sees every kernel of the process, CuPy's
+    launches too), after two warm-up steps. ``{"ms_per_iter": CUDA-event time of a step,
+    "kernels": {kernel name: (ms per step, calls per step)}}``, largest first; or ``{"skipped":
+    why}``."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    T, d, n, E, k = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = moe.random_weights(d, n, E, dtype=torch.bfloat16, device="cuda", generator=g)
+    x = torch.randn(T, d, device="cuda", generator=g).bfloat16()
+    dout = torch.randn(T, d, device="cuda", generator=g).bfloat16()
+    found, skipped = contenders(x, w, k, (name,))
+    del w
+    if name not in found:
+        return {"skipped": skipped.get(name, "not available")}
+    c = found[name]
+
+    def step():
+        for t in c.params:
+            t.grad = None
+        c.forward().backward(dout)
+
+    for _ in range(2):  # compiles, autotuning, the allocator's first requests
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    per = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name][0] += ev.device_time / 1e3 / iters  # us -> ms
+            per[ev.name][1] += 1
+    kernels = {nm: (round(t, 4), cnt / iters) for nm, (t, cnt) in sorted(per.items(), key=lambda kv: -kv[1][0])}
+    return {"ms_per_iter": round(start.elapsed_time(end) / iters, 4), "kernels": kernels}
+
+
+def profile_table(title: str, res: dict, width: int = 70) -> str:
+    """:func:`kernel_profile`'s result as lines: the step's time, the kernels' total, the GPU's
+    idle time (host overhead and waits), then each kernel with at least 1% of the total."""
+    if "skipped" in res:
+        return f"=== {title}\n   skipped: {res['skipped']}"
+    busy = sum(t for t, _ in res["kernels"].values())
+    lines = [f"=== {title}",
+             f"   {res['ms_per_iter']:.3f} ms per forward+backward (CUDA events); kernels {busy:.3f} ms; "
+             f"GPU idle {res['ms_per_iter'] - busy:.3f} ms"]
+    for nm, (t, cnt) in res["kernels"].items():
+        if t >= 0.01 * busy:
+            lines.append(f"   {t:8.3f} ms {100 * t / res['ms_per_iter']:5.1f}%  x{cnt:<4g} {nm[:width]}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
 # One CUDA graph for the whole step: how much of the eager time is the host's?
 
 

@@ -104,14 +104,77 @@ def test_sonicmoe_versions_names_each_package():
     assert all(v is None or isinstance(v, str) for v in found.values())
 
 
-def test_the_profile_script_prints_a_kernel_table(capsys):
-    profile = load("profile_moe_layer")
+def test_the_profile_table_shows_idle_time_and_the_big_kernels(capsys):
     res = {"ms_per_iter": 10.0, "kernels": {"weight_grad_grouped_gemm": (4.0, 2.0), "combine_rows": (1.0, 2.0),
                                             "tiny": (0.004, 1.0)}}
-    profile.show("qwen3-30b-a3b", "course", res)
-    out = capsys.readouterr().out
+    out = training.profile_table("qwen3-30b-a3b / course", res)
     assert "GPU idle 4.996 ms" in out and "weight_grad_grouped_gemm" in out and "40.0%" in out
     assert "tiny" not in out  # under 1% of the kernel time: left out
+    assert "skipped: why" in training.profile_table("x", {"skipped": "why"})
     if not info().has_gpu:
-        assert profile.main([]) == 0
+        assert load("profile_moe_layer").main([]) == 0
         assert "needs a GPU" in capsys.readouterr().out
+
+
+def grouped_mm_on_cpu():
+    from moe_course.variants import grouped_mm_unavailable
+
+    why = grouped_mm_unavailable("cpu")
+    if why:
+        pytest.skip(why)
+
+
+def test_measure_ops_checks_then_times_each_product():
+    """The per-kernel runner on a CPU, with the torch maths standing in for the kernels: every
+    product checked and timed; a product that computes the wrong thing is caught and not timed."""
+    grouped_mm_on_cpu()
+    shape = (96, 64, 32, 4, 2)
+    rows = training.measure_ops(shape, mine=layer.TORCH_OPS, device="cpu", rounds=1, reps=1, progress=lambda s: None)
+    assert [r["status"] for r in rows] == ["ok"] * 7, rows
+    assert all(r["rel_err"] < 2e-2 and r["course"]["ms"] > 0 for r in rows)
+    text = training.ops_table({"shapes": {"tiny": rows}})
+    assert "06_3_weight_grad" in text and "TB/s" in text  # the combine is counted in bytes
+
+    broken = layer.TORCH_OPS._replace(weight_grad=lambda dy, x, idx, offs: layer.TORCH_OPS.weight_grad(dy, x, idx, offs) * 1.1)
+    rows = training.measure_ops(shape, mine=broken, device="cpu", rounds=1, reps=1, progress=lambda s: None)
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert [r["kernel"] for r in failed] == ["06_3_weight_grad"] * 2 and all("course" not in r for r in failed)
+    assert "FAILED" in training.ops_table({"shapes": {"tiny": rows}})
+
+
+def test_relative_error_chunked_agrees_and_sees_nan():
+    a, b = torch.randn(1000), torch.randn(1000)
+    want = float((a - b).norm() / b.norm())
+    assert training.relative_error_chunked(a, b, chunk=7) == pytest.approx(want, rel=1e-5)
+    a[999] = float("nan")
+    assert training.relative_error_chunked(a, b, chunk=7) == float("inf")
+
+
+def test_the_layer_on_grouped_mm_ops_matches_the_torch_maths():
+    """layer.GROUPED_MM_OPS (the library every kernel is measured against) computes the layer
+    right: output and gradients in bf16 against the float32 torch maths."""
+    grouped_mm_on_cpu()
+    x, w_router, w_gate_up, w_down, dout = training.integer_router_inputs(80, 32, 16, 6, device="cpu")
+    results = {}
+    for name, ops, dtype in (("grouped_mm", layer.GROUPED_MM_OPS, torch.bfloat16), ("torch", layer.TORCH_OPS, torch.float32)):
+        ins = [t.detach().to(dtype).clone().requires_grad_() for t in (x, w_router, w_gate_up, w_down)]
+        out = layer.MoEFunction.apply(*ins, 2, ops)
+        out.backward(dout.to(dtype))
+        results[name] = [out.detach().float()] + [t.grad.float() for t in ins]
+    for label, a, b in zip(("out", "x", "w_router", "w_gate_up", "w_down"), *results.values()):
+        assert float((a - b).norm() / b.norm()) < 2e-2, label
+
+
+def test_bench_layer_kernels_without_a_gpu(capsys):
+    if info().has_gpu:
+        pytest.skip("with a GPU the script measures; the GPU run is recorded instead")
+    assert load("bench_layer_kernels").main([]) == 0
+    assert "timing" in capsys.readouterr().out
+
+
+def test_the_recorded_kernel_comparison_checked_every_product():
+    rec = records.load("layer_kernels")
+    assert rec is not None and set(rec.data["shapes"]) == {"sonicmoe-7b", "qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3"}
+    for shape, rows in rec.data["shapes"].items():
+        assert len(rows) == 7 and all(r["status"] == "ok" and r["rel_err"] < 2e-2 for r in rows), shape
+    assert "06_3_weight_grad" in training.ops_table(rec.data)

@@ -1,0 +1,58 @@
+"""Chapter 06's kernels one by one: each product of the layer's forward and backward on the course's
+kernel against the same product on torch._grouped_mm (with the torch around it that the product
+needs: the gather, the elementwise SwiGLU and its backward), on the four shapes of chapter 02.
+Every result is checked against the library's first; only then are both timed, in turns (CUDA
+events, median). bench_moe_layer.py times the whole layer; this says which kernel wins or loses
+where. Without a GPU it prints the recorded results.
+
+    python benchmarks/bench_layer_kernels.py
+    python benchmarks/bench_layer_kernels.py --shapes deepseek-v3 --no-save
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from moe_course import configs, records, training  # noqa: E402
+from moe_course.machine import info  # noqa: E402
+
+KIND = "layer_kernels"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="*", default=[c.name for c in configs.CHAPTER02])
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+    if not info().has_gpu:
+        rec = records.recorded_instead(KIND)
+        if rec is not None:
+            print(training.ops_table(rec.data))
+        return 0
+    import torch
+
+    from moe_course.layer import kernels_unavailable
+
+    data = {"shapes": {}}
+    for name in args.shapes:
+        shape = tuple(configs.by_name(name).shape)
+        probe = torch.empty(1, shape[1], device="cuda", dtype=torch.bfloat16)
+        why = kernels_unavailable(probe, shape[1], shape[2])
+        if why:
+            print(f"skipped: the course's kernels cannot run here ({why})")
+            return 0
+        print(f"--- {name} {shape}", flush=True)
+        data["shapes"][name] = training.measure_ops(shape, progress=lambda s: print("  ", s, flush=True))
+        if not args.no_save:  # after every shape: a run cut short keeps what it measured
+            records.save(KIND, data)
+        torch.cuda.empty_cache()
+    print(training.ops_table(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,14 +5,16 @@ plan, chapter 01's layer with every step on a course kernel where there is a Hop
 
 1. the router's logits (``x @ W_router``, torch), then the top-k and the sort by expert on
    chapter 04's routing kernels (``kernels/04_1_token_rounding.cu``, plain top-K, no host
-   synchronisation), and the softmax over each token's k logits;
+   synchronisation), and the softmax over each token's k logits; or, with ``routing`` one of
+   "nearest", "up", "down", chapter 04's token rounding (in torch), each row weighted by the
+   router's probability of its pair;
 2. the up-projection with the token rows gathered inside the load and SwiGLU in the epilogue
    (``kernels/03_4_swiglu.cu``): tokens in, ``A = silu(x W_gate) * (x W_up)`` out (and, for
    training, the pre-activation ``H``), with no permuted copy of ``x`` and no activation pass;
 3. the down-projection on ``A`` (``kernels/06_1_transposed_b.cu``: ``W_down`` kept as
    ``[E, n, d]``, chapter 01's layout);
 4. the combine: each token gathers its k rows and sums them, weighted (``06_4_combine.cu``,
-   no atomics);
+   no atomics; with token rounding a token has any number of rows: :func:`combine_by_token`);
 
 and the backward (:class:`MoEFunction`) on ``06_2`` (the output gradient gathered, times
 ``W_down^T``, with the SwiGLU backward in the epilogue), ``06_1`` (``dX``), ``06_3`` (the weight
@@ -47,27 +49,44 @@ def prepare(w: moe.MoEWeights, dtype=torch.bfloat16) -> KernelWeights:
     return KernelWeights(w.w_router, cast(gate_up), cast(w.w_down))
 
 
+#: The layer's routings: plain top-K (softmax over each token's k largest logits), or chapter
+#: 04's tile-aware token rounding of the top-K counts (each row weighted by the router's
+#: probability of the pair, a softmax over all experts), to the nearest tile, up or down.
+ROUTINGS = ("top-K", "nearest", "up", "down")
+
+
 class Routing(NamedTuple):
-    """Top-k routing in the kernels' terms: ``weights`` (fp32) and ``experts`` ``(T, k)``, each
-    token's; ``gather_idx`` ``(R,)``, the token of each expert-sorted row (within an expert, in
-    token order); ``offs`` ``(E,)``, each expert's end row; ``pos`` ``(T, k)``, where each
-    (token, slot) pair's row is; ``row_weights`` ``(R,)``, each row's routing weight. int32
-    indices (what the kernels take), ``experts`` int64."""
-    weights: torch.Tensor
-    experts: torch.Tensor
+    """A routing in the kernels' terms. Always: ``gather_idx`` ``(R,)``, the token of each
+    expert-sorted row (within an expert, in token order); ``offs`` ``(E,)``, each expert's end
+    row; ``row_weights`` ``(R,)`` fp32, each row's combine weight. Top-K only (else None):
+    ``weights`` and ``experts`` ``(T, k)``, each token's; ``pos`` ``(T, k)``, where each
+    (token, slot) pair's row is. Token rounding only (else None): ``probs`` ``(T, E)``, the
+    router's probabilities; ``row_experts`` ``(R,)``, each row's expert. (With rounding a token
+    has any number of rows, none included.) int32 indices, ``experts`` int64."""
+    weights: torch.Tensor | None
+    experts: torch.Tensor | None
     gather_idx: torch.Tensor
     offs: torch.Tensor
-    pos: torch.Tensor
+    pos: torch.Tensor | None
     row_weights: torch.Tensor
+    probs: torch.Tensor | None = None
+    row_experts: torch.Tensor | None = None
 
 
-def route(x: torch.Tensor, w_router: torch.Tensor, k: int) -> Routing:
-    """Softmax over the k largest logits (:func:`moe_course.moe.topk_softmax`), rows sorted by
-    expert. On a GPU the top-k and the sort are chapter 04's routing kernels
+def route(x: torch.Tensor, w_router: torch.Tensor, k: int, method: str = "top-K", tile: int = 128) -> Routing:
+    """``method`` "top-K": softmax over the k largest logits (:func:`moe_course.moe.topk_softmax`),
+    rows sorted by expert. On a GPU the top-k and the sort are chapter 04's routing kernels
     (:func:`moe_course.token_rounding.route_cuda`, plain top-K): no host synchronisation, where
-    torch's sort by expert needs one (``torch.bincount`` reads the counts back). Elsewhere, torch."""
+    torch's sort by expert needs one (``torch.bincount`` reads the counts back). Elsewhere, torch.
+    "nearest", "up", "down": chapter 04's token rounding (:func:`moe_course.token_rounding.
+    token_rounding`) of the router's probabilities to multiples of ``tile`` rows per expert, in
+    torch (it reads the row count back: one synchronisation)."""
+    if method not in ROUTINGS:
+        raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}; got {method!r}")
     logits = moe.router_logits(x, w_router).float()  # routers decide in float32
     T, E = logits.shape
+    if method != "top-K":
+        return _rounded(logits, k, tile, method)
     if logits.is_cuda:
         return _route_on_gpu(logits, k)
     weights, experts = moe.topk_softmax(logits, k)
@@ -75,6 +94,15 @@ def route(x: torch.Tensor, w_router: torch.Tensor, k: int) -> Routing:
     i32 = torch.int32
     return Routing(weights, experts, d.token_of.to(i32), d.offsets[1:].to(i32), d.inverse.view(T, k).to(i32),
                    weights.reshape(-1)[d.order])
+
+
+def _rounded(logits: torch.Tensor, k: int, tile: int, method: str) -> Routing:
+    from . import token_rounding as tr
+
+    probs = moe.router_probs(logits)
+    r = tr.token_rounding(probs, k, tile, method)
+    i32 = torch.int32
+    return Routing(None, None, r.token_ids.to(i32), r.offsets[1:].to(i32), None, r.weights, probs, r.expert_ids.to(i32))
 
 
 def _route_on_gpu(logits: torch.Tensor, k: int) -> Routing:
@@ -256,29 +284,47 @@ def forward(x: torch.Tensor, kw: KernelWeights, k: int) -> torch.Tensor:
 # as <dA', A> (above) instead of from the expert outputs.
 
 
+def combine_by_token(rows: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor | None, num_tokens: int):
+    """``out[t] = sum over rows r of token t of weights[r] * rows[r]`` (``weights`` None: ones),
+    fp32 sums: the combine of a routing where a token has any number of rows (token rounding).
+    In torch (``index_add_``: atomic adds on a GPU, so the order of the sums may vary); the
+    course's ``06_4`` takes exactly k rows per token."""
+    acc = torch.promote_types(rows.dtype, torch.float32)
+    terms = rows.to(acc) if weights is None else rows.to(acc) * weights.to(acc)[:, None]
+    out = torch.zeros(num_tokens, rows.shape[1], dtype=acc, device=rows.device)
+    return out.index_add_(0, tokens.long(), terms).to(rows.dtype)
+
+
 class MoEFunction(torch.autograd.Function):
-    """``out = MoEFunction.apply(x, w_router, w_gate_up, w_down, k, ops)``: top-k routing
-    (softmax over the k largest logits), SwiGLU experts, weighted combine; ``w_gate_up`` is
-    ``[E, 2n, d]`` interleaved, ``w_down`` ``[E, n, d]`` (:class:`KernelWeights`'s layout)."""
+    """``out = MoEFunction.apply(x, w_router, w_gate_up, w_down, k, ops, routing="top-K", tile=128)``:
+    routing (:data:`ROUTINGS`: top-K, or chapter 04's token rounding to multiples of ``tile``),
+    SwiGLU experts, weighted combine; ``w_gate_up`` is ``[E, 2n, d]`` interleaved, ``w_down``
+    ``[E, n, d]`` (:class:`KernelWeights`'s layout)."""
 
     @staticmethod
-    def forward(ctx, x, w_router, w_gate_up, w_down, k: int, ops: Ops):
-        r = route(x, w_router, k)
+    def forward(ctx, x, w_router, w_gate_up, w_down, k: int, ops: Ops, routing: str = "top-K", tile: int = 128):
+        r = route(x, w_router, k, routing, tile)
         a, h = ops.up(x, r.gather_idx, w_gate_up, r.offs)
-        out = ops.combine(ops.times_w(a, w_down, r.offs), r.pos, r.weights)
+        y = ops.times_w(a, w_down, r.offs)
+        if r.pos is not None:  # top-K: each token has exactly k rows
+            out = ops.combine(y, r.pos, r.weights)
+        else:
+            out = combine_by_token(y, r.gather_idx, r.row_weights, x.shape[0])
         # activations: X, H and the routing; the weights are kept anyway (they are parameters)
-        ctx.save_for_backward(x, h, r.weights, r.experts, r.row_weights, r.pos, r.gather_idx, r.offs,
-                              w_router, w_gate_up, w_down)
+        ctx.save_for_backward(x, h, r.weights, r.experts, r.row_weights, r.pos, r.gather_idx, r.offs, r.probs,
+                              r.row_experts, w_router, w_gate_up, w_down)
         ctx.ops = ops
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, h, weights, experts, s, pos, gather_idx, offs, w_router, w_gate_up, w_down = ctx.saved_tensors
+        (x, h, weights, experts, s, pos, gather_idx, offs, probs, row_experts,
+         w_router, w_gate_up, w_down) = ctx.saved_tensors
         if h.numel() and h.untyped_storage().nbytes() == 0:
             raise RuntimeError("MoEFunction's backward ran twice on one forward (retain_graph=True): it frees H "
                                "after its one use, so a second backward needs a second forward")
         ops = ctx.ops
+        T = x.shape[0]
         dout = dout.contiguous().to(x.dtype)
         acc = torch.promote_types(x.dtype, torch.float32)
         s = s.to(acc)  # the routing weight of each sorted row
@@ -290,34 +336,46 @@ class MoEFunction(torch.autograd.Function):
         h.untyped_storage().resize_(0)
         dw_down = ops.weight_grad(sa, dout, gather_idx, offs)
         del sa
-        dx = ops.combine(ops.times_w(dh, w_gate_up, offs), pos, None)  # dh W1[e], each token's k rows summed
+        dx_rows = ops.times_w(dh, w_gate_up, offs)  # dh W1[e]; each token's rows summed next
+        dx = ops.combine(dx_rows, pos, None) if pos is not None else combine_by_token(dx_rows, gather_idx, None, T)
+        del dx_rows
         dw_gate_up = ops.weight_grad(dh, x, gather_idx, offs)
         del dh
-        # the router: ds -> the softmax over the k top logits -> all E logits
-        ds_pairs = ds.to(acc)[pos.long()]
-        w_top = weights.to(acc)
-        dtop = w_top * (ds_pairs - (w_top * ds_pairs).sum(-1, keepdim=True))
-        dlogits = torch.zeros(x.shape[0], w_router.shape[1], device=x.device, dtype=acc)
-        dlogits.scatter_(1, experts, dtop)
+        # the router: each row's ds -> the routing weights -> the logits
+        if pos is not None:  # top-K: a softmax over each token's k top logits
+            ds_pairs = ds.to(acc)[pos.long()]
+            w_top = weights.to(acc)
+            dtop = w_top * (ds_pairs - (w_top * ds_pairs).sum(-1, keepdim=True))
+            dlogits = torch.zeros(T, w_router.shape[1], device=x.device, dtype=acc)
+            dlogits.scatter_(1, experts, dtop)
+        else:  # token rounding: the rows' weights are entries of the softmax over all E logits
+            dprobs = torch.zeros(T, w_router.shape[1], device=x.device, dtype=acc)
+            dprobs[gather_idx.long(), row_experts.long()] = ds.to(acc)  # each (token, expert) pair once
+            p = probs.to(acc)
+            dlogits = p * (dprobs - (p * dprobs).sum(-1, keepdim=True))
         # the router's two products in the layer's dtype, as autograd does them for x @ w_router
         # (in float32 they cost a copy of x in float32 and two slow GEMMs: 0.6 ms of Qwen3's 8)
         dlogits = dlogits.to(x.dtype)
         dx = torch.addmm(dx, dlogits, w_router.to(x.dtype).T)
         dw_router = x.T @ dlogits
-        return (dx, dw_router.to(w_router.dtype), dw_gate_up.to(w_gate_up.dtype), dw_down.to(w_down.dtype), None, None)
+        return (dx, dw_router.to(w_router.dtype), dw_gate_up.to(w_gate_up.dtype), dw_down.to(w_down.dtype),
+                None, None, None, None)
 
 
 class CourseMoE(torch.nn.Module):
-    """A trainable MoE layer (top-k routing, SwiGLU experts) whose forward and backward run on
-    the course's kernels where they can (a Hopper GPU, bf16, d and n multiples of 256), and on
-    torch otherwise, with the same maths and the same memory plan (:class:`MoEFunction`).
-    ``self.backend`` says which, and ``self.why_torch`` why not the kernels."""
+    """A trainable MoE layer (top-k routing or token rounding, SwiGLU experts) whose forward and
+    backward run on the course's kernels where they can (a Hopper GPU, bf16, d and n multiples of
+    256), and on torch otherwise, with the same maths and the same memory plan
+    (:class:`MoEFunction`). ``self.backend`` says which, and ``self.why_torch`` why not the kernels.
+    ``routing``: one of :data:`ROUTINGS`; ``tile``: the rows per tile token rounding rounds to."""
 
-    def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int, *, dtype=torch.bfloat16,
-                 device=None, generator: torch.Generator | None = None):
+    def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int, *, routing: str = "top-K",
+                 tile: int = 128, dtype=torch.bfloat16, device=None, generator: torch.Generator | None = None):
         super().__init__()
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}; got {routing!r}")
         w = prepare(moe.random_weights(d_model, d_hidden, num_experts, device=device, generator=generator), dtype)
-        self.k = k
+        self.k, self.routing, self.tile = k, routing, tile
         self.w_router = torch.nn.Parameter(w.w_router.to(dtype))
         self.w_gate_up = torch.nn.Parameter(w.w_gate_up.to(dtype))
         self.w_down = torch.nn.Parameter(w.w_down.to(dtype))
@@ -329,9 +387,10 @@ class CourseMoE(torch.nn.Module):
         self.why_torch = kernels_unavailable(x2, self.w_gate_up.shape[2], self.w_down.shape[1])
         self.backend = "torch" if self.why_torch else "kernels"
         ops = TORCH_OPS if self.why_torch else KERNEL_OPS
-        y = MoEFunction.apply(x2, self.w_router, self.w_gate_up, self.w_down, self.k, ops)
+        y = MoEFunction.apply(x2, self.w_router, self.w_gate_up, self.w_down, self.k, ops, self.routing, self.tile)
         return y.reshape(*lead, -1)
 
     def extra_repr(self) -> str:
         E, two_n, d = self.w_gate_up.shape
-        return f"d_model={d}, d_hidden={two_n // 2}, num_experts={E}, k={self.k}"
+        rounding = "" if self.routing == "top-K" else f", tile={self.tile}"
+        return f"d_model={d}, d_hidden={two_n // 2}, num_experts={E}, k={self.k}, routing={self.routing}{rounding}"

@@ -339,12 +339,16 @@ def plot_losses(curves: dict[str, list[float]], record, live: bool, ax=None):
 
 
 def float64_gradients(T: int, d: int, n: int, E: int, k: int, router_bias: float = 0.0, seed: int = 0,
-                      ops: layer.Ops | None = None) -> tuple[dict, dict]:
+                      ops: layer.Ops | None = None, routing: str = "top-K", tile: int = 128) -> tuple[dict, dict]:
     """Gradients of ``<g, out>`` for a random ``g``, with respect to x and every weight: by autograd
-    through chapter 01's layer (:func:`moe_course.moe.moe_forward`) and by
+    through chapter 01's layer (:func:`moe_course.moe.moe_forward`; for token rounding, chapter
+    04's :func:`moe_course.token_rounding.moe_forward` on the rounded routing, its weights taken
+    from the router's probabilities so that autograd reaches the router) and by
     :class:`moe_course.layer.MoEFunction` (``ops``, default :data:`moe_course.layer.TORCH_OPS`),
     both in float64 on the CPU, ours mapped back to chapter 01's layouts. ``router_bias`` pushes
     tokens towards expert 0 (large: one expert takes all)."""
+    from . import token_rounding as tr
+
     g = torch.Generator().manual_seed(seed)
     w = moe.random_weights(d, n, E, dtype=torch.float64, generator=g)
     x = torch.randn(T, d, dtype=torch.float64, generator=g)
@@ -352,9 +356,15 @@ def float64_gradients(T: int, d: int, n: int, E: int, k: int, router_bias: float
     w.w_router[0] += router_bias * torch.linspace(1, 0, E, dtype=torch.float64)
     grad_out = torch.randn(T, d, dtype=torch.float64, generator=g)
     ref = [t.clone().requires_grad_() for t in (x, *w)]
-    moe.moe_forward(ref[0], moe.MoEWeights(*ref[1:]), k).y.backward(grad_out)
+    if routing == "top-K":
+        moe.moe_forward(ref[0], moe.MoEWeights(*ref[1:]), k).y.backward(grad_out)
+    else:
+        probs = moe.router_probs(moe.router_logits(ref[0], ref[1]))
+        rounded = tr.token_rounding(probs.detach(), k, tile, routing)
+        rounded = rounded._replace(weights=probs[rounded.token_ids, rounded.expert_ids].double())
+        tr.moe_forward(ref[0], moe.MoEWeights(*ref[1:]), rounded).backward(grad_out)
     ours = [t.clone().requires_grad_() for t in (x, *layer.prepare(w, dtype=None))]
-    layer.MoEFunction.apply(*ours, k, ops or layer.TORCH_OPS).backward(grad_out)
+    layer.MoEFunction.apply(*ours, k, ops or layer.TORCH_OPS, routing, tile).backward(grad_out)
     dx, dr, dgu, dd = (t.grad for t in ours)
     mine = {"x": dx, "w_router": dr, "w_gate": dgu[:, 0::2].transpose(1, 2), "w_up": dgu[:, 1::2].transpose(1, 2),
             "w_down": dd}
@@ -388,14 +398,15 @@ def integer_router_inputs(T: int, d: int, n: int, E: int, router_bias: float = 0
     return x, w_router, kw.w_gate_up, kw.w_down, dout
 
 
-def kernels_and_torch(x, w_router, w_gate_up, w_down, dout, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def kernels_and_torch(x, w_router, w_gate_up, w_down, dout, k: int, routing: str = "top-K", tile: int = 128
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Output and the five gradients of :class:`moe_course.layer.MoEFunction`, on the course's
     kernels in bf16 and on the same maths in float32 torch (:data:`moe_course.layer.TORCH_OPS`),
     both float32 for comparing: ``{"out": (kernels, torch), "x": ..., "w_down": ...}``."""
     results = {}
     for name, ops, dtype in (("kernels", layer.KERNEL_OPS, torch.bfloat16), ("torch", layer.TORCH_OPS, torch.float32)):
         ins = [t.detach().to(dtype).clone().requires_grad_() for t in (x, w_router, w_gate_up, w_down)]
-        out = layer.MoEFunction.apply(*ins, k, ops)
+        out = layer.MoEFunction.apply(*ins, k, ops, routing, tile)
         out.backward(dout.to(dtype))
         results[name] = [out.detach().float()] + [t.grad.float() for t in ins]
     labels = ("out", "x", "w_router", "w_gate_up", "w_down")

@@ -104,6 +104,18 @@ def test_kernels_match_the_torch_maths_on_the_gpu(T, d, n, E, k, bias):
         assert torch.all(layer.route(x, w_router, k).experts == 0), "meant: one expert takes every token"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("routing", ["nearest", "up", "down"])
+def test_kernels_with_token_rounding_match_the_torch_maths_on_the_gpu(routing):
+    """The kernels take any routing (rows per expert a multiple of the tile here, a token with
+    any number of rows); the combine and the router's backward are torch's."""
+    T, d, n, E, k = 1000, 256, 256, 8, 2
+    x, w_router, w_gate_up, w_down, grad_out = training.integer_router_inputs(T, d, n, E, seed=7)
+    for label, (a, b) in training.kernels_and_torch(x, w_router, w_gate_up, w_down, grad_out, k, routing, 64).items():
+        assert torch.isfinite(a).all(), label
+        assert float((a - b).norm() / b.norm()) < 2e-2, (routing, label)
+
+
 def kernels_step(inputs, k):
     """One forward + backward of the layer on the kernels: the output and the four gradients."""
     leaves = [t.detach().clone().requires_grad_() for t in inputs[:4]]
@@ -160,3 +172,55 @@ def test_a_second_backward_through_one_forward_is_refused():
     out.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         out.sum().backward()
+
+
+ROUNDING_CASES = {  # (T, d, n, E, k, router bias, tile): counts of 15-25 rows per expert, tiles of 8
+    "nearest": (50, 16, 8, 5, 2, 0.0, 8),
+    "up": (50, 16, 8, 5, 2, 0.0, 8),
+    "down": (50, 16, 8, 5, 2, 0.0, 8),
+    "down, one expert takes all": (30, 16, 8, 4, 1, 100.0, 8),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUNDING_CASES))
+def test_token_rounding_backward_matches_autograd_in_float64(case):
+    """The layer with chapter 04's token rounding: a token has any number of rows, each weighted
+    by the router's probability of the pair; gradients against autograd through chapter 04's
+    reference layer on the same rounded routing."""
+    T, d, n, E, k, bias, tile = ROUNDING_CASES[case]
+    method = case.split(",")[0]
+    errors = max_rel_errors(*training.float64_gradients(T, d, n, E, k, router_bias=bias, routing=method, tile=tile))
+    assert max(errors["w_gate"], errors["w_up"], errors["w_down"]) < 1e-12, errors
+    assert max(errors["x"], errors["w_router"]) < 1e-5, errors
+
+
+def test_the_rounding_cases_change_the_routing():
+    """Else the test above would only check top-K again: here experts gain and lose rows."""
+    for case, (T, d, n, E, k, bias, tile) in ROUNDING_CASES.items():
+        x, w_router = torch.randn(T, d), torch.randn(d, E)
+        x[:, 0] = 1.0
+        w_router[0] += bias * torch.linspace(1, 0, E)
+        r = layer.route(x, w_router, k, case.split(",")[0], tile)
+        counts = torch.diff(r.offs, prepend=r.offs.new_zeros(1))
+        assert torch.all(counts % tile == 0) or case.startswith("down"), (case, counts)
+        assert r.gather_idx.numel() != T * k or case == "down, one expert takes all", case
+
+
+def test_a_wrong_rounding_router_gradient_fails_the_check(monkeypatch):
+    """The router's part of the rounding backward is checked, not only the experts': drop the
+    softmax's correction term and the router's gradient must disagree."""
+    real = torch.Tensor.sum
+
+    def no_correction(t, *args, **kwargs):  # (p * dprobs).sum(-1, keepdim=True) -> 0
+        out = real(t, *args, **kwargs)
+        return out * 0 if kwargs.get("keepdim") else out
+
+    monkeypatch.setattr(torch.Tensor, "sum", no_correction)
+    errors = max_rel_errors(*training.float64_gradients(50, 16, 8, 5, 2, routing="nearest", tile=8))
+    monkeypatch.undo()
+    assert errors["w_router"] > 1e-3, errors
+
+
+def test_course_moe_refuses_an_unknown_routing():
+    with pytest.raises(ValueError, match="routing must be one of"):
+        layer.CourseMoE(32, 16, 4, 2, routing="padded")

@@ -171,10 +171,11 @@ __device__ __forceinline__ void store_tile_staged(const float (&d)[NV], Staging&
 // The same 64 x BN accumulators leaving by TMA stores (tma_store_2d), for tiles that are always
 // whole (chapter 06's weight gradients): the registers go to a staging buffer as above, then one
 // thread hands its two 64 x 64 boxes to the copy engine and the warpgroup goes straight on to
-// its next tile's multiplies while the bytes drain to memory. Ordinary stores kept the
-// warpgroup busy until every byte had left (and all SMs of a persistent grid reach their
-// epilogue together, so memory sat idle during the multiplies and was swamped after them).
-// The one buffer is written again once the copy engine has read out its previous contents.
+// its next tile's multiplies while the bytes drain to memory. Ordinary stores are issued by the
+// warpgroup itself, 16 bytes a thread at a time, and its next multiplies wait until the last is
+// issued (and all SMs of a persistent grid reach their epilogue together, so memory is idle
+// during the multiplies and busy after them). The one buffer is written again once the copy
+// engine has read out its previous contents.
 template <int NV>
 __device__ __forceinline__ void store_tile_tma(const float (&d)[NV], Staging& buf, int c, const TmaDesc& map,
                                                int row0, int col0) {

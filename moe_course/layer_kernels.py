@@ -133,7 +133,8 @@ def dswiglu_grouped_gemm(dout, gather_idx, w_down, h, row_scale, offs, validate:
 def weight_grad(dy, x, gather_idx, offs, validate: bool = True, step: Step = WEIGHT_GRAD):
     """``dW[e] = dy[rows of e]^T @ x[gather_idx[rows of e]]``, ``[E, N, K]`` bf16 (fp32 sums):
     ``dy [R, N]`` sorted by expert, ``x [T, K]`` (``gather_idx`` None: ``x`` is ``[R, K]``, row r
-    itself). An expert with no rows gets zeros. N a multiple of 128, K of 256."""
+    itself). An expert with no rows gets zeros. N a multiple of 128, K of 256. ``step``: another
+    build of ``06_3`` (other ``defines`` and shared memory), for experiments."""
     import torch
 
     tensors = {"dy": dy, "x": x, "offs": offs} | ({"gather_idx": gather_idx} if gather_idx is not None else {})

@@ -3,8 +3,9 @@
 One obvious place for each thing:
 
 - ``machine``    what this machine has (GPU, CUDA driver and runtime, CuPy, NVRTC)
-- ``kernels``    CUDA sources in ``kernels/``: compiled and loaded through CuPy on a GPU,
-                 or compiled for ``sm_90a`` without one to read their resource use
+- ``kernels``    CUDA sources in ``kernels/``: compiled and loaded through CuPy on a GPU
+                 (launched on torch's current stream: ``on_torch_stream``), or compiled for
+                 ``sm_90a`` without one to read their resource use
 - ``bench``      timing (CUDA events, warm-up, median, inputs rotated past the L2)
 - ``ceilings``   this machine's two ceilings: dense bf16 matmul rate and device copy bandwidth
 - ``records``    benchmark results saved as JSON under ``benchmarks/results/``
@@ -27,10 +28,12 @@ One obvious place for each thing:
 - ``io_overlap`` chapter 03's kernels that take the layer's own inputs (gather, SwiGLU), and
                  its pipeline measurements
 - ``layer``      the MoE layer on the course's kernels: inference ``forward``, and the
-                 trainable ``MoEFunction`` / ``CourseMoE`` (chapter 06), with the same maths in torch
+                 trainable ``MoEFunction`` / ``CourseMoE`` (chapter 06, top-K or token rounding),
+                 with the same maths in torch and on ``torch._grouped_mm``
 - ``layer_kernels``  host side of chapter 06's kernels (06_1 .. 06_4)
 - ``training``   chapter 06's measurements: the layer against the torch layers and SonicMoE,
-                 forward + backward time and memory, and a short training run
+                 forward + backward time and memory, each kernel against ``torch._grouped_mm``,
+                 a kernel-by-kernel profile, eager against a CUDA graph, and a short training run
 """
 
 from pathlib import Path

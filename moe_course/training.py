@@ -25,6 +25,7 @@ import torch
 
 from . import layer, moe
 from .bench import interleaved
+from .checking import relative_error
 
 
 class Contender(NamedTuple):
@@ -454,21 +455,6 @@ def op_cases(shape, device: str = "cuda", seed: int = 0) -> list[tuple[str, str,
     ]
 
 
-def relative_error_chunked(got: torch.Tensor, want: torch.Tensor, chunk: int = 1 << 26) -> float:
-    """``||got - want|| / ||want||`` in float32, a chunk at a time (DeepSeek-V3's weight gradient
-    is 15 GB in bf16: whole float copies of both would not fit beside it); inf if ``got`` holds
-    a NaN or an inf."""
-    g, w = got.detach().reshape(-1), want.detach().reshape(-1)
-    num = den = 0.0
-    for i in range(0, g.numel(), chunk):
-        a, b = g[i:i + chunk].float(), w[i:i + chunk].float()
-        if not bool(torch.isfinite(a).all()):
-            return float("inf")
-        num += float((a - b).square().sum())
-        den += float(b.square().sum())
-    return (num / max(den, 1e-60)) ** 0.5
-
-
 def measure_ops(shape, mine: layer.Ops | None = None, theirs: layer.Ops | None = None, device: str = "cuda",
                 names=("course", "torch._grouped_mm"), rounds: int = 5, reps: int = 5, tolerance: float = 2e-2,
                 progress: Callable[[str], None] = print) -> list[dict]:
@@ -481,7 +467,7 @@ def measure_ops(shape, mine: layer.Ops | None = None, theirs: layer.Ops | None =
     for product, kernel, run, flops, nbytes in op_cases(shape, device):
         ours, ref = run(mine), run(theirs)
         ours, ref = (ours if isinstance(ours, tuple) else (ours,)), (ref if isinstance(ref, tuple) else (ref,))
-        err = max(relative_error_chunked(a, b) for a, b in zip(ours, ref))
+        err = max(relative_error(a, b) for a, b in zip(ours, ref))
         del ours, ref
         row = {"product": product, "kernel": kernel, "flops": flops, "bytes": nbytes, "rel_err": err}
         if not err < tolerance:

@@ -18,6 +18,7 @@ records it for the four shapes of chapter 02; notebook 06 draws the record.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -32,6 +33,26 @@ class Contender(NamedTuple):
     name: str
     params: list  # the leaf tensors whose gradients the backward computes (x first)
     forward: Callable[[], torch.Tensor]  # one forward pass on the stored input
+
+    def clear_grads(self) -> None:
+        for t in self.params:
+            t.grad = None
+
+    def step(self, dout) -> None:
+        """One forward + backward into fresh gradients (what a training step costs)."""
+        self.clear_grads()
+        self.forward().backward(dout)
+
+
+def random_problem(shape, seed: int = 0, device: str = "cuda"):
+    """``(w, x, dout)`` for one layer of shape ``(T, d, n, E, k)``: chapter 01's weights, the
+    input and an output gradient, bf16, drawn from ``seed``."""
+    T, d, n, E, k = shape
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = moe.random_weights(d, n, E, dtype=torch.bfloat16, device=device, generator=g)
+    x = torch.randn(T, d, device=device, generator=g).bfloat16()
+    dout = torch.randn(T, d, device=device, generator=g).bfloat16()
+    return w, x, dout
 
 
 def _leaf(t):
@@ -133,8 +154,7 @@ def saved_for_backward(forward: Callable[[], torch.Tensor], params
 def gradients(c: Contender, dout) -> list[torch.Tensor]:
     """Output and every gradient of one forward + backward, in chapter 01's layouts (so that all
     contenders compare): x, w_router (d, E), w_gate and w_up (E, d, n), w_down (E, n, d)."""
-    for t in c.params:
-        t.grad = None
+    c.clear_grads()
     out = c.forward()
     out.backward(dout)
     g = [t.grad for t in c.params]
@@ -169,8 +189,7 @@ def memory(c: Contender, dout) -> dict[str, int]:
     - ``peak_fwd_bwd_bytes``: the peak of forward + backward, which also holds the gradients of
       the input and the weights (every contender allocates those alike: ``gradient_bytes``;
       for DeepSeek-V3's 256 experts they alone are 22 GiB) and the backward's temporaries."""
-    for t in c.params:
-        t.grad = None
+    c.clear_grads()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -181,8 +200,7 @@ def memory(c: Contender, dout) -> dict[str, int]:
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     grads = sum(t.grad.nbytes for t in c.params if t.grad is not None)
-    for t in c.params:
-        t.grad = None
+    c.clear_grads()
     return {"held_after_forward_bytes": held, "peak_fwd_bwd_bytes": peak, "gradient_bytes": grads}
 
 
@@ -199,10 +217,7 @@ def measure_layer(shape, names=("torch loop", "torch._grouped_mm", "course", "So
     backward time (TFLOP/s of the expert GEMMs), memory (:func:`memory`) and agreement with
     ``reference`` (out and every gradient); and why any contender was skipped."""
     T, d, n, E, k = shape
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    w = moe.random_weights(d, n, E, dtype=torch.bfloat16, device="cuda", generator=g)
-    x = torch.randn(T, d, device="cuda", generator=g).bfloat16()
-    dout = torch.randn(T, d, device="cuda", generator=g).bfloat16()
+    w, x, dout = random_problem(shape, seed)
     found, skipped = contenders(x, w, k, names)
     del w  # each contender holds its own copy
     rows, failed, ref = {}, {}, None
@@ -227,22 +242,14 @@ def measure_layer(shape, names=("torch loop", "torch._grouped_mm", "course", "So
             progress(f"{name} failed: {failed[name]}")
             found.pop(name)
             rows.pop(name, None)
-        for t in c.params:
-            t.grad = None
+        c.clear_grads()
         torch.cuda.empty_cache()
     del ref
     flops = layer_flops(T, d, n, k)
 
-    def fwd_bwd(c):
-        def run():
-            for t in c.params:
-                t.grad = None
-            c.forward().backward(dout)
-        return run
-
     progress("timing, contenders interleaved")
     timed = {f"{name}|forward": c.forward for name, c in found.items()}
-    timed |= {f"{name}|forward+backward": fwd_bwd(c) for name, c in found.items()}
+    timed |= {f"{name}|forward+backward": functools.partial(c.step, dout) for name, c in found.items()}
     res = interleaved(timed, rounds=rounds, reps=reps, warmup=2,
                       flops={key: flops[key.split("|")[1]] for key in timed})
     for key, m in res.items():
@@ -510,22 +517,13 @@ def kernel_profile(shape, name: str = "course", iters: int = 3, seed: int = 0) -
 
     from torch.profiler import ProfilerActivity, profile
 
-    T, d, n, E, k = shape
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    w = moe.random_weights(d, n, E, dtype=torch.bfloat16, device="cuda", generator=g)
-    x = torch.randn(T, d, device="cuda", generator=g).bfloat16()
-    dout = torch.randn(T, d, device="cuda", generator=g).bfloat16()
-    found, skipped = contenders(x, w, k, (name,))
+    w, x, dout = random_problem(shape, seed)
+    found, skipped = contenders(x, w, shape[4], (name,))
     del w
     if name not in found:
         return {"skipped": skipped.get(name, "not available")}
     c = found[name]
-
-    def step():
-        for t in c.params:
-            t.grad = None
-        c.forward().backward(dout)
-
+    step = functools.partial(c.step, dout)
     for _ in range(2):  # compiles, autotuning, the allocator's first requests
         step()
     torch.cuda.synchronize()
@@ -571,23 +569,18 @@ def graphed_step(c: Contender, dout) -> tuple[torch.cuda.CUDAGraph, torch.Tensor
     """Capture one forward + backward of ``c`` in a CUDA graph, after a warm-up on a side stream
     (as torch's documentation asks: first calls compile, allocate and pick algorithms); returns
     the graph and its output tensor. Replaying it reruns the step on whatever its input buffers
-    then hold: the output tensor and the ``.grad`` tensors the capture allocated get the results. Needs every launch on torch's current stream and no
-    host synchronisation: the course's layer qualifies, the ``torch._grouped_mm`` layer does not
-    (its sort by expert reads the counts back to the host)."""
-    def step():
-        for t in c.params:
-            t.grad = None
-        c.forward().backward(dout)
-
+    then hold: the output tensor and the ``.grad`` tensors the capture allocated get the results.
+    Needs every launch on torch's current stream and no host synchronisation: the course's layer
+    qualifies, the ``torch._grouped_mm`` layer does not (its sort by expert reads the counts back
+    to the host)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
-            step()
+            c.step(dout)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    for t in c.params:
-        t.grad = None
+    c.clear_grads()
     with torch.cuda.graph(graph):
         out = c.forward()
         out.backward(dout)
@@ -598,19 +591,11 @@ def eager_and_graph(shape, seed: int = 0, rounds: int = 5, reps: int = 10) -> di
     """The course's layer on one shape ``(T, d, n, E, k)``: forward + backward launched from
     Python, and the same step replayed as one CUDA graph, timed in turns (:func:`interleaved`)."""
     T, d, n, E, k = shape
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    w = moe.random_weights(d, n, E, dtype=torch.bfloat16, device="cuda", generator=g)
-    x = torch.randn(T, d, device="cuda", generator=g).bfloat16()
-    dout = torch.randn(T, d, device="cuda", generator=g).bfloat16()
+    w, x, dout = random_problem(shape, seed)
     c = contenders(x, w, k, ("course",))[0]["course"]
     graph, _ = graphed_step(c, dout)
-
-    def eager():
-        for t in c.params:
-            t.grad = None
-        c.forward().backward(dout)
-
-    return interleaved({"eager": eager, "CUDA graph": graph.replay}, rounds=rounds, reps=reps, warmup=3,
+    return interleaved({"eager": functools.partial(c.step, dout), "CUDA graph": graph.replay}, rounds=rounds,
+                       reps=reps, warmup=3,
                        flops=layer_flops(T, d, n, k)["forward+backward"])
 
 

@@ -406,19 +406,27 @@ def integer_router_inputs(T: int, d: int, n: int, E: int, router_bias: float = 0
     return x, w_router, kw.w_gate_up, kw.w_down, dout
 
 
+def layer_outputs(inputs, k: int, ops: layer.Ops, dtype=None, routing: str = "top-K", tile: int = 128
+                  ) -> list[torch.Tensor]:
+    """One forward + backward of :class:`moe_course.layer.MoEFunction` on ``inputs`` = ``(x,
+    w_router, w_gate_up, w_down, dout)`` (copies, cast to ``dtype`` if given): ``[out, dx,
+    dw_router, dw_gate_up, dw_down]``."""
+    leaves = [t.detach().to(dtype or t.dtype).clone().requires_grad_() for t in inputs[:4]]
+    out = layer.MoEFunction.apply(*leaves, k, ops, routing, tile)
+    out.backward(inputs[4].to(dtype or inputs[4].dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
 def kernels_and_torch(x, w_router, w_gate_up, w_down, dout, k: int, routing: str = "top-K", tile: int = 128
                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Output and the five gradients of :class:`moe_course.layer.MoEFunction`, on the course's
     kernels in bf16 and on the same maths in float32 torch (:data:`moe_course.layer.TORCH_OPS`),
     both float32 for comparing: ``{"out": (kernels, torch), "x": ..., "w_down": ...}``."""
-    results = {}
-    for name, ops, dtype in (("kernels", layer.KERNEL_OPS, torch.bfloat16), ("torch", layer.TORCH_OPS, torch.float32)):
-        ins = [t.detach().to(dtype).clone().requires_grad_() for t in (x, w_router, w_gate_up, w_down)]
-        out = layer.MoEFunction.apply(*ins, k, ops, routing, tile)
-        out.backward(dout.to(dtype))
-        results[name] = [out.detach().float()] + [t.grad.float() for t in ins]
+    inputs = (x, w_router, w_gate_up, w_down, dout)
+    kernels = layer_outputs(inputs, k, layer.KERNEL_OPS, torch.bfloat16, routing, tile)
+    reference = layer_outputs(inputs, k, layer.TORCH_OPS, torch.float32, routing, tile)
     labels = ("out", "x", "w_router", "w_gate_up", "w_down")
-    return {label: pair for label, pair in zip(labels, zip(results["kernels"], results["torch"]))}
+    return {label: (a.float(), b.float()) for label, a, b in zip(labels, kernels, reference)}
 
 
 # --------------------------------------------------------------------------------------------

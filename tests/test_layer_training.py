@@ -118,10 +118,7 @@ def test_kernels_with_token_rounding_match_the_torch_maths_on_the_gpu(routing):
 
 def kernels_step(inputs, k):
     """One forward + backward of the layer on the kernels: the output and the four gradients."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs[:4]]
-    out = layer.MoEFunction.apply(*leaves, k, layer.KERNEL_OPS)
-    out.backward(inputs[4])
-    return [out.detach()] + [t.grad for t in leaves]
+    return training.layer_outputs(inputs, k, layer.KERNEL_OPS)
 
 
 @pytest.mark.gpu

@@ -12,27 +12,34 @@
 // when its transpose bits are set; the 128-byte swizzled layout is then [r][64 values of N]
 // per box, which is exactly what a TMA box of dY (64 columns x 64 rows) writes.
 //
-// Tile: 128 (N) x 256 (K) of one expert's dW; consumer warpgroup c owns N rows 64c..64c+63.
+// Tile: 256 (N) x 128 (K) of one expert's dW; consumer warpgroup c owns N rows 128c..128c+127,
+// as two 64-row halves (two m64n128k16 per 16 rows of the reduction, sharing X's operand).
 // Reduction: the expert's rows in slices of 64. dY's slice comes by TMA (rows past the expert's
 // end are the next expert's: harmless, because X's rows there are zero); X's slice by cp.async
 // (gathered or not), zero-filled past the expert's end.
 //
-// Epilogue: the 128 x 256 tile of dW goes through shared memory and leaves by TMA stores
-// (store_tile_tma in warp_specialized.cuh, which also gives BM = 128 rows of N and BN = 256
-// columns of K per tile, STAGES, THREADS and the register split): the consumers go on to the
-// next tile's multiplies while it drains. With only 4-5 slices per tile (DeepSeek-V3: 256 rows
-// per expert) the epilogue is a large share of each tile: this, and skipping the 16-row batches
-// past an expert's end (below), made the kernel 10-14% faster there and on Mixtral (H200).
+// Why 256 x 128 and not 128 x 256 (v4, the tile of chapter 03): the gathered operand should be
+// the narrow side. Both tiles load 48 KB per slice, but TMA moves dY's part on its own, while
+// X's part is 16-byte cp.async copies issued by the producer's 128 threads: 16 KB of them per
+// slice here, 32 KB in v4. Measured on the H200 (kernels/NOTES.md): 10-17% faster on Mixtral,
+// Qwen3 and the 7B shape (Mixtral dW_gate_up 494 -> 580 TFLOP/s), 2% slower on DeepSeek-V3.
+//
+// Epilogue: each 64 x 128 half goes through shared memory and leaves by TMA stores
+// (store_tile_tma in warp_specialized.cuh, which also gives STAGES, THREADS and the register
+// split): the consumers go on to the next tile's multiplies while it drains. With only 4-5
+// slices per tile (DeepSeek-V3: 256 rows per expert) the epilogue is a large share of each tile.
 #include "warp_specialized.cuh"
 
-#define BR 64  // rows reduced per slice
+#define BR 64   // rows reduced per slice
+#define TN 256  // N (rows of dW) per tile
+#define TK 128  // K (columns of dW) per tile
 
 struct __align__(1024) WgSlot {
-    bf16 dy[2][BR * 64];  // [box: N columns 0-63 / 64-127][r][64], from TMA
-    bf16 x[4][BR * 64];   // [box: K columns 64 each][r][64], from cp.async
+    bf16 dy[4][BR * 64];  // [box: N columns 64b .. 64b+63][r][64], from TMA
+    bf16 x[2][BR * 64];   // [box: K columns 64b .. 64b+63][r][64], from cp.async
 };
 
-// Tiles: for each expert, (N / BM) x (K / BN) tiles, numbered expert-major.
+// Tiles: for each expert, (N / TN) x (K / TK) tiles, numbered expert-major.
 __device__ __forceinline__ void wg_tile(int t, int n_tiles, int k_tiles, int& e, int& n, int& k) {
     e = t / (n_tiles * k_tiles);
     const int i = t % (n_tiles * k_tiles);
@@ -50,7 +57,7 @@ weight_grad_grouped_gemm(const __grid_constant__ TmaDesc map_dy, const bf16* __r
     Staging* staging = ring.staging;
     u64 *full = ring.full, *empty = ring.empty;
     const int warpgroup = threadIdx.x / 128, lane = threadIdx.x % 32;
-    const int n_tiles = N / BM, k_tiles = K / BN, total = E * n_tiles * k_tiles;
+    const int n_tiles = N / TN, k_tiles = K / TK, total = E * n_tiles * k_tiles;
 
     if (warpgroup == 0) {  // producer: dY by TMA (thread 0), X by cp.async (all 128)
         setmaxnreg_dec<PRODUCER_REGS>();
@@ -60,17 +67,18 @@ weight_grad_grouped_gemm(const __grid_constant__ TmaDesc map_dy, const bf16* __r
             int e, n, k, start, end;
             wg_tile(t, n_tiles, k_tiles, e, n, k);
             expert_rows(offs, e, R, start, end);
-            // X: 64 rows x 256 columns = 4 boxes x 8 chunks of 16 bytes per row. Thread t copies
-            // chunk t % 32 of rows t / 32, + 4, + 8, ...: a warp reads one row's 512 bytes.
+            // X: 64 rows x 128 columns = 2 boxes x 8 chunks of 16 bytes per row. Thread t copies
+            // chunk t % 16 of rows t / 16, + 8, + 16, ...: a warp reads two rows' 256 bytes.
             // Which token each row comes from is a load from gather_idx, and a copy cannot start
             // before it returns; so a slice's 16 indices of a warp are fetched one slice early
-            // (lane i holds row t / 32 + 4i's, passed round by shuffles) and their latency hides
-            // behind the wait for a free slot. (Fetched in the loop itself, the producer stalled
-            // on them every slice: 2.3x slower, measured on the H200.)
-            const int box = (t128 % 32) / 8, chunk = t128 % 8, warp = t128 / 32, lane16 = lane % 16;
-            const bf16* x_col = X + k * BN + box * 64 + chunk * 8;
+            // and their latency hides behind the wait for a free slot. (Fetched in the loop
+            // itself, the producer stalled on them every slice: 2.3x slower, measured on the
+            // H200.) Lane L holds the index of row 2 warp + L % 2 + 8 ((L / 2) % 8); a thread's
+            // i-th row, 2 warp + lane / 16 + 8 i, is in lane 2 i + lane / 16 (passed by shuffles).
+            const int box = (t128 % 16) / 8, chunk = t128 % 8, warp = t128 / 32;
+            const bf16* x_col = X + k * TK + box * 64 + chunk * 8;
             auto source_row = [&](int r0) {
-                const int row = r0 + warp + 4 * lane16;
+                const int row = r0 + 2 * warp + lane % 2 + 8 * ((lane / 2) % 8);
                 return row < end ? (gather_idx ? __ldg(&gather_idx[row]) : row) : -1;
             };
             int src_now = source_row(start);
@@ -78,13 +86,14 @@ weight_grad_grouped_gemm(const __grid_constant__ TmaDesc map_dy, const bf16* __r
                 const int src_next = r0 + BR < end ? source_row(r0 + BR) : -1;  // in flight during the wait
                 mbar_wait(&empty[s], parity ^ 1);
                 if (t128 == 0) {
-                    mbar_arrive_expect_tx(&full[s], 2 * BR * 64 * 2);
-                    tma_load_2d(slots[s].dy[0], map_dy, n * BM, r0, &full[s]);
-                    tma_load_2d(slots[s].dy[1], map_dy, n * BM + 64, r0, &full[s]);
+                    mbar_arrive_expect_tx(&full[s], 4 * BR * 64 * 2);
+#pragma unroll
+                    for (int b = 0; b < 4; ++b) tma_load_2d(slots[s].dy[b], map_dy, n * TN + 64 * b, r0, &full[s]);
                 }
 #pragma unroll
-                for (int i = 0; i < BR / 4; ++i) {
-                    const int r = warp + 4 * i, src = __shfl_sync(0xffffffffu, src_now, i);
+                for (int i = 0; i < BR / 8; ++i) {
+                    const int r = 2 * warp + lane / 16 + 8 * i;
+                    const int src = __shfl_sync(0xffffffffu, src_now, 2 * i + lane / 16);
                     const bool valid = (unsigned)src < (unsigned)x_rows;
                     cp_async_16(&slots[s].x[box][swizzle_128b(r, chunk) * 8], x_col + (size_t)(valid ? src : 0) * K, valid);
                 }
@@ -101,29 +110,35 @@ weight_grad_grouped_gemm(const __grid_constant__ TmaDesc map_dy, const bf16* __r
             int e, n, k, start, end;
             wg_tile(t, n_tiles, k_tiles, e, n, k);
             expert_rows(offs, e, R, start, end);
-            float acc[BN / 2];
+            float acc0[64], acc1[64];  // N rows 128c + 0..63 and 128c + 64..127, 128 columns of K
 #pragma unroll
-            for (int v = 0; v < BN / 2; ++v) acc[v] = 0.0f;
+            for (int v = 0; v < 64; ++v) acc0[v] = 0.0f, acc1[v] = 0.0f;
             for (int r0 = start; r0 < end; r0 += BR) {
                 mbar_wait(&full[s], parity);
                 fence_proxy_async();  // X came by cp.async (generic proxy)
                 wgmma_fence();
-                wgmma_fence_operands(acc);
+                wgmma_fence_operands(acc0);
+                wgmma_fence_operands(acc1);
 #pragma unroll
                 for (int kk = 0; kk < BR / 16; ++kk)  // 16 rows of the reduction = 16 x 128 B further
-                    if (r0 + 16 * kk < end)  // 16 rows wholly past the expert's end would add zeros: skipped
-                        wgmma_m64n256k16</*TRANS_A=*/1, /*TRANS_B=*/1>(acc, wgmma_desc_mn(slots[s].dy[c] + kk * 16 * 64, 0),
-                                                                       wgmma_desc_mn(slots[s].x[0] + kk * 16 * 64, BR * 64 * 2));
+                    if (r0 + 16 * kk < end) {  // 16 rows wholly past the expert's end would add zeros: skipped
+                        const u64 x_desc = wgmma_desc_mn(slots[s].x[0] + kk * 16 * 64, BR * 64 * 2);
+                        wgmma_m64n128k16</*TRANS_A=*/1, /*TRANS_B=*/1>(acc0, wgmma_desc_mn(slots[s].dy[2 * c] + kk * 16 * 64, 0), x_desc);
+                        wgmma_m64n128k16</*TRANS_A=*/1, /*TRANS_B=*/1>(acc1, wgmma_desc_mn(slots[s].dy[2 * c + 1] + kk * 16 * 64, 0), x_desc);
+                    }
                 wgmma_commit();
                 // As in chapter 03: wait for the batch and free its slot at once. (Keeping one
                 // batch running while the next is issued measured the same here, within 2%.)
                 wgmma_wait<0>();
-                wgmma_fence_operands(acc);
+                wgmma_fence_operands(acc0);
+                wgmma_fence_operands(acc1);
                 if (lane == 0) mbar_arrive(&empty[s]);
                 if (++s == STAGES) s = 0, parity ^= 1;
             }
-            // dW[e][n*128 + 64c + row][k*256 + col]: rows of the tile are N, columns K
-            store_tile_tma(acc, staging[c], c, map_dw, e * N + n * BM + 64 * c, k * BN);
+            // dW[e][n*256 + 128c + row][k*128 + col]: rows of the tile are N, columns K
+            const int row = e * N + n * TN + 128 * c;
+            store_tile_tma(acc0, staging[c], c, map_dw, row, k * TK);
+            store_tile_tma(acc1, staging[c], c, map_dw, row + 64, k * TK);
         }
         if (threadIdx.x % 128 == 0) tma_store_wait_all();  // shared memory must outlive the stores reading it
     }

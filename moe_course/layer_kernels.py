@@ -31,13 +31,13 @@ DSWIGLU = Step("06_2_dswiglu", "dswiglu_grouped_gemm", "gathered dout @ W_down^T
 
 
 def weight_grad_smem(stages: int = 4) -> int:
-    """06_3's shared memory: ``stages`` slots of 48 KB (dY 64 rows x 128, X 64 rows x 256), a 16 KB
+    """06_3's shared memory: ``stages`` slots of 48 KB (dY 64 rows x 256, X 64 rows x 128), a 16 KB
     staging buffer per consumer warpgroup, two mbarriers a slot, 1024 to align."""
     return stages * 49152 + 2 * 16384 + 16 * stages + 1024
 
 
 WEIGHT_GRAD = Step("06_3_weight_grad", "weight_grad_grouped_gemm", "dW[e] = dy_e^T x_e (reduction over rows)",
-                   128, 128, 256, threads=384, min_cc=(9, 0), smem_bytes=weight_grad_smem(), persistent=True, tma=True)
+                   256, 256, 128, threads=384, min_cc=(9, 0), smem_bytes=weight_grad_smem(), persistent=True, tma=True)
 COMBINE = "06_4_combine.cu"
 
 
@@ -133,7 +133,7 @@ def dswiglu_grouped_gemm(dout, gather_idx, w_down, h, row_scale, offs, validate:
 def weight_grad(dy, x, gather_idx, offs, validate: bool = True, step: Step = WEIGHT_GRAD):
     """``dW[e] = dy[rows of e]^T @ x[gather_idx[rows of e]]``, ``[E, N, K]`` bf16 (fp32 sums):
     ``dy [R, N]`` sorted by expert, ``x [T, K]`` (``gather_idx`` None: ``x`` is ``[R, K]``, row r
-    itself). An expert with no rows gets zeros. N a multiple of 128, K of 256. ``step``: another
+    itself). An expert with no rows gets zeros. N a multiple of 256, K of 128. ``step``: another
     build of ``06_3`` (other ``defines`` and shared memory), for experiments."""
     import torch
 
@@ -142,7 +142,8 @@ def weight_grad(dy, x, gather_idx, offs, validate: bool = True, step: Step = WEI
     R, N = dy.shape
     T, K = x.shape
     E = _check_offsets(offs, R, validate)
-    _require(N % 128 == 0 and K % 256 == 0, f"{WEIGHT_GRAD.name} needs N % 128 == 0 and K % 256 == 0; got N={N}, K={K}")
+    _require(N % step.block_n == 0 and K % step.k_multiple == 0,
+             f"{step.name} needs N % {step.block_n} == 0 and K % {step.k_multiple} == 0; got N={N}, K={K}")
     if gather_idx is None:
         _require(T == R, f"without gather_idx, x must have dy's {R} rows, got {T}")
     else:

@@ -73,7 +73,7 @@ def test_dswiglu_matches_float32(case, d, n):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", list(COUNTS))
-@pytest.mark.parametrize("N,K,gathered", [(128, 256, False), (384, 512, True)])
+@pytest.mark.parametrize("N,K,gathered", [(256, 128, False), (512, 384, True)])
 def test_weight_grad_matches_float32(case, N, K, gathered):
     T = 333
     offs, idx = routing(COUNTS[case], T, seed=2)
@@ -139,8 +139,10 @@ def test_refusals_on_the_gpu():
         lk.transposed_b_grouped_gemm(x, torch.zeros(2, 128, 256, device="cuda", dtype=torch.bfloat16), offs)
     with pytest.raises(ValueError, match="offs must be non-decreasing"):
         lk.transposed_b_grouped_gemm(x, torch.zeros(2, 64, 256, device="cuda", dtype=torch.bfloat16), offs.flip(0))
+    with pytest.raises(ValueError, match="N % 256 == 0 and K % 128 == 0"):
+        lk.weight_grad(torch.zeros(4, 128, device="cuda", dtype=torch.bfloat16), x[:, :64].repeat(1, 2), None, offs)
     with pytest.raises(ValueError, match="gather_idx must index"):
-        lk.weight_grad(torch.zeros(4, 128, device="cuda", dtype=torch.bfloat16),
+        lk.weight_grad(torch.zeros(4, 256, device="cuda", dtype=torch.bfloat16),
                        torch.zeros(3, 256, device="cuda", dtype=torch.bfloat16),
                        torch.tensor([0, 1, 2, 3], device="cuda", dtype=torch.int32), offs)
 

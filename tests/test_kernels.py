@@ -35,6 +35,18 @@ def test_unknown_kernel_name_lists_the_known_ones():
         kernels.read_source("no_such_kernel")
 
 
+def test_an_edited_kernel_file_is_read_again(tmp_path):
+    """Sources are cached by modification time and size: a learner's edit must still show."""
+    f = tmp_path / "mine.cu"
+    f.write_text("// one")
+    assert kernels.read_source(f).code == "// one"
+    f.write_text("// two, longer")
+    assert kernels.read_source(f).code == "// two, longer"
+    f.unlink()
+    with pytest.raises(FileNotFoundError, match="no kernel source"):
+        kernels.read_source(f)
+
+
 def test_ptxas_report_parser():
     log = """ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function 'gemm' for 'sm_90a'

@@ -108,6 +108,29 @@ CHAPTER02_BEST = "02_6_persistent[BN=256]"  # the best of chapter 02's ladder
 BEST = "03_2_warp_specialized"  # the course's best grouped GEMM (chapter 03): the default everywhere
 
 
+def check_tensor_types(specs: dict) -> None:
+    """``specs``: name -> (tensor, dtype, dimensions). Each a torch tensor of that dtype and rank
+    (checked before where it lives: a wrong dtype is the likelier mistake)."""
+    import torch
+
+    for name, (t, dtype, dim) in specs.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+        if t.dim() != dim:
+            raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
+
+
+def check_on_gpu(tensors: dict) -> None:
+    """``tensors``: name -> tensor. Each on the GPU and contiguous (the kernels index raw memory)."""
+    for name, t in tensors.items():
+        if t.device.type != "cuda":
+            raise ValueError(f"{name} is on {t.device}; the kernels read GPU memory: move it with .cuda()")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (call .contiguous())")
+
+
 def check_inputs(x, w, offs, step: Step, validate_offsets: bool = True, rows: int | None = None
                  ) -> tuple[int, int, int, int]:
     """Refuse what ``step`` cannot compute, naming the problem. Returns (M, N, K, E).
@@ -115,13 +138,7 @@ def check_inputs(x, w, offs, step: Step, validate_offsets: bool = True, rows: in
     ``rows``: the number of rows the experts own, when it is not ``x``'s (gathered inputs)."""
     import torch
 
-    for name, t, dtype, dim in (("x", x, torch.bfloat16, 2), ("w", w, torch.bfloat16, 3), ("offs", offs, torch.int32, 1)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != dtype:
-            raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
-        if t.dim() != dim:
-            raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
+    check_tensor_types({"x": (x, torch.bfloat16, 2), "w": (w, torch.bfloat16, 3), "offs": (offs, torch.int32, 1)})
     M, K = x.shape
     M = M if rows is None else rows
     E, N, Kw = w.shape
@@ -135,11 +152,7 @@ def check_inputs(x, w, offs, step: Step, validate_offsets: bool = True, rows: in
     if N % step.block_n or K % step.k_multiple:
         raise ValueError(f"{step.name} needs N % {step.block_n} == 0 and K % {step.k_multiple} == 0; "
                          f"got N={N}, K={K}")
-    for name, t in (("x", x), ("w", w), ("offs", offs)):
-        if t.device.type != "cuda":
-            raise ValueError(f"{name} is on {t.device}; the kernels read GPU memory: move it with .cuda()")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (call .contiguous())")
+    check_on_gpu({"x": x, "w": w, "offs": offs})
     cc = info().compute_capability or (0, 0)
     if cc < step.min_cc:
         raise RuntimeError(f"{step.name} needs compute capability {step.min_cc[0]}.{step.min_cc[1]} "

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels, tma
-from .grouped_gemm import MAX_EXPERTS, Step, _ws_smem, check_offsets, launch_persistent
+from .grouped_gemm import MAX_EXPERTS, Step, _ws_smem, check_offsets, check_on_gpu, check_tensor_types, launch_persistent
 from .io_overlap import check_gather_range
 from .kernels import ptr
 from .machine import info
@@ -51,14 +51,8 @@ def _check(tensors: dict, dims: dict, dtypes: dict | None = None) -> None:
     on the GPU; and the GPU a Hopper."""
     import torch
 
-    for name, t in tensors.items():
-        want = (dtypes or {}).get(name, torch.bfloat16)
-        _require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
-        _require(t.dtype == want, f"{name} must be {want}, got {t.dtype}", TypeError)
-        _require(t.dim() == dims[name], f"{name} must have {dims[name]} dimensions, got shape {tuple(t.shape)}")
-    for name, t in tensors.items():  # where, after what: a wrong dtype is the likelier mistake
-        _require(t.device.type == "cuda", f"{name} is on {t.device}; the kernels read GPU memory: move it with .cuda()")
-        _require(t.is_contiguous(), f"{name} must be contiguous (call .contiguous())")
+    check_tensor_types({name: (t, (dtypes or {}).get(name, torch.bfloat16), dims[name]) for name, t in tensors.items()})
+    check_on_gpu(tensors)
     cc = info().compute_capability or (0, 0)
     _require(cc >= (9, 0), f"chapter 06's kernels need a Hopper GPU (sm_90a, wgmma and TMA); this one is "
                            f"{cc[0]}.{cc[1]}", RuntimeError)

@@ -131,6 +131,15 @@ def check_on_gpu(tensors: dict) -> None:
             raise ValueError(f"{name} must be contiguous (call .contiguous())")
 
 
+def check_tile_multiples(step: Step, N: int, K: int, names: tuple[str, str] = ("N", "K")) -> None:
+    """N and K whole multiples of what one of ``step``'s tiles covers (``names``: what the caller
+    calls its N and K, so the message speaks its language)."""
+    if N % step.block_n or K % step.k_multiple:
+        n, k = names
+        raise ValueError(f"{step.name} needs {n} % {step.block_n} == 0 and {k} % {step.k_multiple} == 0; "
+                         f"got {n}={N}, {k}={K}")
+
+
 def check_inputs(x, w, offs, step: Step, validate_offsets: bool = True, rows: int | None = None
                  ) -> tuple[int, int, int, int]:
     """Refuse what ``step`` cannot compute, naming the problem. Returns (M, N, K, E).
@@ -149,9 +158,7 @@ def check_inputs(x, w, offs, step: Step, validate_offsets: bool = True, rows: in
         raise ValueError(f"offs must hold one end row per expert: {E} values, got {offs.numel()}")
     if E > MAX_EXPERTS:
         raise ValueError(f"at most {MAX_EXPERTS} experts, got {E}")
-    if N % step.block_n or K % step.k_multiple:
-        raise ValueError(f"{step.name} needs N % {step.block_n} == 0 and K % {step.k_multiple} == 0; "
-                         f"got N={N}, K={K}")
+    check_tile_multiples(step, N, K)
     check_on_gpu({"x": x, "w": w, "offs": offs})
     cc = info().compute_capability or (0, 0)
     if cc < step.min_cc:

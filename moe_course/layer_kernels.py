@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels, tma
-from .grouped_gemm import MAX_EXPERTS, Step, _ws_smem, check_offsets, check_on_gpu, check_tensor_types, launch_persistent
+from .grouped_gemm import (MAX_EXPERTS, Step, _ws_smem, check_offsets, check_on_gpu, check_tensor_types,
+                           check_tile_multiples, launch_persistent)
 from .io_overlap import check_gather_range
 from .kernels import ptr
 from .machine import info
@@ -81,7 +82,7 @@ def transposed_b_grouped_gemm(x, w, offs, validate: bool = True):
     M, K = x.shape
     E, Kw, N = w.shape
     _require(Kw == K, f"x has K={K} columns but w is [E, K, N] = {tuple(w.shape)}: K differs")
-    _require(N % 256 == 0 and K % 64 == 0, f"{TRANSPOSED_B.name} needs N % 256 == 0 and K % 64 == 0; got N={N}, K={K}")
+    check_tile_multiples(TRANSPOSED_B, N, K)
     _require(_check_offsets(offs, M, validate) == E, f"offs must hold one end row per expert: {E}, got {offs.numel()}")
     y = torch.empty(M, N, device=x.device, dtype=torch.bfloat16)
     if M:
@@ -109,7 +110,7 @@ def dswiglu_grouped_gemm(dout, gather_idx, w_down, h, row_scale, offs, validate:
     _require(dw == d, f"dout has d={d} columns but w_down is [E, n, d] = {tuple(w_down.shape)}")
     _require(h.shape == (R, 2 * n), f"h must be [R, 2n] = ({R}, {2 * n}), got {tuple(h.shape)}")
     _require(row_scale.shape == (R,), f"row_scale must be [R] = ({R},), got {tuple(row_scale.shape)}")
-    _require(n % 256 == 0 and d % 64 == 0, f"{DSWIGLU.name} needs n % 256 == 0 and d % 64 == 0; got n={n}, d={d}")
+    check_tile_multiples(DSWIGLU, n, d, names=("n", "d"))
     _require(_check_offsets(offs, R, validate) == E, f"offs must hold one end row per expert: {E}, got {offs.numel()}")
     _check_gather_idx(gather_idx, R, T, validate)
     dh = torch.empty(R, 2 * n, device=dout.device, dtype=torch.bfloat16)
@@ -136,8 +137,7 @@ def weight_grad(dy, x, gather_idx, offs, validate: bool = True, step: Step = WEI
     R, N = dy.shape
     T, K = x.shape
     E = _check_offsets(offs, R, validate)
-    _require(N % step.block_n == 0 and K % step.k_multiple == 0,
-             f"{step.name} needs N % {step.block_n} == 0 and K % {step.k_multiple} == 0; got N={N}, K={K}")
+    check_tile_multiples(step, N, K)
     if gather_idx is None:
         _require(T == R, f"without gather_idx, x must have dy's {R} rows, got {T}")
     else:

@@ -11,7 +11,7 @@
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gather_grouped_gemm(const __grid_constant__ TmaDesc map_w, const bf16* __restrict__ X,
                     const int* __restrict__ gather_idx, bf16* __restrict__ Y, const int* __restrict__ offs,
-                    const TileInfo* __restrict__ tile_map, const int* __restrict__ num_tiles, int M, int N, int K, int tokens,
+                    const TileInfo* __restrict__ tile_map, int* __restrict__ num_tiles, int M, int N, int K, int tokens,
                     int group_m) {
     const Problem p{X, gather_idx, Y, nullptr, offs, tile_map, num_tiles, M, N, K, tokens, group_m};
     warp_specialized_grouped_gemm</*GATHER=*/true, /*SWIGLU=*/false>(map_w, map_w, p);  // no map for X

@@ -13,7 +13,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 swiglu_grouped_gemm(const __grid_constant__ TmaDesc map_w, const bf16* __restrict__ X,
                     const int* __restrict__ gather_idx, bf16* __restrict__ H, bf16* __restrict__ A,
                     const int* __restrict__ offs, const TileInfo* __restrict__ tile_map,
-                    const int* __restrict__ num_tiles, int M, int N, int K, int tokens,
+                    int* __restrict__ num_tiles, int M, int N, int K, int tokens,
                     int group_m) {
     const Problem p{X, gather_idx, H, A, offs, tile_map, num_tiles, M, N, K, tokens, group_m};
     warp_specialized_grouped_gemm</*GATHER=*/true, /*SWIGLU=*/true>(map_w, map_w, p);

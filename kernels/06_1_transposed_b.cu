@@ -13,7 +13,7 @@
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 transposed_b_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ TmaDesc map_w,
                           bf16* __restrict__ Y, const int* __restrict__ offs, const TileInfo* __restrict__ tile_map,
-                          const int* __restrict__ num_tiles, int M, int N, int K, int group_m) {
+                          int* __restrict__ num_tiles, int M, int N, int K, int group_m) {
     const Problem p{nullptr, nullptr, Y, nullptr, offs, tile_map, num_tiles, M, N, K, 0, group_m};
     warp_specialized_grouped_gemm</*GATHER=*/false, /*SWIGLU=*/false, /*B_MN=*/true>(map_x, map_w, p);
 }

@@ -14,7 +14,7 @@ dswiglu_grouped_gemm(const __grid_constant__ TmaDesc map_w, const bf16* __restri
                      const int* __restrict__ gather_idx, const bf16* __restrict__ H,
                      const float* __restrict__ row_scale, bf16* __restrict__ dH, bf16* __restrict__ sA,
                      float* __restrict__ ds_part, const int* __restrict__ offs,
-                     const TileInfo* __restrict__ tile_map, const int* __restrict__ num_tiles, int M, int N,
+                     const TileInfo* __restrict__ tile_map, int* __restrict__ num_tiles, int M, int N,
                      int K, int tokens, int group_m) {
     const Problem p{dout, gather_idx, dH, sA, offs, tile_map, num_tiles, M, N, K, tokens, group_m, H, row_scale, ds_part};
     warp_specialized_grouped_gemm</*GATHER=*/true, /*SWIGLU=*/false, /*B_MN=*/false, /*DSWIGLU=*/true>(map_w, map_w, p);

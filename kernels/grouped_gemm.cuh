@@ -42,7 +42,7 @@ __device__ __forceinline__ void expert_rows(const int* offs, int e, int M, int& 
 }
 
 // One block of 1024 threads, thread e handles expert e (the host refuses E > 1024).
-// tile_map[t] for t < max_tiles; num_tiles[0] = the real number of tiles.
+// tile_map[t] for t < max_tiles; num_tiles[0] = the real number of tiles, num_tiles[1] = 0.
 extern "C" __global__ void build_tile_map(const int* __restrict__ offs, int E, int M, int block_m,
                                           int max_tiles, TileInfo* __restrict__ tile_map,
                                           int* __restrict__ num_tiles) {
@@ -57,6 +57,7 @@ extern "C" __global__ void build_tile_map(const int* __restrict__ offs, int E, i
         first_tile[0] = 0;
         for (int i = 1; i <= E; ++i) first_tile[i] += first_tile[i - 1];
         num_tiles[0] = first_tile[E];
+        num_tiles[1] = 0;  // the tile counter of the dynamically scheduled kernels (warp_specialized.cuh)
     }
     __syncthreads();
     for (int j = 0; j < tiles; ++j) {

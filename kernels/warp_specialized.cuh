@@ -3,8 +3,8 @@
 // and chapter 06's 06_1 (W stored [E, K, N]) and 06_2 (the SwiGLU backward in the epilogue), are
 // this one kernel body with different switches; each step's file says what it adds.
 //
-// Roles. A block is three warpgroups (384 threads), one block per SM, walking the tiles
-// t = blockIdx.x, + gridDim.x, ... as 02_6 does:
+// Roles. A block is three warpgroups (384 threads), one block per SM, persistent as in 02_6,
+// but taking its next tile from a shared counter when it is ready for one (take_tile below):
 //   warpgroup 0, the producer: only loads. It gives most of its registers away (setmaxnreg) and
 //     runs ahead of the math by up to STAGES slices, across tile boundaries: while the consumers
 //     store one tile, the first slices of the next are already arriving.
@@ -15,10 +15,13 @@
 //       empty[s] completes when the 8 consumer warps are done reading slot s.
 //
 // Tile order. Tile t covers M-tile m and N-tile n (tile map: which expert and rows an M-tile is).
-// Consecutive t go down a group of group_m M-tiles before moving one N-tile right, so the SMs
-// busy at the same moment share both their W tiles (all M-tiles of one expert) and their X
-// rows in L2, instead of streaming a whole expert's weights once per M-tile. The host picks
-// group_m (grouped_gemm.group_m_for): about one expert's M-tiles, fewer when K is long.
+// Consecutive t go down a group of up to group_m M-tiles of one expert before moving one N-tile
+// right, so the SMs busy at the same moment share both their W tiles (all M-tiles of one
+// expert) and their X rows in L2, instead of streaming a whole expert's weights once per
+// M-tile. The host picks group_m (grouped_gemm.group_m_for): about one expert's M-tiles, fewer
+// when K is long. Three things keep that sharing true in practice (kernels/NOTES.md, measured on
+// DeepSeek-V3): groups never straddle two experts (expert_tile_coords), tiles are handed out in
+// order as blocks become free (take_tile), and a warpgroup with no rows in a tile skips it.
 //
 // Epilogue. A warpgroup's 64 x BN result leaves through shared memory, 128 columns at a time:
 // its registers are written into a small staging buffer (the 128-byte swizzle keeps those
@@ -40,6 +43,15 @@
 #define THREADS 384
 #ifndef PRODUCER_REGS
 #define PRODUCER_REGS 64  // 40 is enough for TMA alone; the gather's row list needs 64 not to spill (NVRTC 13.0)
+#endif
+#ifndef DYNAMIC_TILES
+#define DYNAMIC_TILES 1  // 0: block b takes tiles b, b + gridDim.x, ... (02_6's static order)
+#endif
+#ifndef EXPERT_GROUPS
+#define EXPERT_GROUPS 1  // 0: groups of group_m M-tiles, wherever the experts begin (expert_tile_coords)
+#endif
+#ifndef SKIP_EMPTY_HALF
+#define SKIP_EMPTY_HALF 1  // 0: both consumer warpgroups multiply every tile, rows past the end or not
 #endif
 #ifndef CONSUMER_REGS
 #define CONSUMER_REGS 216  // 128 x 64 + 256 x 216 <= 65536 registers of the SM
@@ -70,7 +82,7 @@ struct Problem {
     bf16* A;                // SWIGLU only: [M, N / 2] = silu(gate) * up
     const int* offs;
     const TileInfo* tile_map;
-    const int* num_tiles;
+    int* num_tiles;         // [0]: M-tiles (build_tile_map); [1]: the next tile to hand out (DYNAMIC_TILES)
     int M, N, K;
     int tokens;             // rows of X (GATHER): an index outside [0, tokens) reads zeros, never out of bounds
     int group_m;            // M-tiles per group of the tile order
@@ -80,6 +92,23 @@ struct Problem {
     const float* row_scale;
     float* ds_part;
 };
+
+// Tile t -> (M-tile m, N-tile n) with groups that never straddle two experts (EXPERT_GROUPS):
+// expert e's M-tiles first_e .. first_e + count_e - 1 own the tile numbers first_e * n_tiles ..
+// (first_e + count_e) * n_tiles - 1, in groups of at most group_m of its M-tiles. So t / n_tiles
+// is one of e's M-tiles, and the tile map (its expert and first row) gives first_e and count_e.
+// Without it, a group of group_m M-tiles often holds the end of one expert and the start of the
+// next: the two halves of that expert run a group apart in time and read its W twice
+// (DeepSeek-V3, 2-3 M-tiles an expert).
+__device__ __forceinline__ void expert_tile_coords(int t, const Problem& p, int m_tiles, int n_tiles, int& m, int& n) {
+    if (!EXPERT_GROUPS) return tile_coords(t, m_tiles, n_tiles, p.group_m, m, n);
+    const TileInfo one = p.tile_map[t / n_tiles];
+    int start, end;
+    expert_rows(p.offs, one.expert, p.M, start, end);
+    const int first = t / n_tiles - (one.row - start) / BM, count = ceil_div(end - start, BM);
+    tile_coords(t - first * n_tiles, count, n_tiles, p.group_m, m, n);
+    m += first;
+}
 
 // ---------------------------------------------------------------------------------------------
 // X gathered inside the load (GATHER). TMA copies boxes of a tensor, not a list of rows, so the
@@ -293,16 +322,22 @@ __device__ __forceinline__ void store_dswiglu(const float (&d)[NV], const Proble
 
 // ---------------------------------------------------------------------------------------------
 // Shared memory: the ring of STAGES slots (1024-byte aligned, as the 128-byte swizzle needs),
-// the two consumers' staging buffers, then a full and an empty mbarrier per slot, initialised
-// by one thread before the block's one __syncthreads. SlotT: what one slice holds (Slot here,
-// another layout in 06_3).
+// the two consumers' staging buffers, a full and an empty mbarrier per slot (initialised by one
+// thread before the block's one __syncthreads), then which tile each slot's slice is of.
+// SlotT: what one slice holds (Slot here, another layout in 06_3).
 // ---------------------------------------------------------------------------------------------
+struct TileJob {  // what the consumers need of a tile: its rows [row0, row_end) and its N-tile
+    int row0, row_end, n;
+};
+
 template <typename SlotT>
 struct Ring {
     SlotT* slots;
     Staging* staging;
     u64* full;   // full[s]: slot s holds its slice (bytes counted by TMA, cp.async arrivals)
     u64* empty;  // empty[s]: the 8 consumer warps are done reading slot s
+    TileJob* job;  // job[s]: the tile whose slice slot s holds (row0 < 0: no tiles left)
+    int* taken;    // two words through which the producer's thread 0 hands a tile to the others
 };
 
 template <typename SlotT>
@@ -314,6 +349,8 @@ __device__ __forceinline__ Ring<SlotT> make_ring(int full_arrivals) {
     r.staging = reinterpret_cast<Staging*>(r.slots + STAGES);
     r.full = reinterpret_cast<u64*>(r.staging + 2);
     r.empty = r.full + STAGES;
+    r.job = reinterpret_cast<TileJob*>(r.empty + STAGES);
+    r.taken = reinterpret_cast<int*>(r.job + STAGES);
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(&r.full[s], full_arrivals);
@@ -323,6 +360,32 @@ __device__ __forceinline__ Ring<SlotT> make_ring(int full_arrivals) {
     }
     __syncthreads();  // the last block-wide barrier: from here on, roles meet at mbarriers only
     return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Which tile next. Statically (02_6), block b takes tiles b, b + gridDim.x, ...: blocks drift
+// apart over the waves (each tile's time varies a little), and tiles that share W's rows stop
+// running at the same moment, so W is read from memory again (DeepSeek-V3, 2-3 M-tiles per
+// expert: Nsight Compute counted 22-25 GB read by the up-projection and dX products whose
+// weights are 15 GB). Dynamically, a producer ready for a new tile takes the next number from a
+// counter in global memory (build_tile_map zeroes it): the tiles in flight are always one
+// window of consecutive numbers, whose members share W's rows (tile_coords) and started within
+// a few microseconds of each other. The consumers learn each tile from its first slot (job:
+// the producer has already looked up its rows), and a job with no rows tells them to stop.
+// ---------------------------------------------------------------------------------------------
+// The tile claimed, for all the producer's 128 threads (ALL_THREADS: the gather needs it) or
+// for thread 0 alone. Thread 0 hands it round through shared memory: two words, used in turn;
+// when thread 0 writes taken[i % 2] again (tile i + 2), every thread has passed tile i + 1's
+// barrier and so has read tile i's. (Claiming the next tile one tile early, to hide the
+// atomic's round trip, made DeepSeek-V3's up-projection 17% slower: the claims then follow the
+// order in which the blocks began their previous tiles, and the window comes apart.)
+template <bool ALL_THREADS>
+__device__ __forceinline__ int take_tile(int* counter, int* taken, int i) {
+    if (!DYNAMIC_TILES) return blockIdx.x + i * gridDim.x;
+    if (!ALL_THREADS) return atomicAdd(counter, 1);
+    if (threadIdx.x == 0) taken[i % 2] = atomicAdd(counter, 1);
+    asm volatile("bar.sync 3, 128;\n" ::: "memory");  // barriers 1, 2: the consumers' epilogues
+    return taken[i % 2];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -347,9 +410,19 @@ __device__ __forceinline__ void warp_specialized_grouped_gemm(const TmaDesc& map
         setmaxnreg_dec<PRODUCER_REGS>();
         if (!GATHER && threadIdx.x != 0) return;  // TMA needs a single thread
         int s = 0, parity = 0, slice = 0;  // slice: counted across tiles, for the trace
-        for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        for (int i = 0;; ++i) {
+            const int t = take_tile<GATHER>(p.num_tiles + 1, ring.taken, i);
+            if (t >= total) {  // one more slot, holding no slice: the consumers stop there
+                mbar_wait(&empty[s], parity ^ 1);
+                if (threadIdx.x == 0) {
+                    ring.job[s] = TileJob{-1, 0, 0};
+                    mbar_arrive(&full[s]);
+                }
+                if (GATHER) cp_async_mbar_arrive(&full[s]);
+                break;
+            }
             int m, n, expert, row0, row_end;
-            tile_coords(t, m_tiles, n_tiles, p.group_m, m, n);
+            expert_tile_coords(t, p, m_tiles, n_tiles, m, n);
             tile_rows(p.tile_map, p.offs, p.M, m, BM, expert, row0, row_end);
             const int w_row = expert * p.N + n * BN;
             GatherRows g;
@@ -358,12 +431,13 @@ __device__ __forceinline__ void warp_specialized_grouped_gemm(const TmaDesc& map
                 mbar_wait(&empty[s], parity ^ 1);  // the consumers are done with this slot
                 if (threadIdx.x == 0) {
                     trace_event(0, slice);
+                    ring.job[s] = TileJob{row0, row_end, n};  // published by the arrive below (a release)
                     mbar_arrive_expect_tx(&full[s], GATHER ? BN * BK * 2 : sizeof(Slot));
                     if (!GATHER) tma_load_2d(slots[s].a, map_x, kt * BK, row0, &full[s]);
                     if (B_MN) {
 #pragma unroll
-                        for (int i = 0; i < BN / 64; ++i)
-                            tma_load_2d(slots[s].b + i * 64 * BK, map_w, n * BN + 64 * i, expert * p.K + kt * BK, &full[s]);
+                        for (int b = 0; b < BN / 64; ++b)
+                            tma_load_2d(slots[s].b + b * 64 * BK, map_w, n * BN + 64 * b, expert * p.K + kt * BK, &full[s]);
                     } else {
                         tma_load_2d(slots[s].b, map_w, kt * BK, w_row, &full[s]);
                     }
@@ -380,40 +454,49 @@ __device__ __forceinline__ void warp_specialized_grouped_gemm(const TmaDesc& map
         setmaxnreg_inc<CONSUMER_REGS>();
         const int c = warpgroup - 1;  // which 64 rows of the tile
         const bool tracer = threadIdx.x == 128;
-        int s = 0, parity = 0, slice = 0, tile = 0;
-        for (int t = blockIdx.x; t < total; t += gridDim.x, ++tile) {
-            int m, n, expert, row0, row_end;
-            tile_coords(t, m_tiles, n_tiles, p.group_m, m, n);
-            tile_rows(p.tile_map, p.offs, p.M, m, BM, expert, row0, row_end);
+        int s = 0, parity = 0, slice = 0;
+        for (int tile = 0;; ++tile) {
+            mbar_wait(&full[s], parity);  // the tile's first slice, or the end
+            const TileJob job = ring.job[s];
+            if (job.row0 < 0) break;
+            const int row_end = job.row_end, n = job.n, r0 = job.row0 + c * 64;  // this warpgroup's rows
+            // An expert's last M-tile is often mostly past its end (DeepSeek-V3: ~256 rows an
+            // expert, so a third tile of a few rows for half of them). A warpgroup whose 64 rows
+            // are all past the end multiplies nothing (SKIP_EMPTY_HALF): the other one has the
+            // tensor cores to itself and the tile takes about half as long.
+            const bool has_rows = !SKIP_EMPTY_HALF || r0 < row_end;
             float acc[BN / 2];
 #pragma unroll
             for (int v = 0; v < BN / 2; ++v) acc[v] = 0.0f;
             for (int kt = 0; kt < num_k; ++kt) {
-                mbar_wait(&full[s], parity);
+                if (kt) mbar_wait(&full[s], parity);
                 if (tracer) trace_event(1, slice);
-                if (GATHER) fence_proxy_async();  // generic-proxy copies -> async-proxy reads
-                if (B_MN) wgmma_slice_b_mn(acc, slots[s].a + c * 64 * BK, slots[s].b);
-                else wgmma_slice(acc, slots[s].a + c * 64 * BK, slots[s].b);
-                // Wait for this slice's multiply and free its slot at once: the producer gets
-                // the slot one slice earlier than with wgmma_wait<1> (chapter 02), and the
-                // tensor cores do not idle meanwhile, since the other consumer warpgroup's
-                // batch is still running. Measured: equal or faster on every shape.
-                wgmma_wait<0>();
-                wgmma_fence_operands(acc);
+                if (has_rows) {
+                    if (GATHER) fence_proxy_async();  // generic-proxy copies -> async-proxy reads
+                    if (B_MN) wgmma_slice_b_mn(acc, slots[s].a + c * 64 * BK, slots[s].b);
+                    else wgmma_slice(acc, slots[s].a + c * 64 * BK, slots[s].b);
+                    // Wait for this slice's multiply and free its slot at once: the producer gets
+                    // the slot one slice earlier than with wgmma_wait<1> (chapter 02), and the
+                    // tensor cores do not idle meanwhile, since the other consumer warpgroup's
+                    // batch is still running. Measured: equal or faster on every shape.
+                    wgmma_wait<0>();
+                    wgmma_fence_operands(acc);
+                }
                 if (lane == 0) mbar_arrive(&empty[s]);
                 if (tracer) trace_event(2, slice);
                 ++slice;
                 if (++s == STAGES) s = 0, parity ^= 1;
             }
             // The producer is already loading the next tile while we store this one.
-            const int r0 = row0 + c * 64;
-            if (DSWIGLU) {
-                store_dswiglu(acc, p, r0, row_end, n);
-            } else if (SWIGLU) {
-                if (p.Y) store_tile_staged(acc, staging[c], c, p.Y, p.N, r0, row_end, n * BN);
-                store_swiglu_staged(acc, staging[c], c, p.A, p.N / 2, r0, row_end, n * BN);
-            } else {
-                store_tile_staged(acc, staging[c], c, p.Y, p.N, r0, row_end, n * BN);
+            if (has_rows) {
+                if (DSWIGLU) {
+                    store_dswiglu(acc, p, r0, row_end, n);
+                } else if (SWIGLU) {
+                    if (p.Y) store_tile_staged(acc, staging[c], c, p.Y, p.N, r0, row_end, n * BN);
+                    store_swiglu_staged(acc, staging[c], c, p.A, p.N / 2, r0, row_end, n * BN);
+                } else {
+                    store_tile_staged(acc, staging[c], c, p.Y, p.N, r0, row_end, n * BN);
+                }
             }
             if (tracer) trace_event(3, tile);
         }

@@ -56,19 +56,21 @@ def _tma_smem(block_n: int = 256, stages: int = 4) -> int:
 
 
 def _ws_smem(stages: int = 4) -> int:
-    """warp_specialized.cuh: the ring (128 x 256 tiles) and two 16 KB epilogue staging buffers."""
-    return _tma_smem(256, stages) + 2 * 64 * 128 * 2
+    """warp_specialized.cuh: the ring (128 x 256 tiles), two 16 KB epilogue staging buffers, and
+    each slot's tile (three ints) and two ints to hand a tile round."""
+    return _tma_smem(256, stages) + 2 * 64 * 128 * 2 + 12 * stages + 8
 
 
 GROUP_M_MAX = 16
-GROUP_M_MIN = 4  # DeepSeek-V3's 2 tiles an expert: groups of 4 beat groups of 2 by 3-10%
+GROUP_M_MIN = 4  # DeepSeek-V3's 2-3 tiles an expert (a few more with an uneven routing) in one group
 GROUP_X_BYTES = 16 << 20  # X rows one group of M-tiles reads: kept well inside the 60 MB L2
 
 
 def group_m_for(M: int, E: int, K: int, block_m: int = 128) -> int:
-    """M-tiles per group of the warp-specialised kernels' tile order (warp_specialized.cuh):
-    about one average expert's M-tiles (at least GROUP_M_MIN), so its weights are read once
-    while all its rows are in flight, but no more than GROUP_X_BYTES of X rows per group.
+    """At most how many M-tiles of one expert a group of the warp-specialised kernels' tile
+    order holds (warp_specialized.cuh; a group never straddles two experts): about one average
+    expert's M-tiles (at least GROUP_M_MIN), so its weights are read once while all its rows
+    are in flight, but no more than GROUP_X_BYTES of X rows per group.
     Computed from the shapes alone: no look at the expert counts, no host sync. Measured on the
     H200 (group sizes 1-16 on the chapter 02 shapes): within 2% of the best group everywhere."""
     per_expert = math.ceil(M / max(E, 1) / block_m)
@@ -255,6 +257,8 @@ def run_step(s: Step, x, w, offs, out=None, validate: bool = True, module=None, 
 @kernels.on_torch_stream
 def build_tile_map(module, offs, M: int, block_m: int):
     """Launch ``build_tile_map`` (grouped_gemm.cuh): (tile_map, num_tiles, max_tiles), all on the GPU.
+    ``num_tiles[0]``: the real number of M-tiles; ``num_tiles[1]``: zero, the counter from which
+    the dynamically scheduled kernels (warp_specialized.cuh) take their tiles.
 
     ``max_tiles`` = ceil(M / block_m) + E bounds the real count without reading the offsets."""
     import torch
@@ -262,7 +266,7 @@ def build_tile_map(module, offs, M: int, block_m: int):
     E = offs.numel()
     max_tiles = math.ceil(M / block_m) + E
     tile_map = torch.empty(max_tiles, 2, device=offs.device, dtype=torch.int32)
-    num_tiles = torch.empty(1, device=offs.device, dtype=torch.int32)
+    num_tiles = torch.empty(2, device=offs.device, dtype=torch.int32)  # [M-tiles, tile counter]
     module.get_function("build_tile_map")((1,), (1024,), (
         ptr(offs), np.int32(E), np.int32(M), np.int32(block_m), np.int32(max_tiles), ptr(tile_map), ptr(num_tiles)))
     return tile_map, num_tiles, max_tiles

@@ -417,7 +417,7 @@ class DeviceRouting(NamedTuple):
     topk_counts: Tensor  # (E,) int32
     topk: Tensor  # (T, K) int32
     tile_map: Tensor  # (max_tiles, 2) int32
-    num_tiles: Tensor  # (1,) int32
+    num_tiles: Tensor  # (2,) int32: the number of tiles, then 0 (the persistent kernels' tile counter)
     tile: int
     method: str
 
@@ -485,7 +485,7 @@ def route_cuda(scores: Tensor, k: int, tile: int = DEFAULT_TILE, method: str = "
     keys = torch.empty(num_experts, num_tokens, dtype=i32, device=dev)  # scratch: each expert's keys
     flags = torch.empty(num_experts, num_tokens, dtype=torch.uint8, device=dev)  # scratch: top-K flags
     tile_map_ = torch.empty(max_tiles, 2, dtype=i32, device=dev)
-    num_tiles = torch.empty(1, dtype=i32, device=dev)
+    num_tiles = torch.empty(2, dtype=i32, device=dev)  # build_tile_map writes [tiles, 0]
 
     def p(t):
         return np.uint64(t.data_ptr())
@@ -577,7 +577,7 @@ def check_kernel(scores: Tensor, k: int, tile: int, method: str, module=None, la
     check_equal(f"weights, as bits ({where})", got.weights.float().cpu().view(torch.int32),
                 want.weights.float().cpu().view(torch.int32))
     tiles = tile_map(want.counts, tile).cpu()
-    check_equal(f"number of tiles ({where})", dev.num_tiles.cpu(), torch.tensor([tiles.shape[0]], dtype=torch.int32))
+    check_equal(f"number of tiles ({where})", dev.num_tiles.cpu(), torch.tensor([tiles.shape[0], 0], dtype=torch.int32))
     got_map = dev.tile_map.cpu().long()
     check_equal(f"tile map ({where})", got_map[: tiles.shape[0]], tiles)
     check_equal(f"tile map after the last tile ({where})", got_map[tiles.shape[0]:, 0],

@@ -67,7 +67,7 @@ def test_tables_and_speedups_from_a_record():
     assert "course" in text and "2.00x" in text and "skipped: why" in text
 
 
-@pytest.mark.parametrize("kind", ["moe_layer_training", "moe_layer_sonicmoe"])
+@pytest.mark.parametrize("kind", ["moe_layer_training", "moe_layer_sonicmoe", "moe_layer_sonicmoe_run"])
 def test_recorded_layer_benchmarks_are_complete(kind):
     rec = records.load(kind)
     assert rec is not None, f"benchmarks/results has no {kind} record"
@@ -86,8 +86,9 @@ def test_bench_without_a_gpu_prints_the_record(capsys):
     assert "recorded on" in out and "course" in out
 
 
-def test_the_sonicmoe_record_compares_outputs_and_names_its_versions():
-    rec = records.load("moe_layer_sonicmoe")
+@pytest.mark.parametrize("kind", ["moe_layer_sonicmoe", "moe_layer_sonicmoe_run"])
+def test_the_sonicmoe_record_compares_outputs_and_names_its_versions(kind):
+    rec = records.load(kind)
     assert set(rec.data["versions"]) == {"sonic-moe", "quack-kernels", "nvidia-cutlass-dsl"}
     assert all(rec.data["versions"].values()), rec.data["versions"]
     for shape, res in rec.data["shapes"].items():

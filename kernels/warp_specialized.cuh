@@ -338,6 +338,7 @@ struct Ring {
     u64* empty;  // empty[s]: the 8 consumer warps are done reading slot s
     TileJob* job;  // job[s]: the tile whose slice slot s holds (row0 < 0: no tiles left)
     int* taken;    // two words through which the producer's thread 0 hands a tile to the others
+                   // (job and taken: warp_specialized_grouped_gemm only; 06_3 has no room for them)
 };
 
 template <typename SlotT>

@@ -468,8 +468,9 @@ def route_cuda(scores: Tensor, k: int, tile: int = DEFAULT_TILE, method: str = "
         check_scores(scores)  # a NaN check: one sync
     scores = scores.contiguous()
     rows = max_rows(num_tokens, num_experts, k, tile, method)
-    max_tiles = math.ceil(rows / tile) + num_experts
     _require(rows < 2**31, f"{rows} rows do not fit int32 indices")
+
+    from .grouped_gemm import build_tile_map
 
     if module is None:
         module = kernels.load(KERNEL_SOURCE)
@@ -484,8 +485,6 @@ def route_cuda(scores: Tensor, k: int, tile: int = DEFAULT_TILE, method: str = "
     from_topk = torch.empty(rows, dtype=torch.bool, device=dev)
     keys = torch.empty(num_experts, num_tokens, dtype=i32, device=dev)  # scratch: each expert's keys
     flags = torch.empty(num_experts, num_tokens, dtype=torch.uint8, device=dev)  # scratch: top-K flags
-    tile_map_ = torch.empty(max_tiles, 2, dtype=i32, device=dev)
-    num_tiles = torch.empty(2, dtype=i32, device=dev)  # build_tile_map writes [tiles, 0]
 
     def p(t):
         return np.uint64(t.data_ptr())
@@ -496,8 +495,7 @@ def route_cuda(scores: Tensor, k: int, tile: int = DEFAULT_TILE, method: str = "
     module.get_function("round_counts")((1,), (1024,), (p(topk_counts), n(num_experts), n(num_tokens), n(tile),
                                                         n(KERNEL_MODES[method]), p(counts), p(offsets)))
     ends = offsets[1:]
-    module.get_function("build_tile_map")((1,), (1024,), (p(ends), n(num_experts), n(rows), n(tile),
-                                                          n(max_tiles), p(tile_map_), p(num_tiles)))
+    tile_map_, num_tiles, _ = build_tile_map(module, ends, rows, tile)  # chapter 02's, on the rounded counts
     module.get_function("select_tokens")((num_experts,), (SELECT_THREADS,), (
         p(scores), p(topk), n(num_tokens), n(num_experts), n(k), p(topk_counts), p(counts), p(offsets),
         n(int(method == "padded")), p(keys), p(flags), p(token_ids), p(expert_ids), p(weights), p(from_topk)))

@@ -6,6 +6,9 @@ One obvious place for each thing:
 - ``kernels``    CUDA sources in ``kernels/``: compiled and loaded through CuPy on a GPU
                  (launched on torch's current stream: ``on_torch_stream``), or compiled for
                  ``sm_90a`` without one to read their resource use
+- ``cuda_on_cpu``  CUDA C kernels run on the CPU (no GPU needed): one thread at a time, in two
+                 thread orders, so races, barrier divergence and out-of-bounds indices are
+                 reported; the exercise graders and ``printf`` debugging use it
 - ``bench``      timing (CUDA events, warm-up, median, inputs rotated past the L2)
 - ``ceilings``   this machine's two ceilings: dense bf16 matmul rate and device copy bandwidth
 - ``records``    benchmark results saved as JSON under ``benchmarks/results/``
@@ -16,7 +19,8 @@ One obvious place for each thing:
 - ``token_rounding``    tile-aware token rounding (chapter 04): the routing in torch, its CUDA
                  kernels' host side, and the grouped GEMM's time on top-K against rounded routing
 - ``rounding_quality``  chapter 04's quality experiment: a small MoE trained with and without rounding
-- ``graders``    the exercise graders (one module per exercise notebook)
+- ``graders``    the exercise graders (one module per exercise notebook; the CUDA C ones share
+                 ``graders.kernel_exercise``)
 - ``first_kernel``  host side of chapter 00's first kernel: the pattern every wrapper follows
 - ``grouped_gemm``  chapter 02's kernel ladder: one launcher for every step, the baselines,
                  and the check-then-time runner behind ``benchmarks/bench_grouped_gemm.py``

@@ -247,10 +247,61 @@ def run_step(s: Step, x, w, offs, out=None, validate: bool = True, module=None, 
     elif s.persistent:
         fn((info().sm_count,), (s.threads,), args + (ptr(num_tiles), i32(M), i32(N), i32(K)),
            shared_mem=s.smem_bytes)
-    elif s.block_m == 16:
-        fn((math.ceil(N / 16), max_tiles), (16, 16), args + (i32(M), i32(N), i32(K)))
     else:
-        fn((N // s.block_n, max_tiles), (s.threads,), args + (i32(M), i32(N), i32(K)), shared_mem=s.smem_bytes)
+        grid, block = launch_geometry(s, N, max_tiles)
+        fn(grid, block, args + (i32(M), i32(N), i32(K)), shared_mem=s.smem_bytes)
+    return out
+
+
+def launch_geometry(s: Step, N: int, max_tiles: int) -> tuple[tuple[int, int], tuple[int, ...]]:
+    """(grid, block) of a non-persistent step: one block per (N-tile, M-tile). Steps of 16-row
+    tiles (the naive kernel, exercise 03) are 16 x 16 threads, one output each."""
+    if s.block_m == 16:
+        return (math.ceil(N / 16), max_tiles), (16, 16)
+    return (N // s.block_n, max_tiles), (s.threads,)
+
+
+def max_tiles_for(M: int, E: int, block_m: int) -> int:
+    """An upper bound of the M-tiles, known without reading the counts: ceil(M / block_m) + E."""
+    return math.ceil(M / block_m) + E
+
+
+def run_step_on_cpu(s: Step, x, w, offs, out=None, module=None, build_map_module=None):
+    """``run_step``'s launches, run on the CPU (:mod:`moe_course.cuda_on_cpu`): the tile map by
+    ``build_tile_map`` and the step's kernel, one thread at a time in two thread orders, so a
+    race, a barrier that not every thread reaches, or an index out of bounds is reported, not
+    hidden. For the CUDA-core steps (02_1 to 02_3) and the exercises, at small sizes (slow);
+    steps written in PTX (02_4 on) raise :class:`~moe_course.cuda_on_cpu.NeedsGPU`.
+    ``x``, ``w``, ``offs``: CPU tensors; ``module``: a CPU module (default: the step's file)."""
+    import torch
+
+    from . import cuda_on_cpu
+
+    check_tensor_types({"x": (x, torch.bfloat16, 2), "w": (w, torch.bfloat16, 3), "offs": (offs, torch.int32, 1)})
+    M, K = x.shape
+    E, N, _ = w.shape
+    check_tile_multiples(s, N, K)
+    check_offsets(offs, M)
+    out = torch.empty(M, N, dtype=torch.bfloat16) if out is None else out
+    if M == 0 or N == 0:
+        return out
+    module = module or cuda_on_cpu.load(s.source, defines=s.defines)
+    if s.block_m == 0:  # step 1: one launch per expert, on the expert's rows
+        start = 0
+        for e, end in enumerate(offs.tolist()):
+            rows = end - start
+            if rows > 0:
+                module.launch(s.kernel, (math.ceil(N / 16), math.ceil(rows / 16)), (16, 16),
+                              (x[start:end], w[e], out[start:end], rows, N, K))
+            start = end
+        return out
+    max_tiles = max_tiles_for(M, E, s.block_m)
+    tile_map = torch.empty(max_tiles, 2, dtype=torch.int32)
+    num_tiles = torch.empty(2, dtype=torch.int32)
+    (build_map_module or module).launch("build_tile_map", (1,), (1024,),
+                                        (offs, E, M, s.block_m, max_tiles, tile_map, num_tiles))
+    grid, block = launch_geometry(s, N, max_tiles)
+    module.launch(s.kernel, grid, block, (x, w, out, offs, tile_map, M, N, K), shared_mem=s.smem_bytes)
     return out
 
 
@@ -264,7 +315,7 @@ def build_tile_map(module, offs, M: int, block_m: int):
     import torch
 
     E = offs.numel()
-    max_tiles = math.ceil(M / block_m) + E
+    max_tiles = max_tiles_for(M, E, block_m)
     tile_map = torch.empty(max_tiles, 2, device=offs.device, dtype=torch.int32)
     num_tiles = torch.empty(2, device=offs.device, dtype=torch.int32)  # [M-tiles, tile counter]
     module.get_function("build_tile_map")((1,), (1024,), (

@@ -24,6 +24,19 @@
 #define BM 128
 #define BK 64
 
+// The ring's bookkeeping, four one-line functions (exercise 07 asks for them, and compiles this
+// file with its own). Slice kt of K goes into slot kt % STAGES. A slot's barriers complete once
+// per use of the slot, so the u-th use (u = kt / STAGES) waits for the end of phase u: an
+// mbarrier wait names only the phase's parity, u & 1. Before loading slice kt into its slot,
+// the producer waits until the slice that was there (kt - STAGES) has been consumed by every
+// warp: phase u - 1 of empty[slot]. The first STAGES slices find their slots empty.
+#ifndef RING_FROM_EXERCISE
+__device__ __forceinline__ int ring_slot(int kt) { return kt % STAGES; }
+__device__ __forceinline__ int ring_full_parity(int kt) { return (kt / STAGES) & 1; }
+__device__ __forceinline__ bool ring_producer_waits(int kt) { return kt >= STAGES; }
+__device__ __forceinline__ int ring_empty_parity(int kt) { return (kt / STAGES - 1) & 1; }
+#endif
+
 struct __align__(1024) Slot {
     bf16 a[BM * BK];  // 128 rows of X, 64 values each, 128B-swizzled (as TMA writes them)
     bf16 b[BN * BK];  // BN rows of W[e]
@@ -56,21 +69,23 @@ tma_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ 
     }
     __syncthreads();
 
-    auto load = [&](int s, int kt) {  // thread 0 only
+    auto load = [&](int kt) {  // thread 0 only: slice kt into its slot, once the slot is free
+        const int s = ring_slot(kt);
+        if (ring_producer_waits(kt)) mbar_wait(&empty[s], ring_empty_parity(kt));
         trace_event(0, kt);
         mbar_arrive_expect_tx(&full[s], SLOT_BYTES);
         tma_load_2d(slots[s].a, map_x, kt * BK, row0, &full[s]);
         tma_load_2d(slots[s].b, map_w, kt * BK, w_row, &full[s]);
     };
     if (threadIdx.x == 0)
-        for (int s = 0; s < STAGES && s < num_k; ++s) load(s, s);
+        for (int kt = 0; kt < STAGES && kt < num_k; ++kt) load(kt);
 
     float acc[BN / 2];
 #pragma unroll
     for (int v = 0; v < BN / 2; ++v) acc[v] = 0.0f;
     for (int kt = 0; kt < num_k; ++kt) {
-        const int s = kt % STAGES, parity = (kt / STAGES) & 1;
-        mbar_wait(&full[s], parity);  // the slice is in shared memory
+        const int s = ring_slot(kt);
+        mbar_wait(&full[s], ring_full_parity(kt));  // the slice is in shared memory
         if (threadIdx.x == 128) trace_event(1, kt);  // traced by a thread that only multiplies
         const bf16* a = slots[s].a + warpgroup * 64 * BK;
         wgmma_fence();
@@ -84,10 +99,7 @@ tma_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ 
         if (threadIdx.x == 128) trace_event(2, kt);
         __syncwarp();
         if (lane == 0) mbar_arrive(&empty[s]);  // this warp is done with slot s
-        if (threadIdx.x == 0 && kt + STAGES < num_k) {
-            mbar_wait(&empty[s], parity);  // every warp is done with it: refill
-            load(s, kt + STAGES);
-        }
+        if (threadIdx.x == 0 && kt + STAGES < num_k) load(kt + STAGES);  // refill it once all are
     }
     store_wgmma_tile(acc, Y, N, row0 + warpgroup * 64, row_end, col0);
     if (threadIdx.x == 128) trace_event(3, 0);

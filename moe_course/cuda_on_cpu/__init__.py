@@ -457,6 +457,7 @@ class Module:
         if kind.startswith("crash"):
             sig = kind.split()[-1]
             hint = (" (an access far outside a buffer?)" if sig in ("SIGSEGV", "SIGBUS") else
+                    " (an integer division by zero?)" if sig == "SIGFPE" else
                     " (an assert or abort?)" if sig == "SIGABRT" else "")
             return KernelCrashed(f"{kernel} crashed on the CPU with {sig}{where}{hint}\n{report[-1500:]}".rstrip())
         return KernelCrashed(f"{kernel} failed on the CPU{where}:\n{(report or state)[-2000:]}")

@@ -31,7 +31,7 @@ endif
 
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900
 
-.PHONY: help setup setup-lab lab test test-browser grade bench exercises wheelhouse clean
+.PHONY: help setup setup-lab lab test test-browser grade bench sanitize exercises wheelhouse clean
 
 help:
 	@echo "make lab         set up, then open JupyterLab on the course"
@@ -39,6 +39,7 @@ help:
 	@echo "make test-browser  run chapters in JupyterLab in headless Chromium (installs chromium, playwright)"
 	@echo "make grade       run your exercises in exercises/ and say what passes"
 	@echo "make bench       measure this GPU's ceilings and record them in benchmarks/results/"
+	@echo "make sanitize    every kernel under compute-sanitizer (memcheck, racecheck, synccheck, initcheck; GPU only)"
 	@echo "make exercises   regenerate exercises/ from solutions/ (never overwrites your work)"
 	@echo "make wheelhouse  download wheels for a GPU machine with no internet (WHEEL_PYTHON, WHEEL_SKIP)"
 	@echo "make clean       remove the environment and caches (not your exercises, not results)"
@@ -84,6 +85,9 @@ grade: setup
 
 bench: setup
 	$(PY) benchmarks/ceilings.py
+
+sanitize: setup
+	$(PY) tools/sanitize.py
 
 exercises: setup
 	$(PY) tools/make_exercises.py

@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""The workload `make sanitize` runs under compute-sanitizer: every kernel in kernels/ launched
+at least once, at the sizes where kernels go wrong if they are going to.
+
+- experts with no rows, counts that are not a multiple of the tile, one expert with every row,
+  and more tiles than the GPU has SMs (the persistent kernels' loop over tiles);
+- every step of chapters 02 and 03 (03_1 with one slot and with four), the gather and SwiGLU
+  steps, the token-rounding kernels with every routing, and chapter 06's layer forward and
+  backward with top-K and with rounding (06_1 to 06_4);
+- the outputs are checked too (a kernel that is clean but wrong is no better).
+
+It records which kernels were launched and fails if one in kernels/ was not: a kernel added
+later without a line here is caught. Run alone it is a quick check of every kernel
+(`python tools/sanitize_workload.py`); tools/sanitize.py runs it under each tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from moe_course import KERNELS_DIR, kernels, machine
+
+COUNTS = {  # rows per expert
+    "empty experts, counts off the tile": [0, 1, 130, 0, 257],
+    "one expert with every row": [300],
+    "more tiles than SMs": [0, 17000, 3, 129],
+}
+
+
+def every_kernel() -> set[str]:
+    """The ``extern "C" __global__`` functions of kernels/*.cu and *.cuh."""
+    pattern = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(')
+    return {m for p in KERNELS_DIR.glob("*.cu*") for m in pattern.findall(p.read_text())}
+
+
+class Tracked:
+    """A CuPy module that notes the name of every kernel fetched from it (to launch it)."""
+
+    launched: set[str] = set()
+
+    def __init__(self, module):
+        self._module = module
+
+    def get_function(self, name):
+        Tracked.launched.add(name)
+        return self._module.get_function(name)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def track_launches() -> None:
+    original = kernels._load
+
+    def load(*args, **kwargs):
+        return Tracked(original(*args, **kwargs))
+
+    kernels._load = load
+
+
+def check(name: str, got, expected, tol: float = 2e-2) -> None:
+    from moe_course.checking import relative_error
+
+    err = relative_error(got, expected)
+    if not err <= tol:
+        raise SystemExit(f"{name}: relative error {err:.3g} (more than {tol}): a wrong result")
+
+
+def grouped_gemms() -> None:
+    import torch
+
+    from moe_course import grouped_gemm as gg
+    from moe_course import io_overlap
+
+    steps = dict(gg.STEPS)
+    steps["03_1_tma[STAGES=1]"] = io_overlap.pipeline_step(1)
+    for name, step in steps.items():
+        if (machine.info().compute_capability or (0, 0)) < step.min_cc:
+            continue
+        for what, counts in COUNTS.items():
+            if step.block_m == 0 and what == "more tiles than SMs":
+                continue  # the per-expert launches of step 1: nothing persistent to exercise
+            p = gg.make_problem(counts, 2 * max(step.k_multiple, 64), 2 * step.block_n if step.block_n > 1 else 48)
+            y = torch.full((p.x.shape[0], p.w.shape[1]), float("nan"), device="cuda", dtype=torch.bfloat16)
+            gg.run_step(step, p.x, p.w, p.offs, out=y)
+            check(f"{name}, {what}", y, gg.reference(p.x, p.w, p.offs))
+    for what, counts in COUNTS.items():  # 03_3 and 03_4: rows gathered inside the load
+        E, T = len(counts), 400
+        gather_idx = torch.randint(0, T, (sum(counts),), device="cuda", dtype=torch.int32)
+        offs = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+        x = torch.randn(T, 128, device="cuda").to(torch.bfloat16)
+        w = (torch.randn(E, 512, 128, device="cuda") / 12).to(torch.bfloat16)
+        check(f"03_3, {what}", io_overlap.gather_grouped_gemm(x, gather_idx, w, offs),
+              io_overlap.gather_reference(x, gather_idx, w, offs))
+        a, h = io_overlap.swiglu_grouped_gemm(x, gather_idx, w, offs)
+        check(f"03_4, {what}", h, io_overlap.gather_reference(x, gather_idx, w, offs))
+        check(f"03_4 (SwiGLU), {what}", a, io_overlap.swiglu_of(h))
+
+
+def token_rounding() -> None:
+    import torch
+
+    from moe_course import token_rounding as tr
+
+    for counts, T, k in (([5, 0, 17, 90, 0, 88], 100, 2), ([300, 0, 0], 300, 1)):
+        scores = tr.scores_with_counts(counts, T, k, seed=1).cuda()
+        for method in tr.ROUTINGS:
+            got = tr.route_cuda(scores, k, 16, method)
+            want = tr.route(scores.cpu(), k, 16, method)
+            if not torch.equal(got.counts.cpu().long(), want.counts.long()):
+                raise SystemExit(f"04_1 {method}: counts differ from torch's")
+
+
+def first_kernel() -> None:
+    import torch
+
+    from moe_course import first_kernel as fk
+
+    x = torch.randn(1000 * 8 + 3, device="cuda").to(torch.bfloat16)
+    check("00_scale", fk.scale(x, 1.5), x.float() * 1.5)
+
+
+def layer() -> None:
+    import torch
+
+    from moe_course import layer as lay
+
+    for T, E, k, routing in ((40, 16, 2, "top-K"), (9000, 8, 2, "top-K"), (300, 8, 2, "nearest")):
+        torch.manual_seed(T)
+        model = lay.CourseMoE(256, 256, E, k, routing=routing, device="cuda")
+        x = torch.randn(T, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        out = model(x)
+        if model.backend != "kernels":
+            raise SystemExit(f"the layer ran on torch ({model.why_torch}): its kernels were not exercised")
+        out.float().square().mean().backward()
+        if not all(torch.isfinite(t.grad).all() for t in (x, model.w_gate_up, model.w_down, model.w_router)):
+            raise SystemExit(f"layer T={T}, {routing}: a gradient is not finite")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.parse_args()
+    if not machine.has_gpu():
+        print(f"nothing to run: {machine.info().why_no_gpu}")
+        return 0
+    track_launches()
+    for part in (first_kernel, grouped_gemms, token_rounding, layer):
+        part()
+        print(f"{part.__name__}: done", flush=True)
+    missing = every_kernel() - Tracked.launched
+    print(f"{len(Tracked.launched & every_kernel())} of {len(every_kernel())} kernels launched")
+    if missing:
+        print(f"not launched by this workload: {', '.join(sorted(missing))}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

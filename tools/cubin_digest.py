@@ -4,6 +4,7 @@ that should not change the compiled code (a refactor, a comment) left it byte fo
 
     python tools/cubin_digest.py                 # compare with the record; exit 1 on any difference
     python tools/cubin_digest.py --write         # record this tree's fingerprints (installed NVRTC)
+    python tools/cubin_digest.py --against DIR   # compare with another kernels/ folder instead
     python tools/cubin_digest.py --dump DIR      # also write each build's PTX and cubin into DIR
 
 A build is one ``kernels/*.cu`` file with the ``-D`` defines a launcher passes (``BUILDS``).
@@ -227,24 +228,29 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", type=Path, default=KERNELS_DIR, help="compile the sources of another kernels/ folder")
     ap.add_argument("--only", nargs="+", metavar="BUILD", help="these builds only (e.g. 03_3_gather.cu)")
     ap.add_argument("--dump", type=Path, metavar="DIR", help="write each build's PTX and cubin into DIR")
+    ap.add_argument("--against", type=Path, metavar="DIR", help="compare with the sources of another kernels/ folder "
+                    "compiled now (e.g. a checkout of the commit before a change) instead of the record")
     args = ap.parse_args(argv)
     if args.write:
-        if args.kernels != KERNELS_DIR or args.only:
-            ap.error("--write records all of this checkout's kernels/: no --kernels, no --only")
+        if args.kernels != KERNELS_DIR or args.only or args.against:
+            ap.error("--write records all of this checkout's kernels/: no --kernels, --only or --against")
         made = write()
         print(f"recorded {len(made['builds'])} builds under '{record_key()}' in {RECORD.relative_to(ROOT)}")
         return 0
     key = record_key()
-    recorded = load_record().get(key)
-    if recorded is None:
-        print(f"no record for '{key}' in {RECORD.relative_to(ROOT)}: nothing to compare with "
-              "(record one from an unchanged tree with --write)")
-        return 2
+    if args.against:
+        baseline, what = digest(args.against.resolve(), args.only), f"the sources in {args.against}"
+    else:
+        recorded = load_record().get(key)
+        if recorded is None:
+            print(f"no record for '{key}' in {RECORD.relative_to(ROOT)}: nothing to compare with (record one "
+                  "from an unchanged tree with --write, or compare two trees with --against)")
+            return 2
+        baseline = {b: v for b, v in recorded["builds"].items() if not args.only or b in args.only}
+        what = f"the record made at {recorded['made_at']}"
     now = digest(args.kernels.resolve(), args.only, args.dump)
-    wanted = {b: v for b, v in recorded["builds"].items() if not args.only or b in args.only}
-    diffs = compare(wanted, now)
-    print(f"{len(now)} builds x {len(OPTION_SETS)} option sets ({', '.join(OPTION_SETS)}), {key}, "
-          f"against the record made at {recorded['made_at']}:")
+    diffs = compare(baseline, now)
+    print(f"{len(now)} builds x {len(OPTION_SETS)} option sets ({', '.join(OPTION_SETS)}), {key}, against {what}:")
     for build in now:
         bad = [d for d in diffs if d.startswith(build + ":") or d.startswith(build + " (")]
         sizes = "/".join(str(now[build][s]["cubin_bytes"]) for s in OPTION_SETS)
@@ -257,4 +263,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # bad input, no NVRTC: one clear line
+        sys.exit(f"cubin_digest: {exc}")

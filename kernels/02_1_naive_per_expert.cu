@@ -1,4 +1,4 @@
-// 02_1_naive_per_expert.cu: step 1 of the grouped GEMM ladder, the seed's sequential baseline.
+// 02_1_naive_per_expert.cu: step 1 of the grouped GEMM ladder, the sequential baseline.
 //
 // The host loops over the experts and launches this plain GEMM once per expert, with the
 // pointers moved to that expert's rows and weight. To know each expert's row count the host

@@ -15,9 +15,7 @@
 // TMA fills outside the tensor with zeros) and simply never stored.
 #include "tma.cuh"
 
-#ifndef BN
 #define BN 256
-#endif
 #ifndef STAGES
 #define STAGES 4
 #endif

@@ -18,16 +18,18 @@
 // end are the next expert's: harmless, because X's rows there are zero); X's slice by cp.async
 // (gathered or not), zero-filled past the expert's end.
 //
-// Why 256 x 128 and not 128 x 256 (v4, the tile of chapter 03): the gathered operand should be
-// the narrow side. Both tiles load 48 KB per slice, but TMA moves dY's part on its own, while
-// X's part is 16-byte cp.async copies issued by the producer's 128 threads: 16 KB of them per
-// slice here, 32 KB in v4. Measured on the H200 (kernels/NOTES.md): 10-17% faster on Mixtral,
-// Qwen3 and the 7B shape (Mixtral dW_gate_up 494 -> 580 TFLOP/s), 2% slower on DeepSeek-V3.
+// Why 256 x 128 and not chapter 03's 128 x 256: the gathered operand should be the narrow
+// side. Both tiles load 48 KB per slice, but TMA moves dY's part on its own, while X's part is
+// 16-byte cp.async copies issued by the producer's 128 threads: 16 KB of them per slice here,
+// 32 KB with the tile the other way round. Measured on the H200 (kernels/NOTES.md): 10-17%
+// faster on Mixtral, Qwen3 and the 7B shape (Mixtral dW_gate_up 494 -> 580 TFLOP/s), 2% slower
+// on DeepSeek-V3.
 //
 // Epilogue: each 64 x 128 half goes through shared memory and leaves by TMA stores
-// (store_tile_tma in warp_specialized.cuh, which also gives STAGES, THREADS and the register
-// split): the consumers go on to the next tile's multiplies while it drains. With only 4-5
-// slices per tile (DeepSeek-V3: 256 rows per expert) the epilogue is a large share of each tile.
+// (store_tile_tma below): the consumers go on to the next tile's multiplies while it drains.
+// With only 4-5 slices per tile (DeepSeek-V3: 256 rows per expert) the epilogue is a large
+// share of each tile. The ring, the staging buffers, STAGES, THREADS and the register split
+// are chapter 03's (warp_specialized.cuh); the loop is this kernel's own.
 #include "warp_specialized.cuh"
 
 #define BR 64   // rows reduced per slice
@@ -45,6 +47,33 @@ __device__ __forceinline__ void wg_tile(int t, int n_tiles, int k_tiles, int& e,
     const int i = t % (n_tiles * k_tiles);
     n = i / k_tiles;
     k = i % k_tiles;
+}
+
+// The warpgroup's 64 x 128 accumulators leaving by TMA stores (tma_store_2d): the registers go
+// to the staging buffer as in 03_2, then one thread hands its two 64 x 64 boxes to the copy
+// engine and the warpgroup goes straight on to its next tile's multiplies while the bytes drain
+// to memory. Ordinary stores are issued by the warpgroup itself, 16 bytes a thread at a time,
+// and its next multiplies wait until the last is issued (and all SMs of a persistent grid reach
+// their epilogue together, so memory is idle during the multiplies and busy after them). The
+// one buffer is written again once the copy engine has read out its previous contents.
+// For tiles that are always whole: TMA clips only at the tensor's edges, not at an expert's.
+template <int NV>
+__device__ __forceinline__ void store_tile_tma(const float (&d)[NV], Staging& buf, int c, const TmaDesc& map,
+                                               int row0, int col0) {
+    const int t = threadIdx.x % 128;
+#pragma unroll
+    for (int half = 0; half < NV / 64; ++half) {  // 128 columns = 64 accumulators per thread
+        if (t == 0) tma_store_wait_read<0>();
+        warpgroup_sync(c);  // the buffer is free
+        stage_accumulators(d, buf, half, t);
+        fence_proxy_async();  // these writes, visible to the copy engine
+        warpgroup_sync(c);
+        if (t == 0) {
+            tma_store_2d(map, buf.box[0], col0 + 128 * half, row0);
+            tma_store_2d(map, buf.box[1], col0 + 128 * half + 64, row0);
+            tma_store_commit();
+        }
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)

@@ -15,6 +15,7 @@ lines the compiler complained about.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -229,6 +230,14 @@ def _compile_report(source: Source, arch: str, defines: tuple, options: tuple) -
     return CompiledKernel(source, arch, bytes(cubin), log, parse_ptxas_report(log))
 
 
+def kernels_fingerprint() -> str:
+    """sha256 of every source in kernels/ (names and texts), 16 hex digits."""
+    digest = hashlib.sha256()
+    for path in kernel_files() + sorted(KERNELS_DIR.glob("*.cuh")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def ptr(tensor, offset_bytes: int = 0) -> np.uint64:
     """A tensor's device address (plus an offset) as a kernel argument: CuPy passes a
     ``np.uint64`` as the 64 bits a pointer parameter expects."""
@@ -284,8 +293,10 @@ def _load(source: Source, arch: str, defines: tuple, options: tuple, name_expres
     import cupy
 
     opts = _options(arch, dict(defines), options)
-    module = cupy.RawModule(code=source.code, options=opts,
-                            name_expressions=name_expressions or None)
+    # CuPy's disk cache knows only this text, not the files it #includes (a later step includes
+    # an earlier one's .cu): the fingerprint of kernels/ makes an edit to any of them recompile.
+    code = f"{source.code}\n// kernels/ {kernels_fingerprint()}\n"
+    module = cupy.RawModule(code=code, options=opts, name_expressions=name_expressions or None)
     try:
         module.compile()  # compile now, so errors surface here and not at the first launch
     except cupy.cuda.compiler.CompileException as exc:

@@ -77,3 +77,33 @@ def test_load_without_gpu_says_why(monkeypatch):
     monkeypatch.setattr(kernels, "info", lambda: machine.MachineInfo(why_no_gpu="test: no GPU"))
     with pytest.raises(RuntimeError, match="test: no GPU"):
         kernels.load("00_scale")
+
+
+def test_the_gpu_build_changes_when_any_kernel_file_changes(monkeypatch, tmp_path):
+    """CuPy caches a build by its source text alone; a step that #includes an earlier step's file
+    must still rebuild when that file changes, so the text handed to CuPy carries a fingerprint
+    of every file in kernels/."""
+    import shutil
+
+    cupy = pytest.importorskip("cupy")
+    seen = []
+
+    class FakeRawModule:
+        def __init__(self, code, options, name_expressions):
+            seen.append(code)
+
+        def compile(self):
+            pass
+
+    monkeypatch.setattr(cupy, "RawModule", FakeRawModule)
+    folder = tmp_path / "kernels"
+    shutil.copytree(kernels.KERNELS_DIR, folder)
+    monkeypatch.setattr(kernels, "KERNELS_DIR", folder)
+    source = kernels.read_source(folder / "03_3_gather.cu")
+    kernels._load.cache_clear()
+    kernels._load(source, "sm_90a", (), (), ())
+    (folder / "03_2_warp_specialized.cu").write_text((folder / "03_2_warp_specialized.cu").read_text() + "\n// edited\n")
+    kernels._load.cache_clear()
+    kernels._load(source, "sm_90a", (), (), ())
+    assert seen[0] != seen[1] and seen[0].startswith(source.code)
+    kernels._load.cache_clear()

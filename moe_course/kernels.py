@@ -126,7 +126,8 @@ def cuda_include_dir() -> str | None:
     return None
 
 
-def _options(arch: str | None, defines: dict | None, extra: tuple[str, ...]) -> tuple[str, ...]:
+def nvrtc_options(arch: str | None, defines: dict | None, extra: tuple[str, ...]) -> tuple[str, ...]:
+    """The course's NVRTC options: C++17, kernels/ and the CUDA headers on the include path."""
     opts = list(BASE_OPTIONS) + [f"-I{KERNELS_DIR}"]
     if inc := cuda_include_dir():
         opts.append(f"-I{inc}")
@@ -203,6 +204,23 @@ def compile_report(src: str | os.PathLike | Source, arch: str = DEFAULT_ARCH,
 
 @functools.lru_cache(maxsize=64)
 def _compile_report(source: Source, arch: str, defines: tuple, options: tuple) -> CompiledKernel:
+    opts = nvrtc_options(arch, dict(defines), ("-Xptxas=-v", "-lineinfo") + options)
+    out = nvrtc_compile(source, opts)
+    if not out.ok:
+        raise _error(source, out.log, arch)
+    return CompiledKernel(source, arch, out.cubin, out.log, parse_ptxas_report(out.log))
+
+
+@dataclass(frozen=True)
+class NvrtcOutput:
+    ok: bool
+    log: str
+    cubin: bytes = b""
+    ptx: str = ""
+
+
+def nvrtc_compile(source: Source, opts: tuple[str, ...]) -> NvrtcOutput:
+    """One NVRTC compile (no GPU needed): its log and, if it compiled, the cubin and the PTX."""
     try:
         from cuda.bindings import nvrtc
     except ImportError as exc:
@@ -214,20 +232,22 @@ def _compile_report(source: Source, arch: str, defines: tuple, options: tuple) -
             raise RuntimeError(f"NVRTC: {nvrtc.nvrtcGetErrorString(err)[1].decode()}")
         return rest[0] if len(rest) == 1 else rest
 
-    opts = _options(arch, dict(defines), ("-Xptxas=-v", "-lineinfo") + options)
+    def fetch(size, get) -> bytes:
+        buf = bytearray(check(size(prog)))
+        check((get(prog, buf)[0], None))
+        return bytes(buf)
+
     prog = check(nvrtc.nvrtcCreateProgram(source.code.encode(), source.name.encode(), 0, [], []))
     try:
         (status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
-        log = bytearray(check(nvrtc.nvrtcGetProgramLogSize(prog)))
-        check((nvrtc.nvrtcGetProgramLog(prog, log)[0], None))
-        log = log.rstrip(b"\0").decode(errors="replace")
+        log = fetch(nvrtc.nvrtcGetProgramLogSize, nvrtc.nvrtcGetProgramLog).rstrip(b"\0").decode(errors="replace")
         if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            raise _error(source, log, arch)
-        cubin = bytearray(check(nvrtc.nvrtcGetCUBINSize(prog)))
-        check((nvrtc.nvrtcGetCUBIN(prog, cubin)[0], None))
+            return NvrtcOutput(False, log)
+        cubin = fetch(nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN)
+        ptx = fetch(nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX).rstrip(b"\0").decode()
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
-    return CompiledKernel(source, arch, bytes(cubin), log, parse_ptxas_report(log))
+    return NvrtcOutput(True, log, cubin, ptx)
 
 
 def kernels_fingerprint() -> str:
@@ -292,7 +312,7 @@ def load(src: str | os.PathLike | Source, defines: dict | None = None,
 def _load(source: Source, arch: str, defines: tuple, options: tuple, name_expressions: tuple):
     import cupy
 
-    opts = _options(arch, dict(defines), options)
+    opts = nvrtc_options(arch, dict(defines), options)
     # CuPy's disk cache knows only this text, not the files it #includes (a later step includes
     # an earlier one's .cu): the fingerprint of kernels/ makes an edit to any of them recompile.
     code = f"{source.code}\n// kernels/ {kernels_fingerprint()}\n"

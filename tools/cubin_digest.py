@@ -75,8 +75,8 @@ def builds(kernels_dir: Path = KERNELS_DIR) -> dict[str, tuple[str, dict]]:
 
 
 def options(kernels_dir: Path, defines: dict, option_set: str) -> tuple[str, ...]:
-    """The course's own options (``kernels._options``), with ``-I`` pointed at ``kernels_dir``."""
-    course = kernels._options(ARCH, defines, OPTION_SETS[option_set])
+    """The course's own options (``kernels.nvrtc_options``), with ``-I`` pointed at ``kernels_dir``."""
+    course = kernels.nvrtc_options(ARCH, defines, OPTION_SETS[option_set])
     return tuple(f"-I{kernels_dir}" if o == f"-I{KERNELS_DIR}" else o for o in course)
 
 
@@ -88,29 +88,10 @@ def _printable(opts: tuple[str, ...], kernels_dir: Path) -> list[str]:
 
 def compile_nvrtc(code: str, name: str, opts: tuple[str, ...]) -> tuple[bytes, bytes]:
     """(cubin, PTX) of one source; a compile error is raised with NVRTC's log."""
-    from cuda.bindings import nvrtc
-
-    def check(result):
-        err, *rest = result
-        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            raise RuntimeError(f"NVRTC: {nvrtc.nvrtcGetErrorString(err)[1].decode()}")
-        return rest[0] if len(rest) == 1 else rest
-
-    prog = check(nvrtc.nvrtcCreateProgram(code.encode(), name.encode(), 0, [], []))
-    try:
-        (status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
-        if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            log = bytearray(check(nvrtc.nvrtcGetProgramLogSize(prog)))
-            check((nvrtc.nvrtcGetProgramLog(prog, log)[0], None))
-            raise kernels.CompileError(f"{name} does not compile:\n{log.rstrip(bytes(1)).decode(errors='replace')}")
-        out = []
-        for size, get in ((nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN), (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX)):
-            buf = bytearray(check(size(prog)))
-            check((get(prog, buf)[0], None))
-            out.append(bytes(buf))
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
-    return out[0], out[1].rstrip(b"\0")
+    out = kernels.nvrtc_compile(kernels.Source(name, code), opts)
+    if not out.ok:
+        raise kernels.CompileError(f"{name} does not compile:\n{out.log}")
+    return out.cubin, out.ptx.encode()
 
 
 _ENTRY = re.compile(r"\.entry\s+(\w+)\s*\(([^)]*)\)")

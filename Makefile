@@ -66,6 +66,7 @@ lab: setup-lab
 	$(PY) -m jupyterlab $(LAB_FLAGS)
 
 test: setup
+	$(PY) -m ruff check
 	$(PY) -m pytest -rs $(NBVAL) tests $(wildcard notebooks/*.ipynb solutions/*.ipynb) $(PYTEST_ARGS)
 
 # The course in a real browser: installs chromium (apt, needs root or sudo) and Playwright, then

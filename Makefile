@@ -33,7 +33,7 @@ endif
 
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900
 
-.PHONY: help setup setup-lab lab test test-browser grade bench exercises wheelhouse clean
+.PHONY: help setup setup-lab lab test test-browser grade bench exercises update wheelhouse clean
 
 help:
 	@echo "make lab         set up, then open JupyterLab on the course"
@@ -42,6 +42,7 @@ help:
 	@echo "make grade       run your exercises and say, part by part, what passes (EX=03: one; VERBOSE=1)"
 	@echo "make bench       measure this GPU's ceilings and record them in benchmarks/results/"
 	@echo "make exercises   regenerate exercises/ from solutions/ (never overwrites your work)"
+	@echo "make update      take the course's new version (git pull) without losing your work"
 	@echo "make wheelhouse  download wheels for a GPU machine with no internet (WHEEL_PYTHON, WHEEL_SKIP)"
 	@echo "make clean       remove the environment and caches (not your exercises, not results)"
 
@@ -93,6 +94,12 @@ bench: setup
 
 exercises: setup
 	$(PY) tools/make_exercises.py
+
+# The new version file by file (tools/update.py says what it did with each), then the environment
+# catches up with the new version's requirements.
+update: setup
+	@$(PY) tools/update.py
+	@$(MAKE) --no-print-directory setup
 
 wheelhouse:
 	$(PYTHON) tools/setup_env.py --download wheelhouse --python-version $(WHEEL_PYTHON) --lab \

@@ -173,3 +173,17 @@ def test_grading_real_notebooks_end_to_end(tmp_path):
     assert "Graded parts: 1 of 8 pass, 6 not yet, 1 FAILED." in out
     assert "FAILED (exit status 1): Exercise 01 · A simple MoE forward pass: 3 · The output aggregation" in out
     assert "Traceback" not in out and "Traceback" not in done.stderr
+
+
+def test_a_notebook_that_cannot_be_read_is_reported_in_one_line_and_the_others_still_run(tmp_path):
+    broken, unfilled = tmp_path / "01_broken.ipynb", tmp_path / "04_token_rounding.ipynb"
+    broken.write_text('{"cells": [')  # a half-saved file
+    unfilled.write_text(make_exercises.exercise_from(ROOT / "solutions" / unfilled.name))
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "grade.py"), str(broken), str(unfilled)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stdout + done.stderr
+    (reason,) = [line for line in done.stdout.splitlines() if "could not be run:" in line]
+    assert reason == "  could not be run: NotJSONError: Notebook does not appear to be JSON: '{\"cells\": ['"
+    assert "graded parts passed: 0 / 3" in done.stdout  # exercise 04 ran all the same
+    assert "Could not run (exit status 2): 01_broken.ipynb" in done.stdout
+    assert "Traceback" not in done.stdout

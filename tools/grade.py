@@ -34,6 +34,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,7 +177,8 @@ class Exercise:
     graded: dict[int, str]
     parts: dict[int, Part] = field(default_factory=dict)
     notes: list[Part] = field(default_factory=list)  # errors of cells that are not graded
-    error: str = ""  # the notebook could not be run
+    error: str = ""  # why the notebook could not be run, in one line
+    error_traceback: str = ""
 
     def count(self, status: str) -> int:
         return sum(p.status == status for p in self.parts.values())
@@ -202,16 +204,11 @@ class Grading:
             self.exercises[path] = Exercise(path, notebook_title(notebook.nb, path), graded_cells(notebook.nb))
         return self.exercises[path]
 
-    def pytest_collectreport(self, report):
-        if report.failed:  # not a notebook nbformat can read
-            path = Path(str(report.fspath))
-            self.exercises[path] = Exercise(path, path.stem, {}, error=str(report.longrepr).strip())
-            self.print(self.exercises[path])
-
     def pytest_runtest_makereport(self, item, call):
         exercise = self._exercise(item)
-        if call.when == "setup" and call.excinfo is not None and not exercise.error:
-            exercise.error = f"{call.excinfo.typename}: {call.excinfo.value}"  # e.g. the kernel did not start
+        if call.when == "setup" and call.excinfo is not None and not exercise.error:  # e.g. no kernel started
+            exercise.error = f"{call.excinfo.typename}: {str(call.excinfo.value).strip().splitlines()[0]}"
+            exercise.error_traceback = str(call.excinfo.getrepr())
         if call.when != "call":
             return
         index = next(i for i, c in enumerate(item.parent.nb.cells) if c is item.cell)
@@ -239,6 +236,8 @@ class Grading:
         say(f"{ex.title}  ({where})")
         if ex.error:
             say(f"  could not be run: {ex.error}")
+            if self.verbose:
+                say(ex.error_traceback)
             say()
             return
         width = max([len(p.title) for p in ex.parts.values()] + [len("part")])
@@ -316,10 +315,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Grading {len(notebooks)} notebook(s) as saved on disk; each runs top to bottom in a fresh kernel.\n",
           flush=True)
     plugin = Grading(verbose=args.verbose)
-    pytest.main([*NBVAL_ARGS, "-p", "no:cacheprovider", "--capture=no",
-                 "--rootdir", str(ROOT), *map(str, notebooks)], plugins=[plugin])
-    exercises = [plugin.exercises.get(p.resolve()) or Exercise(p, p.stem, {}, error="nbval collected no cells")
-                 for p in notebooks]
+    unreadable = {}
+    for path in notebooks:
+        try:
+            nbformat.read(path, as_version=4)
+        except Exception as why:  # not JSON, not a notebook: a half-saved file, say
+            unreadable[path] = Exercise(path, path.stem, {}, error=f"{type(why).__name__}: {str(why).splitlines()[0]}")
+            plugin.print(unreadable[path])
+    runnable = [p for p in notebooks if p not in unreadable]
+    if runnable:
+        pytest.main([*NBVAL_ARGS, "-p", "no:cacheprovider", "--capture=no", "--continue-on-collection-errors",
+                     "--rootdir", str(ROOT), *map(str, runnable)], plugins=[plugin])
+    exercises = [unreadable.get(p) or plugin.exercises.get(p.resolve())
+                 or Exercise(p, p.stem, {}, error="nbval ran none of its cells") for p in notebooks]
     text, status = summary(exercises)
     print(text)
     return status

@@ -115,9 +115,11 @@ def test_files_the_course_did_not_change_keep_the_learners_changes(course):
     edit(learner / NB01, run_all)
     edit(learner / EX01, run_all)
     (up / "README.md").write_text("# The course, new version\n")
+    (up / "café notes.md").write_text("a name git would quote\n")
     new = publish(up)
     plan = update.update(learner, say=lambda _: None)
-    assert head(learner) == new and plan.take == ["README.md"]
+    assert head(learner) == new and sorted(plan.take) == ["README.md", "café notes.md"]
+    assert (learner / "café notes.md").read_text() == "a name git would quote\n"
     assert "ran cell 0" in (learner / NB01).read_text() and "ran cell 0" in (learner / EX01).read_text()
 
 

@@ -90,8 +90,8 @@ def same_cells(mine: bytes, course: bytes) -> bool:
 
 
 def plan(repo: Path, head: str, new: str) -> Plan:
-    changed = [line.split("\t", 1) for line in git_text(repo, "diff", "--name-status", "--no-renames",
-                                                         head, new).splitlines()]
+    fields = git(repo, "diff", "--name-status", "--no-renames", "-z", head, new).stdout.decode().split("\0")
+    changed = zip(fields[0:-1:2], fields[1::2])  # (status, path) pairs: "M", "A" or "D"
     mine = local_changes(repo)
     p = Plan([], [], [], [], [])
     for status, path in changed:

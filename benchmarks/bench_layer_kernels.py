@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moe_course import configs, records, training  # noqa: E402
-from moe_course.machine import info  # noqa: E402
+from moe_course import configs, records, training
+from moe_course.machine import info
 
 KIND = "layer_kernels"
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moe_course import configs, records, training  # noqa: E402
-from moe_course.machine import info  # noqa: E402
+from moe_course import configs, records, training
+from moe_course.machine import info
 
 KIND = "moe_layer_training"
 TRAIN = dict(d=512, n=256, E=16, k=2, tokens=8192, steps=300, lr=1e-3)  # the recorded training run

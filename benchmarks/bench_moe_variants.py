@@ -25,7 +25,8 @@ lower rate than its GEMMs alone reach.
 
 Prints a table (ms, TFLOP/s, % of this GPU's recorded dense bf16 rate, speed-up over the torch
 loop of the same scope), records benchmarks/results/moe_variants__<gpu>.json (--quick:
-moe_variants_quick__<gpu or cpu>.json) and draws a bar chart next to it (.png).
+benchmarks/scratch/moe_variants_quick__<gpu or cpu>.json, never beside the recorded results) and
+draws a bar chart next to it (.png).
 Without a GPU and without --quick it prints what was recorded on a GPU, labelled with the GPU
 and the date, or says that nothing is recorded.
 
@@ -45,10 +46,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # a script: the chart goes to a file, never to a window
 
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from moe_course import RESULTS_DIR, ceilings, configs, machine, records  # noqa: E402
-from moe_course import variants as registry  # noqa: E402
+from moe_course import RESULTS_DIR, SCRATCH_DIR, ceilings, configs, machine, records
+from moe_course import variants as registry
 
 KIND = "moe_variants"
 QUICK_KIND = "moe_variants_quick"
@@ -160,9 +161,9 @@ def parser() -> argparse.ArgumentParser:
                     help=f"timed calls per layer, after warm-up; the median is reported (default {REPS}, "
                          f"--quick {QUICK_REPS}; the GEMM ladder picks its own, about 200 ms of calls each)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random tokens and weights (default 0)")
-    ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR, metavar="DIR",
+    ap.add_argument("--results-dir", type=Path, metavar="DIR",
                     help="where the JSON record (and the chart) go, and where recorded results are read "
-                         "from (default: benchmarks/results)")
+                         "from (default: benchmarks/results; --quick: benchmarks/scratch)")
     ap.add_argument("--no-save", action="store_true", help="do not write the JSON record")
     ap.add_argument("--plot", type=Path, metavar="PATH",
                     help="write the chart here (default: next to the record, same name, .png)")
@@ -210,6 +211,7 @@ def _show_recorded(args, say) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
+    args.results_dir = args.results_dir or (SCRATCH_DIR if args.quick else RESULTS_DIR)
     if args.quick and (args.configs or args.tokens):
         ap.error("--quick measures its own tiny shapes: leave out --configs and --tokens, or --quick")
     say = (lambda text: print(text, file=sys.stderr)) if args.json else print

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moe_course import configs, training  # noqa: E402
-from moe_course.machine import info  # noqa: E402
+from moe_course import configs, training
+from moe_course.machine import info
 
 
 def main(argv=None) -> int:

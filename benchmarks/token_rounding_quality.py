@@ -8,7 +8,8 @@ with each rounding mode, evaluated with plain top-K (as the SonicMoE paper does)
 Runs on the CPU (one thread; the model is small: moe_course/rounding_quality.py says what it
 is). Prints validation loss per routing (mean and spread over seeds) and the difference to top-K
 on the same seed, beside the course seed's "<0.1% quality loss" claim, and records it as
-benchmarks/results/token_rounding_quality__<gpu or cpu>.json.
+benchmarks/results/token_rounding_quality__<gpu or cpu>.json; a run with other settings than
+the defaults (fewer seeds, say) is a scratch run, recorded in benchmarks/scratch/ instead.
 """
 
 import argparse
@@ -16,24 +17,27 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from moe_course import records
+from moe_course import RESULTS_DIR, SCRATCH_DIR, records
 from moe_course import rounding_quality as rq
 from moe_course import token_rounding as tr
 
 KIND = rq.KIND
+METHODS = ["top-K", "nearest", "up", "down"]
+SEEDS = 16
 
 
 def main(argv=None) -> int:
     defaults = rq.Setup()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=16, help="seeds 0 .. N-1 (default 16)")
-    ap.add_argument("--methods", nargs="+", choices=[m for m in tr.ROUTINGS if m != "padded"],
-                    default=["top-K", "nearest", "up", "down"])
+    ap.add_argument("--seeds", type=int, default=SEEDS, help=f"seeds 0 .. N-1 (default {SEEDS})")
+    ap.add_argument("--methods", nargs="+", choices=[m for m in tr.ROUTINGS if m != "padded"], default=METHODS)
     ap.add_argument("--steps", type=int, default=defaults.steps, help=f"training steps (default {defaults.steps})")
     ap.add_argument("--tile", type=int, default=defaults.tile,
                     help=f"rounding tile (default {defaults.tile}: two tiles per expert on average, as in the "
                          "paper's shapes; smaller tiles change less of the routing)")
-    ap.add_argument("--results-dir", type=Path, default=None, help="where to record (default benchmarks/results)")
+    ap.add_argument("--results-dir", type=Path, default=None,
+                    help="where to record (default benchmarks/results; with other settings than the defaults, "
+                         "benchmarks/scratch)")
     ap.add_argument("--no-save", action="store_true", help="do not write the record")
     args = ap.parse_args(argv)
     if args.seeds < 1:
@@ -49,7 +53,8 @@ def main(argv=None) -> int:
     print(rq.summary_table(data["summary"]))
     print("claim (the course's seed, not the paper): '<0.1% quality loss'")
     if not args.no_save:
-        rec = records.save(KIND, data, results_dir=args.results_dir)
+        recorded_run = (args.seeds, sorted(methods), setup) == (SEEDS, sorted(METHODS), defaults)
+        rec = records.save(KIND, data, results_dir=args.results_dir or (RESULTS_DIR if recorded_run else SCRATCH_DIR))
         print(f"recorded in {rec.path}", file=sys.stderr)
     return 0
 

@@ -47,5 +47,8 @@ import os
 ROOT = Path(os.environ.get("MOE_COURSE_ROOT", Path(__file__).resolve().parent.parent))
 KERNELS_DIR = ROOT / "kernels"
 RESULTS_DIR = ROOT / "benchmarks" / "results"
+#: Where quick and scratch benchmark runs record (ignored by git): ``RESULTS_DIR`` keeps only the
+#: committed measurements that charts and notebooks show.
+SCRATCH_DIR = ROOT / "benchmarks" / "scratch"
 
-__all__ = ["ROOT", "KERNELS_DIR", "RESULTS_DIR"]
+__all__ = ["ROOT", "KERNELS_DIR", "RESULTS_DIR", "SCRATCH_DIR"]

@@ -136,7 +136,7 @@ def interleaved(fns: dict[str, Callable], *, rounds: int = 7, reps: int = 10, wa
     its temperature and power draw over a run of seconds; timing A to the end and then B would
     charge that drift to one of them (it moved results by 5-8% on the H200), interleaving spreads
     it over all. ``flops`` and ``bytes``: one value, or one per name."""
-    per = lambda v, name: v.get(name, 0.0) if isinstance(v, dict) else v  # noqa: E731
+    per = lambda v, name: v.get(name, 0.0) if isinstance(v, dict) else v
     device = "cuda" if info().has_gpu else "cpu"
     timer = _time_cuda if device == "cuda" else _time_cpu
     times: dict[str, list[float]] = {name: [] for name in fns}

@@ -453,7 +453,7 @@ def check_result(fn, x, w, offs, ref) -> dict:
 def time_result(fn, x, w, offs, *, flops: float, bytes: float = 0.0, name: str, reps: int | None = None,
                 warmup: int = 3) -> dict:
     """Median time of ``fn(x, w, offs)``; ``reps=None`` picks the repetitions from one probe call."""
-    call = lambda: fn(x, w, offs)  # noqa: E731
+    call = lambda: fn(x, w, offs)
     if reps is None:
         reps, warmup = _reps_for(call)
     m = benchmark(call, reps=reps, warmup=warmup, flops=flops, bytes=bytes, name=name)

@@ -255,7 +255,7 @@ def measure_pipeline(shapes: dict, stages=PIPELINE_STAGES, seed: int = 0, rounds
             variants["03_2_warp_specialized"] = STEPS["03_2_warp_specialized"]
             fns, by_label = {}, {}
             for label, step in variants.items():
-                fn = lambda x, w, o, s=step: run_step(s, x, w, o, validate=False)  # noqa: E731
+                fn = lambda x, w, o, s=step: run_step(s, x, w, o, validate=False)
                 row = {"shape": shape, "proj": proj, "impl": label, "stages": step.defines.get("STAGES", 4),
                        "M": p.x.shape[0], "N": d_out, "Kdim": d_in, "flops": p.flops}
                 row.update(check_result(fn, p.x, p.w, p.offs, ref))

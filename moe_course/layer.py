@@ -45,7 +45,7 @@ def prepare(w: moe.MoEWeights, dtype=torch.bfloat16) -> KernelWeights:
     kernels' layout, contiguous, the expert weights in ``dtype`` (``None``: as they are)."""
     E, d, n = w.w_gate.shape
     gate_up = torch.stack((w.w_gate.transpose(1, 2), w.w_up.transpose(1, 2)), dim=2).reshape(E, 2 * n, d)
-    cast = lambda t: (t if dtype is None else t.to(dtype)).contiguous()  # noqa: E731
+    cast = lambda t: (t if dtype is None else t.to(dtype)).contiguous()
     return KernelWeights(w.w_router, cast(gate_up), cast(w.w_down))
 
 

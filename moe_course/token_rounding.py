@@ -624,9 +624,9 @@ def measure_speed(shapes: dict | None = None, methods=SPEED_METHODS, impls=None,
             check_kernel(scores, K, tile, method, module=module, label=shape)
             routings[method] = route_cuda(scores, K, tile, method, module=module).to_routing()
             info_ = stats(routings[method])
-            for impl, fn in (("routing kernels", lambda m=method: route_cuda(scores, K, tile, m, validate=False,
-                                                                            module=module)),
-                             ("routing torch", lambda m=method: route(scores, K, tile, m))):
+            for impl, fn in (("routing kernels", lambda m=method, s=scores, k=K: route_cuda(s, k, tile, m, validate=False,
+                                                                                          module=module)),
+                             ("routing torch", lambda m=method, s=scores, k=K: route(s, k, tile, m))):
                 t = benchmark(fn, warmup=3, reps=20, name=impl)
                 rows.append({**base, "method": method, "proj": "routing", "impl": impl, "ms": t.ms,
                              "ms_p10": t.ms_p10, "ms_p90": t.ms_p90, **info_})

@@ -489,7 +489,7 @@ def measure_ops(shape, mine: layer.Ops | None = None, theirs: layer.Ops | None =
             rows.append(row | {"status": "failed", "note": f"relative error {err:.2e} above {tolerance:.0e}: not timed"})
             progress(f"{product}: FAILED its check ({err:.2e})")
             continue
-        res = interleaved({names[0]: lambda: run(mine), names[1]: lambda: run(theirs)}, rounds=rounds, reps=reps,
+        res = interleaved({names[0]: lambda run=run: run(mine), names[1]: lambda run=run: run(theirs)}, rounds=rounds, reps=reps,
                           warmup=2, flops=flops, bytes=nbytes)
         rows.append(row | {"status": "ok"} | {name: m.timing() | {"tbps": m.tbps} for name, m in res.items()})
         progress(f"{product}: {names[0]} {res[names[0]].ms:.3f} ms, {names[1]} {res[names[1]].ms:.3f} ms")

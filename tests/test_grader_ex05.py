@@ -5,7 +5,6 @@ returned, an unfilled cell), each with a message saying what went wrong."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moe_course import layer
 from moe_course.checking import CheckFailed

@@ -220,7 +220,7 @@ def test_capacity_grader(capsys):
         "factor forgotten": lambda T, E, k, cf: math.ceil(T * k / E),
         "not whole": lambda T, E, k, cf: cf * T * k / E,
     }
-    for name, fn in wrong.items():
+    for fn in wrong.values():
         with pytest.raises(CheckFailed, match="capacity"):
             ex02.grade_expert_capacity(fn)
     with pytest.raises(CheckFailed, match="not implemented yet"):

@@ -161,7 +161,7 @@ def test_tensor_maps_work_in_a_thread_with_no_cuda_call_yet():
     def encode():
         try:
             tma.tensor_map_2d(w, 64)
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:  # reported below
             errors.append(exc)
 
     thread = threading.Thread(target=encode)

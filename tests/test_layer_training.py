@@ -193,7 +193,7 @@ def test_token_rounding_backward_matches_autograd_in_float64(case):
 
 def test_the_rounding_cases_change_the_routing():
     """Else the test above would only check top-K again: here experts gain and lose rows."""
-    for case, (T, d, n, E, k, bias, tile) in ROUNDING_CASES.items():
+    for case, (T, d, _n, E, k, bias, tile) in ROUNDING_CASES.items():
         x, w_router = torch.randn(T, d), torch.randn(d, E)
         x[:, 0] = 1.0
         w_router[0] += bias * torch.linspace(1, 0, E)

@@ -57,7 +57,7 @@ def test_teacher_student_learns_on_the_cpu():
 
 
 def test_tables_and_speedups_from_a_record():
-    row = lambda ms, kept: {"forward": {"ms": ms / 3}, "forward+backward": {"ms": ms, "tflops": 100 / ms},  # noqa: E731
+    row = lambda ms, kept: {"forward": {"ms": ms / 3}, "forward+backward": {"ms": ms, "tflops": 100 / ms},
                             "held_after_forward_bytes": kept, "peak_fwd_bwd_bytes": 2 * kept}
     res = {"contenders": {"torch._grouped_mm": row(9.0, 1000), "course": row(4.5, 100)}, "skipped": {"x": "why"}}
     sp = training.speedups(res)

@@ -14,9 +14,11 @@ The exercise keeps everything else and puts, at the same indentation::
         raise NotImplementedError("router")
 
 In CUDA C held in a Python string, the markers are ``// BEGIN SOLUTION`` and ``// END SOLUTION``
-and the exercise keeps an empty body with ``// YOUR CODE HERE``. Outputs are dropped. ``exercises/.generated.json`` remembers what was generated, so a notebook
-the learner has changed (any code or text cell) is never overwritten: it is reported and left
-alone. ``--check`` says whether ``exercises/`` is exactly what this script would write.
+and the exercise keeps an empty body with ``// YOUR CODE HERE``. Outputs are dropped.
+``exercises/.generated.json`` remembers what was generated, so a notebook the learner has changed
+(any code or text cell) is never overwritten: it is kept, said so, and that is no error.
+``--check`` says whether ``exercises/`` is exactly what this script would write, leaving out the
+exercises that hold the learner's work (changes git has not committed).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import hashlib
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -82,31 +85,58 @@ def plan() -> dict[Path, str]:
     return {EXERCISES / s.name: exercise_from(s) for s in sorted(SOLUTIONS.glob("*.ipynb"))}
 
 
-def check() -> int:
+def learners_work() -> set[Path] | None:
+    """The exercises with changes git has not committed, or that git does not know: the
+    learner's work, which is theirs to change. ``None`` outside a git clone (no way to tell)."""
+    done = subprocess.run(["git", "ls-files", "--modified", "--others", "--exclude-standard", "-z", "--",
+                           str(EXERCISES)], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        return None
+    return {ROOT / name for name in done.stdout.split("\0") if name}
+
+
+def stale(leave_out: set[Path] = frozenset()) -> list[str]:
+    """How ``exercises/`` differs from what ``solutions/`` generates, the paths in ``leave_out``
+    not compared."""
     problems = []
     wanted = plan()
     for path, text in wanted.items():
+        if path in leave_out:
+            continue
         if not path.exists():
             problems.append(f"{path.relative_to(ROOT)} is missing")
         elif path.read_text() != text:
             problems.append(f"{path.relative_to(ROOT)} differs from what solutions/{path.name} generates")
     for path in EXERCISES.glob("*.ipynb"):
-        if path not in wanted:
+        if path not in wanted and path not in leave_out:
             problems.append(f"{path.relative_to(ROOT)} has no solution in solutions/")
     manifest = json.loads(MANIFEST.read_text()) if MANIFEST.exists() else {}
-    if manifest != {p.name: fingerprint(t) for p, t in wanted.items()}:
+    generated = {p.name: fingerprint(t) for p, t in wanted.items() if p not in leave_out}
+    recorded = {name: v for name, v in manifest.items() if EXERCISES / name not in leave_out}
+    if MANIFEST not in leave_out and recorded != generated:
         problems.append(f"{MANIFEST.relative_to(ROOT)} is out of date")
+    return problems
+
+
+def check() -> int:
+    yours = learners_work()
+    if yours is None:
+        print("not a git clone: cannot tell your changes from the course's, so nothing is compared")
+        return 0
+    for path in sorted(yours):
+        print(f"not compared: {path.relative_to(ROOT)} has changes of yours")
+    problems = stale(yours)
     for p in problems:
         print("exercises/ is stale:", p)
     if problems:
-        print("run `make exercises` (after moving aside any notebook you changed)")
+        print("run `make exercises`")
     return 1 if problems else 0
 
 
 def generate() -> int:
     EXERCISES.mkdir(exist_ok=True)
     manifest = json.loads(MANIFEST.read_text()) if MANIFEST.exists() else {}
-    refused = []
+    written, refused = [], []
     for path, text in plan().items():
         if path.exists():
             current = path.read_text()
@@ -119,12 +149,15 @@ def generate() -> int:
                 continue
         path.write_text(text)
         manifest[path.name] = fingerprint(text)
+        written.append(path)
         print(f"wrote {path.relative_to(ROOT)}")
     MANIFEST.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    if not written and not refused:
+        print(f"{EXERCISES.relative_to(ROOT)}/ is up to date with solutions/")
     for path in refused:
-        print(f"NOT overwritten: {path.relative_to(ROOT)} has your changes. To get a fresh copy, "
-              f"rename or delete it and run `make exercises` again.")
-    return 1 if refused else 0
+        print(f"kept: {path.relative_to(ROOT)} has your changes, so it is not regenerated. To get a "
+              f"fresh copy, rename or delete it and run `make exercises` again.")
+    return 0
 
 
 def main() -> None:

@@ -335,7 +335,7 @@ def check_notebook(browser, server: LabServer, expect: Expect, screenshot: Path)
             page.screenshot(path=str(screenshot))
             page.close()
             server.shut_down_kernels_of(expect.notebook)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             problems.append(f"cleaning up after the page: {err!r}")
         if not had_checkpoint and checkpoint.exists():  # made by opening the notebook; not ours to leave
             checkpoint.unlink()
@@ -428,7 +428,7 @@ def move_control(page, cells, control: Control) -> tuple[str, list[str]]:
         value_before = widget.locator(".widget-readout").inner_text()
         handle.focus()
         page.keyboard.press("ArrowLeft" if at_max else "ArrowRight")
-        read_value = lambda: widget.locator(".widget-readout").inner_text()  # noqa: E731
+        read_value = lambda: widget.locator(".widget-readout").inner_text()
     else:
         select = widget.locator("select")
         value_before = select.input_value()

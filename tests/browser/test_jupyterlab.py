@@ -21,9 +21,9 @@ if not os.environ.get("COURSE_BROWSER_TEST"):
     pytest.skip("the browser test runs with `make test-browser` (it installs chromium and playwright)",
                 allow_module_level=True)
 
-import nbformat  # noqa: E402
+import nbformat
 
-from jupyterlab_driver import Control, Expect, NotebookCheckFailed, check_notebook  # noqa: E402
+from jupyterlab_driver import Control, Expect, NotebookCheckFailed, check_notebook
 
 CHAPTERS = [
     Expect("notebooks/00_setup.ipynb", plots=1),

@@ -4,15 +4,13 @@ reference is refused."""
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from moe_course import moe
-from moe_course.checking import CheckFailed
 from moe_course.graders import ex02_load_balancing as ex02
 
-from grader_checks import SEEDS, must_fail, must_pass, unfilled
+from grader_checks import must_fail, must_pass, unfilled
 
 # --- the auxiliary losses ------------------------------------------------------------------------
 

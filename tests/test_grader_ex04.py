@@ -11,7 +11,7 @@ from moe_course import token_rounding as tr
 from moe_course.graders import ex04_token_rounding as ex04
 from moe_course.token_rounding import rank_candidates
 
-from grader_checks import SEEDS, must_fail, must_pass, unfilled
+from grader_checks import must_fail, must_pass, unfilled
 
 # --- rounding the counts -------------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ the course's own backward is refused."""
 import nbformat
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moe_course import ROOT, layer
 from moe_course.graders import ex05_moe_backward as ex05

@@ -107,10 +107,6 @@ def as_outputs(name: str, result, count: int, where: str) -> tuple:
     return tuple(result)
 
 
-def as_tensor_pair(name: str, result, where: str) -> tuple:
-    return as_outputs(name, result, 2, where)
-
-
 def check_close_or_explain(name: str, got, want, mistakes: dict[str, Callable[[], object]], *,
                            rtol: float, atol: float) -> None:
     """:func:`check_close`; on a failure, name the first of ``mistakes`` (why -> a function
@@ -233,4 +229,4 @@ def _call(fn, args, kwargs):
 _CALL_CODE = _call.__code__
 
 __all__ = ["Case", "CASES", "fresh_seed", "generator", "random_experts", "router_inputs", "as_outputs",
-           "as_tensor_pair", "check_close_or_explain", "as_graded"]
+           "check_close_or_explain", "as_graded"]

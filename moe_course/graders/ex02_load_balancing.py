@@ -20,7 +20,7 @@ import torch
 
 from .. import moe
 from ..checking import CheckFailed, check_close, check_equal, check_shape, check_true, grading, to_numpy
-from . import CASES, Case, as_graded, as_tensor_pair, check_close_or_explain, fresh_seed, generator, random_experts
+from . import CASES, Case, as_graded, as_outputs, check_close_or_explain, fresh_seed, generator, random_experts
 
 TITLE = "Exercise 02"
 
@@ -83,9 +83,7 @@ def _grade_aux_loss(name: str, fn, reference, seed: int | None) -> None:
                 want = reference(want_p, experts)
                 want.backward()
                 got_p = probs.clone().requires_grad_()
-                got = fn(got_p, experts.clone())
-                if got is None:
-                    raise CheckFailed(f"{name} ({where}): got None (did the function forget to return its result?)")
+                (got,) = as_outputs(name, fn(got_p, experts.clone()), 1, where)
                 check_true(f"{name} ({where})", isinstance(got, torch.Tensor) and got.numel() == 1,
                            f"expected a one-number torch tensor (so it can be added to the training loss), "
                            f"got {type(got).__name__} {tuple(getattr(got, 'shape', ()))}")
@@ -116,13 +114,12 @@ CAPACITY_CASES = ((64, 8, 2, 1.0), (96, 8, 2, 1.0), (50, 8, 2, 1.25), (100, 16, 
 
 def grade_expert_capacity(expert_capacity) -> None:
     """``expert_capacity(num_tokens, num_experts, k, capacity_factor) -> int``."""
+    expert_capacity = as_graded(expert_capacity, REFERENCES)
     with grading(f"{TITLE} · expert capacity"):
         for T, E, K, cf in CAPACITY_CASES:
             where = f"T={T}, E={E}, k={K}, capacity_factor={cf}"
-            got = as_graded(expert_capacity, REFERENCES)(T, E, K, cf)
+            (got,) = as_outputs("capacity", expert_capacity(T, E, K, cf), 1, where)
             want = moe.expert_capacity(T, E, K, cf)
-            if got is None:
-                raise CheckFailed(f"capacity ({where}): got None (did the function forget to return its result?)")
             check_true(f"capacity ({where})", float(got) == int(float(got)),
                        f"expected a whole number of rows, got {got!r}")
             check_true(f"capacity ({where})", int(got) == want,
@@ -141,7 +138,7 @@ def grade_drop_tokens(drop_tokens, seed: int | None = None) -> None:
                 capacity = moe.expert_capacity(case.T, case.E, case.K, cf)
                 where = f"{case}, capacity {capacity}, seed {seed}"
                 want = moe.drop_tokens(experts, case.E, capacity)
-                keep, fraction = as_tensor_pair("drop_tokens", drop_tokens(experts.clone(), case.E, capacity), where)
+                keep, fraction = as_outputs("drop_tokens", drop_tokens(experts.clone(), case.E, capacity), 2, where)
                 check_shape(f"keep ({where})", keep, (case.T, case.K))
                 keep = torch.as_tensor(to_numpy(keep)).bool()
                 kept = torch.bincount(experts.cpu()[keep], minlength=case.E)

@@ -24,7 +24,7 @@ import torch
 
 from .. import token_rounding as tr
 from ..checking import CheckFailed, check_shape, check_true, grading
-from . import as_graded, as_tensor_pair, fresh_seed
+from . import as_graded, as_outputs, fresh_seed
 
 TITLE = "Exercise 04"
 
@@ -69,9 +69,7 @@ def grade_round_counts(round_counts, seed: int | None = None) -> None:
                 counts = torch.tensor(fs, dtype=torch.long)  # one count per expert
                 want = tr.round_counts(counts, tile, mode, num_tokens=cap)
                 name = f"round_counts(counts={list(fs)}, tile={tile}, {mode!r}, num_tokens={cap})"
-                got = round_counts(counts.clone(), tile, mode, cap)
-                if got is None:
-                    raise CheckFailed(f"{name}: got None (did the function forget to return its result?)")
+                (got,) = as_outputs("round_counts", round_counts(counts.clone(), tile, mode, cap), 1, name)
                 got = _check_int64(name, got, "counts (whole rows)")
                 check_shape(name, got, want.shape)
                 bad = (got != want).nonzero().flatten()
@@ -124,7 +122,7 @@ def _check_selection(name: str, result, scores: torch.Tensor, topk: torch.Tensor
                      where: str) -> None:
     """The learner's (token_ids, counts) against the reference ranking, explained."""
     num_tokens, num_experts = scores.shape
-    token_ids, counts = as_tensor_pair(name, result, where)
+    token_ids, counts = as_outputs(name, result, 2, where)
     check_shape(f"counts ({where})", counts, (num_experts,))
     counts = _check_int64(f"counts ({where})", counts, "row counts")
     token_ids = _check_int64(f"token_ids ({where})", token_ids, "token ids").reshape(-1)

@@ -46,10 +46,12 @@ def _hand_sigmoid(g):
     return 1 / (1 + torch.exp(-g))
 
 
-#: silu's derivative through a ratio of exponentials: inf / inf = NaN once |g| > 709.8
+#: silu's derivative through a ratio or product of exponentials: inf / inf or inf * 0 = NaN once |g| > 709.8
 OVERFLOWING = {
     "(1 + e + g e) / (1 + e)^2, e = exp(-g)":
         _swiglu_from(_hand_sigmoid, lambda g: (1 + torch.exp(-g) + g * torch.exp(-g)) / (1 + torch.exp(-g)) ** 2),
+    "sig + g exp(-g) sig^2 (inf * 0)":
+        _swiglu_from(_hand_sigmoid, lambda g: _hand_sigmoid(g) + g * torch.exp(-g) * _hand_sigmoid(g) ** 2),
     "sig + g exp(-g) / (1 + exp(-g))^2":
         _swiglu_from(_hand_sigmoid, lambda g: _hand_sigmoid(g) + g * torch.exp(-g) / (1 + torch.exp(-g)) ** 2),
     "sigmoid as exp(g) / (1 + exp(g))": _swiglu_from(
@@ -82,6 +84,18 @@ def test_a_ratio_of_exponentials_fails_naming_the_gate(form):
     must_fail(ex05.grade_swiglu_backward, OVERFLOWING[form],
               r"dh \[gates deep in silu's flat and steep parts.*values are nan \(first in row [08], whose largest gate "
               r"is -?1000\)\. Beyond \|g\| = 709.8, exp\(\|g\|\) is inf")
+
+
+def swiglu_half_unwritten(da_raw, h, s):  # torch.empty_like, the up half never written
+    dh, sa, ds = _swiglu(da_raw, h, s)
+    out = torch.empty_like(dh)
+    out[:, 0::2] = dh[:, 0::2]
+    return out, sa, ds
+
+
+def test_a_result_left_in_empty_memory_is_not_blamed_on_exp():
+    must_fail(ex05.grade_swiglu_backward, swiglu_half_unwritten, r"dh \[one row.*values are nan \(first in row 0, "
+              r"whose largest gate is .*\): no overflow at such gates, so part of the result was never written")
 
 
 def test_every_seed_has_gates_beyond_exps_range():

@@ -45,6 +45,10 @@ def swiglu_reference(da_raw, h, s):
     return h.grad, (s[:, None] * a).detach(), s.grad
 
 
+#: exp(g) overflows float64 beyond this
+EXP_LIMIT = 709.8
+
+
 def swiglu_cases(seed: int) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(name, da_raw, h, s), float64, drawn afresh from ``seed``."""
     g = torch.Generator().manual_seed(seed)
@@ -54,7 +58,7 @@ def swiglu_cases(seed: int) -> list[tuple[str, torch.Tensor, torch.Tensor, torch
 
     saturated = randn(9, 6, scale=1.0)
     saturated[:, 0::2] = torch.tensor([-1000.0, -40.0, -8.0, -1.0, 0.0, 1e-3, 1.0, 8.0, 1000.0])[:, None]
-    beyond_exp = randn(8, 8)  # |gate| from 710 (exp overflows float64 beyond 709.8) to 1e5, both signs
+    beyond_exp = randn(8, 8)  # |gate| from 710 (just past EXP_LIMIT) to 1e5, both signs
     sign = torch.tensor([-1.0, 1.0], dtype=torch.float64).repeat(16)
     beyond_exp[:, 0::2] = (sign * 10 ** (2.852 + 2.148 * torch.rand(32, generator=g, dtype=torch.float64))).view(8, 4)
     return [
@@ -89,18 +93,23 @@ def _dh_mistakes(da_raw, h, s) -> dict:
 
 
 def _check_finite(name: str, got, h, where: str) -> None:
-    """A NaN or inf where the right answer is finite: name the gate that overflowed."""
+    """A NaN or inf where the right answer is finite: name the gate that overflowed, or, where
+    the gates are moderate, the memory that was never written."""
     got = torch.as_tensor(got)
     bad = ~torch.isfinite(got)
-    if bool(bad.any()):
-        r = int(bad.nonzero()[0][0])
-        gates = h[r, 0::2]
-        gate = float(gates[gates.abs().argmax()])
+    if not bool(bad.any()):
+        return
+    r = int(bad.nonzero()[0][0])
+    gates = h[r, 0::2]
+    gate = float(gates[gates.abs().argmax()])
+    first = f"{name} {where}: {int(bad.sum())} values are {float(got[bad][0])} (first in row {r}, whose largest gate is {gate:g})"
+    if abs(gate) > EXP_LIMIT:
         raise CheckFailed(
-            f"{name} {where}: {int(bad.sum())} values are {float(got[bad][0])} (first in row {r}, whose largest gate "
-            f"is {gate:g}). Beyond |g| = 709.8, exp(|g|) is inf in float64, and a ratio of two such, like "
-            f"exp(g) / (1 + exp(g)) or exp(-g) / (1 + exp(-g))**2, is inf / inf = NaN. Use torch.sigmoid (or "
-            f"F.silu); a plain 1 / (1 + exp(-g)) survives (1 / inf = 0).")
+            f"{first}. Beyond |g| = {EXP_LIMIT}, exp(|g|) is inf in float64, and inf / inf or inf * 0, as in "
+            f"exp(g) / (1 + exp(g)), exp(-g) / (1 + exp(-g))**2 or exp(-g) * sig**2, is NaN. Use torch.sigmoid "
+            f"(or F.silu); a plain 1 / (1 + exp(-g)) survives (1 / inf = 0).")
+    raise CheckFailed(f"{first}: no overflow at such gates, so part of the result was never written? (The grader "
+                      f"fills torch.empty's memory with NaN.)")
 
 
 def grade_swiglu_backward(swiglu_backward, seed: int | None = None) -> None:

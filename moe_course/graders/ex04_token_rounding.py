@@ -123,8 +123,8 @@ def _check_selection(name: str, result, scores: torch.Tensor, topk: torch.Tensor
     """The learner's (token_ids, counts) against the reference ranking, explained."""
     num_tokens, num_experts = scores.shape
     token_ids, counts = as_outputs(name, result, 2, where)
-    check_shape(f"counts ({where})", counts, (num_experts,))
     counts = _check_int64(f"counts ({where})", counts, "row counts")
+    check_shape(f"counts ({where})", counts, (num_experts,))
     token_ids = _check_int64(f"token_ids ({where})", token_ids, "token ids").reshape(-1)
     check_true(f"counts ({where})", int(counts.sum()) == token_ids.numel(),
                f"counts add up to {int(counts.sum())} rows but token_ids has {token_ids.numel()}")

@@ -20,43 +20,80 @@ import torch
 
 from .. import moe
 from ..checking import CheckFailed, check_close, check_equal, check_shape, check_true, grading, to_numpy
-from . import CASES, Case, as_tensor_pair, fresh_seed, generator, random_experts
+from . import CASES, Case, as_graded, as_outputs, check_close_or_explain, fresh_seed, generator, random_experts
 
 TITLE = "Exercise 02"
 
+#: The course's answers to this exercise: a learner's function that calls one is refused.
+REFERENCES = (moe.switch_aux_loss, moe.gshard_aux_loss, moe.expert_capacity, moe.drop_tokens)
 
-def _probs_and_experts(case: Case, gen: torch.Generator, skew: float = 1.0):
-    """Router probabilities and top-K experts, skewed so the loss is far from its minimum."""
+#: Where the graded routings come from. The losses are given ``experts``, which need not be the
+#: top-k of ``probs``: the same probabilities are graded with all three, so an answer that reads
+#: the routing off ``probs`` (recomputes the top-k, takes the argmax as the first choice) gives
+#: the same loss for different routings and cannot pass.
+ROUTINGS = {
+    "the top-k of probs": "plain top-k",
+    "a noisy router": "the top-k of the logits plus noise, as in training: not the top-k of probs",
+    "re-routed experts": "changed after the router (capacity, token rounding): any k distinct experts",
+}
+
+
+def _probs_and_routings(case: Case, gen: torch.Generator, skew: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Router probabilities, skewed so the loss is far from its minimum, and one routing from
+    each of :data:`ROUTINGS` (column 0 each token's first choice), whose losses all differ."""
     logits = moe.skewed_logits(case.T, case.E, skew, generator=gen, device=gen.device)
     if case.empty is not None:
         logits[:, case.empty] = -30.0
     probs = logits.softmax(-1)
-    return probs, probs.topk(case.K, dim=-1).indices
+    for _ in range(100):  # a routing whose losses equal another's would let a routing-blind answer pass
+        routings = {"the top-k of probs": probs.topk(case.K, dim=-1).indices,
+                    "a noisy router": moe.noisy_topk(logits, case.K, noise_std=2.0, generator=gen).experts,
+                    "re-routed experts": random_experts(case, gen)}
+        losses = [float(loss(probs, e)) for e in routings.values() for loss in (moe.switch_aux_loss, moe.gshard_aux_loss)]
+        if min(abs(a - b) for i, a in enumerate(losses) for b in losses[i + 2::2]) > 1e-3:
+            return probs, routings
+    raise RuntimeError(f"no three routings with different losses for {case}: widen the skew")
+
+
+def _routing_blind(reference, probs: torch.Tensor, experts: torch.Tensor, source: str) -> dict:
+    """What a loss that reads the routing off ``probs`` returns: ``{why: function giving it}``.
+    (An answer that does so in any words and passes on "the top-k of probs" gives, on the other
+    routings of the same probs, the loss of the recomputed top-k: these name it.)"""
+    first_as_argmax = experts.clone()
+    first_as_argmax[:, 0] = probs.argmax(dim=-1)
+    routing = f"The routing here is {source} ({ROUTINGS[source]}): count what `experts` says"
+    return {  # the first that matches is named: for GShard both are the argmax
+        f"the loss takes each token's first choice as probs.argmax(-1) instead of experts[:, 0]. {routing}":
+            lambda: reference(probs, first_as_argmax),
+        f"the loss ignores its `experts` argument and recomputes the top-k from probs. {routing}":
+            lambda: reference(probs, probs.topk(experts.shape[1], dim=-1).indices),
+    }
 
 
 def _grade_aux_loss(name: str, fn, reference, seed: int | None) -> None:
     seed = fresh_seed(seed)
     gen = generator(seed)
+    fn = as_graded(fn, REFERENCES)
     with grading(f"{TITLE} · {name}"):
         for case in CASES:
-            where = f"{case}, seed {seed}"
-            probs, experts = _probs_and_experts(case, gen)
-            want_p = probs.clone().requires_grad_()
-            want = reference(want_p, experts)
-            want.backward()
-            got_p = probs.clone().requires_grad_()
-            got = fn(got_p, experts.clone())
-            if got is None:
-                raise CheckFailed(f"{name} ({where}): got None (did the function forget to return its result?)")
-            check_true(f"{name} ({where})", isinstance(got, torch.Tensor) and got.numel() == 1,
-                       f"expected a one-number torch tensor (so it can be added to the training loss), "
-                       f"got {type(got).__name__} {tuple(getattr(got, 'shape', ()))}")
-            check_close(f"{name} ({where})", got.reshape(()), want, rtol=1e-4, atol=1e-6)
-            check_true(f"{name} ({where})", got.requires_grad,
-                       "the loss must be differentiable with respect to probs (P_e is a mean of the "
-                       "probabilities; only f_e, a count, carries no gradient); it has no gradient")
-            got.reshape(()).backward()
-            check_close(f"d {name} / d probs ({where})", got_p.grad, want_p.grad, rtol=1e-4, atol=1e-7)
+            probs, routings = _probs_and_routings(case, gen)
+            for source, experts in routings.items():
+                where = f"{case}, routing: {source}, seed {seed}"
+                want_p = probs.clone().requires_grad_()
+                want = reference(want_p, experts)
+                want.backward()
+                got_p = probs.clone().requires_grad_()
+                (got,) = as_outputs(name, fn(got_p, experts.clone()), 1, where)
+                check_true(f"{name} ({where})", isinstance(got, torch.Tensor) and got.numel() == 1,
+                           f"expected a one-number torch tensor (so it can be added to the training loss), "
+                           f"got {type(got).__name__} {tuple(getattr(got, 'shape', ()))}")
+                check_close_or_explain(f"{name} ({where})", got.reshape(()), want,
+                                       _routing_blind(reference, probs, experts, source), rtol=1e-4, atol=1e-6)
+                check_true(f"{name} ({where})", got.requires_grad,
+                           "the loss must be differentiable with respect to probs (P_e is a mean of the "
+                           "probabilities; only f_e, a count, carries no gradient); it has no gradient")
+                got.reshape(()).backward()
+                check_close(f"d {name} / d probs ({where})", got_p.grad, want_p.grad, rtol=1e-4, atol=1e-7)
 
 
 def grade_switch_aux_loss(switch_aux_loss, seed: int | None = None) -> None:
@@ -77,13 +114,12 @@ CAPACITY_CASES = ((64, 8, 2, 1.0), (96, 8, 2, 1.0), (50, 8, 2, 1.25), (100, 16, 
 
 def grade_expert_capacity(expert_capacity) -> None:
     """``expert_capacity(num_tokens, num_experts, k, capacity_factor) -> int``."""
+    expert_capacity = as_graded(expert_capacity, REFERENCES)
     with grading(f"{TITLE} · expert capacity"):
         for T, E, K, cf in CAPACITY_CASES:
             where = f"T={T}, E={E}, k={K}, capacity_factor={cf}"
-            got = expert_capacity(T, E, K, cf)
+            (got,) = as_outputs("capacity", expert_capacity(T, E, K, cf), 1, where)
             want = moe.expert_capacity(T, E, K, cf)
-            if got is None:
-                raise CheckFailed(f"capacity ({where}): got None (did the function forget to return its result?)")
             check_true(f"capacity ({where})", float(got) == int(float(got)),
                        f"expected a whole number of rows, got {got!r}")
             check_true(f"capacity ({where})", int(got) == want,
@@ -94,6 +130,7 @@ def grade_drop_tokens(drop_tokens, seed: int | None = None) -> None:
     """``drop_tokens(experts (T, K), num_experts, capacity) -> (keep (T, K) bool, dropped_fraction)``."""
     seed = fresh_seed(seed)
     gen = generator(seed)
+    drop_tokens = as_graded(drop_tokens, REFERENCES)
     with grading(f"{TITLE} · token dropping"):
         for case in CASES:
             experts = random_experts(case, gen, skew=1.0)
@@ -101,7 +138,7 @@ def grade_drop_tokens(drop_tokens, seed: int | None = None) -> None:
                 capacity = moe.expert_capacity(case.T, case.E, case.K, cf)
                 where = f"{case}, capacity {capacity}, seed {seed}"
                 want = moe.drop_tokens(experts, case.E, capacity)
-                keep, fraction = as_tensor_pair("drop_tokens", drop_tokens(experts.clone(), case.E, capacity), where)
+                keep, fraction = as_outputs("drop_tokens", drop_tokens(experts.clone(), case.E, capacity), 2, where)
                 check_shape(f"keep ({where})", keep, (case.T, case.K))
                 keep = torch.as_tensor(to_numpy(keep)).bool()
                 kept = torch.bincount(experts.cpu()[keep], minlength=case.E)

@@ -13,8 +13,9 @@ The learner writes (shapes and rules as in :mod:`moe_course.token_rounding`):
 
 Every case is built so that something can go wrong: an expert with no tokens, experts already on
 a tile multiple, exactly half a tile, scores that tie everywhere, one expert taking every token
-(its rounded count capped at T), and a random router. Scores are multiples of 1/64 in [0, 1],
-so "score minus one" is exact in float32 and a tie is a true tie.
+(its rounded count capped at T), strong tokens that did not pick an expert against weak ones
+that did, and a random router. Scores are multiples of 1/64 in [0, 1], so "score minus one" is
+exact in float32 and a tie is a true tie. Counts and token ids must be int64, as the spec says.
 """
 
 from __future__ import annotations
@@ -22,17 +23,20 @@ from __future__ import annotations
 import torch
 
 from .. import token_rounding as tr
-from ..checking import CheckFailed, check_shape, check_true, grading, to_numpy
-from . import as_tensor_pair, fresh_seed
+from ..checking import CheckFailed, check_shape, check_true, grading
+from . import as_graded, as_outputs, fresh_seed
 
 TITLE = "Exercise 04"
 
-#: (f, tile, mode, num_tokens): zero, exact multiples, one above and below, exact halves (even and
-#: odd multiples), odd tiles, a tile of one, and counts capped at the number of tokens.
-ROUND_CASES = [(f, tile, mode, cap) for mode in tr.MODES for f, tile, cap in (
-    (0, 128, 1000), (128, 128, 1000), (129, 128, 1000), (127, 128, 1000), (64, 128, 1000),
-    (63, 128, 1000), (192, 128, 1000), (320, 128, 1000), (5, 3, 100), (4, 3, 100), (7, 1, 100),
-    (90, 64, 100), (100, 64, 100), (33, 64, 40))]
+#: The course's answers to this exercise: a learner's function that calls one (or
+#: ``tr.topk_routing``, ``tr.route`` ..., which rank with ``rank_candidates``) is refused.
+REFERENCES = (tr.round_counts, tr.rank_candidates, tr.token_rounding, tr.route_cuda)
+
+#: (tile, num_tokens, counts): zero, exact multiples, one above and below, exact halves (even
+#: and odd multiples), odd tiles, a tile of one, and counts capped at the number of tokens. Each
+#: row is one call (a count per expert), in every mode.
+ROUND_CASES = ((128, 1000, (0, 128, 129, 127, 64, 63, 192, 320)), (3, 100, (5, 4, 6, 0)), (1, 100, (7, 0)),
+               (64, 100, (90, 100, 96, 32)), (64, 40, (33, 31)))
 
 
 def _explain_round(f: int, tile: int, mode: str, cap: int, want: int) -> str:
@@ -42,21 +46,60 @@ def _explain_round(f: int, tile: int, mode: str, cap: int, want: int) -> str:
     return f"round_counts(f={f}, tile={tile}, {mode!r}, num_tokens={cap}): expected {want}, {why}{capped}"
 
 
-def grade_round_counts(round_counts) -> None:
-    """``round_counts(counts (E,) int64, tile, mode, num_tokens) -> (E,)``."""
+def _check_int64(name: str, got, what: str) -> torch.Tensor:
+    """A torch tensor of int64, as the spec says: a float count cannot size or index a tensor."""
+    check_true(name, isinstance(got, torch.Tensor), f"expected a torch tensor of {what}, got {type(got).__name__}")
+    if got.dtype != torch.int64:
+        hint = (" (a division `/` gives floats even where the result is whole: use integer arithmetic, `//`, "
+                "or convert with .long())") if got.is_floating_point() else ""
+        raise CheckFailed(f"{name}: expected {what} as int64, as the spec says; got {got.dtype}{hint}")
+    return got.cpu()
+
+
+def grade_round_counts(round_counts, seed: int | None = None) -> None:
+    """``round_counts(counts (E,) int64, tile, mode, num_tokens) -> (E,) int64``."""
+    seed = fresh_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    tile = int(torch.randint(2, 130, (1,), generator=g))
+    drawn = (tile, 4 * tile, tuple(torch.randint(0, 5 * tile, (16,), generator=g).tolist()))  # capped at 4 tiles
+    round_counts = as_graded(round_counts, REFERENCES)
     with grading(f"{TITLE} · rounding the counts"):
-        for f, tile, mode, cap in ROUND_CASES:
-            counts = torch.tensor([f, f], dtype=torch.long)  # a tensor of counts, one per expert
-            want = tr.round_counts(counts, tile, mode, num_tokens=cap)
-            got = round_counts(counts.clone(), tile, mode, cap)
-            if got is None:
-                raise CheckFailed("round_counts: got None (did the function forget to return its result?)")
-            check_shape(f"round_counts(f={f}, tile={tile}, {mode!r})", got, (2,))
-            got = torch.as_tensor(to_numpy(got))
-            check_true(f"round_counts(f={f}, tile={tile}, {mode!r})", not got.is_floating_point()
-                       or bool((got == got.round()).all()), f"expected whole numbers of rows, got {got.tolist()}")
-            if int(got[0]) != int(want[0]):
-                raise CheckFailed(_explain_round(f, tile, mode, cap, int(want[0])) + f"; got {int(got[0])}")
+        for tile, cap, fs in ROUND_CASES + (drawn,):
+            for mode in tr.MODES:
+                counts = torch.tensor(fs, dtype=torch.long)  # one count per expert
+                want = tr.round_counts(counts, tile, mode, num_tokens=cap)
+                name = f"round_counts(counts={list(fs)}, tile={tile}, {mode!r}, num_tokens={cap})"
+                (got,) = as_outputs("round_counts", round_counts(counts.clone(), tile, mode, cap), 1, name)
+                got = _check_int64(name, got, "counts (whole rows)")
+                check_shape(name, got, want.shape)
+                bad = (got != want).nonzero().flatten()
+                if bad.numel():
+                    e = int(bad[0])
+                    raise CheckFailed(_explain_round(fs[e], tile, mode, cap, int(want[e])) +
+                                      f"; got {int(got[e])} (expert {e} of {name}, seed {seed})")
+
+
+def strong_meets_weak(seed: int, k: int, tile: int = 8) -> torch.Tensor:
+    """Scores ``(T, k + 3)`` where a strong token that did not pick an expert meets weak ones
+    that did. Each of the experts ``k, k+1, k+2`` gets between one and two tiles of top-K tokens,
+    every one weak: it picked the expert with a score of 1/64 (its other scores are 0). At least
+    a tile of the other tokens are strong there: they score 1 for it and picked experts
+    ``0 .. k-1`` instead (a tie at 1, lost to the lower expert id); the rest score 56/64 to 1.
+    Ranking by score alone, or with a penalty below 63/64 (the widest gap scores in [0, 1] on a
+    1/64 grid allow) for not being top-K, puts a strong token ahead of a weak top-K one, and it
+    shows in every rounding mode."""
+    g = torch.Generator().manual_seed(seed)
+    targets = 3
+    f = torch.randint(tile, 2 * tile, (targets,), generator=g)  # < 2 tiles: any two can hold the third (k = 2)
+    if int(f.sum()) % k:
+        f[0] += k - int(f.sum()) % k
+    num_weak, num_strong = int(f.sum()) // k, tile + int(torch.randint(0, tile + 1, (1,), generator=g))
+    weak = torch.zeros(num_weak, k + targets)
+    weak[:, k:] = (tr.scores_with_counts(f.tolist(), num_weak, k, seed=seed, ties=True) == 0.75) / 64
+    strong = torch.ones(num_strong, k + targets)
+    strong[tile:, k:] = torch.randint(56, 65, (num_strong - tile, targets), generator=g) / 64
+    scores = torch.cat([weak, strong])
+    return scores[torch.randperm(scores.shape[0], generator=g)]
 
 
 def cases(seed: int) -> list[tuple[str, torch.Tensor, int, int]]:
@@ -69,6 +112,8 @@ def cases(seed: int) -> list[tuple[str, torch.Tensor, int, int]]:
         ("exactly half a tile", tr.scores_with_counts([8, 24, 40, 8], 40, 2, seed=seed + 2), 2, 16),
         ("scores tie everywhere", tr.scores_with_counts([30, 10, 50, 30], 60, 2, seed=seed + 3, ties=True), 2, 16),
         ("one expert takes every token", tr.scores_with_counts([21, 0, 0], 21, 1, seed=seed + 4), 1, 4),
+        ("a strong non-top-K token meets weak top-K ones", strong_meets_weak(seed + 5, k=1), 1, 8),
+        ("a strong non-top-K token meets weak top-K ones", strong_meets_weak(seed + 6, k=2), 2, 8),
         ("a random router", rand, 2, 8),
     ]
 
@@ -77,10 +122,10 @@ def _check_selection(name: str, result, scores: torch.Tensor, topk: torch.Tensor
                      where: str) -> None:
     """The learner's (token_ids, counts) against the reference ranking, explained."""
     num_tokens, num_experts = scores.shape
-    token_ids, counts = as_tensor_pair(name, result, where)
+    token_ids, counts = as_outputs(name, result, 2, where)
+    counts = _check_int64(f"counts ({where})", counts, "row counts")
     check_shape(f"counts ({where})", counts, (num_experts,))
-    token_ids = torch.as_tensor(to_numpy(token_ids)).long().reshape(-1)
-    counts = torch.as_tensor(to_numpy(counts)).long()
+    token_ids = _check_int64(f"token_ids ({where})", token_ids, "token ids").reshape(-1)
     check_true(f"counts ({where})", int(counts.sum()) == token_ids.numel(),
                f"counts add up to {int(counts.sum())} rows but token_ids has {token_ids.numel()}")
     bad = (token_ids < 0) | (token_ids >= num_tokens)
@@ -108,11 +153,14 @@ def _check_selection(name: str, result, scores: torch.Tensor, topk: torch.Tensor
         missing_topk = sorted(t for t in missing if bool(picked[t, e]))
         extra_others = sorted(u for u in extra if not bool(picked[u, e]))
         if missing_topk and extra_others:
-            u, t = extra_others[0], missing_topk[0]
+            u, t = max(extra_others, key=lambda u: float(scores[u, e])), missing_topk[0]
+            su, st = float(scores[u, e]), float(scores[t, e])
+            why = (f"A score of {su:g} without top-K must still rank below {st:g} with it: a penalty (or a top-K "
+                   f"bonus) of less than one, or none, is too small for scores in [0, 1]; subtract one from "
+                   f"the scores of the tokens that did not pick the expert"
+                   if su > st else "Top-K tokens always come first: rank the others by score minus one")
             raise CheckFailed(f"{name} ({where_e}): keeps token {u}, which did not pick this expert (score "
-                              f"{float(scores[u, e]):g}), but drops token {t}, one of its top-K tokens (score "
-                              f"{float(scores[t, e]):g}). Top-K tokens always come first: rank the others by "
-                              f"score minus one.")
+                              f"{su:g}), but drops token {t}, one of its top-K tokens (score {st:g}). {why}.")
         u, t = min(extra), min(missing)  # now in the same group: both top-K, or both not
         su, st = float(scores[u, e]), float(scores[t, e])
         if su == st:
@@ -136,6 +184,7 @@ def _selection_cases(seed: int):
 def grade_select_tokens(select_tokens, seed: int | None = None) -> None:
     """``select_tokens(scores (T, E), topk (T, K), rounded (E,)) -> (token_ids, counts)``."""
     seed = fresh_seed(seed)
+    select_tokens = as_graded(select_tokens, REFERENCES)
     with grading(f"{TITLE} · selecting each expert's tokens"):
         for scores, topk, rounded, _, _, _, where in _selection_cases(seed):
             result = select_tokens(scores.clone(), topk.clone(), rounded.clone())
@@ -145,6 +194,7 @@ def grade_select_tokens(select_tokens, seed: int | None = None) -> None:
 def grade_token_rounding(token_rounding, seed: int | None = None) -> None:
     """``token_rounding(scores (T, E), k, tile, mode) -> (token_ids, counts)``."""
     seed = fresh_seed(seed)
+    token_rounding = as_graded(token_rounding, REFERENCES)
     with grading(f"{TITLE} · token rounding, the whole step"):
         for scores, topk, rounded, k, tile, mode, where in _selection_cases(seed):
             _check_selection("token_rounding", token_rounding(scores.clone(), k, tile, mode), scores, topk,

@@ -104,9 +104,9 @@ def expert_load(counts, ax=None, *, capacity: float | None = None, title: str = 
 
 def timeline(trace: dict, ax=None, *, slices: int = 24, title: str = "", record=None, live: bool = False):
     """A traced main loop (moe_course.io_overlap.trace_timeline): per slice along K, the load
-    in flight (issued -> landed, one lane per ring slot) above the multiply (landed -> slot
-    released); green: the consumers storing a finished tile; red: the math waiting for a
-    slice that has not landed yet."""
+    in flight (issued -> landed; slice i on row i mod 4, so that loads in flight together stay
+    apart: the rows are not ring slots) above the multiply (landed -> slot released); green: the
+    consumers storing a finished tile; red: the math waiting for a slice that has not landed yet."""
     issued, landed, released = (np.asarray(trace[k], dtype=float)[:slices] for k in ("issued", "landed", "released"))
     if ax is None:
         _, ax = plt.subplots(figsize=(11, 2.2))

@@ -24,6 +24,9 @@ One obvious place for each thing:
 - ``first_kernel``  host side of chapter 00's first kernel: the pattern every wrapper follows
 - ``grouped_gemm``  chapter 02's kernel ladder: one launcher for every step, the baselines,
                  and the check-then-time runner behind ``benchmarks/bench_grouped_gemm.py``
+- ``diagrams``   chapter 02's pictures of its kernels (tile map, thread and fragment layouts,
+                 shared-memory banks, the swizzle, the persistent schedule), each from the
+                 kernel's own index formula
 - ``configs``    the MoE model configurations (shapes, parameter counts, each value cited)
 - ``hardware``   GPU profiles (datasheet rates, prices) for ``benchmarks/throughput.py``
 - ``variants``   every implementation of the MoE layer in one registry, checked then timed

@@ -9,7 +9,8 @@ Two ways in, one source:
   frame and spills that ptxas reported. That is what a laptop can still show of a kernel.
 
 A compile error from either path is a :class:`CompileError` whose message quotes the source
-lines the compiler complained about.
+lines the compiler complained about. :func:`excerpt` gives a notebook the numbered lines of a
+kernel to show, :func:`edited` a copy with a planted bug or an added ``printf``.
 """
 
 from __future__ import annotations
@@ -99,6 +100,35 @@ def _read_text(path: Path, mtime_ns: int, size: int) -> Source:
     # Read again only when the file changed (an edited kernel recompiles): the layer loads its
     # kernels ~10 times a step, and reading each file every time was ~5% of the 7B step's host time.
     return Source(path.name, path.read_text())
+
+
+def excerpt(name: str, start: str, end: str | None = None) -> str:
+    """The lines of a kernel source from the first that contains ``start`` up to, not including,
+    the next that contains ``end`` (``None``: to the end of the file), numbered as in the file,
+    under a line naming it: what a notebook shows of a kernel, read from ``kernels/`` at run time.
+    A marker that is not there (the kernel changed) is an error that names it."""
+    source = read_source(name)
+    lines = source.code.splitlines()
+    first = next((i for i, line in enumerate(lines) if start in line), None)
+    if first is None:
+        raise ValueError(f"{source.name} has no line containing {start!r}: the kernel changed; update the excerpt")
+    last = len(lines) if end is None else next((i for i in range(first + 1, len(lines)) if end in lines[i]), None)
+    if last is None:
+        raise ValueError(f"{source.name} has no line containing {end!r} after line {first + 1}: the kernel changed; "
+                         "update the excerpt")
+    body = "\n".join(f"{i + 1:4d}  {lines[i]}" for i in range(first, last))
+    return f"kernels/{source.name}, lines {first + 1}-{last}:\n{body}"
+
+
+def edited(name: str, old: str, new: str) -> Source:
+    """A kernel source with ``old`` replaced by ``new``, which must occur exactly once (a planted
+    bug, a ``printf`` added for debugging); the file itself is not touched. Keep ``new`` on as many
+    lines as ``old`` and a compiler's line numbers still match the file's."""
+    source = read_source(name)
+    found = source.code.count(old)
+    if found != 1:
+        raise ValueError(f"{source.name} contains {old!r} {found} times, not once: the kernel changed; update the edit")
+    return Source(source.name, source.code.replace(old, new))
 
 
 def _as_source(src: str | os.PathLike | Source) -> Source:

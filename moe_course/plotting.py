@@ -54,14 +54,20 @@ def grouped_bars(categories: Sequence[str], series: dict[str, Sequence[float]], 
                  record, live: bool, ceiling: float | None = None, ceiling_label: str = "",
                  title: str = "", ax=None, fmt: str = "%.0f"):
     """Bars of one value per (category, series), e.g. TFLOP/s per MoE shape and implementation;
-    ``fmt`` labels each bar (``"%.2f"`` for ratios)."""
+    ``fmt`` labels each bar (``"%.2f"`` for ratios). A value of ``None`` (or NaN) was not
+    measured: no bar is drawn there, and "not measured" is written in its place (never a 0)."""
     if ax is None:
         _, ax = plt.subplots(figsize=(max(6, 1.6 * len(categories) + 2), 4))
     width = 0.8 / max(1, len(series))
     xs = np.arange(len(categories))
     for i, (name, values) in enumerate(series.items()):
-        bars = ax.bar(xs + (i - (len(series) - 1) / 2) * width, values, width, label=name)
+        at = xs + (i - (len(series) - 1) / 2) * width
+        measured = [v is not None and not np.isnan(v) for v in values]
+        bars = ax.bar(at[measured], [v for v, m in zip(values, measured) if m], width, label=name,
+                      color=f"C{i}")
         ax.bar_label(bars, fmt=fmt, fontsize=7)
+        for x in at[~np.array(measured, dtype=bool)]:
+            ax.text(x, 0, "not measured", rotation=90, ha="center", va="bottom", fontsize=6, color="#57606a")
     if ceiling:
         ax.axhline(ceiling, color="black", ls="--", lw=1, label=ceiling_label or f"ceiling {ceiling:.0f}")
     ax.set_xticks(xs, categories)
@@ -98,9 +104,9 @@ def expert_load(counts, ax=None, *, capacity: float | None = None, title: str = 
 
 def timeline(trace: dict, ax=None, *, slices: int = 24, title: str = "", record=None, live: bool = False):
     """A traced main loop (moe_course.io_overlap.trace_timeline): per slice along K, the load
-    in flight (issued -> landed, one lane per ring slot) above the multiply (landed -> slot
-    released); green: the consumers storing a finished tile; red: the math waiting for a
-    slice that has not landed yet."""
+    in flight (issued -> landed; slice i on row i mod 4, so that loads in flight together stay
+    apart: the rows are not ring slots) above the multiply (landed -> slot released); green: the
+    consumers storing a finished tile; red: the math waiting for a slice that has not landed yet."""
     issued, landed, released = (np.asarray(trace[k], dtype=float)[:slices] for k in ("issued", "landed", "released"))
     if ax is None:
         _, ax = plt.subplots(figsize=(11, 2.2))

@@ -312,12 +312,14 @@ def plot_layer(record, live: bool, base: str = "torch._grouped_mm"):
         names += [c for c in record.data["shapes"][s]["contenders"] if c not in names]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.2))
     sp = {s: speedups(record.data["shapes"][s], base) for s in shapes}
-    plotting.grouped_bars(shapes, {c: [sp[s].get(c, {}).get("fwd_bwd_speedup", 0.0) for s in shapes] for c in names},
+    # a contender not measured on a shape (None) gets no bar and a "not measured" label, never a 0
+    plotting.grouped_bars(shapes, {c: [sp[s].get(c, {}).get("fwd_bwd_speedup") for s in shapes] for c in names},
                           ylabel=f"forward + backward, x {base}", record=record, live=live, fmt="%.2f",
                           ceiling=1.5, ceiling_label="1.5x: chapter 06's minimum", ax=a1,
                           title="speed (higher is better)")
-    mib = {c: [record.data["shapes"][s]["contenders"].get(c, {}).get("held_after_forward_bytes", 0) / 2**20
-               for s in shapes] for c in names}
+    kept = {c: [record.data["shapes"][s]["contenders"].get(c, {}).get("held_after_forward_bytes") for s in shapes]
+            for c in names}
+    mib = {c: [None if b is None else b / 2**20 for b in v] for c, v in kept.items()}
     plotting.grouped_bars(shapes, mib, ylabel="MiB kept for the backward", record=record, live=live, ax=a2,
                           title="activation memory (lower is better)")
     fig.tight_layout()

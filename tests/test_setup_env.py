@@ -111,14 +111,14 @@ class PipCalls:
 def test_pinned_cpu_torch_comes_from_pips_own_sources_when_there(monkeypatch):
     calls = PipCalls()
     monkeypatch.setattr(setup_env, "pip", calls)
-    setup_env.install_cpu_torch("python", "torch==2.13.0+cpu", pinned=True)
+    setup_env.cpu_torch("python", ["install"], "torch==2.13.0+cpu", pinned=True)
     assert len(calls.calls) == 1 and "--index-url" not in calls.calls[0]
 
 
 def test_pinned_cpu_torch_falls_back_to_the_pytorch_index(monkeypatch):
     calls = PipCalls(failures=1)
     monkeypatch.setattr(setup_env, "pip", calls)
-    setup_env.install_cpu_torch("python", "torch==2.13.0+cpu", pinned=True)
+    setup_env.cpu_torch("python", ["install"], "torch==2.13.0+cpu", pinned=True)
     assert calls.calls[1][-2:] == ["--index-url", setup_env.TORCH_CPU_INDEX]
     assert "torch==2.13.0+cpu" in calls.calls[1] and "--no-deps" in calls.calls[1]
 
@@ -127,7 +127,7 @@ def test_a_torch_range_goes_straight_to_the_pytorch_index(monkeypatch):
     """PyPI would answer `torch>=2.4` on Linux with the CUDA build: never ask it."""
     calls = PipCalls()
     monkeypatch.setattr(setup_env, "pip", calls)
-    setup_env.install_cpu_torch("python", "torch>=2.4,<2.14", pinned=False)
+    setup_env.cpu_torch("python", ["install"], "torch>=2.4,<2.14", pinned=False)
     assert len(calls.calls) == 1 and calls.calls[0][-2:] == ["--index-url", setup_env.TORCH_CPU_INDEX]
 
 
@@ -142,6 +142,17 @@ def downloaded(monkeypatch, tmp_path, **kw) -> list[str]:
     setup_env.download(download_args(tmp_path, **kw))
     (cmd,) = calls.calls
     return cmd
+
+
+def test_wheelhouse_takes_the_cpu_torch_apart(monkeypatch, tmp_path):
+    """Only torch's CPU build may need PyTorch's index; the other packages never wait on it."""
+    calls = PipCalls(failures=1)  # not among pip's own sources: then the index
+    monkeypatch.setattr(setup_env, "pip", calls)
+    setup_env.download(download_args(tmp_path, variant="cpu", python="3.11"))
+    first, second, rest = calls.calls
+    assert first[-3:] == ["--no-deps", "torch==2.13.0+cpu", "-q"] and "--index-url" not in first
+    assert second[-3:] == ["torch==2.13.0+cpu", "--index-url", setup_env.TORCH_CPU_INDEX]
+    assert "--index-url" not in rest and "numpy==2.4.6" in rest and not [a for a in rest if "torch" in a]
 
 
 def test_wheelhouse_follows_the_lock_for_the_target(monkeypatch, tmp_path):

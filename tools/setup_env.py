@@ -285,12 +285,13 @@ def describe_download(pins: list[Pin], sizes: dict[str, int | None]) -> str:
             + (f"; size not recorded for {', '.join(unknown)}" if unknown else ""))
 
 
-def install_cpu_torch(python: str, requirement: str, pinned: bool) -> None:
-    """torch's CPU build on Linux, before everything else (then pip keeps it). A pinned
-    `+cpu` build is looked for first where pip is configured to look (a local mirror or wheel
-    folder: no download), then on PyTorch's CPU index; a range goes to that index at once (PyPI
-    would answer it with the CUDA build)."""
-    args = ["install", "--disable-pip-version-check", "--no-deps", requirement]
+def cpu_torch(python: str, pip_args: list[str], requirement: str, pinned: bool) -> None:
+    """`pip <pip_args> <requirement>` for torch's CPU build on Linux (install, or download for a
+    wheelhouse), with no dependencies: the lock or the ranges bring them. A pinned `+cpu` build
+    is looked for first where pip is configured to look (a local mirror or wheel folder: no
+    download), then on PyTorch's CPU index; a range goes to that index at once (PyPI would
+    answer it with the CUDA build)."""
+    args = [*pip_args, "--no-deps", requirement]
     if pinned and pip(python, *args, "-q", quiet=True).returncode == 0:
         return
     if pinned:
@@ -338,7 +339,7 @@ def install(args) -> None:
     if variant == "cpu" and target.markers["sys_platform"] == "linux" and not args.wheelhouse:
         locked = [str(p) for p in pins if p.name == "torch"]
         in_range = [f"torch{r.specifier}" for r in ranges(files, env_markers) if canonical(r.name) == "torch"]
-        install_cpu_torch(python, (locked or in_range)[0], pinned=bool(locked))
+        cpu_torch(python, ["install", "--disable-pip-version-check"], (locked or in_range)[0], pinned=bool(locked))
     req_args = [a for f in files for a in ("-r", str(f))] + (["-c", str(lock)] if lock else [])
     pip(python, "install", "--disable-pip-version-check", *source_args(args.wheelhouse), *req_args)
     # The course's own package, editable: notebooks import it, and edits show up at once.
@@ -370,10 +371,11 @@ def download(args) -> None:
     out = Path(args.download)
     out.mkdir(parents=True, exist_ok=True)
     platforms = [a for p in target.wheel_platforms + ("any",) for a in ("--platform", p)]
-    index = ["--extra-index-url", TORCH_CPU_INDEX] if any("+cpu" in r for r in reqs) else []
-    pip(sys.executable, "download", "--disable-pip-version-check", "--only-binary=:all:", *deps, *index,
-        "--python-version", args.python_version, "--implementation", "cp", *platforms,
-        "-d", str(out), *reqs)
+    common = ["download", "--disable-pip-version-check", "--only-binary=:all:", "--python-version",
+              args.python_version, "--implementation", "cp", *platforms, "-d", str(out)]
+    for cpu_build in [r for r in reqs if "+cpu" in r]:  # not on PyPI: on PyTorch's index
+        cpu_torch(sys.executable, common, cpu_build, pinned=True)
+    pip(sys.executable, *common, *deps, *[r for r in reqs if "+cpu" not in r])
     total = sum(p.stat().st_size for p in out.glob("*.whl"))
     print(f"{len(list(out.glob('*.whl')))} wheels, {total / 2**20:.0f} MiB in {out}"
           + (f" (left out: {', '.join(sorted(skip))})" if skip else ""))

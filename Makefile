@@ -6,7 +6,9 @@
 #   VENV               where the environment lives (default .venv)
 #   USE_CURRENT_PYTHON 1: install into PYTHON itself, no venv (a GPU image that has torch and CuPy)
 #   WHEELHOUSE         install from this folder of wheels alone (a machine with no internet)
-#   CUDA_MAJOR         12 or 13: which CuPy/NVRTC build (default: read from nvidia-smi; 13 with no GPU)
+#   CUDA_MAJOR         12, 13 or none: which set (default: read from nvidia-smi; none: the CPU set)
+#   WHEEL_PYTHON, WHEEL_TARGET, WHEEL_VARIANT, WHEEL_SKIP   what `make wheelhouse` downloads for
+#   LOCK_ARGS          options of tools/make_locks.py for `make locks` (e.g. --torch-cpu-wheels DIR)
 #   LAB_PORT, LAB_IP   where `make lab` listens (default 8888 on 127.0.0.1)
 #   CHROMIUM           the browser `make test-browser` drives (default /usr/bin/chromium)
 #   EX                 which exercises `make grade` runs: EX=03, EX="01 04" (default: all)
@@ -17,7 +19,10 @@ VENV ?= .venv
 LAB_PORT ?= 8888
 LAB_IP ?= 127.0.0.1
 WHEEL_PYTHON ?= 3.12
+WHEEL_TARGET ?= linux-x86_64
+WHEEL_VARIANT ?= cuda13
 WHEEL_SKIP ?=
+LOCK_ARGS ?=
 PYTEST_ARGS ?=
 
 ifeq ($(USE_CURRENT_PYTHON),1)
@@ -33,7 +38,7 @@ endif
 
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900
 
-.PHONY: help setup setup-lab lab test test-browser grade bench sanitize exercises update wheelhouse clean
+.PHONY: help setup setup-lab lab test test-browser grade bench sanitize exercises update wheelhouse locks clean
 
 help:
 	@echo "make lab         set up, then open JupyterLab on the course"
@@ -45,6 +50,7 @@ help:
 	@echo "make exercises   regenerate exercises/ from solutions/ (never overwrites your work)"
 	@echo "make update      take the course's new version (git pull) without losing your work"
 	@echo "make wheelhouse  download wheels for a GPU machine with no internet (WHEEL_PYTHON, WHEEL_SKIP)"
+	@echo "make locks       regenerate requirements/locks/ with uv after changing requirements/ (needs internet)"
 	@echo "make clean       remove the environment and caches (not your exercises, not results)"
 
 setup:
@@ -107,7 +113,13 @@ update: setup
 
 wheelhouse:
 	$(PYTHON) tools/setup_env.py --download wheelhouse --python-version $(WHEEL_PYTHON) --lab \
-		$(if $(WHEEL_SKIP),--skip $(WHEEL_SKIP))
+		--target $(WHEEL_TARGET) --variant $(WHEEL_VARIANT) $(if $(WHEEL_SKIP),--skip $(WHEEL_SKIP))
+
+# The locks of requirements/locks/ from their .in files: uv resolves each for every platform and
+# Python it is for (tools/make_locks.py says how); tests/test_locks.py fails while one is stale.
+locks: setup
+	@$(PY) -m pip install --disable-pip-version-check -q "uv>=0.9"
+	$(PY) tools/make_locks.py $(LOCK_ARGS)
 
 clean:
 	rm -rf $(VENV) .setup .pytest_cache .ipynb_checkpoints */.ipynb_checkpoints .browser-test

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import KERNELS_DIR
-from .machine import info
+from .machine import NO_NVRTC, info
 
 DEFAULT_ARCH = "sm_90a"  # the course targets Hopper; the 'a' unlocks wgmma and setmaxnreg
 BASE_OPTIONS = ("-std=c++17",)
@@ -254,7 +254,7 @@ def nvrtc_compile(source: Source, opts: tuple[str, ...]) -> NvrtcOutput:
     try:
         from cuda.bindings import nvrtc
     except ImportError as exc:
-        raise RuntimeError("compiling without a GPU needs cuda-bindings and NVRTC: run `make setup`") from exc
+        raise RuntimeError(f"{NO_NVRTC}: `make setup` installs them on Linux") from exc
 
     def check(result):
         err, *rest = result

@@ -137,3 +137,13 @@ def has_gpu() -> bool:
 def skip_reason() -> str:
     """The one line a notebook prints when it skips a GPU step."""
     return f"skipped: {info().why_no_gpu}"
+
+
+# NVIDIA publishes cuda-bindings and the NVRTC wheels for Linux and Windows, none for macOS.
+NO_NVRTC = ("compiling a kernel needs NVIDIA's NVRTC, through cuda-bindings and nvidia-cuda-nvrtc "
+            "(Linux and Windows; none exist for macOS), and they are not installed here")
+
+
+def compile_skip_reason() -> str:
+    """The one line a notebook prints when it skips compiling a kernel (``info().nvrtc`` is None)."""
+    return f"skipped: {NO_NVRTC}"

@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from . import configs, layer, moe
+from . import configs, grouped_gemm, layer, moe
 from .bench import benchmark, rotate
 from .checking import relative_error
 from .machine import info
@@ -263,8 +263,6 @@ def _sonicmoe_build(w: moe.MoEWeights, k: int) -> Callable[[torch.Tensor], torch
 
 
 def _ladder_impls() -> list[str]:
-    from . import grouped_gemm
-
     return list(grouped_gemm.BASELINES) + list(grouped_gemm.STEPS)
 
 
@@ -272,8 +270,6 @@ def _ladder_run(case: Case, progress: Callable[[str], None]) -> list[dict]:
     """Every step of chapter 02 (and the two torch baselines) on the configuration's expert GEMMs,
     checked against a float32 reference, then timed, by :func:`grouped_gemm.measure_ladder`. Its
     routing: token-choice top-K of random logits (the same spread of rows as the layer's)."""
-    from . import grouped_gemm
-
     case.release()  # it makes problems of its own: free the layer's weights first (GBs at full size)
     measured = grouped_gemm.measure_ladder({case.name: tuple(case.shape)}, case.projections,
                                            (("uniform", 0.0),), seed=case.seed, progress=progress)

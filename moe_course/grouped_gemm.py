@@ -113,6 +113,8 @@ BASELINES = {
     "torch loop": torch_loop,  # one torch.mm (cuBLAS) per expert, counts read on the host
     "torch._grouped_mm": torch_grouped_mm,  # CUTLASS sm90 grouped GEMM inside PyTorch
 }
+#: What measure_ladder checks and times, in table order: the two baselines, then every step
+IMPLEMENTATIONS = list(BASELINES) + list(STEPS)
 MAX_REL_ERR = 1e-2  # bf16 output against a float32 reference
 
 
@@ -171,7 +173,7 @@ def measure_ladder(shapes: dict, projections=("up", "down"), routings=(("uniform
     Implementations that take under FAST_CALL_MS a call are timed interleaved with each other;
     slower ones (the naive steps, seconds a call) on their own, with fewer repetitions.
     """
-    impls = list(impls or (list(BASELINES) + list(STEPS)))
+    impls = list(impls or IMPLEMENTATIONS)
     rows = []
     for shape, (T, d, n, E, K) in shapes.items():
         for routing, skew in routings:

@@ -562,7 +562,7 @@ def measure_speed(shapes: dict | None = None, methods=SPEED_METHODS, impls=None,
     ``proj="routing"`` rows: the kernels, and the torch version on the GPU.
     """
     shapes = shapes or SPEED_SHAPES
-    impls = list(impls or (gg.BEST, "torch._grouped_mm"))
+    impls = list(impls or (launch.BEST, "torch._grouped_mm"))
     module = kernels.load(KERNEL_SOURCE)
     rows = []
     for shape, (T, d, n, E, K) in shapes.items():

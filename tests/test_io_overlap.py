@@ -1,6 +1,6 @@
 """Chapter 03's kernels that take an MoE layer's own inputs: the gather fused into the load
 (03_3) and the SwiGLU epilogue (03_4), against float32 references at awkward sizes, with
-outputs poisoned first so a skipped tile fails. Steps 03_1 and 03_2 are in grouped_gemm.STEPS
+outputs poisoned first so a skipped tile fails. Steps 03_1 and 03_2 are in launch.STEPS
 and run through tests/test_grouped_gemm.py like every other step. The CPU tests check the host
 side: refusals, the weight interleave, the routing order, the timeline summary, and that the
 checks used here fail known-wrong answers."""
@@ -53,7 +53,7 @@ def test_gather_matches_reference_and_the_pre_permuted_kernel(case, k, n):
     y = launch.gather_grouped_gemm(x, idx, w, offs, out=poisoned(idx.numel(), n))
     assert_close_to(y, io.gather_reference(x, idx, w, offs), f"gather {case} K={k} N={n}")
     # the same kernel body on a pre-permuted copy (X by TMA): the same sums in the same order
-    y_perm = gg.grouped_gemm(x[idx.long()].contiguous(), w, offs, step=io.PLAIN)
+    y_perm = launch.grouped_gemm(x[idx.long()].contiguous(), w, offs, step=io.PLAIN)
     assert torch.equal(y, y_perm), "gathered and pre-permuted results differ"
 
 

@@ -2,8 +2,8 @@
 
 - :class:`Step`: what one build of a kernel file needs at launch: its entry point, its tile
   (``block_m`` rows by ``block_n`` columns, K in slices of ``k_multiple``), threads, the GPU it
-  needs, its dynamic shared memory (sized by the functions below), its ``#define``\\ s. Every
-  launch reads the tile from its Step; nothing else restates it.
+  needs, its dynamic shared memory (sized from that tile by the functions below), its
+  ``#define``\\ s. Every launch reads the tile from its Step; nothing else restates it.
 - :data:`KERNEL_FILES`: every file of ``kernels/`` -> its Step and the function that launches
   it (``tests/test_launch.py`` fails when a file has none).
 - The launches every grouped GEMM shares: :func:`build_tile_map` (the M-tiles, on the GPU) and
@@ -132,6 +132,12 @@ SLICE_K = 64  # bf16 of K per slice of the wgmma rings: one 128-byte swizzled ro
 STAGING_BYTES = 64 * 128 * 2  # warp_specialized.cuh: one consumer warpgroup's epilogue staging buffer
 
 
+def mma_sync_smem(block_m: int, block_n: int, block_k: int, stages: int) -> int:
+    """02_4's ring: ``stages`` slices of (block_m + block_n) rows of ``block_k`` bf16, each row
+    padded by 8 values against bank conflicts (its LDS)."""
+    return stages * (block_m + block_n) * (block_k + 8) * 2
+
+
 def wgmma_ring_smem(block_m: int, block_n: int, stages: int) -> int:
     """wgmma_tile.cuh's ring: ``stages`` slots of (block_m + block_n) rows x 64 bf16, + 1024 to align."""
     return stages * (block_m + block_n) * SLICE_K * 2 + 1024
@@ -154,24 +160,36 @@ def weight_grad_smem(rows: int, block_n: int, block_k: int, stages: int) -> int:
     return stages * rows * (block_n + block_k) * 2 + 2 * STAGING_BYTES + 16 * stages + 1024
 
 
+def _mma_sync_step() -> Step:
+    """02_4: 128 x 128 tiles, K in slices of 32, a ring of 3 (02_4_mma_sync.cu's BM, BN, BK, STAGES)."""
+    block_m, block_n, block_k, stages = 128, 128, 32, 3
+    return Step("02_4_mma_sync", "mma_sync_grouped_gemm", "tensor cores: mma.sync + cp.async", block_m, block_n,
+                block_k, smem_bytes=mma_sync_smem(block_m, block_n, block_k, stages))
+
+
+WGMMA_BLOCK_M = 128  # the M tile of every wgmma kernel: two consumer warpgroups of 64 rows
+
+
 def _wgmma_step(source: str, kernel: str, title: str, block_n: int = 128, stages: int = 4, **kw) -> Step:
-    """A step of chapter 02's wgmma ring (wgmma_tile.cuh: 128-row tiles)."""
-    return Step(source, kernel, title, 128, block_n, SLICE_K, min_cc=HOPPER,
-                smem_bytes=wgmma_ring_smem(128, block_n, stages), **kw)
+    """A step of chapter 02's wgmma ring (wgmma_tile.cuh: its BN and STAGES, 128 and 4 unless defined)."""
+    return Step(source, kernel, title, WGMMA_BLOCK_M, block_n, SLICE_K, min_cc=HOPPER,
+                smem_bytes=wgmma_ring_smem(WGMMA_BLOCK_M, block_n, stages), **kw)
 
 
 def pipeline_step(stages: int, title: str = "TMA + mbarrier ring (4 slots)") -> Step:
     """03_1 with a ring of ``stages`` slots (the same tile, the same kernel otherwise), named by
     its slots (``03_1_tma[STAGES=2]``): chapter 03's pipeline measurements and exercise 07."""
-    return Step("03_1_tma", "tma_grouped_gemm", title, 128, 256, SLICE_K, min_cc=HOPPER,
-                smem_bytes=tma_ring_smem(128, 256, stages), tma=True, defines={"STAGES": stages})
+    block_n = 256  # 03_1_tma.cu's BN
+    return Step("03_1_tma", "tma_grouped_gemm", title, WGMMA_BLOCK_M, block_n, SLICE_K, min_cc=HOPPER,
+                smem_bytes=tma_ring_smem(WGMMA_BLOCK_M, block_n, stages), tma=True, defines={"STAGES": stages})
 
 
 def _warp_specialized_step(source: str, kernel: str, title: str) -> Step:
     """A kernel on chapter 03's skeleton (warp_specialized.cuh): 128 x 256 tiles, a ring of 4
     slots, a producer warpgroup and two consumers, persistent."""
-    return Step(source, kernel, title, 128, 256, SLICE_K, threads=384, min_cc=HOPPER,
-                smem_bytes=warp_specialized_smem(128, 256, 4), persistent=True, tma=True)
+    block_n, stages = 256, 4  # warp_specialized.cuh's BN and STAGES
+    return Step(source, kernel, title, WGMMA_BLOCK_M, block_n, SLICE_K, threads=384, min_cc=HOPPER,
+                smem_bytes=warp_specialized_smem(WGMMA_BLOCK_M, block_n, stages), persistent=True, tma=True)
 
 
 SCALE = Step("00_scale", "scale_bf16", "y = alpha x: 16-byte loads, a grid-stride loop")
@@ -182,8 +200,7 @@ STEPS: dict[str, Step] = {s.name: s for s in [
     Step("02_1_naive_per_expert", "naive_gemm", "naive, one launch per expert"),
     Step("02_2_naive_grouped", "naive_grouped_gemm", "naive, one launch (tile map)", 16),
     Step("02_3_smem_tiled", "smem_tiled_grouped_gemm", "shared-memory tiles, CUDA cores", 128, 128, 32),
-    Step("02_4_mma_sync", "mma_sync_grouped_gemm", "tensor cores: mma.sync + cp.async", 128, 128, 32,
-         smem_bytes=3 * 256 * 40 * 2),
+    _mma_sync_step(),
     _wgmma_step("02_5_wgmma", "wgmma_grouped_gemm", "Hopper wgmma"),
     _wgmma_step("02_6_persistent", "persistent_grouped_gemm", "persistent, device tile scheduler", persistent=True),
     _wgmma_step("02_6_persistent", "persistent_grouped_gemm", "persistent, 128x256 tiles", block_n=256,
@@ -219,10 +236,18 @@ TRANSPOSED_B = _warp_specialized_step("06_1_transposed_b", "transposed_b_grouped
                                       "W stored [E, K, N], read transposed")
 DSWIGLU = _warp_specialized_step("06_2_dswiglu", "dswiglu_grouped_gemm",
                                  "gathered dout @ W_down^T + SwiGLU backward epilogue")
-# 06_3's tile is 256 (N) x 128 (K) of dW; its reduction runs over each expert's rows, 64 a slice
-WEIGHT_GRAD = Step("06_3_weight_grad", "weight_grad_grouped_gemm", "dW[e] = dy_e^T x_e (reduction over rows)",
-                   64, 256, 128, threads=384, min_cc=HOPPER, smem_bytes=weight_grad_smem(64, 256, 128, 4),
-                   persistent=True, tma=True)
+
+
+def _weight_grad_step() -> Step:
+    """06_3: tiles of 256 (N) x 128 (K) of dW, its reduction over each expert's rows 64 rows a
+    slice (06_3_weight_grad.cu's TN, TK and BR), a ring of 4 slots."""
+    rows, block_n, block_k, stages = 64, 256, 128, 4
+    return Step("06_3_weight_grad", "weight_grad_grouped_gemm", "dW[e] = dy_e^T x_e (reduction over rows)",
+                rows, block_n, block_k, threads=384, min_cc=HOPPER, persistent=True, tma=True,
+                smem_bytes=weight_grad_smem(rows, block_n, block_k, stages))
+
+
+WEIGHT_GRAD = _weight_grad_step()
 COMBINE = Step("06_4_combine", "combine_rows", "each token gathers and sums its k rows (no atomics)", threads=128,
                min_cc=HOPPER)
 EPILOGUE_BOX_ROWS = 64  # 06_3 stores dW in TMA boxes of 64 x 64 (store_tile_tma)

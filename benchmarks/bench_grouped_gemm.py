@@ -24,14 +24,12 @@ SHAPES = {c.name: tuple(c.shape) for c in configs.CHAPTER02}
 ROUTINGS = {"uniform": 0.0, "skewed": 0.5}
 
 
-IMPL_ORDER = list(grouped_gemm.BASELINES) + list(grouped_gemm.STEPS)
-
-
 def table_order(row) -> tuple:
     """Shapes as in SHAPES, then routing, projection and implementation in teaching order."""
+    impls = grouped_gemm.IMPLEMENTATIONS
     return (list(SHAPES).index(row["shape"]) if row["shape"] in SHAPES else len(SHAPES),
             list(ROUTINGS).index(row["routing"]), ["up", "down"].index(row["proj"]),
-            IMPL_ORDER.index(row["impl"]) if row["impl"] in IMPL_ORDER else len(IMPL_ORDER))
+            impls.index(row["impl"]) if row["impl"] in impls else len(impls))
 
 
 def main() -> int:
@@ -41,7 +39,7 @@ def main() -> int:
     ap.add_argument("--routing", nargs="+", choices=list(ROUTINGS), default=list(ROUTINGS),
                     help="uniform: random router logits; skewed: logits biased towards a few experts")
     ap.add_argument("--impls", nargs="+", default=None,
-                    help=f"implementations (default all): {', '.join(list(grouped_gemm.BASELINES) + list(grouped_gemm.STEPS))}")
+                    help=f"implementations (default all): {', '.join(grouped_gemm.IMPLEMENTATIONS)}")
     ap.add_argument("--no-save", action="store_true", help="do not write the record")
     ap.add_argument("--merge", action="store_true",
                     help="keep this GPU's recorded rows for what this run does not measure (default: replace the record)")
@@ -56,7 +54,7 @@ def main() -> int:
     roof = ceilings.for_this_machine()
     shapes = {s: SHAPES[s] for s in args.shapes}
     n_runs = len(shapes) * len(args.proj) * len(args.routing) * len(
-        args.impls or list(grouped_gemm.BASELINES) + list(grouped_gemm.STEPS))
+        args.impls or grouped_gemm.IMPLEMENTATIONS)
     bar = tqdm(total=n_runs, desc="grouped GEMM", file=sys.stderr)
 
     def progress(label):

@@ -26,7 +26,10 @@ import shutil
 import subprocess
 import sys
 
-from moe_course import configs, io_overlap, machine, records
+import torch
+
+from moe_course import configs, io_overlap, launch, machine, records
+from moe_course import grouped_gemm as gg
 
 KIND = "io_overlap"
 SHAPES = {c.name: tuple(c.shape) for c in configs.CHAPTER02}
@@ -76,13 +79,9 @@ def stalls_table(data) -> str:
 
 def launch_once(stages: int) -> None:
     """What ncu profiles: 03_1 with ``stages`` slots on the Qwen3 up-projection, once."""
-    from moe_course import grouped_gemm as gg
-
     T, d, n, E, K = SHAPES[STALL_SHAPE]
     p = gg.make_problem(gg.expert_counts(T, E, K), d, 2 * n)
-    gg.run_step(io_overlap.pipeline_step(stages), p.x, p.w, p.offs, validate=False)
-    import torch
-
+    launch.run_step(launch.pipeline_step(stages), p.x, p.w, p.offs, validate=False)
     torch.cuda.synchronize()
 
 

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from moe_course import configs, records, training
+from moe_course import configs, layer_measurements, records
 from moe_course.machine import info
 
 KIND = "layer_kernels"
@@ -31,7 +28,7 @@ def main(argv=None) -> int:
     if not info().has_gpu:
         rec = records.recorded_instead(KIND)
         if rec is not None:
-            print(training.ops_table(rec.data))
+            print(layer_measurements.ops_table(rec.data))
         return 0
     import torch
 
@@ -46,11 +43,11 @@ def main(argv=None) -> int:
             print(f"skipped: the course's kernels cannot run here ({why})")
             return 0
         print(f"--- {name} {shape}", flush=True)
-        data["shapes"][name] = training.measure_ops(shape, progress=lambda s: print("  ", s, flush=True))
+        data["shapes"][name] = layer_measurements.measure_ops(shape, progress=lambda s: print("  ", s, flush=True))
         if not args.no_save:  # after every shape: a run cut short keeps what it measured
             records.save(KIND, data)
         torch.cuda.empty_cache()
-    print(training.ops_table(data))
+    print(layer_measurements.ops_table(data))
     return 0
 
 

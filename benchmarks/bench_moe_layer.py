@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from moe_course import configs, records, training
+from moe_course import configs, layer, layer_measurements, records
 from moe_course.machine import info
 
 KIND = "moe_layer_training"
@@ -47,7 +44,7 @@ def main(argv=None) -> int:
     if not info().has_gpu:
         rec = records.recorded_instead(args.record)
         if rec is not None:
-            print(training.table(rec.data))
+            print(layer_measurements.table(rec.data))
         return 0
     by_name = {c.name: c for c in configs.CHAPTER02}
     data = {"shapes": {}, "train": None,
@@ -60,7 +57,7 @@ def main(argv=None) -> int:
         cfg = by_name[name] if name in by_name else configs.by_name(name)
         print(f"--- {name} {tuple(cfg.shape)}", flush=True)
         left_out = LEAVE_OUT.get(name, {})
-        res = training.measure_layer(tuple(cfg.shape), [c for c in args.contenders if c not in left_out],
+        res = layer_measurements.measure_layer(tuple(cfg.shape), [c for c in args.contenders if c not in left_out],
                                      progress=lambda s: print("  ", s, flush=True))
         res["skipped"] |= {c: why for c, why in left_out.items() if c in args.contenders}
         data["shapes"][name] = res
@@ -68,13 +65,13 @@ def main(argv=None) -> int:
             records.save(args.record, data)
         import torch
         torch.cuda.empty_cache()
-    print(training.table(data))
+    print(layer_measurements.table(data))
     if args.train:
         import torch
         curves = {}
         for label, ops, dtype in (("course kernels, bf16", None, torch.bfloat16),
-                                  ("torch reference, float32", training.layer.TORCH_OPS, torch.float32)):
-            curves[label] = training.teacher_student(**TRAIN, dtype=dtype, ops=ops)
+                                  ("torch reference, float32", layer.TORCH_OPS, torch.float32)):
+            curves[label] = layer_measurements.teacher_student(**TRAIN, dtype=dtype, ops=ops)
             print(label, "loss: first", curves[label][0], "last", curves[label][-1], flush=True)
         data["train"] = {"config": TRAIN, "losses": curves}
     if not args.no_save:

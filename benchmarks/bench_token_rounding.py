@@ -20,7 +20,7 @@ import sys
 
 from tqdm import tqdm
 
-from moe_course import grouped_gemm, machine, records
+from moe_course import grouped_gemm, launch, machine, records
 from moe_course import token_rounding as tr
 from moe_course.checking import CheckFailed
 
@@ -44,8 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", choices=list(tr.SPEED_SHAPES), default=list(tr.SPEED_SHAPES))
     ap.add_argument("--methods", nargs="+", choices=list(tr.SPEED_METHODS), default=list(tr.SPEED_METHODS),
                     help="routings to time (top-K is the baseline of the speed-ups)")
-    ap.add_argument("--impls", nargs="+", default=[grouped_gemm.BEST, "torch._grouped_mm"],
-                    help=f"grouped GEMMs: any of {', '.join(list(grouped_gemm.BASELINES) + list(grouped_gemm.STEPS))}")
+    ap.add_argument("--impls", nargs="+", default=[launch.BEST, "torch._grouped_mm"],
+                    help=f"grouped GEMMs: any of {', '.join(grouped_gemm.IMPLEMENTATIONS)}")
     ap.add_argument("--proj", nargs="+", choices=["up", "down"], default=["up", "down"])
     ap.add_argument("--tile", type=int, default=tr.DEFAULT_TILE, help="rounding tile (default 128: the kernels' M tile)")
     ap.add_argument("--skew", type=float, default=0.0, help="router skew (0: random logits, as the paper)")

@@ -189,11 +189,11 @@ LAYERS = {"torch-loop": moe_torch_loop, "grouped-mm": moe_grouped_mm}
 def forward_saving(impl: str, x, w_router, w_up, w_down, K: int):
     """Run ``impl``'s forward pass and count the bytes autograd saved for the backward, through
     saved-tensor hooks: each storage once (views of one tensor share it), weights excluded
-    (:func:`moe_course.training.saved_for_backward`). Returns ``(output, saved_bytes)``. Works
+    (:func:`moe_course.layer_measurements.saved_for_backward`). Returns ``(output, saved_bytes)``. Works
     on any device."""
-    from moe_course import training
+    from moe_course import layer_measurements
 
-    out, saved = training.saved_for_backward(lambda: LAYERS[impl](x, w_router, w_up, w_down, K),
+    out, saved = layer_measurements.saved_for_backward(lambda: LAYERS[impl](x, w_router, w_up, w_down, K),
                                              (w_router, w_up, w_down))
     return out, sum(nbytes for *_, nbytes in saved)
 

@@ -4,7 +4,7 @@ bench_moe_layer.py says how long each layer takes; this says why. Each contender
 DeepSeek-V3's weights and gradients are 45 GiB a contender) runs its forward + backward a few
 times under torch.profiler, which sees every kernel of the process (CuPy's launches too). Per
 iteration: each kernel's GPU time and share, and the iteration's time with CUDA events, so that
-"GPU idle" (host overhead, waits) shows (moe_course.training.kernel_profile, profile_table).
+"GPU idle" (host overhead, waits) shows (moe_course.layer_measurements.kernel_profile, profile_table).
 
     python benchmarks/profile_moe_layer.py --shapes deepseek-v3
     python benchmarks/profile_moe_layer.py --shapes qwen3-30b-a3b --contenders course --json out.json
@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from moe_course import configs, training
+from moe_course import configs, layer_measurements
 from moe_course.machine import info
 
 
@@ -39,8 +36,8 @@ def main(argv=None) -> int:
     for shape_name in args.shapes:
         shape = tuple(configs.by_name(shape_name).shape)
         for name in args.contenders:
-            res = training.kernel_profile(shape, name, args.iters)
-            print(training.profile_table(f"{shape_name} / {name}", res))
+            res = layer_measurements.kernel_profile(shape, name, args.iters)
+            print(layer_measurements.profile_table(f"{shape_name} / {name}", res))
             out.setdefault(shape_name, {})[name] = res
             torch.cuda.empty_cache()
     if args.json:

@@ -16,14 +16,16 @@ One obvious place for each thing:
 - ``checking``   friendly checks for exercises and tests
 - ``moe``        the reference MoE maths: routers, dispatch, SwiGLU experts, combine,
                  load-balancing losses, capacity and dropping, the ``MoELayer`` module
-- ``token_rounding``    tile-aware token rounding (chapter 04): the routing in torch, its CUDA
-                 kernels' host side, and the grouped GEMM's time on top-K against rounded routing
+- ``token_rounding``    tile-aware token rounding (chapter 04): the routing in torch and on the
+                 GPU, and the grouped GEMM's time on top-K against rounded routing
 - ``rounding_quality``  chapter 04's quality experiment: a small MoE trained with and without rounding
 - ``graders``    the exercise graders (one module per exercise notebook; the CUDA C ones share
                  ``graders.kernel_exercise``)
-- ``first_kernel``  host side of chapter 00's first kernel: the pattern every wrapper follows
-- ``grouped_gemm``  chapter 02's kernel ladder: one launcher for every step, the baselines,
-                 and the check-then-time runner behind ``benchmarks/bench_grouped_gemm.py``
+- ``launch``     every kernel of ``kernels/`` and how it is launched: each file's ``Step`` (tile,
+                 threads, shared memory), its launcher, the tile map and the persistent grid,
+                 the input checks; the CUDA-core steps on the CPU too
+- ``grouped_gemm``  chapter 02: the grouped GEMM's baselines and problems, and the
+                 check-then-time runner behind ``benchmarks/bench_grouped_gemm.py``
 - ``diagrams``   chapter 02's pictures of its kernels (tile map, thread and fragment layouts,
                  shared-memory banks, the swizzle, the persistent schedule), each from the
                  kernel's own index formula
@@ -32,15 +34,17 @@ One obvious place for each thing:
 - ``variants``   every implementation of the MoE layer in one registry, checked then timed
                  by ``benchmarks/bench_moe_variants.py``
 - ``tma``        TMA tensor maps for chapter 03's and 06's kernels (through cuda.bindings)
-- ``io_overlap`` chapter 03's kernels that take the layer's own inputs (gather, SwiGLU), and
-                 its pipeline measurements
+- ``io_overlap`` chapter 03's maths (the layer's own inputs: gathered rows, interleaved gate and
+                 up) and its pipeline measurements
+- ``moe_measurements``  chapter 01's measurements of the torch layer: its time, each step's
+                 share, its activation memory
 - ``layer``      the MoE layer on the course's kernels: inference ``forward``, and the
                  trainable ``MoEFunction`` / ``CourseMoE`` (chapter 06, top-K or token rounding),
                  with the same maths in torch and on ``torch._grouped_mm``
-- ``layer_kernels``  host side of chapter 06's kernels (06_1 .. 06_4)
-- ``training``   chapter 06's measurements: the layer against the torch layers and SonicMoE,
-                 forward + backward time and memory, each kernel against ``torch._grouped_mm``,
-                 a kernel-by-kernel profile, eager against a CUDA graph, and a short training run
+- ``layer_measurements``  chapter 06's measurements: the layer against the torch layers and
+                 SonicMoE, forward + backward time and memory, each kernel against
+                 ``torch._grouped_mm``, a kernel-by-kernel profile, eager against a CUDA graph,
+                 and a short training run
 """
 
 from pathlib import Path

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from . import records
 from .bench import benchmark, rotate
 from .machine import info
@@ -41,8 +43,6 @@ class Ceilings:
 
 def measure(n: int = 8192, copy_gib: float = 2.0, reps: int = 30, save: bool = True) -> Ceilings:
     """Measure both ceilings on this GPU (a few seconds) and, by default, record them."""
-    import torch
-
     if not info().has_gpu:
         raise RuntimeError(f"measuring ceilings needs a GPU ({info().why_no_gpu})")
     dev = "cuda"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
+import torch
 
 
 class CheckFailed(AssertionError):
@@ -89,8 +90,6 @@ def relative_error(got, expected, chunk: int = 1 << 24) -> float:
     gigabytes to the host), ``chunk`` values at a time, so that the float64 copies stay small
     (DeepSeek-V3's weight gradient is 15 GB in bf16: 60 GB in float64 at once)."""
     if hasattr(got, "detach") and hasattr(expected, "detach"):
-        import torch
-
         g, e = got.detach().reshape(-1), expected.detach().to(got.device).reshape(-1)
         num, den = g.new_zeros((), dtype=torch.float64), g.new_zeros((), dtype=torch.float64)
         for i in range(0, g.numel(), chunk):

@@ -1,7 +1,9 @@
-"""Chapter 03's kernels that take an MoE layer's own inputs: token rows gathered inside the load
-(``kernels/03_3_gather.cu``) and the up-projection with SwiGLU in its epilogue
-(``kernels/03_4_swiglu.cu``). Steps 03_1 and 03_2 take the chapter 02 inputs and live in
-:mod:`moe_course.grouped_gemm`'s ``STEPS``.
+"""Chapter 03's maths and measurements: the layer's own inputs for its gathered kernels
+(``kernels/03_3_gather.cu``: token rows gathered inside the load; ``kernels/03_4_swiglu.cu``:
+the up-projection with SwiGLU in its epilogue), their references and baselines, and the
+pipeline measurements (03_1's ring of 1 to 4 slots, traced timelines, the fused gather).
+The kernels' launches are in :mod:`moe_course.launch`; the names chapter 03's notebook uses
+are handed on below.
 
 Conventions, as in chapter 02: ``w`` is ``[E, N, K]`` (each expert's weight stored like
 ``nn.Linear``'s), ``offs[e]`` the end row of expert ``e`` in the expert-sorted order. What is
@@ -11,18 +13,21 @@ reads (with top-k routing every token appears k times).
 
 from __future__ import annotations
 
-import numpy as np
-
 import dataclasses
 
-from . import kernels, tma
-from .grouped_gemm import Step, _ws_smem, check_inputs, grouped_gemm, launch_persistent
-from .kernels import ptr
+import numpy as np
+import torch
 
-GATHER = Step("03_3_gather", "gather_grouped_gemm", "X rows gathered in the load (cp.async)", 128, 256, 64,
-              threads=384, min_cc=(9, 0), smem_bytes=_ws_smem(4), persistent=True, tma=True)
-SWIGLU = Step("03_4_swiglu", "swiglu_grouped_gemm", "gathered up-projection + SwiGLU epilogue", 128, 256, 64,
-              threads=384, min_cc=(9, 0), smem_bytes=_ws_smem(4), persistent=True, tma=True)
+from . import kernels
+from .bench import interleaved
+from .checking import relative_error
+from .grouped_gemm import (MAX_REL_ERR, check_result, expert_counts, make_problem, reference, routed_experts,
+                           time_interleaved, torch_grouped_mm)
+# chapter 03's kernels and their launchers, where every kernel's launch lives; handed on for the notebook
+from .launch import GATHER as GATHER
+from .launch import SWIGLU as SWIGLU
+from .launch import STEPS, Step, gather_grouped_gemm, grouped_gemm, pipeline_step, run_step, swiglu_grouped_gemm
+
 PLAIN = "03_2_warp_specialized"  # the same kernel on pre-permuted rows: the gather's yardstick
 
 
@@ -30,71 +35,11 @@ def routing_order(topk_experts, num_experts: int):
     """From top-k routing ``[T, k]`` to the expert-sorted order: ``(gather_idx, offs)``, int32.
 
     ``gather_idx[r]`` is the token of sorted row ``r``; rows of one expert keep token order."""
-    import torch
-
     flat = topk_experts.reshape(-1)
     order = torch.sort(flat, stable=True).indices
     gather_idx = (order // topk_experts.shape[1]).to(torch.int32)
     offs = torch.cumsum(torch.bincount(flat, minlength=num_experts), 0).to(torch.int32)
     return gather_idx, offs
-
-
-def _check_gather(x, gather_idx, w, offs, step: Step, validate: bool):
-    import torch
-
-    if not isinstance(gather_idx, torch.Tensor) or gather_idx.dtype != torch.int32 or gather_idx.dim() != 1:
-        raise TypeError("gather_idx must be a 1-D torch.int32 tensor (the token of each expert-sorted row)")
-    if gather_idx.device != x.device or not gather_idx.is_contiguous():
-        raise ValueError(f"gather_idx must be contiguous and on {x.device}, like x")
-    M, N, K, E = check_inputs(x, w, offs, step, validate, rows=gather_idx.numel())
-    if validate:
-        check_gather_range(gather_idx, x.shape[0])
-    return M, N, K, E
-
-
-def check_gather_range(gather_idx, tokens: int) -> None:
-    """Every index a row of the token matrix (one small copy to the host, a synchronisation;
-    the kernels read a zero row for an index outside, only this says it was wrong)."""
-    if gather_idx.numel():
-        lo, hi = int(gather_idx.min()), int(gather_idx.max())
-        if lo < 0 or hi >= tokens:
-            raise ValueError(f"gather_idx must index rows of x (0..{tokens - 1}); got values {lo}..{hi}")
-
-
-def _launch(step: Step, x, gather_idx, w, offs, outputs, M, N, K, group_m=None):
-    module = kernels.load(step.source, defines=step.defines)
-    launch_persistent(step, module, (tma.tensor_map_2d(w, step.block_n), ptr(x), ptr(gather_idx), *outputs),
-                      offs, M, K, (M, N, K, x.shape[0]), group_m)
-
-
-def gather_grouped_gemm(x, gather_idx, w, offs, out=None, validate: bool = True, step: Step = GATHER):
-    """``y[r] = x[gather_idx[r]] @ w[e].T`` for the rows ``r`` of each expert ``e``, without
-    writing ``x[gather_idx]`` anywhere. ``validate`` checks the offsets and indices on the host
-    (a synchronisation; benchmarks turn it off). An index outside ``x`` reads a zero row."""
-    import torch
-
-    M, N, K, E = _check_gather(x, gather_idx, w, offs, step, validate)
-    if out is None:
-        out = torch.empty(M, N, device=x.device, dtype=torch.bfloat16)
-    elif out.shape != (M, N) or out.dtype != torch.bfloat16 or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous bf16 tensor of shape ({M}, {N})")
-    if M and N:
-        _launch(step, x, gather_idx, w, offs, (ptr(out),), M, N, K)
-    return out
-
-
-def swiglu_grouped_gemm(x, gather_idx, w_interleaved, offs, store_h: bool = True, validate: bool = True):
-    """The up-projection of an MoE layer: ``(a, h)`` with ``h[r] = x[gather_idx[r]] @ w[e].T``
-    (``[M, 2n]``, gate and up columns interleaved, or ``None`` when ``store_h`` is False) and
-    ``a = silu(gate) * up`` (``[M, n]``). ``w_interleaved``: :func:`interleave_gate_up`'s."""
-    import torch
-
-    M, N, K, E = _check_gather(x, gather_idx, w_interleaved, offs, SWIGLU, validate)
-    a = torch.empty(M, N // 2, device=x.device, dtype=torch.bfloat16)
-    h = torch.empty(M, N, device=x.device, dtype=torch.bfloat16) if store_h else None
-    if M and N:
-        _launch(SWIGLU, x, gather_idx, w_interleaved, offs, (ptr(h) if store_h else np.uint64(0), ptr(a)), M, N, K)
-    return a, h
 
 
 def interleave_gate_up(w_gate_up):
@@ -114,8 +59,6 @@ def deinterleave(h):
 
 def swiglu_of(h):
     """``silu(gate) * up`` of an interleaved pre-activation ``h`` (what 03_4's epilogue writes)."""
-    import torch
-
     gate, up = deinterleave(h)
     return torch.nn.functional.silu(gate) * up
 
@@ -125,8 +68,6 @@ def swiglu_of(h):
 
 def gather_reference(x, gather_idx, w, offs):
     """float32 ``x[gather_idx[r]] @ w[e].T``, one torch.mm per expert."""
-    from .grouped_gemm import reference
-
     return reference(x[gather_idx.long()], w, offs)
 
 
@@ -144,8 +85,6 @@ def permute_then_gemm(x, gather_idx, w, offs, step: str = PLAIN):
 
 def permute_then_grouped_mm(x, gather_idx, w, offs):
     """The same with PyTorch only: index_select, then ``torch._grouped_mm``."""
-    from .grouped_gemm import torch_grouped_mm
-
     return torch_grouped_mm(x.index_select(0, gather_idx), w, offs)
 
 
@@ -158,37 +97,20 @@ def gather_bytes_saved(tokens: int, top_k: int, d: int) -> int:
 def example_routing(tokens: int, experts: int, top_k: int, skew: float = 0.0, seed: int = 0, device="cuda"):
     """Top-k routing of random logits (:func:`moe_course.grouped_gemm.routed_experts`), as
     ``(gather_idx, offs)`` on ``device``."""
-    from .grouped_gemm import routed_experts
-
     gather_idx, offs = routing_order(routed_experts(tokens, experts, top_k, skew, seed), experts)
     return gather_idx.to(device), offs.to(device)
 
 
-__all__ = ["GATHER", "SWIGLU", "PLAIN", "routing_order", "gather_grouped_gemm", "swiglu_grouped_gemm",
-           "interleave_gate_up", "deinterleave", "swiglu_of", "gather_reference", "swiglu_reference", "permute_then_gemm",
-           "permute_then_grouped_mm", "gather_bytes_saved", "example_routing"]
-
-
 # ----------------------------------------------------------------------------- measuring chapter 03
 
-PIPELINE_STAGES = (1, 2, 3, 4)  # slots of 03_1's ring: 1 = no overlap at all
-
-
-def pipeline_step(stages: int) -> Step:
-    """03_1 with a ring of ``stages`` slots (the same tile, the same kernel otherwise)."""
-    from .grouped_gemm import STEPS, _tma_smem
-
-    base = STEPS["03_1_tma"]
-    return dataclasses.replace(base, defines={"STAGES": stages}, smem_bytes=_tma_smem(base.block_n, stages))
+PIPELINE_STAGES = (1, 2, 3, 4)  # slots of 03_1's ring (launch.pipeline_step): 1 = no overlap at all
 
 
 def trace_timeline(step: Step, x, w, offs, slices: int = 256, group_m: int | None = None) -> dict:
     """Run ``step`` compiled with ``-DTRACE`` (kernels/tma.cuh) and return block 0's timeline in
     microseconds from its first load: ``issued``, ``landed``, ``released`` per slice (NaN where a
     slice was not reached) and ``stored`` per tile."""
-    import cupy
-
-    from .grouped_gemm import run_step
+    import cupy  # a GPU's: imported only where one runs
 
     traced = dataclasses.replace(step, defines={**step.defines, "TRACE": slices})
     module = kernels.load(traced.source, defines=traced.defines)
@@ -242,8 +164,6 @@ def timeline_summary(trace: dict) -> dict:
 def measure_pipeline(shapes: dict, stages=PIPELINE_STAGES, seed: int = 0, rounds: int = 5) -> list[dict]:
     """03_1 with 1..4 slots and 03_2 on each shape's up- and down-projection: TFLOP/s (timed
     interleaved), and the traced share of time the math waited for memory. Checked first."""
-    from .grouped_gemm import STEPS, check_result, expert_counts, make_problem, reference, run_step, time_interleaved
-
     rows = []
     for shape, (T, d, n, E, K) in shapes.items():
         counts = expert_counts(T, E, K, seed=seed)
@@ -287,12 +207,6 @@ def measure_gather(shapes: dict, seed: int = 0, rounds: int = 5) -> list[dict]:
 
 
 def _measure_gather_shape(shape, T, d, n, E, K, seed, rounds) -> list[dict]:
-    import torch
-
-    from .bench import interleaved
-    from .checking import relative_error
-    from .grouped_gemm import MAX_REL_ERR, torch_grouped_mm
-
     gather_idx, offs = example_routing(T, E, K, seed=seed)
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(T, d, device="cuda", generator=g).to(torch.bfloat16)

@@ -28,7 +28,10 @@ from typing import NamedTuple
 
 import torch
 
-from . import io_overlap, moe
+from . import launch, moe
+from . import token_rounding as tr
+from .io_overlap import deinterleave, swiglu_of
+from .machine import info
 
 
 class KernelWeights(NamedTuple):
@@ -73,7 +76,7 @@ class Routing(NamedTuple):
     row_experts: torch.Tensor | None = None
 
 
-def route(x: torch.Tensor, w_router: torch.Tensor, k: int, method: str = "top-K", tile: int = 128) -> Routing:
+def route(x: torch.Tensor, w_router: torch.Tensor, k: int, method: str = "top-K", tile: int = tr.DEFAULT_TILE) -> Routing:
     """``method`` "top-K": softmax over the k largest logits (:func:`moe_course.moe.topk_softmax`),
     rows sorted by expert. On a GPU the top-k and the sort are chapter 04's routing kernels
     (:func:`moe_course.token_rounding.route_cuda`, plain top-K): no host synchronisation, where
@@ -97,8 +100,6 @@ def route(x: torch.Tensor, w_router: torch.Tensor, k: int, method: str = "top-K"
 
 
 def _rounded(logits: torch.Tensor, k: int, tile: int, method: str) -> Routing:
-    from . import token_rounding as tr
-
     probs = moe.router_probs(logits)
     r = tr.token_rounding(probs, k, tile, method)
     i32 = torch.int32
@@ -106,8 +107,6 @@ def _rounded(logits: torch.Tensor, k: int, tile: int, method: str) -> Routing:
 
 
 def _route_on_gpu(logits: torch.Tensor, k: int) -> Routing:
-    from . import token_rounding as tr
-
     T, E = logits.shape
     r = tr.route_cuda(logits, k, method="top-K", validate=False)  # top-K adds no rows: exactly T k
     R = T * k
@@ -169,7 +168,7 @@ def _torch_up(x, idx, w, offs):
     xs = x[idx.long()]
     h = xs.new_zeros(xs.shape[0], w.shape[1])
     _per_expert(offs, lambda e, lo, hi: h[lo:hi].copy_(xs[lo:hi] @ w[e].T))
-    return io_overlap.swiglu_of(h), h
+    return swiglu_of(h), h
 
 
 def _torch_dswiglu(dout, idx, w_down, h, s, offs):
@@ -185,7 +184,7 @@ def swiglu_backward(da_raw, h, s):
     weights), the forward's ``h (R, 2n)`` (gate, up interleaved), ``s (R,)`` -> ``(dh, s * a, ds)``."""
     acc = torch.promote_types(da_raw.dtype, torch.float32)
     da_raw = da_raw.to(acc)
-    gate, up = (t.to(acc) for t in io_overlap.deinterleave(h))
+    gate, up = (t.to(acc) for t in deinterleave(h))
     sig = torch.sigmoid(gate)
     silu_g = gate * sig
     a = silu_g * up  # recomputed from H, never kept
@@ -220,7 +219,7 @@ TORCH_OPS = Ops(up=_torch_up, times_w=_torch_times_w, dswiglu=_torch_dswiglu, we
 
 def _grouped_mm_up(x, idx, w, offs):
     h = torch._grouped_mm(x[idx.long()], w.transpose(1, 2), offs=offs)
-    return io_overlap.swiglu_of(h), h
+    return swiglu_of(h), h
 
 
 def _grouped_mm_dswiglu(dout, idx, w_down, h, s, offs):
@@ -235,26 +234,18 @@ GROUPED_MM_OPS = Ops(up=_grouped_mm_up, times_w=lambda x, w, offs: torch._groupe
                      dswiglu=_grouped_mm_dswiglu, weight_grad=_grouped_mm_weight_grad, combine=_torch_combine)
 
 
-def _kernel_ops() -> Ops:
-    from . import layer_kernels as lk
-
-    return Ops(
-        up=lambda x, idx, w, offs: io_overlap.swiglu_grouped_gemm(x, idx, w, offs, store_h=True, validate=False),
-        times_w=lambda x, w, offs: lk.transposed_b_grouped_gemm(x, w, offs, validate=False),
-        dswiglu=lambda dout, idx, w, h, s, offs: lk.dswiglu_grouped_gemm(dout, idx, w, h, s.contiguous(), offs,
+KERNEL_OPS = Ops(
+    up=lambda x, idx, w, offs: launch.swiglu_grouped_gemm(x, idx, w, offs, store_h=True, validate=False),
+    times_w=lambda x, w, offs: launch.transposed_b_grouped_gemm(x, w, offs, validate=False),
+    dswiglu=lambda dout, idx, w, h, s, offs: launch.dswiglu_grouped_gemm(dout, idx, w, h, s.contiguous(), offs,
                                                                         validate=False),
-        weight_grad=lambda dy, x, idx, offs: lk.weight_grad(dy, x, idx, offs, validate=False),
-        combine=lambda rows, pos, weights: lk.combine(rows, pos, weights, validate=False),
-    )
-
-
-KERNEL_OPS = _kernel_ops()
+    weight_grad=lambda dy, x, idx, offs: launch.weight_grad(dy, x, idx, offs, validate=False),
+    combine=lambda rows, pos, weights: launch.combine(rows, pos, weights, validate=False),
+)
 
 
 def kernels_unavailable(x, d: int, n: int) -> str | None:
     """Why the course's kernels cannot run this layer (``None``: they can)."""
-    from .machine import info
-
     m = info()
     if not x.is_cuda or not m.has_gpu:
         return f"the tensors are on {x.device}" if m.has_gpu else f"no GPU ({m.why_no_gpu})"
@@ -271,7 +262,7 @@ def forward(x: torch.Tensor, kw: KernelWeights, k: int) -> torch.Tensor:
     """``x (T, d)`` bf16 on a Hopper GPU -> ``y (T, d)``, inference only (nothing kept):
     top-k routing, the two kernels, then the weighted combine."""
     r = route(x, kw.w_router, k)
-    a, _ = io_overlap.swiglu_grouped_gemm(x, r.gather_idx, kw.w_gate_up, r.offs, store_h=False, validate=False)
+    a, _ = launch.swiglu_grouped_gemm(x, r.gather_idx, kw.w_gate_up, r.offs, store_h=False, validate=False)
     return KERNEL_OPS.combine(KERNEL_OPS.times_w(a, kw.w_down, r.offs), r.pos, r.weights)
 
 
@@ -296,13 +287,14 @@ def combine_by_token(rows: torch.Tensor, tokens: torch.Tensor, weights: torch.Te
 
 
 class MoEFunction(torch.autograd.Function):
-    """``out = MoEFunction.apply(x, w_router, w_gate_up, w_down, k, ops, routing="top-K", tile=128)``:
+    """``out = MoEFunction.apply(x, w_router, w_gate_up, w_down, k, ops, routing="top-K", tile=DEFAULT_TILE)``:
     routing (:data:`ROUTINGS`: top-K, or chapter 04's token rounding to multiples of ``tile``),
     SwiGLU experts, weighted combine; ``w_gate_up`` is ``[E, 2n, d]`` interleaved, ``w_down``
     ``[E, n, d]`` (:class:`KernelWeights`'s layout)."""
 
     @staticmethod
-    def forward(ctx, x, w_router, w_gate_up, w_down, k: int, ops: Ops, routing: str = "top-K", tile: int = 128):
+    def forward(ctx, x, w_router, w_gate_up, w_down, k: int, ops: Ops, routing: str = "top-K",
+                tile: int = tr.DEFAULT_TILE):
         r = route(x, w_router, k, routing, tile)
         a, h = ops.up(x, r.gather_idx, w_gate_up, r.offs)
         y = ops.times_w(a, w_down, r.offs)
@@ -370,7 +362,7 @@ class CourseMoE(torch.nn.Module):
     ``routing``: one of :data:`ROUTINGS`; ``tile``: the rows per tile token rounding rounds to."""
 
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int, *, routing: str = "top-K",
-                 tile: int = 128, dtype=torch.bfloat16, device=None, generator: torch.Generator | None = None):
+                 tile: int = tr.DEFAULT_TILE, dtype=torch.bfloat16, device=None, generator: torch.Generator | None = None):
         super().__init__()
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}; got {routing!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import torch
 
 BOX_COLS = 64  # 64 bf16 = 128 bytes: one row of the 128-byte swizzle pattern
 MAX_BOX_ROWS = 256  # the copy engine's limit per box dimension
@@ -21,8 +22,6 @@ def tensor_map_2d(tensor, box_rows: int, rows: int | None = None):
     """The tensor map of a contiguous bf16 tensor seen as a 2D ``[rows, cols]`` matrix
     (``rows`` = everything but the last dimension by default), boxes of ``box_rows x 64``
     values, 128-byte swizzled; reads outside the matrix return zeros."""
-    import torch
-
     if tensor.dtype != torch.bfloat16:
         raise TypeError(f"tensor maps here are for bf16 tensors, got {tensor.dtype}")
     if not tensor.is_cuda or not tensor.is_contiguous():
@@ -72,8 +71,6 @@ def _make_context_current(cu) -> None:
     CUDA runtime (torch, CuPy) makes the device's primary context current in a thread at its first
     call there; autograd runs a layer's backward in a thread of its own, where a tensor map can be
     the first thing asked for. So: make the primary context current if nothing is."""
-    import torch
-
     err, ctx = cu.cuCtxGetCurrent()
     if err == cu.CUresult.CUDA_SUCCESS and int(ctx) != 0:
         return

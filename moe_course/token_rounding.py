@@ -50,46 +50,44 @@ against rounded routing, for the notebook and ``benchmarks/bench_token_rounding.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import grouped_gemm as gg
+from . import kernels, launch, moe
+from .bench import benchmark
+from .checking import check_equal
+from .launch import MAX_EXPERTS, ROUTING, require
 
 
 #: Rounding modes: to the nearest tile multiple (an exact half goes up), up, down.
 MODES = ("nearest", "up", "down")
-DEFAULT_TILE = 128  # the M tile of chapter 02's best kernel and of SonicMoE's
+DEFAULT_TILE = launch.STEPS[launch.BEST].block_m  # the M tile of the course's best grouped GEMM (128, as SonicMoE's)
 #: The routings the course compares: plain top-K, padding-only, and token rounding per mode.
 ROUTINGS = ("top-K", "padded") + MODES
 
 # --------------------------------------------------------------------------------------------
-# Input checks: bad input gets a ValueError that names the problem.
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
+# Input checks: bad input gets a ValueError that names the problem (launch.require).
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> None:
-    _require(isinstance(value, (int, np.integer)) and not isinstance(value, bool),
-             f"{name} must be an int, got {type(value).__name__}")
-    _require(value >= low and (high is None or value <= high),
-             f"{name} must be between {low} and {high}, got {value}" if high is not None
+    require(isinstance(value, (int, np.integer)) and not isinstance(value, bool),
+            f"{name} must be an int, got {type(value).__name__}")
+    require(value >= low and (high is None or value <= high),
+            f"{name} must be between {low} and {high}, got {value}" if high is not None
              else f"{name} must be >= {low}, got {value}")
 
 
 def check_scores(scores) -> None:
     """``scores (T, E)``: a float tensor, at least one token and one expert, no NaN."""
-    _require(isinstance(scores, Tensor), f"scores must be a torch.Tensor of shape (T, E), got {type(scores).__name__}")
-    _require(scores.dim() == 2, f"scores must have shape (T, E) (2 dimensions), got shape {tuple(scores.shape)}")
-    _require(scores.is_floating_point(), f"scores must be floating point (router scores), got dtype {scores.dtype}")
-    _require(scores.shape[0] >= 1 and scores.shape[1] >= 1,
-             f"scores must have at least one token and one expert, got shape {tuple(scores.shape)}")
+    require(isinstance(scores, Tensor), f"scores must be a torch.Tensor of shape (T, E), got {type(scores).__name__}")
+    require(scores.dim() == 2, f"scores must have shape (T, E) (2 dimensions), got shape {tuple(scores.shape)}")
+    require(scores.is_floating_point(), f"scores must be floating point (router scores), got dtype {scores.dtype}")
+    require(scores.shape[0] >= 1 and scores.shape[1] >= 1,
+            f"scores must have at least one token and one expert, got shape {tuple(scores.shape)}")
     nan = torch.isnan(scores)
     if bool(nan.any()):
         t, e = (int(v) for v in nan.nonzero()[0])
@@ -98,7 +96,7 @@ def check_scores(scores) -> None:
 
 
 def check_mode(mode) -> None:
-    _require(mode in MODES, f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    require(mode in MODES, f"mode must be one of {', '.join(MODES)}; got {mode!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,12 +124,12 @@ def topk_experts(scores: Tensor, k: int) -> Tensor:
 
 def expert_counts(topk: Tensor, num_experts: int) -> Tensor:
     """``f_e``, tokens per expert under top-K: ``topk (T, K) -> (E,)`` int64."""
-    _require(isinstance(topk, Tensor) and topk.dim() == 2,
-             f"topk must be a (T, K) tensor of expert ids, got {getattr(topk, 'shape', type(topk).__name__)}")
+    require(isinstance(topk, Tensor) and topk.dim() == 2,
+            f"topk must be a (T, K) tensor of expert ids, got {getattr(topk, 'shape', type(topk).__name__)}")
     _check_int("num_experts", num_experts, 1)
     flat = topk.reshape(-1).long()
-    _require(flat.numel() == 0 or (int(flat.min()) >= 0 and int(flat.max()) < num_experts),
-             f"expert ids must be in [0, {num_experts})")
+    require(flat.numel() == 0 or (int(flat.min()) >= 0 and int(flat.max()) < num_experts),
+            f"expert ids must be in [0, {num_experts})")
     return torch.bincount(flat, minlength=num_experts)
 
 
@@ -156,13 +154,13 @@ def round_counts(counts: Tensor, tile: int = DEFAULT_TILE, mode: str = "nearest"
     ``num_tokens``: an expert cannot take more tokens than there are (each token at most once),
     so rounded counts are capped at ``T``: the one case where a count is not a tile multiple.
     """
-    _require(isinstance(counts, Tensor) and counts.dim() == 1 and not counts.is_floating_point(),
-             f"counts must be a 1-D integer tensor (tokens per expert), got "
+    require(isinstance(counts, Tensor) and counts.dim() == 1 and not counts.is_floating_point(),
+            f"counts must be a 1-D integer tensor (tokens per expert), got "
              f"{getattr(counts, 'dtype', type(counts).__name__)} {tuple(getattr(counts, 'shape', ()))}")
     _check_int("tile", tile, 1)
     check_mode(mode)
     counts = counts.long()
-    _require(counts.numel() == 0 or int(counts.min()) >= 0, "counts must be >= 0")
+    require(counts.numel() == 0 or int(counts.min()) >= 0, "counts must be >= 0")
     if mode == "up":
         rounded = (counts + tile - 1) // tile * tile
     elif mode == "down":
@@ -305,7 +303,7 @@ def padded_routing(scores: Tensor, k: int, tile: int = DEFAULT_TILE) -> Routing:
 
 def route(scores: Tensor, k: int, tile: int = DEFAULT_TILE, method: str = "nearest") -> Routing:
     """Any of :data:`ROUTINGS` by name: ``"top-K"``, ``"padded"``, ``"nearest"``, ``"up"``, ``"down"``."""
-    _require(method in ROUTINGS, f"method must be one of {', '.join(ROUTINGS)}; got {method!r}")
+    require(method in ROUTINGS, f"method must be one of {', '.join(ROUTINGS)}; got {method!r}")
     if method == "top-K":
         return topk_routing(scores, k, tile)
     if method == "padded":
@@ -358,10 +356,8 @@ def synthetic_scores(num_tokens: int, num_experts: int, skew: float = 0.0, seed:
                      device=None) -> Tensor:
     """Router probabilities ``(T, E)`` of a synthetic router: softmax of random logits with a
     popularity bias ``-skew * log(1 + e)`` (as :func:`moe_course.moe.skewed_logits`)."""
-    from .moe import skewed_logits
-
     gen = torch.Generator(device=device or "cpu").manual_seed(seed)
-    return skewed_logits(num_tokens, num_experts, skew, generator=gen, device=device).softmax(dim=-1)
+    return moe.skewed_logits(num_tokens, num_experts, skew, generator=gen, device=device).softmax(dim=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,8 +376,6 @@ def moe_forward(x: Tensor, w, routing: Routing) -> Tensor:
     """An MoE layer's output for any :class:`Routing`: ``x (T, d)`` and ``w`` a
     :class:`moe_course.moe.MoEWeights` -> ``(T, d)``. Rows go through their expert's SwiGLU,
     then each token sums its rows' outputs weighted by ``routing.weights``."""
-    from . import moe
-
     y_rows = moe.experts_forward(permute(x, routing), routing.offsets, w.w_gate, w.w_up, w.w_down)
     real = routing.token_ids >= 0
     return moe.combine_rows(y_rows[real], routing.token_ids[real], routing.weights[real], x.shape[0])
@@ -390,12 +384,7 @@ def moe_forward(x: Tensor, w, routing: Routing) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # The GPU version: kernels/04_1_token_rounding.cu, no host synchronisation
 
-KERNEL_SOURCE = "04_1_token_rounding"
-#: Modes of the kernels (the ``mode`` argument of ``round_counts`` in the .cu file).
-KERNEL_MODES = {"top-K": 0, "up": 1, "down": 2, "nearest": 3, "padded": 4}
-MAX_EXPERTS = 1024  # round_counts and build_tile_map use one thread per expert
-SELECT_THREADS = 512  # threads of select_tokens (one block per expert)
-TOPK_WARPS = 8  # tokens per block of route_topk (one warp per token)
+KERNEL_SOURCE = ROUTING.source  # its launch: moe_course.launch.route_tokens
 
 
 class DeviceRouting(NamedTuple):
@@ -445,7 +434,6 @@ def max_rows(num_tokens: int, num_experts: int, k: int, tile: int, method: str) 
     return bound if method == "padded" else min(bound, num_tokens * num_experts)
 
 
-@kernels.on_torch_stream
 def route_cuda(scores: Tensor, k: int, tile: int = DEFAULT_TILE, method: str = "nearest",
                validate: bool = True, module=None) -> DeviceRouting:
     """Build a routing on the GPU with the kernels of ``kernels/04_1_token_rounding.cu``:
@@ -453,54 +441,23 @@ def route_cuda(scores: Tensor, k: int, tile: int = DEFAULT_TILE, method: str = "
     stream, no host synchronisation (``validate=True`` adds one: it checks the scores for NaN
     first; benchmarks turn it off). Identical, bit for bit, to :func:`route` on the same scores.
     """
-    _require(isinstance(scores, Tensor), f"scores must be a torch.Tensor of shape (T, E), got {type(scores).__name__}")
-    _require(scores.dim() == 2 and scores.shape[0] >= 1 and scores.shape[1] >= 1,
-             f"scores must have shape (T, E) with T, E >= 1, got {tuple(scores.shape)}")
-    _require(scores.dtype == torch.float32, f"scores must be float32 (the router's precision), got {scores.dtype}")
-    _require(method in ROUTINGS, f"method must be one of {', '.join(ROUTINGS)}; got {method!r}")
+    require(isinstance(scores, Tensor), f"scores must be a torch.Tensor of shape (T, E), got {type(scores).__name__}")
+    require(scores.dim() == 2 and scores.shape[0] >= 1 and scores.shape[1] >= 1,
+            f"scores must have shape (T, E) with T, E >= 1, got {tuple(scores.shape)}")
+    require(scores.dtype == torch.float32, f"scores must be float32 (the router's precision), got {scores.dtype}")
+    require(method in ROUTINGS, f"method must be one of {', '.join(ROUTINGS)}; got {method!r}")
     num_tokens, num_experts = scores.shape
     _check_int("k (experts per token)", k, 1, num_experts)
     _check_int("tile", tile, 1)
-    _require(num_experts <= MAX_EXPERTS, f"at most {MAX_EXPERTS} experts (one thread each), got {num_experts}")
-    _require(num_tokens * num_experts < 2**31, f"T * E must be below 2**31, got {num_tokens} * {num_experts}")
-    _require(scores.device.type == "cuda", f"scores are on {scores.device}; the kernels read GPU memory: .cuda()")
+    require(num_experts <= MAX_EXPERTS, f"at most {MAX_EXPERTS} experts (one thread each), got {num_experts}")
+    require(num_tokens * num_experts < 2**31, f"T * E must be below 2**31, got {num_tokens} * {num_experts}")
+    require(scores.device.type == "cuda", f"scores are on {scores.device}; the kernels read GPU memory: .cuda()")
     if validate:
         check_scores(scores)  # a NaN check: one sync
     scores = scores.contiguous()
     rows = max_rows(num_tokens, num_experts, k, tile, method)
-    _require(rows < 2**31, f"{rows} rows do not fit int32 indices")
-
-    from .grouped_gemm import build_tile_map
-
-    if module is None:
-        module = kernels.load(KERNEL_SOURCE)
-    dev, i32 = scores.device, torch.int32
-    topk = torch.empty(num_tokens, k, dtype=i32, device=dev)
-    topk_counts = torch.zeros(num_experts, dtype=i32, device=dev)  # atomics add to it
-    counts = torch.empty(num_experts, dtype=i32, device=dev)
-    offsets = torch.empty(num_experts + 1, dtype=i32, device=dev)
-    token_ids = torch.empty(rows, dtype=i32, device=dev)
-    expert_ids = torch.empty(rows, dtype=i32, device=dev)
-    weights = torch.empty(rows, dtype=torch.float32, device=dev)
-    from_topk = torch.empty(rows, dtype=torch.bool, device=dev)
-    keys = torch.empty(num_experts, num_tokens, dtype=i32, device=dev)  # scratch: each expert's keys
-    flags = torch.empty(num_experts, num_tokens, dtype=torch.uint8, device=dev)  # scratch: top-K flags
-
-    def p(t):
-        return np.uint64(t.data_ptr())
-
-    n = np.int32
-    module.get_function("route_topk")((math.ceil(num_tokens / TOPK_WARPS),), (32 * TOPK_WARPS,),
-                                      (p(scores), n(num_tokens), n(num_experts), n(k), p(topk), p(topk_counts)))
-    module.get_function("round_counts")((1,), (1024,), (p(topk_counts), n(num_experts), n(num_tokens), n(tile),
-                                                        n(KERNEL_MODES[method]), p(counts), p(offsets)))
-    ends = offsets[1:]
-    tile_map_, num_tiles, _ = build_tile_map(module, ends, rows, tile)  # chapter 02's, on the rounded counts
-    module.get_function("select_tokens")((num_experts,), (SELECT_THREADS,), (
-        p(scores), p(topk), n(num_tokens), n(num_experts), n(k), p(topk_counts), p(counts), p(offsets),
-        n(int(method == "padded")), p(keys), p(flags), p(token_ids), p(expert_ids), p(weights), p(from_topk)))
-    return DeviceRouting(token_ids, expert_ids, weights, from_topk, counts, ends, offsets, topk_counts, topk,
-                         tile_map_, num_tiles, tile, method)
+    require(rows < 2**31, f"{rows} rows do not fit int32 indices")
+    return DeviceRouting(*launch.route_tokens(scores, k, tile, method, rows, module), tile, method)
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,8 +475,8 @@ def scores_with_counts(counts, num_tokens: int, k: int, seed: int = 0, ties: boo
     count may exceed ``T``.
     """
     counts = [int(c) for c in counts]
-    _require(sum(counts) == num_tokens * k, f"counts must add up to T*k = {num_tokens * k}, got {sum(counts)}")
-    _require(max(counts) <= num_tokens, f"no expert can take more than T = {num_tokens} tokens, got {max(counts)}")
+    require(sum(counts) == num_tokens * k, f"counts must add up to T*k = {num_tokens * k}, got {sum(counts)}")
+    require(max(counts) <= num_tokens, f"no expert can take more than T = {num_tokens} tokens, got {max(counts)}")
     gen = torch.Generator().manual_seed(seed)
     # Lay the pairs out expert by expert and give pair i to token i mod T: an expert's block of
     # at most T consecutive pairs lands on distinct tokens, so no token gets an expert twice.
@@ -564,8 +521,6 @@ def check_kernel(scores: Tensor, k: int, tile: int, method: str, module=None, la
     """The GPU kernels against :func:`route` on the same scores: every field identical (weights
     bit for bit), and the tile map as chapter 02's grouped GEMM reads it. Raises
     :class:`moe_course.checking.CheckFailed` naming the first difference."""
-    from .checking import check_equal
-
     where = f"{label or 'scores'} {tuple(scores.shape)}, k={k}, tile={tile}, {method}"
     want = route(scores, k, tile, method)
     dev = route_cuda(scores, k, tile, method, module=module)
@@ -606,12 +561,8 @@ def measure_speed(shapes: dict | None = None, methods=SPEED_METHODS, impls=None,
     reference and timed (median of CUDA events). The routing's own time is recorded too, as
     ``proj="routing"`` rows: the kernels, and the torch version on the GPU.
     """
-    from . import grouped_gemm as gg
-    from .bench import benchmark
-    from . import kernels
-
     shapes = shapes or SPEED_SHAPES
-    impls = list(impls or (gg.BEST, "torch._grouped_mm"))
+    impls = list(impls or (launch.BEST, "torch._grouped_mm"))
     module = kernels.load(KERNEL_SOURCE)
     rows = []
     for shape, (T, d, n, E, K) in shapes.items():

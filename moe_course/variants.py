@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from . import configs, layer, moe
+from . import configs, grouped_gemm, layer, moe
 from .bench import benchmark, rotate
 from .checking import relative_error
 from .machine import info
@@ -262,18 +262,10 @@ def _sonicmoe_build(w: moe.MoEWeights, k: int) -> Callable[[torch.Tensor], torch
 # The expert GEMMs alone: chapter 02's ladder
 
 
-def _ladder_impls() -> list[str]:
-    from . import grouped_gemm
-
-    return list(grouped_gemm.BASELINES) + list(grouped_gemm.STEPS)
-
-
 def _ladder_run(case: Case, progress: Callable[[str], None]) -> list[dict]:
     """Every step of chapter 02 (and the two torch baselines) on the configuration's expert GEMMs,
     checked against a float32 reference, then timed, by :func:`grouped_gemm.measure_ladder`. Its
     routing: token-choice top-K of random logits (the same spread of rows as the layer's)."""
-    from . import grouped_gemm
-
     case.release()  # it makes problems of its own: free the layer's weights first (GBs at full size)
     measured = grouped_gemm.measure_ladder({case.name: tuple(case.shape)}, case.projections,
                                            (("uniform", 0.0),), seed=case.seed, progress=progress)
@@ -283,7 +275,7 @@ def _ladder_run(case: Case, progress: Callable[[str], None]) -> list[dict]:
         rows += [case.row("gemm-ladder", impl, f"{proj} GEMM", proj=proj, routing="uniform", status="skipped",
                           note=f"not timed: over {grouped_gemm.SLOW_STEP_MAX_FLOPS / 1e12:g} TFLOP, a naive step "
                                "takes seconds per call")
-                 for impl in _ladder_impls() if impl not in timed]
+                 for impl in grouped_gemm.IMPLEMENTATIONS if impl not in timed]
     for r in measured:
         row = case.row("gemm-ladder", r["impl"], f"{r['proj']} GEMM", proj=r["proj"], routing=r["routing"],
                        flops=r["flops"])
@@ -294,7 +286,7 @@ def _ladder_run(case: Case, progress: Callable[[str], None]) -> list[dict]:
         else:
             rows.append({**row, "status": "ok", **{k: r[k] for k in ("ms", "ms_p10", "ms_p90", "reps", "tflops",
                                                                      "rel_err")}})
-    order = _ladder_impls()  # teaching order, per projection
+    order = grouped_gemm.IMPLEMENTATIONS  # teaching order, per projection
     return sorted(rows, key=lambda r: (case.projections.index(r["proj"]), order.index(r["impl"])))
 
 
@@ -331,4 +323,4 @@ register(layer_variant(
     unavailable=sonicmoe_unavailable))
 register(Variant(
     "gemm-ladder", "the expert GEMMs alone: the kernel ladder of chapters 02-03, a torch.mm loop, torch._grouped_mm",
-    _ladder_run, _ladder_unavailable, count=lambda case: len(case.projections) * len(_ladder_impls())))
+    _ladder_run, _ladder_unavailable, count=lambda case: len(case.projections) * len(grouped_gemm.IMPLEMENTATIONS)))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from benchmark_scripts import load
 
-from moe_course import RESULTS_DIR, ROOT, grouped_gemm, machine, moe, variants
+from moe_course import RESULTS_DIR, ROOT, grouped_gemm, launch, machine, moe, variants
 
 bmv = load("bench_moe_variants")
 SCRIPT = ROOT / "benchmarks" / "bench_moe_variants.py"
@@ -127,7 +127,7 @@ def test_ladder_rows_say_ok_wrong_refused_or_skipped(monkeypatch, capsys):
         (name, (T, d, n, E, K)), = shapes.items()
         rows = []
         for proj in projections:
-            for impl in list(grouped_gemm.BASELINES) + list(grouped_gemm.STEPS):
+            for impl in grouped_gemm.IMPLEMENTATIONS:
                 if impl in grouped_gemm.SLOW_STEPS:
                     continue  # as for a problem over 1 TFLOP
                 progress(f"{name} {proj} {impl}")
@@ -237,7 +237,7 @@ def test_quick_run_on_the_gpu_with_every_course_entry(tmp_path):
     rows = record["data"]["rows"]
     hopper = machine.info().compute_capability >= (9, 0)
     for r in rows:
-        needs_hopper = r["impl"] in grouped_gemm.STEPS and grouped_gemm.STEPS[r["impl"]].min_cc >= (9, 0)
+        needs_hopper = r["impl"] in launch.STEPS and launch.STEPS[r["impl"]].min_cc >= (9, 0)
         assert r["status"] == ("ok" if hopper or not needs_hopper else "refused"), r
     ladder = {(r["config"], r["proj"], r["impl"]) for r in rows if r["variant"] == "gemm-ladder"}
-    assert len(ladder) == len(bmv.QUICK_SHAPES) * 2 * (len(grouped_gemm.BASELINES) + len(grouped_gemm.STEPS))
+    assert len(ladder) == len(bmv.QUICK_SHAPES) * 2 * len(grouped_gemm.IMPLEMENTATIONS)

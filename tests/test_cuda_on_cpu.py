@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from moe_course import ROOT, cuda_on_cpu
+from moe_course import ROOT, cuda_on_cpu, launch
 from moe_course import grouped_gemm as gg
 from moe_course import token_rounding as tr
 
@@ -124,11 +124,11 @@ def test_warp_functions_atomics_and_printf(probes, capsys):
 def test_chapter_02_kernels_match_torch_bit_for_bit(step, counts, K, N, threads):
     if threads and step != "02_2_naive_grouped":
         pytest.skip("the host-thread scheduler (macOS's) is checked on one kernel")
-    s = gg.STEPS[step]
+    s = launch.STEPS[step]
     p = gg.make_problem(counts, K, N, device="cpu", seed=3)
     y = torch.full((p.x.shape[0], N), float("nan"), dtype=torch.bfloat16)
     module = cuda_on_cpu.load(s.source, threads=threads)
-    gg.run_step_on_cpu(s, p.x, p.w, p.offs, out=y, module=module)
+    launch.run_step_on_cpu(s, p.x, p.w, p.offs, out=y, module=module)
     # fp32 sums in the same order as the float32 reference: the same bits once rounded
     assert torch.equal(y, gg.reference(p.x, p.w, p.offs).to(torch.bfloat16))
 
@@ -138,7 +138,7 @@ def test_the_tile_map_is_chapter_02s():
     counts = [0, 1, 17, 0, 40, 16]
     offs = torch.tensor(counts).cumsum(0).int()
     M, E = sum(counts), len(counts)
-    max_tiles = gg.max_tiles_for(M, E, 16)
+    max_tiles = launch.max_tiles_for(M, E, 16)
     tile_map, num_tiles = torch.full((max_tiles, 2), 7, dtype=torch.int32), torch.full((2,), 7, dtype=torch.int32)
     module.launch("build_tile_map", 1, 1024, (offs, E, M, 16, max_tiles, tile_map, num_tiles))
     want = [(e, start + 16 * j) for e, (start, n) in enumerate(zip([0, *offs.tolist()[:-1]], counts))
@@ -171,12 +171,12 @@ def test_token_rounding_kernels_match_torch():
     module = cuda_on_cpu.load(tr.KERNEL_SOURCE)
     topk = torch.empty(T, k, dtype=torch.int32)
     topk_counts = torch.zeros(E, dtype=torch.int32)
-    module.launch("route_topk", math.ceil(T / tr.TOPK_WARPS), 32 * tr.TOPK_WARPS, (scores, T, E, k, topk, topk_counts))
+    module.launch("route_topk", math.ceil(T / launch.TOPK_WARPS), 32 * launch.TOPK_WARPS, (scores, T, E, k, topk, topk_counts))
     assert torch.equal(topk.long(), tr.topk_experts(scores, k))
     assert torch.equal(topk_counts.long(), torch.bincount(topk.flatten().long(), minlength=E))
     for method in ("nearest", "up", "down"):
         counts, offsets = torch.empty(E, dtype=torch.int32), torch.empty(E + 1, dtype=torch.int32)
-        module.launch("round_counts", 1, 1024, (topk_counts, E, T, tile, tr.KERNEL_MODES[method], counts, offsets))
+        module.launch("round_counts", 1, 1024, (topk_counts, E, T, tile, launch.ROUTING_MODES[method], counts, offsets))
         want = tr.round_counts(topk_counts.long(), tile, method, num_tokens=T)
         assert torch.equal(counts.long(), want), method
         assert torch.equal(offsets.long(), torch.cat([torch.zeros(1, dtype=torch.long), want.cumsum(0)])), method
@@ -203,7 +203,7 @@ def test_the_second_barrier_of_a_tiled_kernel_is_needed():
     assert n == 1
     p = gg.make_problem([0, 130, 2], 64, 128, device="cpu", seed=5)
     with pytest.raises(cuda_on_cpu.RaceDetected, match="results differ between thread orders"):
-        gg.run_step_on_cpu(gg.STEPS["02_3_smem_tiled"], p.x, p.w, p.offs, module=cuda_on_cpu.load(broken))
+        launch.run_step_on_cpu(launch.STEPS["02_3_smem_tiled"], p.x, p.w, p.offs, module=cuda_on_cpu.load(broken))
 
 
 def test_barrier_divergence_is_reported_not_hung(probes):

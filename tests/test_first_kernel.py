@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moe_course.checking import check_equal
-from moe_course.first_kernel import scale
+from moe_course.launch import scale
 
 
 @pytest.mark.gpu

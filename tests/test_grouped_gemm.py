@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moe_course import grouped_gemm as gg
+from moe_course import launch
 from moe_course.checking import CheckFailed, check_close
 
 COUNT_CASES = {
@@ -24,45 +25,45 @@ def assert_matches_reference(y, p, label):
 
 
 def smallest_shape(step):
-    s = gg.STEPS[step]
+    s = launch.STEPS[step]
     return max(s.k_multiple, 16), max(s.block_n, 16)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("step", list(gg.STEPS))
+@pytest.mark.parametrize("step", list(launch.STEPS))
 @pytest.mark.parametrize("case", list(COUNT_CASES))
 def test_step_matches_reference(step, case):
     k, n = smallest_shape(step)
     for d_in, d_out in ((k, n), (k * 5, n * 2)):  # the smallest shape, and one with several K slices
         p = gg.make_problem(COUNT_CASES[case], d_in, d_out, seed=hash((step, case, d_in)) % 2**31)
         y = torch.full((p.x.shape[0], d_out), float("nan"), device="cuda", dtype=torch.bfloat16)
-        gg.grouped_gemm(p.x, p.w, p.offs, step=step, out=y)
+        launch.grouped_gemm(p.x, p.w, p.offs, step=step, out=y)
         assert_matches_reference(y, p, f"{step} {case} K={d_in} N={d_out}")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("step", list(gg.STEPS))
+@pytest.mark.parametrize("step", list(launch.STEPS))
 def test_step_on_a_routed_problem(step):
     counts = gg.expert_counts(tokens=1000, experts=16, top_k=2, skew=0.7, seed=3)
     p = gg.make_problem(counts, 256, 512, seed=11)
     y = torch.full((p.x.shape[0], 512), float("nan"), device="cuda", dtype=torch.bfloat16)
-    assert_matches_reference(gg.grouped_gemm(p.x, p.w, p.offs, step=step, out=y), p, step)
+    assert_matches_reference(launch.grouped_gemm(p.x, p.w, p.offs, step=step, out=y), p, step)
 
 
 @pytest.mark.gpu
 def test_no_rows_at_all():
     p = gg.make_problem([0, 0, 0], 64, 256)
-    for step in gg.STEPS:
-        assert gg.grouped_gemm(p.x, p.w, p.offs, step=step).shape == (0, 256)
+    for step in launch.STEPS:
+        assert launch.grouped_gemm(p.x, p.w, p.offs, step=step).shape == (0, 256)
 
 
 @pytest.mark.gpu
 def test_bad_offsets_are_refused():
     p = gg.make_problem([4, 4], 64, 256)
     with pytest.raises(ValueError, match="non-decreasing"):
-        gg.grouped_gemm(p.x, p.w, torch.tensor([6, 4], device="cuda", dtype=torch.int32))
+        launch.grouped_gemm(p.x, p.w, torch.tensor([6, 4], device="cuda", dtype=torch.int32))
     with pytest.raises(ValueError, match="offs\\[-1\\] == M"):
-        gg.grouped_gemm(p.x, p.w, torch.tensor([4, 7], device="cuda", dtype=torch.int32))
+        launch.grouped_gemm(p.x, p.w, torch.tensor([4, 7], device="cuda", dtype=torch.int32))
 
 
 def cpu_problem(counts=(3, 5), k=64, n=256):
@@ -72,26 +73,26 @@ def cpu_problem(counts=(3, 5), k=64, n=256):
 def test_refuses_shapes_a_step_cannot_take():
     p = cpu_problem(k=64, n=96)
     with pytest.raises(ValueError, match="N % 128 == 0"):
-        gg.grouped_gemm(p.x, p.w, p.offs, step="02_5_wgmma")
+        launch.grouped_gemm(p.x, p.w, p.offs, step="02_5_wgmma")
     p = cpu_problem(k=48, n=128)
     with pytest.raises(ValueError, match="K % 64 == 0"):
-        gg.grouped_gemm(p.x, p.w, p.offs, step="02_6_persistent")
+        launch.grouped_gemm(p.x, p.w, p.offs, step="02_6_persistent")
 
 
 def test_refuses_wrong_dtypes_layouts_and_devices():
     p = cpu_problem()
     with pytest.raises(TypeError, match="x must be torch.bfloat16, got torch.float32"):
-        gg.grouped_gemm(p.x.float(), p.w, p.offs)
+        launch.grouped_gemm(p.x.float(), p.w, p.offs)
     with pytest.raises(TypeError, match="offs must be torch.int32"):
-        gg.grouped_gemm(p.x, p.w, p.offs.long())
+        launch.grouped_gemm(p.x, p.w, p.offs.long())
     with pytest.raises(ValueError, match="K differs"):
-        gg.grouped_gemm(p.x, p.w.transpose(1, 2).contiguous(), p.offs)
+        launch.grouped_gemm(p.x, p.w.transpose(1, 2).contiguous(), p.offs)
     with pytest.raises(ValueError, match="one end row per expert"):
-        gg.grouped_gemm(p.x, p.w, p.offs[:1])
+        launch.grouped_gemm(p.x, p.w, p.offs[:1])
     with pytest.raises(ValueError, match="x is on cpu"):
-        gg.grouped_gemm(p.x, p.w, p.offs)
+        launch.grouped_gemm(p.x, p.w, p.offs)
     with pytest.raises(KeyError, match="unknown step"):
-        gg.grouped_gemm(p.x, p.w, p.offs, step="99_magic")
+        launch.grouped_gemm(p.x, p.w, p.offs, step="99_magic")
 
 
 def test_a_forgotten_tile_fails_the_check():

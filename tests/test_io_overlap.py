@@ -1,6 +1,6 @@
 """Chapter 03's kernels that take an MoE layer's own inputs: the gather fused into the load
 (03_3) and the SwiGLU epilogue (03_4), against float32 references at awkward sizes, with
-outputs poisoned first so a skipped tile fails. Steps 03_1 and 03_2 are in grouped_gemm.STEPS
+outputs poisoned first so a skipped tile fails. Steps 03_1 and 03_2 are in launch.STEPS
 and run through tests/test_grouped_gemm.py like every other step. The CPU tests check the host
 side: refusals, the weight interleave, the routing order, the timeline summary, and that the
 checks used here fail known-wrong answers."""
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from moe_course import grouped_gemm as gg
+from moe_course import launch
 from moe_course import io_overlap as io
 from moe_course.checking import CheckFailed, check_close
 
@@ -49,10 +50,10 @@ def assert_close_to(y, ref, label):
 @pytest.mark.parametrize("k,n", [(64, 256), (320, 512)])
 def test_gather_matches_reference_and_the_pre_permuted_kernel(case, k, n):
     x, idx, w, offs = routed_problem(COUNT_CASES[case], k, n, tokens=997, seed=hash((case, k)) % 2**31)
-    y = io.gather_grouped_gemm(x, idx, w, offs, out=poisoned(idx.numel(), n))
+    y = launch.gather_grouped_gemm(x, idx, w, offs, out=poisoned(idx.numel(), n))
     assert_close_to(y, io.gather_reference(x, idx, w, offs), f"gather {case} K={k} N={n}")
     # the same kernel body on a pre-permuted copy (X by TMA): the same sums in the same order
-    y_perm = gg.grouped_gemm(x[idx.long()].contiguous(), w, offs, step=io.PLAIN)
+    y_perm = launch.grouped_gemm(x[idx.long()].contiguous(), w, offs, step=io.PLAIN)
     assert torch.equal(y, y_perm), "gathered and pre-permuted results differ"
 
 
@@ -60,12 +61,12 @@ def test_gather_matches_reference_and_the_pre_permuted_kernel(case, k, n):
 @pytest.mark.parametrize("case", list(COUNT_CASES))
 def test_swiglu_epilogue_matches_reference(case):
     x, idx, w, offs = routed_problem(COUNT_CASES[case], 192, 512, tokens=611, seed=hash(case) % 2**31)
-    a, h = io.swiglu_grouped_gemm(x, idx, w, offs)
+    a, h = launch.swiglu_grouped_gemm(x, idx, w, offs)
     ref_a, ref_h = io.swiglu_reference(x, idx, w, offs)
     assert a.shape == (idx.numel(), 256) and h.shape == (idx.numel(), 512)
     assert_close_to(h, ref_h, f"swiglu h {case}")
     assert_close_to(a, ref_a, f"swiglu a {case}")
-    a_only, none = io.swiglu_grouped_gemm(x, idx, w, offs, store_h=False)
+    a_only, none = launch.swiglu_grouped_gemm(x, idx, w, offs, store_h=False)
     assert none is None and torch.equal(a_only, a)
 
 
@@ -73,7 +74,7 @@ def test_swiglu_epilogue_matches_reference(case):
 def test_swiglu_layer_from_separate_gate_and_up_weights():
     """What chapter 06 does: interleave [gate; up] once, then one kernel gives silu(x Wg^T) * x Wu^T."""
     x, idx, w, offs = routed_problem([40, 0, 300, 17], 128, 512, tokens=200, seed=5)
-    a, _ = io.swiglu_grouped_gemm(x, idx, io.interleave_gate_up(w), offs)
+    a, _ = launch.swiglu_grouped_gemm(x, idx, io.interleave_gate_up(w), offs)
     h = io.gather_reference(x, idx, w, offs)  # [gate | up] halves, not interleaved
     expected = torch.nn.functional.silu(h[:, :256]) * h[:, 256:]
     assert_close_to(a, expected, "swiglu from [gate; up]")
@@ -85,8 +86,8 @@ def test_bad_gather_indices_are_refused_or_read_as_zeros():
     bad = idx.clone()
     bad[3] = 50  # one past the last token
     with pytest.raises(ValueError, match="gather_idx must index rows of x"):
-        io.gather_grouped_gemm(x, bad, w, offs)
-    y = io.gather_grouped_gemm(x, bad, w, offs, validate=False)  # unchecked: a zero row, never a crash
+        launch.gather_grouped_gemm(x, bad, w, offs)
+    y = launch.gather_grouped_gemm(x, bad, w, offs, validate=False)  # unchecked: a zero row, never a crash
     assert torch.all(y[3] == 0)
     assert_close_to(y[4:], io.gather_reference(x, idx, w, offs)[4:], "rows after the bad one")
 
@@ -94,7 +95,7 @@ def test_bad_gather_indices_are_refused_or_read_as_zeros():
 @pytest.mark.gpu
 def test_trace_timeline_is_ordered():
     p = gg.make_problem(gg.expert_counts(4000, 8, 2, seed=1), 1024, 512)
-    for step in (io.pipeline_step(1), io.pipeline_step(4), gg.STEPS["03_2_warp_specialized"]):
+    for step in (launch.pipeline_step(1), launch.pipeline_step(4), launch.STEPS["03_2_warp_specialized"]):
         t = io.trace_timeline(step, p.x, p.w, p.offs, slices=64)
         landed, released = np.array(t["landed"]), np.array(t["released"])
         ok = ~np.isnan(landed) & ~np.isnan(released)
@@ -117,15 +118,15 @@ def cpu_inputs(counts=(3, 5), k=64, n=256, tokens=6):
 def test_gather_refuses_bad_inputs_with_a_clear_message():
     x, idx, w, offs = cpu_inputs()
     with pytest.raises(TypeError, match="gather_idx must be a 1-D torch.int32"):
-        io.gather_grouped_gemm(x, idx.long(), w, offs)
+        launch.gather_grouped_gemm(x, idx.long(), w, offs)
     with pytest.raises(TypeError, match="x must be torch.bfloat16"):
-        io.gather_grouped_gemm(x.float(), idx, w, offs)
+        launch.gather_grouped_gemm(x.float(), idx, w, offs)
     with pytest.raises(ValueError, match="N % 256 == 0"):
-        io.gather_grouped_gemm(x, idx, w[:, :128], offs)
+        launch.gather_grouped_gemm(x, idx, w[:, :128], offs)
     with pytest.raises(ValueError, match="x is on cpu"):
-        io.gather_grouped_gemm(x, idx, w, offs)
+        launch.gather_grouped_gemm(x, idx, w, offs)
     with pytest.raises(ValueError, match="x is on cpu"):
-        io.swiglu_grouped_gemm(x, idx, w, offs)
+        launch.swiglu_grouped_gemm(x, idx, w, offs)
 
 
 def test_interleave_gate_up_puts_gate_and_up_rows_side_by_side():
@@ -189,9 +190,9 @@ def test_gather_bytes_saved():
 
 
 def test_group_m_for_follows_the_experts_and_the_l2():
-    assert gg.group_m_for(M=131072, E=128, K=2048) == 8  # Qwen3: 1024 rows an expert = 8 tiles
-    assert gg.group_m_for(M=65536, E=256, K=7168) == 4  # DeepSeek-V3: 2 tiles an expert, at least 4
-    assert gg.group_m_for(M=16384, E=8, K=4096) == 16  # Mixtral: 16 tiles, 16 MB of X
-    assert gg.group_m_for(M=16384, E=8, K=14336) == 4  # long K: fewer rows per group
-    assert gg.group_m_for(M=10, E=1000, K=64) == 4
-    assert gg.group_m_for(M=10 ** 6, E=8, K=65536) == 1  # 16 MB of X in one tile of rows already
+    assert launch.group_m_for(M=131072, E=128, K=2048, block_m=128) == 8  # Qwen3: 1024 rows an expert = 8 tiles
+    assert launch.group_m_for(M=65536, E=256, K=7168, block_m=128) == 4  # DeepSeek-V3: 2 tiles an expert, at least 4
+    assert launch.group_m_for(M=16384, E=8, K=4096, block_m=128) == 16  # Mixtral: 16 tiles, 16 MB of X
+    assert launch.group_m_for(M=16384, E=8, K=14336, block_m=128) == 4  # long K: fewer rows per group
+    assert launch.group_m_for(M=10, E=1000, K=64, block_m=128) == 4
+    assert launch.group_m_for(M=10 ** 6, E=8, K=65536, block_m=128) == 1  # 16 MB of X in one tile of rows already

@@ -1,4 +1,4 @@
-"""Chapter 06's kernels (moe_course/layer_kernels.py) one by one, against the same maths in
+"""Chapter 06's kernels (moe_course/launch.py) one by one, against the same maths in
 float32 (moe_course.layer.TORCH_OPS), at awkward expert counts: experts with no rows, counts
 that are not multiples of the tile, one expert with every row. Outputs are poisoned first (the
 memory the kernel will write held NaN just before), so a tile the kernel skips fails the check.
@@ -7,7 +7,7 @@ The refusals run without a GPU."""
 import pytest
 import torch
 
-from moe_course import layer, layer_kernels as lk
+from moe_course import launch, layer
 
 COUNTS = {
     "ragged": [0, 1, 130, 0, 257],
@@ -51,7 +51,7 @@ def test_transposed_b_matches_float32(case, K, N):
     M, E = sum(COUNTS[case]), len(COUNTS[case])
     x, w = randn(M, K), randn(E, K, N, scale=K ** -0.5)
     poison(((M, N), torch.bfloat16))
-    got = lk.transposed_b_grouped_gemm(x, w, offs)
+    got = launch.transposed_b_grouped_gemm(x, w, offs)
     assert rel(got, layer.TORCH_OPS.times_w(x.float(), w.float(), offs)) < 1e-2
 
 
@@ -65,7 +65,7 @@ def test_dswiglu_matches_float32(case, d, n):
     dout, w_down, h = randn(T, d), randn(E, n, d, scale=d ** -0.5), randn(R, 2 * n, scale=2.0)
     s = torch.rand(R, device="cuda")
     poison(((R, 2 * n), torch.bfloat16), ((R, n), torch.bfloat16), ((n // 256, R), torch.float32))
-    dh, sa, ds = lk.dswiglu_grouped_gemm(dout, idx, w_down, h, s, offs)
+    dh, sa, ds = launch.dswiglu_grouped_gemm(dout, idx, w_down, h, s, offs)
     want = layer.TORCH_OPS.dswiglu(dout.float(), idx, w_down.float(), h.float(), s, offs)
     for name, got, ref in zip(("dh", "s*a", "ds"), (dh, sa, ds), want):
         assert rel(got, ref) < 1e-2, name
@@ -81,7 +81,7 @@ def test_weight_grad_matches_float32(case, N, K, gathered):
     dy = randn(R, N)
     x, idx = (randn(T, K), idx) if gathered else (randn(R, K), None)
     poison(((E, N, K), torch.bfloat16))
-    got = lk.weight_grad(dy, x, idx, offs)
+    got = launch.weight_grad(dy, x, idx, offs)
     want = layer.TORCH_OPS.weight_grad(dy.float(), x.float(), idx, offs)
     assert rel(got, want) < 1e-2
     for e, c in enumerate(COUNTS[case]):
@@ -98,7 +98,7 @@ def test_combine_matches_float32_and_skips_dropped_pairs(weighted):
     rows = randn(R, d)
     w = torch.rand(T, k, device="cuda") if weighted else None
     poison(((T, d), torch.bfloat16))
-    got = lk.combine(rows, pos, w)
+    got = launch.combine(rows, pos, w)
     padded = torch.cat([rows.float(), rows.new_zeros(1, d).float()])
     want = layer.TORCH_OPS.combine(padded, pos, w)
     assert rel(got, want) < 1e-2
@@ -110,7 +110,7 @@ def test_a_kernel_that_skips_a_tile_fails_the_check():
     offs, _ = routing([300], 1)
     x, w = randn(300, 192), randn(1, 192, 256)
     poison(((300, 256), torch.bfloat16))
-    skipped = lk.transposed_b_grouped_gemm(x, w, offs.clone().fill_(172), validate=False)  # rows 172.. unwritten
+    skipped = launch.transposed_b_grouped_gemm(x, w, offs.clone().fill_(172), validate=False)  # rows 172.. unwritten
     with pytest.raises(AssertionError, match="NaN"):
         rel(skipped, layer.TORCH_OPS.times_w(x.float(), w.float(), offs))
 
@@ -120,13 +120,13 @@ def test_refusals_name_the_problem():
     w = torch.zeros(2, 64, 256, dtype=torch.bfloat16)
     offs = torch.tensor([2, 4], dtype=torch.int32)
     with pytest.raises(TypeError, match="x must be torch.bfloat16"):
-        lk.transposed_b_grouped_gemm(x.float(), w, offs)
+        launch.transposed_b_grouped_gemm(x.float(), w, offs)
     with pytest.raises(ValueError, match="is on cpu"):
-        lk.transposed_b_grouped_gemm(x, w, offs)
+        launch.transposed_b_grouped_gemm(x, w, offs)
     with pytest.raises(TypeError, match="offs must be torch.int32"):
-        lk.weight_grad(x, x, None, offs.long())
+        launch.weight_grad(x, x, None, offs.long())
     with pytest.raises(TypeError, match="pos must be torch.int32"):
-        lk.combine(x, torch.zeros(4, 2, dtype=torch.int64), None)
+        launch.combine(x, torch.zeros(4, 2, dtype=torch.int64), None)
 
 
 @pytest.mark.gpu
@@ -134,15 +134,15 @@ def test_refusals_on_the_gpu():
     x = torch.zeros(4, 64, device="cuda", dtype=torch.bfloat16)
     offs = torch.tensor([2, 4], device="cuda", dtype=torch.int32)
     with pytest.raises(ValueError, match="N % 256 == 0"):
-        lk.transposed_b_grouped_gemm(x, torch.zeros(2, 64, 100, device="cuda", dtype=torch.bfloat16), offs)
+        launch.transposed_b_grouped_gemm(x, torch.zeros(2, 64, 100, device="cuda", dtype=torch.bfloat16), offs)
     with pytest.raises(ValueError, match="K differs"):
-        lk.transposed_b_grouped_gemm(x, torch.zeros(2, 128, 256, device="cuda", dtype=torch.bfloat16), offs)
+        launch.transposed_b_grouped_gemm(x, torch.zeros(2, 128, 256, device="cuda", dtype=torch.bfloat16), offs)
     with pytest.raises(ValueError, match="offs must be non-decreasing"):
-        lk.transposed_b_grouped_gemm(x, torch.zeros(2, 64, 256, device="cuda", dtype=torch.bfloat16), offs.flip(0))
+        launch.transposed_b_grouped_gemm(x, torch.zeros(2, 64, 256, device="cuda", dtype=torch.bfloat16), offs.flip(0))
     with pytest.raises(ValueError, match="N % 256 == 0 and K % 128 == 0"):
-        lk.weight_grad(torch.zeros(4, 128, device="cuda", dtype=torch.bfloat16), x.repeat(1, 2), None, offs)
+        launch.weight_grad(torch.zeros(4, 128, device="cuda", dtype=torch.bfloat16), x.repeat(1, 2), None, offs)
     with pytest.raises(ValueError, match="gather_idx must index"):
-        lk.weight_grad(torch.zeros(4, 256, device="cuda", dtype=torch.bfloat16),
+        launch.weight_grad(torch.zeros(4, 256, device="cuda", dtype=torch.bfloat16),
                        torch.zeros(3, 256, device="cuda", dtype=torch.bfloat16),
                        torch.tensor([0, 1, 2, 3], device="cuda", dtype=torch.int32), offs)
 

@@ -6,7 +6,7 @@ forward and backward against the torch implementation of the same maths."""
 import pytest
 import torch
 
-from moe_course import layer, moe, training
+from moe_course import layer, moe, layer_measurements
 
 CASES = {  # (T, d, n, E, k, router bias towards expert 0)
     "ragged": (50, 16, 8, 5, 2, 0.0),
@@ -17,10 +17,10 @@ CASES = {  # (T, d, n, E, k, router bias towards expert 0)
 
 
 def reference_and_ours(T, d, n, E, k, bias, ops=layer.TORCH_OPS, seed=0):
-    return training.float64_gradients(T, d, n, E, k, router_bias=bias, seed=seed, ops=ops)
+    return layer_measurements.float64_gradients(T, d, n, E, k, router_bias=bias, seed=seed, ops=ops)
 
 
-max_rel_errors = training.max_rel_errors
+max_rel_errors = layer_measurements.max_rel_errors
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -90,10 +90,10 @@ def test_course_moe_trains_on_the_cpu():
 ])
 def test_kernels_match_the_torch_maths_on_the_gpu(T, d, n, E, k, bias):
     """Output and all five gradients, kernels in bf16 against the same maths in float32, with
-    router logits exact in both (training.integer_router_inputs), so both pick the same experts."""
-    x, w_router, w_gate_up, w_down, grad_out = training.integer_router_inputs(T, d, n, E, bias, seed=T)
+    router logits exact in both (layer_measurements.integer_router_inputs), so both pick the same experts."""
+    x, w_router, w_gate_up, w_down, grad_out = layer_measurements.integer_router_inputs(T, d, n, E, bias, seed=T)
     assert layer.kernels_unavailable(x, d, n) is None
-    for label, (a, b) in training.kernels_and_torch(x, w_router, w_gate_up, w_down, grad_out, k).items():
+    for label, (a, b) in layer_measurements.kernels_and_torch(x, w_router, w_gate_up, w_down, grad_out, k).items():
         assert torch.isfinite(a).all(), label
         if b.norm() == 0:  # k = 1: the one weight is always 1, so the router gets no gradient
             assert a.norm() == 0, label
@@ -110,15 +110,15 @@ def test_kernels_with_token_rounding_match_the_torch_maths_on_the_gpu(routing):
     """The kernels take any routing (rows per expert a multiple of the tile here, a token with
     any number of rows); the combine and the router's backward are torch's."""
     T, d, n, E, k = 1000, 256, 256, 8, 2
-    x, w_router, w_gate_up, w_down, grad_out = training.integer_router_inputs(T, d, n, E, seed=7)
-    for label, (a, b) in training.kernels_and_torch(x, w_router, w_gate_up, w_down, grad_out, k, routing, 64).items():
+    x, w_router, w_gate_up, w_down, grad_out = layer_measurements.integer_router_inputs(T, d, n, E, seed=7)
+    for label, (a, b) in layer_measurements.kernels_and_torch(x, w_router, w_gate_up, w_down, grad_out, k, routing, 64).items():
         assert torch.isfinite(a).all(), label
         assert float((a - b).norm() / b.norm()) < 2e-2, (routing, label)
 
 
 def kernels_step(inputs, k):
     """One forward + backward of the layer on the kernels: the output and the four gradients."""
-    return training.layer_outputs(inputs, k, layer.KERNEL_OPS)
+    return layer_measurements.layer_outputs(inputs, k, layer.KERNEL_OPS)
 
 
 @pytest.mark.gpu
@@ -126,7 +126,7 @@ def test_the_kernels_run_on_torchs_current_stream():
     """Under ``with torch.cuda.stream(s)``, the course's kernels must wait for the torch work
     queued before them on s: here the input is written on s only after a long sleep, so kernels
     launched on any other stream would read it before it is there."""
-    inputs = training.integer_router_inputs(512, 256, 256, 8, seed=3)
+    inputs = layer_measurements.integer_router_inputs(512, 256, 256, 8, seed=3)
     want = kernels_step(inputs, 2)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -143,14 +143,14 @@ def test_the_kernels_run_on_torchs_current_stream():
 @pytest.mark.gpu
 def test_forward_and_backward_replay_in_a_cuda_graph():
     """Every launch on torch's stream and no host synchronisation anywhere: the whole forward and
-    backward can be captured once in a CUDA graph (training.graphed_step) and replayed on new
+    backward can be captured once in a CUDA graph (layer_measurements.graphed_step) and replayed on new
     inputs, with the results of an eager run on those inputs."""
     T, d, n, E, k = 512, 256, 256, 8, 2
-    static = [t.clone() for t in training.integer_router_inputs(T, d, n, E, seed=1)]
+    static = [t.clone() for t in layer_measurements.integer_router_inputs(T, d, n, E, seed=1)]
     leaves = [t.requires_grad_() for t in static[:4]]
-    c = training.Contender("course", leaves, lambda: layer.MoEFunction.apply(*leaves, k, layer.KERNEL_OPS))
-    graph, out = training.graphed_step(c, static[4])
-    fresh = training.integer_router_inputs(T, d, n, E, seed=2)
+    c = layer_measurements.Contender("course", leaves, lambda: layer.MoEFunction.apply(*leaves, k, layer.KERNEL_OPS))
+    graph, out = layer_measurements.graphed_step(c, static[4])
+    fresh = layer_measurements.integer_router_inputs(T, d, n, E, seed=2)
     with torch.no_grad():
         for buffer, value in zip(static, fresh):
             buffer.copy_(value)
@@ -186,7 +186,7 @@ def test_token_rounding_backward_matches_autograd_in_float64(case):
     reference layer on the same rounded routing."""
     T, d, n, E, k, bias, tile = ROUNDING_CASES[case]
     method = case.split(",")[0]
-    errors = max_rel_errors(*training.float64_gradients(T, d, n, E, k, router_bias=bias, routing=method, tile=tile))
+    errors = max_rel_errors(*layer_measurements.float64_gradients(T, d, n, E, k, router_bias=bias, routing=method, tile=tile))
     assert max(errors["w_gate"], errors["w_up"], errors["w_down"]) < 1e-12, errors
     assert max(errors["x"], errors["w_router"]) < 1e-5, errors
 
@@ -213,7 +213,7 @@ def test_a_wrong_rounding_router_gradient_fails_the_check(monkeypatch):
         return out * 0 if kwargs.get("keepdim") else out
 
     monkeypatch.setattr(torch.Tensor, "sum", no_correction)
-    errors = max_rel_errors(*training.float64_gradients(50, 16, 8, 5, 2, routing="nearest", tile=8))
+    errors = max_rel_errors(*layer_measurements.float64_gradients(50, 16, 8, 5, 2, routing="nearest", tile=8))
     monkeypatch.undo()
     assert errors["w_router"] > 1e-3, errors
 

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from moe_course import moe
+from moe_course import grouped_gemm as gg
+from moe_course import kernels, launch, moe
 from moe_course import token_rounding as tr
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -261,8 +262,6 @@ def test_max_rows_bounds_the_awkward_cases():
 
 
 def test_kernel_source_compiles_with_every_kernel():
-    from moe_course import kernels
-
     report = kernels.compile_report(tr.KERNEL_SOURCE)
     assert {"route_topk", "round_counts", "build_tile_map", "select_tokens"} <= set(report.resources)
 
@@ -302,12 +301,10 @@ def test_kernels_need_no_host_synchronisation():
 
 @pytest.mark.gpu
 def test_rounded_routing_runs_on_the_grouped_gemm():
-    from moe_course import grouped_gemm as gg
-
     scores = tr.synthetic_scores(2048, 16, skew=0.5, seed=2, device="cuda")
     dev = tr.route_cuda(scores, 2, 128, "nearest")
     r = dev.to_routing()
     x = torch.randn(r.num_rows, 128, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(16, 256, 128, device="cuda", dtype=torch.bfloat16) / 128**0.5
-    y = gg.grouped_gemm(x, w, r.ends())
+    y = launch.grouped_gemm(x, w, r.ends())
     torch.testing.assert_close(y.float(), gg.reference(x, w, r.ends()), rtol=2e-2, atol=2e-2)

@@ -42,8 +42,8 @@ from moe_course import KERNELS_DIR, kernels, machine  # noqa: E402
 
 RECORD = KERNELS_DIR / "cubin_digest.json"
 ARCH = kernels.DEFAULT_ARCH
-# Launcher defines beyond "as the file stands": moe_course's Step.defines (02_6's tile and ring),
-# io_overlap.pipeline_step (03_1 with 1-4 slots) and io_overlap.trace_timeline (TRACE = 256
+# Launcher defines beyond "as the file stands": moe_course.launch's Step.defines (02_6's tile and ring),
+# launch.pipeline_step (03_1 with 1-4 slots) and io_overlap.trace_timeline (TRACE = 256
 # slices, on 03_1's pipeline steps and 03_2). tests/test_cubin_digest.py checks that every Step
 # of moe_course is covered.
 TRACE_SLICES = 256

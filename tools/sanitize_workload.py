@@ -72,11 +72,9 @@ def grouped_gemms() -> None:
     import torch
 
     from moe_course import grouped_gemm as gg
-    from moe_course import io_overlap
+    from moe_course import io_overlap, launch
 
-    steps = dict(gg.STEPS)
-    steps["03_1_tma[STAGES=1]"] = io_overlap.pipeline_step(1)
-    for name, step in steps.items():
+    for name, step in launch.STEPS.items():  # 03_1 with one slot and with four among them
         if (machine.info().compute_capability or (0, 0)) < step.min_cc:
             continue
         for what, counts in COUNTS.items():
@@ -84,7 +82,7 @@ def grouped_gemms() -> None:
                 continue  # the per-expert launches of step 1: nothing persistent to exercise
             p = gg.make_problem(counts, 2 * max(step.k_multiple, 64), 2 * step.block_n if step.block_n > 1 else 48)
             y = torch.full((p.x.shape[0], p.w.shape[1]), float("nan"), device="cuda", dtype=torch.bfloat16)
-            gg.run_step(step, p.x, p.w, p.offs, out=y)
+            launch.run_step(step, p.x, p.w, p.offs, out=y)
             check(f"{name}, {what}", y, gg.reference(p.x, p.w, p.offs))
     for what, counts in COUNTS.items():  # 03_3 and 03_4: rows gathered inside the load
         E, T = len(counts), 400
@@ -92,9 +90,9 @@ def grouped_gemms() -> None:
         offs = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
         x = torch.randn(T, 128, device="cuda").to(torch.bfloat16)
         w = (torch.randn(E, 512, 128, device="cuda") / 12).to(torch.bfloat16)
-        check(f"03_3, {what}", io_overlap.gather_grouped_gemm(x, gather_idx, w, offs),
+        check(f"03_3, {what}", launch.gather_grouped_gemm(x, gather_idx, w, offs),
               io_overlap.gather_reference(x, gather_idx, w, offs))
-        a, h = io_overlap.swiglu_grouped_gemm(x, gather_idx, w, offs)
+        a, h = launch.swiglu_grouped_gemm(x, gather_idx, w, offs)
         check(f"03_4, {what}", h, io_overlap.gather_reference(x, gather_idx, w, offs))
         check(f"03_4 (SwiGLU), {what}", a, io_overlap.swiglu_of(h))
 
@@ -116,10 +114,10 @@ def token_rounding() -> None:
 def first_kernel() -> None:
     import torch
 
-    from moe_course import first_kernel as fk
+    from moe_course import launch
 
     x = torch.randn(1000 * 8 + 3, device="cuda").to(torch.bfloat16)
-    check("00_scale", fk.scale(x, 1.5), x.float() * 1.5)
+    check("00_scale", launch.scale(x, 1.5), x.float() * 1.5)
 
 
 def layer() -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .. import KERNELS_DIR, cuda_on_cpu, kernels, machine, ring_model
+from .. import KERNELS_DIR, cuda_on_cpu, kernels, launch, machine, ring_model
 from .. import grouped_gemm as gg
 from ..checking import CheckFailed, grading
 
@@ -149,16 +149,14 @@ def with_ring(source: str) -> str:
 
 
 def _gpu_checks(source: str, seed: int) -> dict:
-    from ..io_overlap import pipeline_step
-
     counts, N = [0, 130, 1, 77], 256
     for stages in STAGES:
-        step = pipeline_step(stages)
+        step = launch.pipeline_step(stages)
         module = kernels.load(with_ring(source), defines={"STAGES": stages})
         for n in slices_for(stages):
             p = gg.make_problem(counts, 64 * n, N, device="cuda", seed=seed + n)
             y = torch.full((p.x.shape[0], N), float("nan"), device="cuda", dtype=torch.bfloat16)
-            gg.run_step(step, p.x, p.w, p.offs, out=y, module=module)
+            launch.run_step(step, p.x, p.w, p.offs, out=y, module=module)
             err = float(((y.float() - gg.reference(p.x, p.w, p.offs)).abs() /
                          (1e-2 + gg.reference(p.x, p.w, p.offs).abs())).nan_to_num(float("inf")).max())
             if err > 5e-2:

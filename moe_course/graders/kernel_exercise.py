@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .. import cuda_on_cpu, kernels, machine
+from .. import cuda_on_cpu, kernels, launch, machine
 from .. import grouped_gemm as gg
 from ..checking import CheckFailed, check_true, grading
 
@@ -58,8 +58,8 @@ class KernelExercise:
     compare_with: str | None = None  # a step of chapter 02 to time the kernel against, on a GPU
 
     @property
-    def step(self) -> gg.Step:
-        return gg.Step("exercise", self.kernel, self.title, block_m=16)
+    def step(self) -> launch.Step:
+        return launch.Step("exercise", self.kernel, self.title, block_m=16)
 
     def grade(self, source: str, seed: int | None = None) -> None:
         grade(self, source, seed)
@@ -132,7 +132,7 @@ def check_on_cpu(ex: KernelExercise, source: str, seed: int) -> None:
             y = torch.full((p.x.shape[0], N), float("nan"), dtype=torch.bfloat16)
             where = case_name(counts, K, N, seed)
             try:
-                gg.run_step_on_cpu(ex.step, p.x, p.w, p.offs, out=y, module=module)
+                launch.run_step_on_cpu(ex.step, p.x, p.w, p.offs, out=y, module=module)
             except cuda_on_cpu.KernelFault as err:
                 raise CheckFailed(f"{where}, run on the CPU:\n{err}") from None
             check_result(y, p, where)
@@ -254,7 +254,7 @@ def _gpu_checks(ex: KernelExercise, source: str, seed: int) -> dict:
             for K, N in ex.shapes:
                 p = gg.make_problem(counts, K, N, device="cuda", seed=seed + i)
                 y = torch.full((p.x.shape[0], N), float("nan"), device="cuda", dtype=torch.bfloat16)
-                gg.run_step(ex.step, p.x, p.w, p.offs, out=y, module=module)
+                launch.run_step(ex.step, p.x, p.w, p.offs, out=y, module=module)
                 check_result(y, p, case_name(counts, K, N, seed) + ", on the GPU")
         free, _ = torch.cuda.mem_get_info()
         if free < BIG_INDEX_FREE_BYTES:
@@ -279,7 +279,7 @@ def check_big_index(ex: KernelExercise, module, what: str, counts, K: int, N: in
     w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16, generator=g) / math.sqrt(K)
     offs = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
     y = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
-    gg.run_step(ex.step, x, w, offs, out=y, module=module)
+    launch.run_step(ex.step, x, w, offs, out=y, module=module)
     torch.cuda.synchronize()
     got, expected = y[-rows_checked:].float(), x[-rows_checked:].float() @ w[-1].float().T
     bad = ~((got - expected).abs() <= 2e-2 + 2e-2 * expected.abs())
@@ -293,8 +293,8 @@ def speed_against(ex: KernelExercise, module, step_name: str) -> str:
     """The learner's kernel and a step of the ladder, timed in turns on one problem."""
     counts, K, N = SPEED_SHAPE
     p = gg.make_problem(counts, K, N, device="cuda", seed=0)
-    fns = {"yours": lambda x, w, offs: gg.run_step(ex.step, x, w, offs, module=module, validate=False),
-           step_name: lambda x, w, offs: gg.run_step(gg.STEPS[step_name], x, w, offs, validate=False)}
+    fns = {"yours": lambda x, w, offs: launch.run_step(ex.step, x, w, offs, module=module, validate=False),
+           step_name: lambda x, w, offs: launch.run_step(launch.STEPS[step_name], x, w, offs, validate=False)}
     speed = {name: t["tflops"] for name, t in gg.time_interleaved(fns, p.x, p.w, p.offs, flops=p.flops,
                                                                    rounds=3, reps=5).items()}
     return (f"speed on {len(counts)} experts x {counts[0]} rows, K={K}, N={N}: your kernel {speed['yours']:.2f} "

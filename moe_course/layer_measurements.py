@@ -19,14 +19,20 @@ records it for the four shapes of chapter 02; notebook 06 draws the record.
 from __future__ import annotations
 
 import functools
+import traceback
+from collections import defaultdict
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import matplotlib.pyplot as plt
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from . import layer, moe
+from . import layer, moe, plotting
+from . import token_rounding as tr
 from .bench import interleaved
 from .checking import relative_error
+from .variants import grouped_mm_unavailable, sonicmoe_unavailable
 
 
 class Contender(NamedTuple):
@@ -93,8 +99,6 @@ def contenders(x, w: moe.MoEWeights, k: int, names=("torch loop", "torch._groupe
                ) -> tuple[dict[str, Contender], dict[str, str]]:
     """Each named contender with its own copy of ``x`` and the weights (bf16); and, for those
     that cannot run here, why not."""
-    from .variants import grouped_mm_unavailable, sonicmoe_unavailable
-
     out, skipped = {}, {}
     kw = layer.prepare(w)
     if "torch loop" in names:
@@ -234,8 +238,6 @@ def measure_layer(shape, names=("torch loop", "torch._grouped_mm", "course", "So
             del g
             rows[name] |= memory(c, dout)
         except Exception as exc:  # e.g. SonicMoE's backward on a setting it does not support
-            import traceback
-
             where = traceback.extract_tb(exc.__traceback__)[-1]
             failed[name] = (f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]} "
                             f"({Path(where.filename).name}:{where.lineno})")
@@ -302,10 +304,6 @@ def table(data: dict) -> str:
 def plot_layer(record, live: bool, base: str = "torch._grouped_mm"):
     """Two charts from a record of :func:`measure_layer` results: forward + backward speed
     relative to ``base``, and the activation memory each contender keeps, per shape."""
-    import matplotlib.pyplot as plt
-
-    from . import plotting
-
     shapes = list(record.data["shapes"])
     names = []
     for s in shapes:
@@ -328,10 +326,6 @@ def plot_layer(record, live: bool, base: str = "torch._grouped_mm"):
 
 def plot_losses(curves: dict[str, list[float]], record, live: bool, ax=None):
     """Loss per step of each training run, overlaid (log scale)."""
-    import matplotlib.pyplot as plt
-
-    from . import plotting
-
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.8))
     for (label, losses), style in zip(curves.items(), ("-", "--", ":", "-.")):
@@ -349,7 +343,7 @@ def plot_losses(curves: dict[str, list[float]], record, live: bool, ax=None):
 
 
 def float64_gradients(T: int, d: int, n: int, E: int, k: int, router_bias: float = 0.0, seed: int = 0,
-                      ops: layer.Ops | None = None, routing: str = "top-K", tile: int = 128) -> tuple[dict, dict]:
+                      ops: layer.Ops | None = None, routing: str = "top-K", tile: int = tr.DEFAULT_TILE) -> tuple[dict, dict]:
     """Gradients of ``<g, out>`` for a random ``g``, with respect to x and every weight: by autograd
     through chapter 01's layer (:func:`moe_course.moe.moe_forward`; for token rounding, chapter
     04's :func:`moe_course.token_rounding.moe_forward` on the rounded routing, its weights taken
@@ -357,8 +351,6 @@ def float64_gradients(T: int, d: int, n: int, E: int, k: int, router_bias: float
     :class:`moe_course.layer.MoEFunction` (``ops``, default :data:`moe_course.layer.TORCH_OPS`),
     both in float64 on the CPU, ours mapped back to chapter 01's layouts. ``router_bias`` pushes
     tokens towards expert 0 (large: one expert takes all)."""
-    from . import token_rounding as tr
-
     g = torch.Generator().manual_seed(seed)
     w = moe.random_weights(d, n, E, dtype=torch.float64, generator=g)
     x = torch.randn(T, d, dtype=torch.float64, generator=g)
@@ -408,7 +400,7 @@ def integer_router_inputs(T: int, d: int, n: int, E: int, router_bias: float = 0
     return x, w_router, kw.w_gate_up, kw.w_down, dout
 
 
-def layer_outputs(inputs, k: int, ops: layer.Ops, dtype=None, routing: str = "top-K", tile: int = 128
+def layer_outputs(inputs, k: int, ops: layer.Ops, dtype=None, routing: str = "top-K", tile: int = tr.DEFAULT_TILE
                   ) -> list[torch.Tensor]:
     """One forward + backward of :class:`moe_course.layer.MoEFunction` on ``inputs`` = ``(x,
     w_router, w_gate_up, w_down, dout)`` (copies, cast to ``dtype`` if given): ``[out, dx,
@@ -419,7 +411,7 @@ def layer_outputs(inputs, k: int, ops: layer.Ops, dtype=None, routing: str = "to
     return [out.detach()] + [t.grad for t in leaves]
 
 
-def kernels_and_torch(x, w_router, w_gate_up, w_down, dout, k: int, routing: str = "top-K", tile: int = 128
+def kernels_and_torch(x, w_router, w_gate_up, w_down, dout, k: int, routing: str = "top-K", tile: int = tr.DEFAULT_TILE
                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Output and the five gradients of :class:`moe_course.layer.MoEFunction`, on the course's
     kernels in bf16 and on the same maths in float32 torch (:data:`moe_course.layer.TORCH_OPS`),
@@ -523,10 +515,6 @@ def kernel_profile(shape, name: str = "course", iters: int = 3, seed: int = 0) -
     launches too), after two warm-up steps. ``{"ms_per_iter": CUDA-event time of a step,
     "kernels": {kernel name: (ms per step, calls per step)}}``, largest first; or ``{"skipped":
     why}``."""
-    from collections import defaultdict
-
-    from torch.profiler import ProfilerActivity, profile
-
     w, x, dout = random_problem(shape, seed)
     found, skipped = contenders(x, w, shape[4], (name,))
     del w

@@ -1,4 +1,4 @@
-"""moe_course/training.py (chapter 06's measurements) on any machine: the torch contenders agree
+"""moe_course/layer_measurements.py (chapter 06's measurements) on any machine: the torch contenders agree
 with each other, what each layer keeps for the backward, the training run, the tables drawn from
 the records; and benchmarks/bench_moe_layer.py without a GPU."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmark_scripts import load
-from moe_course import layer, moe, records, training
+from moe_course import layer, layer_measurements, moe, records
 from moe_course.machine import info
 
 
@@ -17,11 +17,11 @@ def small(seed=0, T=64, d=32, n=16, E=4):
 
 def test_torch_contenders_agree_and_the_course_says_why_it_is_missing():
     w, x = small()
-    found, skipped = training.contenders(x, w, 2, ("torch loop", "torch._grouped_mm", "course"))
+    found, skipped = layer_measurements.contenders(x, w, 2, ("torch loop", "torch._grouped_mm", "course"))
     dout = torch.randn_like(x)
     if "torch._grouped_mm" in found:
-        errs = training.agreement(training.gradients(found["torch loop"], dout),
-                                  training.gradients(found["torch._grouped_mm"], dout))
+        errs = layer_measurements.agreement(layer_measurements.gradients(found["torch loop"], dout),
+                                  layer_measurements.gradients(found["torch._grouped_mm"], dout))
         assert max(errs.values()) < 1e-5, errs
     if not info().has_gpu:
         assert "course" in skipped and "GPU" in skipped["course"]
@@ -29,22 +29,22 @@ def test_torch_contenders_agree_and_the_course_says_why_it_is_missing():
 
 def test_agreement_catches_a_wrong_gradient():
     w, x = small()
-    found, _ = training.contenders(x, w, 2, ("torch loop",))
-    g = training.gradients(found["torch loop"], torch.randn_like(x))
+    found, _ = layer_measurements.contenders(x, w, 2, ("torch loop",))
+    g = layer_measurements.gradients(found["torch loop"], torch.randn_like(x))
     wrong = list(g)
     wrong[5] = wrong[5] * 1.01  # w_down's gradient 1% off
-    errs = training.agreement(wrong, g)
+    errs = layer_measurements.agreement(wrong, g)
     assert errs["w_down"] > 5e-3 and errs["out"] == 0.0
 
 
 def test_the_course_layer_keeps_less_than_autograd_through_the_loop():
     w, x = small(T=256, d=64, n=48, E=8)  # d, n and 2n all different: shapes tell tensors apart
-    found, _ = training.contenders(x, w, 4, ("torch loop",))
+    found, _ = layer_measurements.contenders(x, w, 4, ("torch loop",))
     c = found["torch loop"]
-    theirs = sum(b for *_, b in training.saved_for_backward(c.forward, c.params[1:])[1])
+    theirs = sum(b for *_, b in layer_measurements.saved_for_backward(c.forward, c.params[1:])[1])
     params = [t.requires_grad_() for t in layer.prepare(w, dtype=None)]
     xl = x.clone().requires_grad_()
-    _, ours = training.saved_for_backward(lambda: layer.MoEFunction.apply(xl, *params, 4, layer.TORCH_OPS), params)
+    _, ours = layer_measurements.saved_for_backward(lambda: layer.MoEFunction.apply(xl, *params, 4, layer.TORCH_OPS), params)
     R, n = 256 * 4, 48
     assert {shape for shape, *_ in ours} >= {(256, 64), (R, 2 * n)}  # X and H
     assert not any(shape in {(R, 64), (R, n)} for shape, *_ in ours)  # no gathered X, no A, no expert output
@@ -52,7 +52,7 @@ def test_the_course_layer_keeps_less_than_autograd_through_the_loop():
 
 
 def test_teacher_student_learns_on_the_cpu():
-    losses = training.teacher_student(32, 16, 4, 2, tokens=256, steps=40, lr=1e-2, device="cpu", dtype=torch.float32)
+    losses = layer_measurements.teacher_student(32, 16, 4, 2, tokens=256, steps=40, lr=1e-2, device="cpu", dtype=torch.float32)
     assert len(losses) == 40 and losses[-1] < 0.8 * losses[0]
 
 
@@ -60,10 +60,10 @@ def test_tables_and_speedups_from_a_record():
     row = lambda ms, kept: {"forward": {"ms": ms / 3}, "forward+backward": {"ms": ms, "tflops": 100 / ms},
                             "held_after_forward_bytes": kept, "peak_fwd_bwd_bytes": 2 * kept}
     res = {"contenders": {"torch._grouped_mm": row(9.0, 1000), "course": row(4.5, 100)}, "skipped": {"x": "why"}}
-    sp = training.speedups(res)
+    sp = layer_measurements.speedups(res)
     assert sp["course"]["fwd_bwd_speedup"] == pytest.approx(2.0)
     assert sp["course"]["activation_memory_ratio"] == pytest.approx(0.1)
-    text = training.table({"shapes": {"tiny": res}})
+    text = layer_measurements.table({"shapes": {"tiny": res}})
     assert "course" in text and "2.00x" in text and "skipped: why" in text
 
 
@@ -75,7 +75,7 @@ def test_recorded_layer_benchmarks_are_complete(kind):
         assert "course" in res["contenders"], shape
         for name, r in res["contenders"].items():
             assert r["forward+backward"]["ms"] > 0 and r["held_after_forward_bytes"] > 0, (shape, name)
-    training.plot_layer(rec, live=False)
+    layer_measurements.plot_layer(rec, live=False)
 
 
 def test_bench_without_a_gpu_prints_the_record(capsys):
@@ -94,7 +94,7 @@ def test_the_sonicmoe_record_compares_outputs_and_names_its_versions(kind):
     for shape, res in rec.data["shapes"].items():
         sonic = res["contenders"]["SonicMoE"]
         errors = sonic["agreement_with_torch._grouped_mm"]
-        assert set(errors) == set(training.GRADIENT_NAMES) and max(errors.values()) < 2e-2, (shape, errors)
+        assert set(errors) == set(layer_measurements.GRADIENT_NAMES) and max(errors.values()) < 2e-2, (shape, errors)
 
 
 def test_sonicmoe_versions_names_each_package():
@@ -108,10 +108,10 @@ def test_sonicmoe_versions_names_each_package():
 def test_the_profile_table_shows_idle_time_and_the_big_kernels(capsys):
     res = {"ms_per_iter": 10.0, "kernels": {"weight_grad_grouped_gemm": (4.0, 2.0), "combine_rows": (1.0, 2.0),
                                             "tiny": (0.004, 1.0)}}
-    out = training.profile_table("qwen3-30b-a3b / course", res)
+    out = layer_measurements.profile_table("qwen3-30b-a3b / course", res)
     assert "GPU idle 4.996 ms" in out and "weight_grad_grouped_gemm" in out and "40.0%" in out
     assert "tiny" not in out  # under 1% of the kernel time: left out
-    assert "skipped: why" in training.profile_table("x", {"skipped": "why"})
+    assert "skipped: why" in layer_measurements.profile_table("x", {"skipped": "why"})
     if not info().has_gpu:
         assert load("profile_moe_layer").main([]) == 0
         assert "needs a GPU" in capsys.readouterr().out
@@ -130,17 +130,17 @@ def test_measure_ops_checks_then_times_each_product():
     product checked and timed; a product that computes the wrong thing is caught and not timed."""
     grouped_mm_on_cpu()
     shape = (96, 64, 32, 4, 2)
-    rows = training.measure_ops(shape, mine=layer.TORCH_OPS, device="cpu", rounds=1, reps=1, progress=lambda s: None)
+    rows = layer_measurements.measure_ops(shape, mine=layer.TORCH_OPS, device="cpu", rounds=1, reps=1, progress=lambda s: None)
     assert [r["status"] for r in rows] == ["ok"] * 7, rows
     assert all(r["rel_err"] < 2e-2 and r["course"]["ms"] > 0 for r in rows)
-    text = training.ops_table({"shapes": {"tiny": rows}})
+    text = layer_measurements.ops_table({"shapes": {"tiny": rows}})
     assert "06_3_weight_grad" in text and "TB/s" in text  # the combine is counted in bytes
 
     broken = layer.TORCH_OPS._replace(weight_grad=lambda dy, x, idx, offs: layer.TORCH_OPS.weight_grad(dy, x, idx, offs) * 1.1)
-    rows = training.measure_ops(shape, mine=broken, device="cpu", rounds=1, reps=1, progress=lambda s: None)
+    rows = layer_measurements.measure_ops(shape, mine=broken, device="cpu", rounds=1, reps=1, progress=lambda s: None)
     failed = [r for r in rows if r["status"] == "failed"]
     assert [r["kernel"] for r in failed] == ["06_3_weight_grad"] * 2 and all("course" not in r for r in failed)
-    assert "FAILED" in training.ops_table({"shapes": {"tiny": rows}})
+    assert "FAILED" in layer_measurements.ops_table({"shapes": {"tiny": rows}})
 
 
 def test_relative_error_in_chunks_agrees_and_sees_nan():
@@ -159,9 +159,9 @@ def test_the_layer_on_grouped_mm_ops_matches_the_torch_maths():
     """layer.GROUPED_MM_OPS (the library every kernel is measured against) computes the layer
     right: output and gradients in bf16 against the float32 torch maths."""
     grouped_mm_on_cpu()
-    inputs = training.integer_router_inputs(80, 32, 16, 6, device="cpu")
-    ours = training.layer_outputs(inputs, 2, layer.GROUPED_MM_OPS, torch.bfloat16)
-    reference = training.layer_outputs(inputs, 2, layer.TORCH_OPS, torch.float32)
+    inputs = layer_measurements.integer_router_inputs(80, 32, 16, 6, device="cpu")
+    ours = layer_measurements.layer_outputs(inputs, 2, layer.GROUPED_MM_OPS, torch.bfloat16)
+    reference = layer_measurements.layer_outputs(inputs, 2, layer.TORCH_OPS, torch.float32)
     for label, a, b in zip(("out", "x", "w_router", "w_gate_up", "w_down"), ours, reference):
         a, b = a.float(), b.float()
         assert float((a - b).norm() / b.norm()) < 2e-2, label
@@ -179,4 +179,4 @@ def test_the_recorded_kernel_comparison_checked_every_product():
     assert rec is not None and set(rec.data["shapes"]) == {"sonicmoe-7b", "qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3"}
     for shape, rows in rec.data["shapes"].items():
         assert len(rows) == 7 and all(r["status"] == "ok" and r["rel_err"] < 2e-2 for r in rows), shape
-    assert "06_3_weight_grad" in training.ops_table(rec.data)
+    assert "06_3_weight_grad" in layer_measurements.ops_table(rec.data)

@@ -1,0 +1,708 @@
+"""Every kernel of ``kernels/`` and how it is launched: the one place for the host side.
+
+- :class:`Step`: what one build of a kernel file needs at launch: its entry point, its tile
+  (``block_m`` rows by ``block_n`` columns, K in slices of ``k_multiple``), threads, the GPU it
+  needs, its dynamic shared memory (sized from that tile by the functions below), its
+  ``#define``\\ s. Every launch reads the tile from its Step; nothing else restates it.
+- :data:`KERNEL_FILES`: every file of ``kernels/`` -> its Step and the function that launches
+  it (``tests/test_launch.py`` fails when a file has none).
+- The launches every grouped GEMM shares: :func:`build_tile_map` (the M-tiles, on the GPU) and
+  :func:`launch_persistent` (one block per SM, the tile order's group size).
+- The input checks, all through :func:`require`: a shape, dtype or device a kernel cannot take
+  is refused with a message that names the problem, never launched into an out-of-bounds read.
+- :func:`run_step_on_cpu`: the same launches of the CUDA-core steps, run on the CPU
+  (:mod:`moe_course.cuda_on_cpu`).
+
+Conventions, as the kernels take them: rows sorted by expert, ``offs[e]`` the end row of expert
+``e`` (int32, as ``torch._grouped_mm`` takes it); ``w`` is ``[E, N, K]`` (each expert's weight
+stored like ``nn.Linear``'s) unless a launcher says otherwise; ``gather_idx[r]`` (int32) the
+token that sorted row ``r`` reads. Every launch goes on torch's current stream
+(:func:`moe_course.kernels.on_torch_stream`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import cuda_on_cpu, kernels, tma
+from .kernels import ptr
+from .machine import info
+
+# --------------------------------------------------------------------------------------------
+# Input checks: one helper, and the checks the launchers share
+
+
+def require(ok: bool, message, kind: type[Exception] = ValueError) -> None:
+    """Refuse bad input: raise ``kind(message)`` unless ``ok``. ``message`` is a string, or a
+    function that makes one where formatting costs (a dtype, a device, a shape: about a
+    microsecond each, and the layer's launches run ~100 checks a training step)."""
+    if not ok:
+        raise kind(message() if callable(message) else message)
+
+
+def check_tensor_types(specs: dict) -> None:
+    """``specs``: name -> (tensor, dtype, dimensions). Each a torch tensor of that dtype and rank
+    (checked before where it lives: a wrong dtype is the likelier mistake)."""
+    for name, (t, dtype, dim) in specs.items():
+        if isinstance(t, torch.Tensor) and t.dtype == dtype and t.dim() == dim:
+            continue  # the usual case, passed on one line; below, one of the three fails
+        require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+        require(t.dtype == dtype, f"{name} must be {dtype}, got {t.dtype}", TypeError)
+        require(t.dim() == dim, f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
+
+
+def check_on_gpu(tensors: dict) -> None:
+    """``tensors``: name -> tensor. Each on the GPU and contiguous (the kernels index raw memory)."""
+    for name, t in tensors.items():
+        if t.is_cuda and t.is_contiguous():
+            continue  # the usual case, passed on one line; below, one of the two fails
+        require(t.device.type == "cuda", f"{name} is on {t.device}; the kernels read GPU memory: move it with .cuda()")
+        require(t.is_contiguous(), f"{name} must be contiguous (call .contiguous())")
+
+
+def check_gpu_at_least(min_cc: tuple[int, int], message) -> None:
+    """This GPU's compute capability is at least ``min_cc``; ``message(cc)`` says why not."""
+    cc = info().compute_capability or (0, 0)
+    require(cc >= min_cc, lambda: message(cc), RuntimeError)
+
+
+def check_tile_multiples(step: Step, N: int, K: int, names: tuple[str, str] = ("N", "K")) -> None:
+    """N and K whole multiples of what one of ``step``'s tiles covers (``names``: what the caller
+    calls its N and K, so the message speaks its language)."""
+    n, k = names
+    require(not (N % step.block_n or K % step.k_multiple),
+            lambda: f"{step.name} needs {n} % {step.block_n} == 0 and {k} % {step.k_multiple} == 0; got {n}={N}, {k}={K}")
+
+
+def check_offsets(offs, M: int) -> None:
+    """Each expert's end row, non-decreasing, the last one ``M`` (the rows): checked on the host
+    (one small copy, a synchronisation; the kernels clamp malformed offsets, only this says so)."""
+    o = offs.cpu()
+    require(not (o.numel() and (int(o[0]) < 0 or bool((o[1:] < o[:-1]).any()) or int(o[-1]) != M)),
+            lambda: f"offs must be non-decreasing end rows with offs[-1] == M == {M}; got {o.tolist()[:16]}"
+                    + ("..." if o.numel() > 16 else ""))
+
+
+def check_gather_range(gather_idx, tokens: int) -> None:
+    """Every index a row of the token matrix (one small copy to the host, a synchronisation;
+    the kernels read a zero row for an index outside, only this says it was wrong)."""
+    if gather_idx.numel():
+        lo, hi = int(gather_idx.min()), int(gather_idx.max())
+        require(0 <= lo and hi < tokens, f"gather_idx must index rows of x (0..{tokens - 1}); got values {lo}..{hi}")
+
+
+def check_out(out, M: int, N: int) -> None:
+    """A caller's output buffer: contiguous bf16 ``[M, N]``."""
+    require(out.shape == (M, N) and out.dtype == torch.bfloat16 and out.is_contiguous(),
+            lambda: f"out must be a contiguous bf16 tensor of shape ({M}, {N})")
+
+
+# --------------------------------------------------------------------------------------------
+# Steps: what each kernel file needs at launch
+
+
+@dataclass(frozen=True)
+class Step:
+    source: str  # file in kernels/
+    kernel: str  # __global__ function
+    title: str  # what it adds, for charts and tables
+    block_m: int = 0  # rows per tile (0: no tiles: one launch per expert, or not a grouped GEMM)
+    block_n: int = 1  # N must be a multiple of this
+    k_multiple: int = 1  # K must be a multiple of this
+    threads: int = 256
+    min_cc: tuple[int, int] = (8, 0)
+    smem_bytes: int = 0  # dynamic shared memory
+    persistent: bool = False
+    defines: dict = field(default_factory=dict)
+    tma: bool = False  # chapter 03 on: X and W passed as TMA tensor maps, not pointers
+
+    @property
+    def name(self) -> str:
+        return self.source + "".join(f"[{k}={v}]" for k, v in self.defines.items())
+
+
+HOPPER = (9, 0)  # wgmma, TMA, setmaxnreg: sm_90a
+MAX_EXPERTS = 1024  # build_tile_map (and 04_1's round_counts) use one thread per expert
+SLICE_K = 64  # bf16 of K per slice of the wgmma rings: one 128-byte swizzled row (tma.BOX_COLS)
+STAGING_BYTES = 64 * 128 * 2  # warp_specialized.cuh: one consumer warpgroup's epilogue staging buffer
+
+
+def mma_sync_smem(block_m: int, block_n: int, block_k: int, stages: int) -> int:
+    """02_4's ring: ``stages`` slices of (block_m + block_n) rows of ``block_k`` bf16, each row
+    padded by 8 values against bank conflicts (its LDS)."""
+    return stages * (block_m + block_n) * (block_k + 8) * 2
+
+
+def wgmma_ring_smem(block_m: int, block_n: int, stages: int) -> int:
+    """wgmma_tile.cuh's ring: ``stages`` slots of (block_m + block_n) rows x 64 bf16, + 1024 to align."""
+    return stages * (block_m + block_n) * SLICE_K * 2 + 1024
+
+
+def tma_ring_smem(block_m: int, block_n: int, stages: int) -> int:
+    """Chapter 03's ring: the same slots, plus a full and an empty mbarrier (8 bytes each) per slot."""
+    return wgmma_ring_smem(block_m, block_n, stages) + 2 * 8 * stages
+
+
+def warp_specialized_smem(block_m: int, block_n: int, stages: int) -> int:
+    """warp_specialized.cuh: the ring, two epilogue staging buffers, and each slot's tile (three
+    ints) and two ints to hand a tile round."""
+    return tma_ring_smem(block_m, block_n, stages) + 2 * STAGING_BYTES + 12 * stages + 8
+
+
+def weight_grad_smem(rows: int, block_n: int, block_k: int, stages: int) -> int:
+    """06_3's shared memory: ``stages`` slots of ``rows`` rows of dY (``block_n`` wide) and of X
+    (``block_k`` wide), a staging buffer per consumer warpgroup, two mbarriers a slot, 1024 to align."""
+    return stages * rows * (block_n + block_k) * 2 + 2 * STAGING_BYTES + 16 * stages + 1024
+
+
+def _mma_sync_step() -> Step:
+    """02_4: 128 x 128 tiles, K in slices of 32, a ring of 3 (02_4_mma_sync.cu's BM, BN, BK, STAGES)."""
+    block_m, block_n, block_k, stages = 128, 128, 32, 3
+    return Step("02_4_mma_sync", "mma_sync_grouped_gemm", "tensor cores: mma.sync + cp.async", block_m, block_n,
+                block_k, smem_bytes=mma_sync_smem(block_m, block_n, block_k, stages))
+
+
+WGMMA_BLOCK_M = 128  # the M tile of every wgmma kernel: two consumer warpgroups of 64 rows
+
+
+def _wgmma_step(source: str, kernel: str, title: str, block_n: int = 128, stages: int = 4, **kw) -> Step:
+    """A step of chapter 02's wgmma ring (wgmma_tile.cuh: its BN and STAGES, 128 and 4 unless defined)."""
+    return Step(source, kernel, title, WGMMA_BLOCK_M, block_n, SLICE_K, min_cc=HOPPER,
+                smem_bytes=wgmma_ring_smem(WGMMA_BLOCK_M, block_n, stages), **kw)
+
+
+def pipeline_step(stages: int, title: str = "TMA + mbarrier ring (4 slots)") -> Step:
+    """03_1 with a ring of ``stages`` slots (the same tile, the same kernel otherwise), named by
+    its slots (``03_1_tma[STAGES=2]``): chapter 03's pipeline measurements and exercise 07."""
+    block_n = 256  # 03_1_tma.cu's BN
+    return Step("03_1_tma", "tma_grouped_gemm", title, WGMMA_BLOCK_M, block_n, SLICE_K, min_cc=HOPPER,
+                smem_bytes=tma_ring_smem(WGMMA_BLOCK_M, block_n, stages), tma=True, defines={"STAGES": stages})
+
+
+def _warp_specialized_step(source: str, kernel: str, title: str) -> Step:
+    """A kernel on chapter 03's skeleton (warp_specialized.cuh): 128 x 256 tiles, a ring of 4
+    slots, a producer warpgroup and two consumers, persistent."""
+    block_n, stages = 256, 4  # warp_specialized.cuh's BN and STAGES
+    return Step(source, kernel, title, WGMMA_BLOCK_M, block_n, SLICE_K, threads=384, min_cc=HOPPER,
+                smem_bytes=warp_specialized_smem(WGMMA_BLOCK_M, block_n, stages), persistent=True, tma=True)
+
+
+SCALE = Step("00_scale", "scale_bf16", "y = alpha x: 16-byte loads, a grid-stride loop")
+
+#: The grouped GEMM ladder of chapters 02 and 03: ``y = x @ w[e].T`` on ``(x, w, offs)``, one
+#: entry per build, by name (``02_6_persistent[BN=256]``), in teaching order.
+STEPS: dict[str, Step] = {s.name: s for s in [
+    Step("02_1_naive_per_expert", "naive_gemm", "naive, one launch per expert"),
+    Step("02_2_naive_grouped", "naive_grouped_gemm", "naive, one launch (tile map)", 16),
+    Step("02_3_smem_tiled", "smem_tiled_grouped_gemm", "shared-memory tiles, CUDA cores", 128, 128, 32),
+    _mma_sync_step(),
+    _wgmma_step("02_5_wgmma", "wgmma_grouped_gemm", "Hopper wgmma"),
+    _wgmma_step("02_6_persistent", "persistent_grouped_gemm", "persistent, device tile scheduler", persistent=True),
+    _wgmma_step("02_6_persistent", "persistent_grouped_gemm", "persistent, 128x256 tiles", block_n=256,
+                persistent=True, defines={"BN": 256}),
+    _wgmma_step("02_6_persistent", "persistent_grouped_gemm", "persistent, 6 stages", stages=6, persistent=True,
+                defines={"STAGES": 6}),
+    pipeline_step(1, "TMA, one slot: no overlap"),
+    dataclasses.replace(pipeline_step(4), defines={}),  # the kernel's own STAGES: 4
+    _warp_specialized_step("03_2_warp_specialized", "ws_grouped_gemm", "producer + 2 consumer warpgroups"),
+]}
+LADDER = [name for name in STEPS if "[" not in name]  # one entry per file, in teaching order
+CHAPTER02_BEST = "02_6_persistent[BN=256]"  # the best of chapter 02's ladder
+BEST = "03_2_warp_specialized"  # the course's best grouped GEMM (chapter 03): the default everywhere
+
+
+def chapter_steps(chapter: str) -> dict[str, Step]:
+    """The steps of one chapter (``"02"`` or ``"03"``), in teaching order."""
+    return {name: s for name, s in STEPS.items() if name.startswith(chapter + "_")}
+
+
+# Chapter 03's kernels that take an MoE layer's own inputs (the token matrix and gather_idx)
+GATHER = _warp_specialized_step("03_3_gather", "gather_grouped_gemm", "X rows gathered in the load (cp.async)")
+SWIGLU = _warp_specialized_step("03_4_swiglu", "swiglu_grouped_gemm", "gathered up-projection + SwiGLU epilogue")
+
+# Chapter 04: the routing metadata (top-K, rounded counts, tile map, selection): four launches
+ROUTING = Step("04_1_token_rounding", "select_tokens", "token rounding's routing metadata, no host sync",
+               threads=512)
+ROUTING_MODES = {"top-K": 0, "up": 1, "down": 2, "nearest": 3, "padded": 4}  # round_counts' mode argument
+TOPK_WARPS = 8  # tokens per block of route_topk (one warp per token)
+
+# Chapter 06: what the trainable layer needs beyond chapter 03's kernels
+TRANSPOSED_B = _warp_specialized_step("06_1_transposed_b", "transposed_b_grouped_gemm",
+                                      "W stored [E, K, N], read transposed")
+DSWIGLU = _warp_specialized_step("06_2_dswiglu", "dswiglu_grouped_gemm",
+                                 "gathered dout @ W_down^T + SwiGLU backward epilogue")
+
+
+def _weight_grad_step() -> Step:
+    """06_3: tiles of 256 (N) x 128 (K) of dW, its reduction over each expert's rows 64 rows a
+    slice (06_3_weight_grad.cu's TN, TK and BR), a ring of 4 slots."""
+    rows, block_n, block_k, stages = 64, 256, 128, 4
+    return Step("06_3_weight_grad", "weight_grad_grouped_gemm", "dW[e] = dy_e^T x_e (reduction over rows)",
+                rows, block_n, block_k, threads=384, min_cc=HOPPER, persistent=True, tma=True,
+                smem_bytes=weight_grad_smem(rows, block_n, block_k, stages))
+
+
+WEIGHT_GRAD = _weight_grad_step()
+COMBINE = Step("06_4_combine", "combine_rows", "each token gathers and sums its k rows (no atomics)", threads=128,
+               min_cc=HOPPER)
+EPILOGUE_BOX_ROWS = 64  # 06_3 stores dW in TMA boxes of 64 x 64 (store_tile_tma)
+
+
+# --------------------------------------------------------------------------------------------
+# What every grouped GEMM's launch shares: the tile map, the persistent grid
+
+
+def max_tiles_for(M: int, E: int, block_m: int) -> int:
+    """An upper bound of the M-tiles, known without reading the counts: ceil(M / block_m) + E."""
+    return math.ceil(M / block_m) + E
+
+
+@kernels.on_torch_stream
+def build_tile_map(module, offs, M: int, block_m: int):
+    """Launch ``build_tile_map`` (grouped_gemm.cuh): (tile_map, num_tiles, max_tiles), all on the GPU.
+    ``num_tiles[0]``: the real number of M-tiles; ``num_tiles[1]``: zero, the counter from which
+    the dynamically scheduled kernels (warp_specialized.cuh) take their tiles.
+
+    ``max_tiles`` = ceil(M / block_m) + E bounds the real count without reading the offsets."""
+    E = offs.numel()
+    max_tiles = max_tiles_for(M, E, block_m)
+    tile_map = torch.empty(max_tiles, 2, device=offs.device, dtype=torch.int32)
+    num_tiles = torch.empty(2, device=offs.device, dtype=torch.int32)  # [M-tiles, tile counter]
+    module.get_function("build_tile_map")((1,), (1024,), (
+        ptr(offs), np.int32(E), np.int32(M), np.int32(block_m), np.int32(max_tiles), ptr(tile_map), ptr(num_tiles)))
+    return tile_map, num_tiles, max_tiles
+
+
+GROUP_M_MAX = 16
+GROUP_M_MIN = 4  # DeepSeek-V3's 2-3 tiles an expert (a few more with an uneven routing) in one group
+GROUP_X_BYTES = 16 << 20  # X rows one group of M-tiles reads: kept well inside the 60 MB L2
+
+
+def group_m_for(M: int, E: int, K: int, block_m: int) -> int:
+    """At most how many M-tiles of one expert a group of the warp-specialised kernels' tile
+    order holds (warp_specialized.cuh; a group never straddles two experts): about one average
+    expert's M-tiles (at least GROUP_M_MIN), so its weights are read once while all its rows
+    are in flight, but no more than GROUP_X_BYTES of X rows per group.
+    Computed from the shapes alone: no look at the expert counts, no host sync. Measured on the
+    H200 (group sizes 1-16 on the chapter 02 shapes): within 2% of the best group everywhere."""
+    per_expert = math.ceil(M / max(E, 1) / block_m)
+    fits = max(1, GROUP_X_BYTES // (block_m * K * 2))
+    return int(max(1, min(GROUP_M_MAX, fits, max(GROUP_M_MIN, per_expert))))
+
+
+@kernels.on_torch_stream
+def launch_persistent(step: Step, module, head: tuple, offs, M: int, K: int, sizes: tuple, group_m: int | None = None):
+    """Launch a persistent kernel of chapters 03 and 06 (one block per SM, the tile map built on
+    the GPU): ``kernel(*head, offs, tile_map, num_tiles, *sizes, group_m)``."""
+    fn = module.get_function(step.kernel)
+    fn.max_dynamic_shared_size_bytes = step.smem_bytes
+    tile_map, num_tiles, _ = build_tile_map(module, offs, M, step.block_m)
+    fn((info().sm_count,), (step.threads,),
+       head + (ptr(offs), ptr(tile_map), ptr(num_tiles)) + tuple(np.int32(v) for v in sizes)
+       + (np.int32(group_m or group_m_for(M, offs.numel(), K, step.block_m)),), shared_mem=step.smem_bytes)
+
+
+def launch_geometry(s: Step, N: int, max_tiles: int) -> tuple[tuple[int, int], tuple[int, ...]]:
+    """(grid, block) of a non-persistent step: one block per (N-tile, M-tile). Steps of 16-row
+    tiles (the naive kernel, exercise 03) are 16 x 16 threads, one output each."""
+    if s.block_m == 16:
+        return (math.ceil(N / 16), max_tiles), (16, 16)
+    return (N // s.block_n, max_tiles), (s.threads,)
+
+
+# --------------------------------------------------------------------------------------------
+# 00: the first kernel
+
+
+BLOCKS_PER_SM = 8  # 00_scale: enough resident warps to keep many 16-byte loads in flight
+
+
+def check_bf16_cuda(name: str, t, align: int = 16) -> None:
+    require(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    require(t.dtype == torch.bfloat16, lambda: f"{name} must be bfloat16, got {t.dtype}", TypeError)
+    require(t.device.type == "cuda",
+            lambda: f"{name} is on {t.device}; the kernel reads GPU memory: move it with .cuda()")
+    require(t.is_contiguous(), lambda: f"{name} must be contiguous (call .contiguous())")
+    require(t.data_ptr() % align == 0, lambda: f"{name} must start on a {align}-byte boundary for 16-byte loads "
+                                               f"(its address ends in {t.data_ptr() % align} mod {align}; a sliced view?)")
+
+
+@kernels.on_torch_stream
+def scale(x, alpha: float, out=None):
+    """``alpha * x`` in bf16 by the course's first kernel (``kernels/00_scale.cu``): the pattern
+    every launcher here follows: check the inputs, load the module (compiled once per process),
+    size the grid from the GPU, launch on torch's stream, return a torch tensor."""
+    check_bf16_cuda("x", x)
+    if out is None:
+        out = torch.empty_like(x)
+    check_bf16_cuda("out", out)
+    require(out.shape == x.shape, lambda: f"out has shape {tuple(out.shape)}, x has {tuple(x.shape)}")
+    n = x.numel()
+    if n == 0:
+        return out
+    kernel = kernels.load(SCALE.source).get_function(SCALE.kernel)
+    blocks = max(1, min(-(-n // (8 * SCALE.threads)), info().sm_count * BLOCKS_PER_SM))
+    kernel((blocks,), (SCALE.threads,), (ptr(x), ptr(out), np.float32(alpha), np.int64(n)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 02-03: the grouped GEMM ladder, y[rows of e] = x[rows of e] @ w[e].T
+
+
+def check_inputs(x, w, offs, step: Step, validate_offsets: bool = True, rows: int | None = None
+                 ) -> tuple[int, int, int, int]:
+    """Refuse what ``step`` cannot compute, naming the problem. Returns (M, N, K, E).
+
+    ``rows``: the number of rows the experts own, when it is not ``x``'s (gathered inputs)."""
+    check_tensor_types({"x": (x, torch.bfloat16, 2), "w": (w, torch.bfloat16, 3), "offs": (offs, torch.int32, 1)})
+    M, K = x.shape
+    M = M if rows is None else rows
+    E, N, Kw = w.shape
+    require(Kw == K, lambda: f"x has K={K} columns but w is [E, N, K] = {tuple(w.shape)}: K differs "
+                             "(w holds each expert's weight as [out, in])")
+    require(offs.numel() == E, lambda: f"offs must hold one end row per expert: {E} values, got {offs.numel()}")
+    require(E <= MAX_EXPERTS, lambda: f"at most {MAX_EXPERTS} experts, got {E}")
+    check_tile_multiples(step, N, K)
+    check_on_gpu({"x": x, "w": w, "offs": offs})
+    check_gpu_at_least(step.min_cc, lambda cc: f"{step.name} needs compute capability {step.min_cc[0]}."
+                                               f"{step.min_cc[1]} (wgmma is Hopper-only); this GPU is {cc[0]}.{cc[1]}")
+    if validate_offsets:  # one small copy to the host; benchmarks pass validate=False
+        check_offsets(offs, M)
+    return M, N, K, E
+
+
+def grouped_gemm(x, w, offs, step: str = BEST, out=None, validate: bool = True):
+    """``y[rows of e] = x[rows of e] @ w[e].T`` for every expert, by one step of the ladder.
+
+    ``validate`` also checks the offsets on the host (one small copy, a synchronisation);
+    benchmarks turn it off. Malformed offsets can never make a kernel read out of bounds (the
+    kernels clamp them), but only validation says they were malformed.
+    """
+    require(step in STEPS, lambda: f"unknown step {step!r}; steps: {', '.join(STEPS)}", KeyError)
+    return run_step(STEPS[step], x, w, offs, out, validate)
+
+
+@kernels.on_torch_stream
+def run_step(s: Step, x, w, offs, out=None, validate: bool = True, module=None, group_m: int | None = None):
+    """Launch one step (``module``: an already loaded module, e.g. an exercise's own kernel;
+    ``group_m``: the warp-specialised kernels' tile grouping, default :func:`group_m_for`)."""
+    M, N, K, E = check_inputs(x, w, offs, s, validate)
+    if out is None:
+        out = torch.empty(M, N, device=x.device, dtype=torch.bfloat16)
+    else:
+        check_out(out, M, N)
+    if M == 0 or N == 0:
+        return out
+    module = module or kernels.load(s.source, defines=s.defines)
+    fn = module.get_function(s.kernel)
+    if s.smem_bytes:
+        fn.max_dynamic_shared_size_bytes = s.smem_bytes
+    i32 = np.int32
+    if s.block_m == 0:  # step 1: the host reads the counts (a sync) and launches per expert
+        ends = offs.cpu().tolist()
+        start = 0
+        for e, end in enumerate(ends):
+            rows = end - start
+            if rows > 0:
+                fn((math.ceil(N / 16), math.ceil(rows / 16)), (16, 16),
+                   (ptr(x, start * K * 2), ptr(w[e]), ptr(out, start * N * 2), i32(rows), i32(N), i32(K)))
+            start = end
+        return out
+
+    tile_map, num_tiles, max_tiles = build_tile_map(module, offs, M, s.block_m)
+    require(s.persistent or max_tiles <= 65535, lambda: f"{s.name} launches one block row per tile: {max_tiles} "
+                                                        f"tiles exceed the grid's 65535; use a persistent step")
+    if s.tma:  # the copy engine reads X and W through tensor maps (moe_course/tma.py)
+        args = (tma.tensor_map_2d(x, s.block_m), tma.tensor_map_2d(w, s.block_n), ptr(out), ptr(offs), ptr(tile_map))
+    else:
+        args = (ptr(x), ptr(w), ptr(out), ptr(offs), ptr(tile_map))
+    if s.persistent and s.tma:  # warp_specialized.cuh: the tile order's group size too
+        fn((info().sm_count,), (s.threads,), args + (ptr(num_tiles), i32(M), i32(N), i32(K),
+           i32(group_m or group_m_for(M, E, K, s.block_m))), shared_mem=s.smem_bytes)
+    elif s.persistent:
+        fn((info().sm_count,), (s.threads,), args + (ptr(num_tiles), i32(M), i32(N), i32(K)),
+           shared_mem=s.smem_bytes)
+    else:
+        grid, block = launch_geometry(s, N, max_tiles)
+        fn(grid, block, args + (i32(M), i32(N), i32(K)), shared_mem=s.smem_bytes)
+    return out
+
+
+def run_step_on_cpu(s: Step, x, w, offs, out=None, module=None, build_map_module=None):
+    """``run_step``'s launches, run on the CPU (:mod:`moe_course.cuda_on_cpu`): the tile map by
+    ``build_tile_map`` and the step's kernel, one thread at a time in two thread orders, so a
+    race, a barrier that not every thread reaches, or an index out of bounds is reported, not
+    hidden. For the CUDA-core steps (02_1 to 02_3) and the exercises, at small sizes (slow);
+    steps written in PTX (02_4 on) raise :class:`~moe_course.cuda_on_cpu.NeedsGPU`.
+    ``x``, ``w``, ``offs``: CPU tensors; ``module``: a CPU module (default: the step's file)."""
+    check_tensor_types({"x": (x, torch.bfloat16, 2), "w": (w, torch.bfloat16, 3), "offs": (offs, torch.int32, 1)})
+    M, K = x.shape
+    E, N, _ = w.shape
+    check_tile_multiples(s, N, K)
+    check_offsets(offs, M)
+    out = torch.empty(M, N, dtype=torch.bfloat16) if out is None else out
+    if M == 0 or N == 0:
+        return out
+    module = module or cuda_on_cpu.load(s.source, defines=s.defines)
+    if s.block_m == 0:  # step 1: one launch per expert, on the expert's rows
+        start = 0
+        for e, end in enumerate(offs.tolist()):
+            rows = end - start
+            if rows > 0:
+                module.launch(s.kernel, (math.ceil(N / 16), math.ceil(rows / 16)), (16, 16),
+                              (x[start:end], w[e], out[start:end], rows, N, K))
+            start = end
+        return out
+    max_tiles = max_tiles_for(M, E, s.block_m)
+    tile_map = torch.empty(max_tiles, 2, dtype=torch.int32)
+    num_tiles = torch.empty(2, dtype=torch.int32)
+    (build_map_module or module).launch("build_tile_map", (1,), (1024,),
+                                        (offs, E, M, s.block_m, max_tiles, tile_map, num_tiles))
+    grid, block = launch_geometry(s, N, max_tiles)
+    module.launch(s.kernel, grid, block, (x, w, out, offs, tile_map, M, N, K), shared_mem=s.smem_bytes)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 03_3, 03_4: the token rows gathered inside the load; SwiGLU in the epilogue
+
+
+def check_gather(x, gather_idx, w, offs, step: Step, validate: bool) -> tuple[int, int, int, int]:
+    """:func:`check_inputs` for a gathered step (the experts own ``gather_idx``'s rows), and
+    ``gather_idx`` itself. Returns (M, N, K, E)."""
+    require(isinstance(gather_idx, torch.Tensor) and gather_idx.dtype == torch.int32 and gather_idx.dim() == 1,
+            "gather_idx must be a 1-D torch.int32 tensor (the token of each expert-sorted row)", TypeError)
+    require(gather_idx.device == x.device and gather_idx.is_contiguous(),
+            lambda: f"gather_idx must be contiguous and on {x.device}, like x")
+    M, N, K, E = check_inputs(x, w, offs, step, validate, rows=gather_idx.numel())
+    if validate:
+        check_gather_range(gather_idx, x.shape[0])
+    return M, N, K, E
+
+
+def _launch_gathered(step: Step, x, gather_idx, w, offs, outputs, M, N, K):
+    module = kernels.load(step.source, defines=step.defines)
+    launch_persistent(step, module, (tma.tensor_map_2d(w, step.block_n), ptr(x), ptr(gather_idx), *outputs),
+                      offs, M, K, (M, N, K, x.shape[0]))
+
+
+def gather_grouped_gemm(x, gather_idx, w, offs, out=None, validate: bool = True, step: Step = GATHER):
+    """``y[r] = x[gather_idx[r]] @ w[e].T`` for the rows ``r`` of each expert ``e``, without
+    writing ``x[gather_idx]`` anywhere. ``validate`` checks the offsets and indices on the host
+    (a synchronisation; benchmarks turn it off). An index outside ``x`` reads a zero row."""
+    M, N, K, E = check_gather(x, gather_idx, w, offs, step, validate)
+    if out is None:
+        out = torch.empty(M, N, device=x.device, dtype=torch.bfloat16)
+    else:
+        check_out(out, M, N)
+    if M and N:
+        _launch_gathered(step, x, gather_idx, w, offs, (ptr(out),), M, N, K)
+    return out
+
+
+def swiglu_grouped_gemm(x, gather_idx, w_interleaved, offs, store_h: bool = True, validate: bool = True):
+    """The up-projection of an MoE layer: ``(a, h)`` with ``h[r] = x[gather_idx[r]] @ w[e].T``
+    (``[M, 2n]``, gate and up columns interleaved, or ``None`` when ``store_h`` is False) and
+    ``a = silu(gate) * up`` (``[M, n]``). ``w_interleaved``: gate and up rows interleaved
+    (:func:`moe_course.io_overlap.interleave_gate_up`)."""
+    M, N, K, E = check_gather(x, gather_idx, w_interleaved, offs, SWIGLU, validate)
+    a = torch.empty(M, N // 2, device=x.device, dtype=torch.bfloat16)
+    h = torch.empty(M, N, device=x.device, dtype=torch.bfloat16) if store_h else None
+    if M and N:
+        _launch_gathered(SWIGLU, x, gather_idx, w_interleaved, offs, (ptr(h) if store_h else np.uint64(0), ptr(a)),
+                         M, N, K)
+    return a, h
+
+
+# --------------------------------------------------------------------------------------------
+# 04_1: the routing metadata of token rounding, on the GPU
+
+
+@kernels.on_torch_stream
+def route_tokens(scores, k: int, tile: int, method: str, rows: int, module=None) -> tuple:
+    """Launch ``kernels/04_1_token_rounding.cu`` on checked float32 ``scores (T, E)`` on the GPU
+    (:func:`moe_course.token_rounding.route_cuda` checks them and names the fields): top-K,
+    the rounded counts, chapter 02's tile map of ``tile`` rows on them, then each expert's
+    selection, into row buffers of ``rows`` entries. Four launches, no host synchronisation.
+    Returns ``(token_ids, expert_ids, weights, from_topk, counts, ends, offsets, topk_counts,
+    topk, tile_map, num_tiles)``, int32 indices."""
+    num_tokens, num_experts = scores.shape
+    module = module or kernels.load(ROUTING.source)
+    dev, i32 = scores.device, torch.int32
+    topk = torch.empty(num_tokens, k, dtype=i32, device=dev)
+    topk_counts = torch.zeros(num_experts, dtype=i32, device=dev)  # atomics add to it
+    counts = torch.empty(num_experts, dtype=i32, device=dev)
+    offsets = torch.empty(num_experts + 1, dtype=i32, device=dev)
+    token_ids = torch.empty(rows, dtype=i32, device=dev)
+    expert_ids = torch.empty(rows, dtype=i32, device=dev)
+    weights = torch.empty(rows, dtype=torch.float32, device=dev)
+    from_topk = torch.empty(rows, dtype=torch.bool, device=dev)
+    keys = torch.empty(num_experts, num_tokens, dtype=i32, device=dev)  # scratch: each expert's keys
+    flags = torch.empty(num_experts, num_tokens, dtype=torch.uint8, device=dev)  # scratch: top-K flags
+    n = np.int32
+    module.get_function("route_topk")((math.ceil(num_tokens / TOPK_WARPS),), (32 * TOPK_WARPS,),
+                                      (ptr(scores), n(num_tokens), n(num_experts), n(k), ptr(topk), ptr(topk_counts)))
+    module.get_function("round_counts")((1,), (1024,), (ptr(topk_counts), n(num_experts), n(num_tokens), n(tile),
+                                                        n(ROUTING_MODES[method]), ptr(counts), ptr(offsets)))
+    ends = offsets[1:]
+    tile_map, num_tiles, _ = build_tile_map(module, ends, rows, tile)  # chapter 02's, on the rounded counts
+    module.get_function(ROUTING.kernel)((num_experts,), (ROUTING.threads,), (
+        ptr(scores), ptr(topk), n(num_tokens), n(num_experts), n(k), ptr(topk_counts), ptr(counts), ptr(offsets),
+        n(int(method == "padded")), ptr(keys), ptr(flags), ptr(token_ids), ptr(expert_ids), ptr(weights),
+        ptr(from_topk)))
+    return token_ids, expert_ids, weights, from_topk, counts, ends, offsets, topk_counts, topk, tile_map, num_tiles
+
+
+# --------------------------------------------------------------------------------------------
+# 06_1 .. 06_4: the trainable layer's kernels (moe_course.layer); validate=True also checks the
+# offsets and indices on the host (a synchronisation; the layer turns it off)
+
+
+def check_hopper_inputs(tensors: dict, dims: dict, dtypes: dict | None = None) -> None:
+    """Every tensor a torch tensor of the right dtype (bf16 unless told) and rank, contiguous,
+    on the GPU; and the GPU a Hopper."""
+    check_tensor_types({name: (t, (dtypes or {}).get(name, torch.bfloat16), dims[name]) for name, t in tensors.items()})
+    check_on_gpu(tensors)
+    check_gpu_at_least(HOPPER, lambda cc: f"chapter 06's kernels need a Hopper GPU (sm_90a, wgmma and TMA); "
+                                          f"this one is {cc[0]}.{cc[1]}")
+
+
+def check_expert_offsets(offs, rows: int, validate: bool) -> int:
+    """1 to MAX_EXPERTS experts (and, with ``validate``, their end rows: :func:`check_offsets`); returns E."""
+    E = offs.numel()
+    require(0 < E <= MAX_EXPERTS, lambda: f"between 1 and {MAX_EXPERTS} experts, got {E}")
+    if validate:
+        check_offsets(offs, rows)
+    return E
+
+
+def check_gather_idx(gather_idx, rows: int, tokens: int, validate: bool) -> None:
+    require(gather_idx.numel() == rows,
+            lambda: f"gather_idx must hold one token per sorted row: {rows}, got {gather_idx.numel()}")
+    if validate:
+        check_gather_range(gather_idx, tokens)
+
+
+def transposed_b_grouped_gemm(x, w, offs, validate: bool = True):
+    """``y[rows of e] = x[rows of e] @ w[e]``, ``x [M, K]``, ``w [E, K, N]`` (N contiguous),
+    ``y [M, N]`` bf16 (``kernels/06_1_transposed_b.cu``). N a multiple of 256, K of 64."""
+    step = TRANSPOSED_B
+    check_hopper_inputs({"x": x, "w": w, "offs": offs}, {"x": 2, "w": 3, "offs": 1}, {"offs": torch.int32})
+    M, K = x.shape
+    E, Kw, N = w.shape
+    require(Kw == K, lambda: f"x has K={K} columns but w is [E, K, N] = {tuple(w.shape)}: K differs")
+    check_tile_multiples(step, N, K)
+    require(check_expert_offsets(offs, M, validate) == E,
+            lambda: f"offs must hold one end row per expert: {E}, got {offs.numel()}")
+    y = torch.empty(M, N, device=x.device, dtype=torch.bfloat16)
+    if M:
+        module = kernels.load(step.source)
+        w_map = tma.tensor_map_2d(w, step.k_multiple)  # w as an [E * K, N] matrix: boxes of a slice of K x 64 of N
+        launch_persistent(step, module, (tma.tensor_map_2d(x, step.block_m), w_map, ptr(y)), offs, M, K, (M, N, K))
+    return y
+
+
+def dswiglu_grouped_gemm(dout, gather_idx, w_down, h, row_scale, offs, validate: bool = True):
+    """The backward's first product and the SwiGLU backward (``kernels/06_2_dswiglu.cu``).
+
+    ``dout [T, d]`` (the layer's output gradient), ``w_down [E, n, d]``, ``h [R, 2n]`` (the
+    forward's pre-activation, gate and up interleaved), ``row_scale [R]`` fp32 (each sorted row's
+    routing weight). Returns ``(dh [R, 2n], sa [R, n], ds [R])``: the pre-activation's gradient,
+    ``s * silu(gate) * up`` and each row's routing-weight gradient ``<dout W_down[e], a>`` (fp32)."""
+    step = DSWIGLU
+    check_hopper_inputs(
+        {"dout": dout, "gather_idx": gather_idx, "w_down": w_down, "h": h, "row_scale": row_scale, "offs": offs},
+        {"dout": 2, "gather_idx": 1, "w_down": 3, "h": 2, "row_scale": 1, "offs": 1},
+        {"gather_idx": torch.int32, "row_scale": torch.float32, "offs": torch.int32})
+    T, d = dout.shape
+    E, n, dw = w_down.shape
+    R = gather_idx.numel()
+    require(dw == d, lambda: f"dout has d={d} columns but w_down is [E, n, d] = {tuple(w_down.shape)}")
+    require(h.shape == (R, 2 * n), lambda: f"h must be [R, 2n] = ({R}, {2 * n}), got {tuple(h.shape)}")
+    require(row_scale.shape == (R,), lambda: f"row_scale must be [R] = ({R},), got {tuple(row_scale.shape)}")
+    check_tile_multiples(step, n, d, names=("n", "d"))
+    require(check_expert_offsets(offs, R, validate) == E,
+            lambda: f"offs must hold one end row per expert: {E}, got {offs.numel()}")
+    check_gather_idx(gather_idx, R, T, validate)
+    dh = torch.empty(R, 2 * n, device=dout.device, dtype=torch.bfloat16)
+    sa = torch.empty(R, n, device=dout.device, dtype=torch.bfloat16)
+    ds_part = torch.empty(n // step.block_n, R, device=dout.device, dtype=torch.float32)  # one share per N-tile
+    if R:
+        module = kernels.load(step.source, defines=step.defines)
+        args = (tma.tensor_map_2d(w_down, step.block_n), ptr(dout), ptr(gather_idx), ptr(h), ptr(row_scale), ptr(dh),
+                ptr(sa), ptr(ds_part))
+        launch_persistent(step, module, args, offs, R, d, (R, n, d, T))
+    return dh, sa, ds_part.sum(0)
+
+
+@kernels.on_torch_stream
+def weight_grad(dy, x, gather_idx, offs, validate: bool = True, step: Step = WEIGHT_GRAD):
+    """``dW[e] = dy[rows of e]^T @ x[gather_idx[rows of e]]``, ``[E, N, K]`` bf16 (fp32 sums):
+    ``dy [R, N]`` sorted by expert, ``x [T, K]`` (``gather_idx`` None: ``x`` is ``[R, K]``, row r
+    itself). An expert with no rows gets zeros (``kernels/06_3_weight_grad.cu``). N a multiple
+    of 256, K of 128. ``step``: another build of ``06_3`` (other ``defines`` and shared memory),
+    for experiments."""
+    tensors = {"dy": dy, "x": x, "offs": offs} | ({"gather_idx": gather_idx} if gather_idx is not None else {})
+    check_hopper_inputs(tensors, {"dy": 2, "x": 2, "offs": 1, "gather_idx": 1},
+                        {"offs": torch.int32, "gather_idx": torch.int32})
+    R, N = dy.shape
+    T, K = x.shape
+    E = check_expert_offsets(offs, R, validate)
+    check_tile_multiples(step, N, K)
+    if gather_idx is None:
+        require(T == R, lambda: f"without gather_idx, x must have dy's {R} rows, got {T}")
+    else:
+        check_gather_idx(gather_idx, R, T, validate)
+    dw = torch.empty(E, N, K, device=dy.device, dtype=torch.bfloat16)
+    fn = kernels.load(step.source, defines=step.defines).get_function(step.kernel)
+    fn.max_dynamic_shared_size_bytes = step.smem_bytes
+    i32 = np.int32
+    idx = ptr(gather_idx) if gather_idx is not None else np.uint64(0)
+    # dy's rows arrive a slice of block_m rows at a time (a map is needed even with no rows)
+    dy_map = tma.tensor_map_2d(dy if R else dy.new_zeros(step.block_m, N), step.block_m)
+    fn((info().sm_count,), (step.threads,),
+       (dy_map, ptr(x), idx, tma.tensor_map_2d(dw, EPILOGUE_BOX_ROWS), ptr(offs), i32(E), i32(R), i32(N), i32(K),
+        i32(T)), shared_mem=step.smem_bytes)
+    return dw
+
+
+@kernels.on_torch_stream
+def combine(rows, pos, weights, validate: bool = True):
+    """``out[t] = sum_j weights[t, j] * rows[pos[t, j]]`` (``weights`` None: all ones), fp32
+    sums, bf16 out (``kernels/06_4_combine.cu``). ``rows [R, d]``, ``pos [T, k]`` int32 (a
+    position outside ``rows``: a dropped pair, adds nothing), ``weights [T, k]`` fp32."""
+    tensors = {"rows": rows, "pos": pos} | ({"weights": weights} if weights is not None else {})
+    check_hopper_inputs(tensors, {"rows": 2, "pos": 2, "weights": 2}, {"pos": torch.int32, "weights": torch.float32})
+    T, k = pos.shape
+    R, d = rows.shape
+    require(d % 8 == 0, lambda: f"rows must have a multiple of 8 columns (16-byte loads), got {d}")
+    require(weights is None or weights.shape == (T, k),
+            lambda: f"weights must be [T, k] = ({T}, {k}), got {None if weights is None else tuple(weights.shape)}")
+    out = torch.empty(T, d, device=rows.device, dtype=torch.bfloat16)
+    if T:
+        fn = kernels.load(COMBINE.source).get_function(COMBINE.kernel)
+        fn((T,), (COMBINE.threads,), (ptr(rows), ptr(pos), ptr(weights) if weights is not None else np.uint64(0),
+                                      ptr(out), np.int32(k), np.int32(d), np.int32(R)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The table: every kernel file, its Step and its launcher
+
+KERNEL_FILES: dict[str, tuple[Step, object]] = {
+    SCALE.source: (SCALE, scale),
+    **{s.source: (s, grouped_gemm) for name, s in STEPS.items() if name in LADDER},
+    GATHER.source: (GATHER, gather_grouped_gemm),
+    SWIGLU.source: (SWIGLU, swiglu_grouped_gemm),
+    ROUTING.source: (ROUTING, route_tokens),
+    TRANSPOSED_B.source: (TRANSPOSED_B, transposed_b_grouped_gemm),
+    DSWIGLU.source: (DSWIGLU, dswiglu_grouped_gemm),
+    WEIGHT_GRAD.source: (WEIGHT_GRAD, weight_grad),
+    COMBINE.source: (COMBINE, combine),
+}

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from moe_course import cuda_on_cpu, diagrams as dg  # noqa: E402
-from moe_course import grouped_gemm as gg  # noqa: E402
+from moe_course import launch  # noqa: E402
 
 needs_compiler = pytest.mark.skipif(cuda_on_cpu.compiler() is None, reason="no C++ compiler on this machine")
 
@@ -60,7 +60,7 @@ def test_tiles_are_build_tile_map_s(counts, block_m):
     module = cuda_on_cpu.load("02_2_naive_grouped")
     offs = torch.tensor(counts).cumsum(0).int()
     M, E = sum(counts), len(counts)
-    max_tiles = gg.max_tiles_for(M, E, block_m)
+    max_tiles = launch.max_tiles_for(M, E, block_m)
     tile_map, num_tiles = torch.zeros(max_tiles, 2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
     module.launch("build_tile_map", 1, 1024, (offs, E, M, block_m, max_tiles, tile_map, num_tiles))
     tl = dg.tiles(counts, block_m)

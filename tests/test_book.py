@@ -172,7 +172,6 @@ def test_controls_are_replaced_by_what_they_drew():
     assert "make lab" in note.data["text/html"] and "Drawn here at these values" in note.data["text/html"]
     assert drawn.data["image/png"] == "iVBORw0KGgo="
     assert "widgets" not in nb.metadata  # no widget JavaScript (from a CDN) on a static page
-    assert book.image_outputs(nb) == 1
 
     bare = widget_notebook(with_state=False)
     book.inline_widgets(bare)
@@ -236,6 +235,7 @@ def test_record_data_become_tables():
     assert "300 values: 0 … 299, min 0, max 299" in md
     assert "<tr><td>4 slots</td><td>0.25</td><td>1</td></tr>" in md  # a dict of dicts: a row each
     assert md.count("<table>") == 3
+    assert book.md_cell("a|b <x>\nc") == "a&#124;b &lt;x&gt; c"  # a markdown table's row stays one row
 
 
 def test_a_file_that_is_not_a_record_is_named(tmp_path):

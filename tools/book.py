@@ -121,6 +121,7 @@ def run_notebook(source: Path, cell_timeout: int = CELL_TIMEOUT_S):
         import nbclient
         from jupyter_client.kernelspec import KernelSpecManager
         from jupyter_client.manager import KernelManager
+        from traitlets import default
     except ImportError as exc:
         raise SystemExit(f"executing the chapters needs nbclient and ipykernel ({exc}): "
                          f"{sys.executable} -m pip install -r requirements/book.txt") from exc
@@ -132,11 +133,15 @@ def run_notebook(source: Path, cell_timeout: int = CELL_TIMEOUT_S):
             return self.kernel_spec_class(resource_dir=ipykernel.kernelspec.RESOURCES,
                                           **ipykernel.kernelspec.get_kernel_dict())
 
+    class ThisPythonKernel(KernelManager):
+        @default("kernel_spec_manager")
+        def _kernel_spec_manager_default(self):
+            return ThisPython(data_dir=self.data_dir)
+
     notebook = nbformat.read(source, as_version=4)
-    manager = KernelManager(kernel_name="this-python", kernel_spec_manager=ThisPython())
-    client = nbclient.NotebookClient(notebook, km=manager, timeout=cell_timeout,
-                                     resources={"metadata": {"path": str(source.parent)}})
-    client.execute()
+    # nbclient makes the kernel manager, so it also shuts the kernel down, whatever happens.
+    nbclient.NotebookClient(notebook, kernel_manager_class=ThisPythonKernel, timeout=cell_timeout,
+                            resources={"metadata": {"path": str(source.parent)}}).execute()
     return notebook
 
 
@@ -199,7 +204,8 @@ def execute(names: list[str], out_dir: Path = EXECUTED_DIR, *, force: bool = Fal
             notebook = run(source)
         except Exception as exc:  # a failing cell, a time-out, a dead kernel: the others still run
             seconds = time.monotonic() - start
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the traceback's colours
+            reason = text.splitlines()[-1] if text else type(exc).__name__
             print(f"  {source.name}: FAILED after {seconds:.1f} s: {reason}")
             failed.append(source.name)
             continue
@@ -350,11 +356,6 @@ def widget_contents(model_id: str | None, state: dict) -> tuple[list[tuple[str, 
 
     visit(model_id)
     return controls, captured
-
-
-def image_outputs(nb) -> int:
-    return sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs
-               if any(k.startswith("image/") for k in o.get("data", {})))
 
 
 # ----------------------------------------------------------------------------- the kernels

@@ -20,7 +20,7 @@ from urllib.parse import urldefrag, urlparse
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+    def log_message(self, format, *args):  # the request log: not wanted in the test output
         pass
 
 

@@ -79,7 +79,8 @@ def test_a_hopper_copy_records_where_it_ran(executed, capsys):
         assert meta["source_fingerprint"] == book.fingerprint((book.CHAPTERS_DIR / name).read_text())
         first = copy.cells[0]
         assert first.cell_type == "markdown" and first.metadata[book.META_KEY] == "provenance"
-        for shown in ("Executed on a GPU: NVIDIA H200", "compute capability 9.0, 132 SMs", "torch 2.11.0+cu130",
+        for shown in ("Executed on a GPU: NVIDIA H200", "compute capability 9.0, 132 SMs", "every kernel ran",
+                      "torch 2.11.0+cu130",
                       "CuPy 14.2.0", "CUDA driver 13.0", "course commit `abc1234567`", meta["executed_at"]):
             assert shown in first.source
         assert copy.cells[1:] == ran(book.CHAPTERS_DIR / name).cells  # the chapter itself, as it ran
@@ -141,6 +142,9 @@ def test_a_copy_older_than_its_chapter_says_so():
     assert "older than the chapter" in book.provenance(meta, "f" * 64)
     cpu = book.provenance({**meta, **NO_GPU})
     assert cpu.startswith("> **Executed on a CPU** (no GPU)") and "recorded on a GPU" in cpu
+    older = book.provenance({**meta, **A100})
+    assert older.startswith("> **Executed on a GPU: NVIDIA A100-SXM4-80GB** (compute capability 8.0, 108 SMs)")
+    assert "every kernel ran" not in older and "why it was skipped" in older
 
 
 def widget_notebook(with_state=True):

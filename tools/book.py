@@ -13,9 +13,10 @@
         source, every recorded measurement as tables, and a front page.
 
 A chapter's page shows its committed executed copy. Without one, ``build`` executes the chapter
-here into ``book/build/executed-here/`` (ignored by git; reused while the chapter is unchanged),
-and the page says that it ran on a CPU; with ``--no-execute`` the page shows the chapter's cells
-without outputs and says so. A copy executed before the chapter last changed says that too.
+on this machine into ``book/build/executed-here/`` (ignored by git; reused while the chapter is
+unchanged), and the page says where it ran (a CPU, mostly); with ``--no-execute`` nothing is run
+and such a page shows the chapter's cells without outputs, saying so. A copy executed before its
+chapter last changed says that too. Every page says first how to run the chapter (``make lab``).
 
 mkdocs-jupyter turns the notebooks into pages (nbconvert); it never executes them. Controls
 (ipywidgets) cannot move on a static page: each is shown as a line naming its controls and
@@ -237,10 +238,13 @@ def provenance(meta: dict, current_fingerprint: str | None = None) -> str:
     """The markdown that says where an executed copy ran (and, given the chapter's current
     fingerprint, whether the chapter has changed since)."""
     if meta.get("gpu"):
-        details = ", ".join(f"{v}" for v in (f"compute capability {meta.get('compute_capability')}",
-                                             meta.get("sm_count") and f"{meta['sm_count']} SMs") if v)
+        details = ", ".join(v for v in (f"compute capability {meta.get('compute_capability')}",
+                                        meta.get("sm_count") and f"{meta['sm_count']} SMs") if v)
         head = f"**{EXECUTED_ON_GPU}: {meta['gpu']}** ({details})"
-        what = "The outputs below are that run's: every kernel ran and was timed there."
+        what = ("The outputs below are that run's: every kernel ran and was timed there."
+                if meta.get("compute_capability") == HOPPER else
+                "The outputs below are that run's: the kernels this GPU's architecture has ran and were timed "
+                "there; each other step says in one line why it was skipped.")
     else:
         head = f"**{EXECUTED_ON_CPU}** (no GPU)"
         what = ("The torch-level cells ran on the CPU; each GPU step says in one line that it was skipped, and "

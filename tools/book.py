@@ -415,7 +415,7 @@ def kernel_page(kernel: Kernel, all_kernels: list[Kernel], chapter_links: dict[s
         facts.append("included by " + ", ".join(f"[`{n}`]({n}.md)" for n in includers))
     fence = fence_for(kernel.text)
     return (f"# `{kernel.name}`\n\n{kernel.summary()}\n\n{' · '.join(facts)} · "
-            f"compiled at run time (CuPy `RawModule`, NVRTC, `sm_90a`)\n\n"
+            f"compiled at run time by CuPy `RawModule` (and, without a GPU, for `sm_90a` by NVRTC)\n\n"
             f'{fence}cuda linenums="1"\n{kernel.text.rstrip()}\n{fence}\n')
 
 
@@ -529,7 +529,7 @@ def record_page(record: Record, charts: list[str]) -> str:
     images = "".join(f"\n\n![{name}]({name})" for name in charts)
     return (f"# {record.kind} · {record.gpu}\n\n"
             f"Recorded on {md_cell(record.label())}, in `{shown(record.path)}`."
-            f"\n\n| where | |\n| --- | --- |\n{rows}{images}\n\n## Data\n\n{data_markdown(record.data, 3)}\n")
+            f"\n\n| measured on | |\n| --- | --- |\n{rows}{images}\n\n## Data\n\n{data_markdown(record.data, 3)}\n")
 
 
 def records_index(records: list[Record]) -> str:

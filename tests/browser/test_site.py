@@ -120,7 +120,7 @@ def test_chapter_pages_show_their_plots_and_say_where_they_ran(browser, site_url
 PICTURE = "data:image/svg+xml;utf8,<svg xmlns='http://www.w3.org/2000/svg' width='4' height='4'/>"
 
 FAULTY_SITE = {
-    "index.html": '<h1 id="top">Start</h1><a href="good.html">good</a> <a href="missing.html">gone</a> '
+    "index.html": '<link rel="icon" href="data:,"><h1 id="top">Start</h1><a href="good.html">good</a> <a href="missing.html">gone</a> '
                   '<a href="good.html#there">anchor</a> <a href="good.html#nowhere">no anchor</a> '
                   '<a href="data.json">a file</a> <a href="https://example.org/">elsewhere</a> <a href="#top">up</a>',
     "good.html": '<h2 id="there">There</h2><img src="absent.png">'

@@ -26,6 +26,7 @@ their values, followed by the output it drew at those values.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import html
 import json
@@ -298,7 +299,7 @@ class Chapter:
 def page_notebook(chapter: Chapter, kernel_pages: list[str]) -> object:
     """The notebook as its page shows it: a first cell saying where it ran (or that it did not)
     and how to run it, then the chapter; controls replaced by what they drew."""
-    nb = nbformat.from_dict(json.loads(json.dumps(chapter.notebook)))  # a deep copy
+    nb = copy.deepcopy(chapter.notebook)
     nb.cells = [c for c in nb.cells if c.metadata.get(META_KEY) != "provenance"]
     if chapter.state == NOT_EXECUTED:
         head = NOT_EXECUTED_TEXT

@@ -38,7 +38,7 @@ endif
 
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900
 
-.PHONY: help setup setup-lab lab test test-browser grade bench sanitize exercises update wheelhouse locks clean
+.PHONY: help setup setup-lab lab test test-browser grade bench sanitize exercises update book wheelhouse locks clean
 
 help:
 	@echo "make lab         set up, then open JupyterLab on the course"
@@ -49,6 +49,7 @@ help:
 	@echo "make sanitize    every kernel under compute-sanitizer (memcheck, racecheck, synccheck, initcheck; GPU only)"
 	@echo "make exercises   regenerate exercises/ from solutions/ (never overwrites your work)"
 	@echo "make update      take the course's new version (git pull) without losing your work"
+	@echo "make book        the course as a static site in book/site/ (chapters with outputs, kernels, records)"
 	@echo "make wheelhouse  download wheels for a GPU machine with no internet (WHEEL_PYTHON, WHEEL_SKIP)"
 	@echo "make locks       regenerate requirements/locks/ with uv after changing requirements/ (needs internet)"
 	@echo "make clean       remove the environment and caches (not your exercises, not results)"
@@ -111,6 +112,13 @@ update: setup
 	@$(PY) tools/update.py
 	@$(MAKE) --no-print-directory setup
 
+# The course as a static site (tools/book.py): chapters from their executed copies in
+# book/executed/ (a chapter with none is executed here first, into book/build/), kernels, records.
+book: setup
+	@$(PY) -m pip install --disable-pip-version-check -q $(if $(WHEELHOUSE),--no-index --find-links $(WHEELHOUSE)) \
+		-r requirements/book.txt
+	$(PY) tools/book.py build
+
 wheelhouse:
 	$(PYTHON) tools/setup_env.py --download wheelhouse --python-version $(WHEEL_PYTHON) --lab \
 		--target $(WHEEL_TARGET) --variant $(WHEEL_VARIANT) $(if $(WHEEL_SKIP),--skip $(WHEEL_SKIP))
@@ -122,5 +130,5 @@ locks: setup
 	$(PY) tools/make_locks.py $(LOCK_ARGS)
 
 clean:
-	rm -rf $(VENV) .setup .pytest_cache .ipynb_checkpoints */.ipynb_checkpoints .browser-test
+	rm -rf $(VENV) .setup .pytest_cache .ipynb_checkpoints */.ipynb_checkpoints .browser-test book/build book/site
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -10,7 +10,12 @@ from gittools import git, needs_git
 
 from moe_course import RESULTS_DIR, ROOT
 
-SOURCE_FOLDERS = ("notebooks", "solutions", "exercises")
+#: The one folder whose committed notebooks carry outputs: the rendered course's executed copies.
+EXECUTED_COPIES = load("book", folder="tools").EXECUTED_DIR.relative_to(ROOT).as_posix() + "/"
+
+
+def must_be_output_free(path: str) -> bool:
+    return path.endswith(".ipynb") and not path.startswith(EXECUTED_COPIES)
 
 
 def leftovers(nb) -> list[str]:
@@ -31,15 +36,23 @@ def test_leftovers_are_found():
                              "saved widget state (metadata.widgets)"]
 
 
+def test_only_the_executed_copies_are_exempt():
+    assert EXECUTED_COPIES == "book/executed/"
+    assert not must_be_output_free("book/executed/00_setup.ipynb")
+    for path in ("notebooks/00_setup.ipynb", "solutions/01_simple_moe.ipynb", "book/00_setup.ipynb",
+                 "book/executed-old/00_setup.ipynb", "tests/browser/scratch/x.ipynb", "00_setup.ipynb"):
+        assert must_be_output_free(path), path
+
+
 @needs_git
 def test_committed_source_notebooks_carry_no_outputs():
     """What git will commit (the index), not the working copies: a learner's run notebooks are
     theirs. Outputs in a committed notebook would show as changes on every run and block
-    `git pull`; the rendered course is where executed copies belong."""
-    listed = git(ROOT, "ls-files", "-z", "--", *(f"{folder}/*.ipynb" for folder in SOURCE_FOLDERS), check=False)
+    `git pull`; the rendered course's executed copies (book/executed/) are where they belong."""
+    listed = git(ROOT, "ls-files", "-z", check=False)
     if listed.returncode != 0:
         pytest.skip("not a git clone")
-    paths = [p for p in listed.stdout.split("\0") if p]
+    paths = [p for p in listed.stdout.split("\0") if must_be_output_free(p)]
     assert len(paths) >= 10, paths  # the chapters, solutions and exercises are all there
     dirty = {p: found for p in paths if (found := leftovers(nbformat.reads(git(ROOT, "show", f":{p}").stdout, 4)))}
     assert dirty == {}

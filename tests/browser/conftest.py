@@ -30,7 +30,7 @@ def summary_line():
 
 def pytest_terminal_summary(terminalreporter):
     if _SUMMARY:
-        terminalreporter.section("the course in JupyterLab")
+        terminalreporter.section("the course in a browser")
         for line in _SUMMARY:
             terminalreporter.write_line(line)
 

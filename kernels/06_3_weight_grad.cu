@@ -161,7 +161,7 @@ weight_grad_grouped_gemm(const __grid_constant__ TmaDesc map_dy, const bf16* __r
                 wgmma_wait<0>();
                 wgmma_fence_operands(acc0);
                 wgmma_fence_operands(acc1);
-                if (lane == 0) mbar_arrive(&empty[s]);
+                mbar_arrive(&empty[s]);  // every consumer thread: the ring counts 256 (warp_specialized.cuh)
                 if (++s == STAGES) s = 0, parity ^= 1;
             }
             // dW[e][n*256 + 128c + row][k*128 + col]: rows of the tile are N, columns K

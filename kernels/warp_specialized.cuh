@@ -23,7 +23,7 @@
 //     store. No __syncthreads anywhere in the loop: the two sides meet only at mbarriers.
 //       full[s]  completes when slot s holds its slice (bytes counted by TMA, and one arrival
 //                per producer thread whose copies land there, if the producer copies itself);
-//       empty[s] completes when the 8 consumer warps are done reading slot s.
+//       empty[s] completes when the 256 consumer threads are done reading slot s.
 //
 // Tile order. Tile t covers M-tile m and N-tile n (tile map: which expert and rows an M-tile is).
 // Consecutive t go down a group of up to group_m M-tiles of one expert before moving one N-tile
@@ -130,7 +130,7 @@ struct Ring {
     SlotT* slots;
     Staging* staging;
     u64* full;   // full[s]: slot s holds its slice (bytes counted by TMA, cp.async arrivals)
-    u64* empty;  // empty[s]: the 8 consumer warps are done reading slot s
+    u64* empty;  // empty[s]: the 256 consumer threads are done reading slot s
     TileJob* job;  // job[s]: the tile whose slice slot s holds (row0 < 0: no tiles left)
     int* taken;    // two words through which the producer's thread 0 hands a tile to the others
                    // (job and taken: warp_specialized_grouped_gemm only; 06_3 has no room for them)
@@ -150,7 +150,7 @@ __device__ __forceinline__ Ring<SlotT> make_ring(int full_arrivals) {
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(&r.full[s], full_arrivals);
-            mbar_init(&r.empty[s], 8);  // one arrival per consumer warp
+            mbar_init(&r.empty[s], 256);  // one arrival per consumer thread
         }
         fence_proxy_async();
     }
@@ -209,7 +209,7 @@ __device__ __forceinline__ void warp_specialized_grouped_gemm(const Problem& p, 
     Slot* slots = ring.slots;
     Staging* staging = ring.staging;
     u64 *full = ring.full, *empty = ring.empty;
-    const int warpgroup = threadIdx.x / 128, lane = threadIdx.x % 32;
+    const int warpgroup = threadIdx.x / 128;
 
     const int n_tiles = p.N / BN, m_tiles = p.num_tiles[0];
     const int total = m_tiles * n_tiles, num_k = p.K / BK;
@@ -275,7 +275,14 @@ __device__ __forceinline__ void warp_specialized_grouped_gemm(const Problem& p, 
                     wgmma_wait<0>();
                     wgmma_fence_operands(acc);
                 }
-                if (lane == 0) mbar_arrive(&empty[s]);
+                // Every consumer thread arrives (not lane 0 for its warp): each has read the slot,
+                // and the job at a tile's first slice, and its own arrival is what orders those
+                // reads before the producer's next writes there. With one arrival per warp,
+                // compute-sanitizer's racecheck reported lane 31's read of job[s] racing the
+                // producer (03_2/03_3/03_4/06_1, 15 530 report lines on the H200; a __syncwarp
+                // before lane 0's arrival did not clear them); with 256 arrivals: none, and the
+                // speed is unchanged (kernels/NOTES.md).
+                mbar_arrive(&empty[s]);
                 if (tracer) trace_event(2, slice);
                 ++slice;
                 if (++s == STAGES) s = 0, parity ^= 1;

@@ -280,6 +280,12 @@ def nvrtc_compile(source: Source, opts: tuple[str, ...]) -> NvrtcOutput:
     return NvrtcOutput(True, log, cubin, ptx)
 
 
+def entry_points() -> set[str]:
+    """The ``extern "C" __global__`` functions of kernels/*.cu and *.cuh: every kernel the course launches."""
+    pattern = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(')
+    return {name for path in KERNELS_DIR.glob("*.cu*") for name in pattern.findall(path.read_text())}
+
+
 def kernels_fingerprint() -> str:
     """sha256 of every source in kernels/ (names and texts), 16 hex digits."""
     digest = hashlib.sha256()

@@ -17,22 +17,15 @@ later without a line here is caught. Run alone it is a quick check of every kern
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
-from moe_course import KERNELS_DIR, kernels, machine
+from moe_course import kernels, machine
 
 COUNTS = {  # rows per expert
     "empty experts, counts off the tile": [0, 1, 130, 0, 257],
     "one expert with every row": [300],
     "more tiles than SMs": [0, 17000, 3, 129],
 }
-
-
-def every_kernel() -> set[str]:
-    """The ``extern "C" __global__`` functions of kernels/*.cu and *.cuh."""
-    pattern = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(')
-    return {m for p in KERNELS_DIR.glob("*.cu*") for m in pattern.findall(p.read_text())}
 
 
 class Tracked:
@@ -147,8 +140,8 @@ def main() -> int:
     for part in (first_kernel, grouped_gemms, token_rounding, layer):
         part()
         print(f"{part.__name__}: done", flush=True)
-    missing = every_kernel() - Tracked.launched
-    print(f"{len(Tracked.launched & every_kernel())} of {len(every_kernel())} kernels launched")
+    missing = kernels.entry_points() - Tracked.launched
+    print(f"{len(Tracked.launched & kernels.entry_points())} of {len(kernels.entry_points())} kernels launched")
     if missing:
         print(f"not launched by this workload: {', '.join(sorted(missing))}")
         return 1

@@ -157,8 +157,8 @@ def _gpu_checks(source: str, seed: int) -> dict:
             p = gg.make_problem(counts, 64 * n, N, device="cuda", seed=seed + n)
             y = torch.full((p.x.shape[0], N), float("nan"), device="cuda", dtype=torch.bfloat16)
             launch.run_step(step, p.x, p.w, p.offs, out=y, module=module)
-            err = float(((y.float() - gg.reference(p.x, p.w, p.offs)).abs() /
-                         (1e-2 + gg.reference(p.x, p.w, p.offs).abs())).nan_to_num(float("inf")).max())
+            ref = gg.reference(p.x, p.w, p.offs)
+            err = float(((y.float() - ref).abs() / (1e-2 + ref.abs())).nan_to_num(float("inf")).max())
             if err > 5e-2:
                 return {"ok": False, "message": f"inside 03_1 on the GPU with STAGES = {stages} and {n} slices of K: "
                                                 f"wrong results (largest relative error {err:.3g}): a slot was read "

@@ -111,10 +111,15 @@ def show_resources(ex: KernelExercise, source: str) -> None:
     if not report.resources:  # ptxas said nothing (seen once with NVRTC 13.0): the runs below check the name
         print(f"compiled for sm_90a ({len(report.cubin)} byte cubin); ptxas reported no resources")
         return
-    check_true("kernel name", ex.kernel in report.resources,
-               f"no __global__ function named {ex.kernel} (found: {', '.join(report.resources) or 'none'}); "
-               'declare it extern "C" with that name')
+    check_kernel_name(ex, report.resources)
     print(report.table())
+
+
+def check_kernel_name(ex: KernelExercise, found) -> None:
+    """``found``: the kernels a build of the learner's source has."""
+    check_true("kernel name", ex.kernel in found,
+               f"no __global__ function named {ex.kernel} (found: {', '.join(found) or 'none'}); "
+               'declare it extern "C" with that name')
 
 
 def case_name(counts, K: int, N: int, seed: int) -> str:
@@ -126,9 +131,7 @@ def check_on_cpu(ex: KernelExercise, source: str, seed: int) -> None:
         module = cuda_on_cpu.load(source)
     except (kernels.CompileError, cuda_on_cpu.NeedsGPU) as err:
         raise CheckFailed(str(err)) from None
-    check_true("kernel name", ex.kernel in module.kernels,
-               f"no __global__ function named {ex.kernel} (found: {', '.join(module.kernels)}); "
-               'declare it extern "C" with that name')
+    check_kernel_name(ex, module.kernels)
     for i, counts in enumerate(ex.cases):
         for K, N in ex.shapes:
             p = gg.make_problem(counts, K, N, device="cpu", seed=seed + i)

@@ -8,7 +8,7 @@
   it (``tests/test_launch.py`` fails when a file has none).
 - The launches every grouped GEMM shares: :func:`build_tile_map` (the M-tiles, on the GPU) and
   :func:`launch_persistent` (one block per SM, the tile order's group size).
-- The input checks, all through :func:`require`: a shape, dtype or device a kernel cannot take
+- The kernels' input checks, all through :func:`moe_course.checks.require`: a shape, dtype or device a kernel cannot take
   is refused with a message that names the problem, never launched into an out-of-bounds read.
 - :func:`run_step_on_cpu`: the same launches of the CUDA-core steps, run on the CPU
   (:mod:`moe_course.cuda_on_cpu`).
@@ -30,30 +30,12 @@ import numpy as np
 import torch
 
 from . import cuda_on_cpu, kernels, tma
+from .checks import check_gather_range, check_offsets, check_tensor_types, require
 from .kernels import ptr
 from .machine import info
 
 # --------------------------------------------------------------------------------------------
-# Input checks: one helper, and the checks the launchers share
-
-
-def require(ok: bool, message, kind: type[Exception] = ValueError) -> None:
-    """Refuse bad input: raise ``kind(message)`` unless ``ok``. ``message`` is a string, or a
-    function that makes one where formatting costs (a dtype, a device, a shape: about a
-    microsecond each, and the layer's launches run ~100 checks a training step)."""
-    if not ok:
-        raise kind(message() if callable(message) else message)
-
-
-def check_tensor_types(specs: dict) -> None:
-    """``specs``: name -> (tensor, dtype, dimensions). Each a torch tensor of that dtype and rank
-    (checked before where it lives: a wrong dtype is the likelier mistake)."""
-    for name, (t, dtype, dim) in specs.items():
-        if isinstance(t, torch.Tensor) and t.dtype == dtype and t.dim() == dim:
-            continue  # the usual case, passed on one line; below, one of the three fails
-        require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
-        require(t.dtype == dtype, f"{name} must be {dtype}, got {t.dtype}", TypeError)
-        require(t.dim() == dim, f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
+# Input checks the launchers share (the general ones, and require, are moe_course.checks)
 
 
 def check_on_gpu(tensors: dict) -> None:
@@ -77,23 +59,6 @@ def check_tile_multiples(step: Step, N: int, K: int, names: tuple[str, str] = ("
     n, k = names
     require(not (N % step.block_n or K % step.k_multiple),
             lambda: f"{step.name} needs {n} % {step.block_n} == 0 and {k} % {step.k_multiple} == 0; got {n}={N}, {k}={K}")
-
-
-def check_offsets(offs, M: int) -> None:
-    """Each expert's end row, non-decreasing, the last one ``M`` (the rows): checked on the host
-    (one small copy, a synchronisation; the kernels clamp malformed offsets, only this says so)."""
-    o = offs.cpu()
-    require(not (o.numel() and (int(o[0]) < 0 or bool((o[1:] < o[:-1]).any()) or int(o[-1]) != M)),
-            lambda: f"offs must be non-decreasing end rows with offs[-1] == M == {M}; got {o.tolist()[:16]}"
-                    + ("..." if o.numel() > 16 else ""))
-
-
-def check_gather_range(gather_idx, tokens: int) -> None:
-    """Every index a row of the token matrix (one small copy to the host, a synchronisation;
-    the kernels read a zero row for an index outside, only this says it was wrong)."""
-    if gather_idx.numel():
-        lo, hi = int(gather_idx.min()), int(gather_idx.max())
-        require(0 <= lo and hi < tokens, f"gather_idx must index rows of x (0..{tokens - 1}); got values {lo}..{hi}")
 
 
 def check_out(out, M: int, N: int) -> None:

@@ -1,0 +1,168 @@
+"""Input checks: the one place where bad input is refused, with a message that names it.
+
+Every entry point of the course (the torch maths of :mod:`moe_course.moe`, the kernel launchers
+of :mod:`moe_course.launch`, :mod:`moe_course.records`, the command-line tools of
+``benchmarks/`` and ``tools/``) refuses what it cannot take through these functions, so a
+learner who passes a wrong dtype, a bad offset array or a cut-short record reads one line that
+names the argument (or the file), what was expected and what came, never a traceback from
+deep inside torch, json or the driver, and never a silently wrong answer.
+
+- :func:`require`: the one helper every check goes through.
+- Tensors: :func:`check_tensor_types`, :func:`check_same_dtype`, :func:`check_offsets`,
+  :func:`check_ids_in_range`, :func:`check_finite`.
+- Plain arguments: :func:`check_int`, :func:`check_choice`.
+- Command lines: :func:`positive_int`, :func:`nonnegative_int`, :func:`choices_list` (argparse
+  ``type=`` functions, so a bad argument is argparse's usage error, exit 2, before anything
+  else runs).
+
+The checks that only a kernel needs (a tile multiple, GPU memory, a Hopper) live beside the
+launchers in :mod:`moe_course.launch` and are built on :func:`require`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+
+import torch
+
+
+def require(ok: bool, message, kind: type[Exception] = ValueError) -> None:
+    """Refuse bad input: raise ``kind(message)`` unless ``ok``. ``message`` is a string, or a
+    function that makes one where formatting costs (a dtype, a device, a shape: about a
+    microsecond each, and the layer's launches run ~100 checks a training step)."""
+    if not ok:
+        raise kind(message() if callable(message) else message)
+
+
+# --------------------------------------------------------------------------------------------
+# Tensors
+
+
+def check_tensor_types(specs: dict) -> None:
+    """``specs``: name -> (tensor, dtype, dimensions). Each a torch tensor of that dtype and rank
+    (checked before where it lives: a wrong dtype is the likelier mistake)."""
+    for name, (t, dtype, dim) in specs.items():
+        if isinstance(t, torch.Tensor) and t.dtype == dtype and t.dim() == dim:
+            continue  # the usual case, passed on one line; below, one of the three fails
+        require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+        require(t.dtype == dtype, f"{name} must be {dtype}, got {t.dtype}", TypeError)
+        require(t.dim() == dim, f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
+
+
+def check_same_dtype(tensors: dict) -> None:
+    """``tensors``: name -> tensor, all of one floating dtype (torch would refuse a mix deep inside
+    a matmul, or quietly promote it)."""
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.dtype != first.dtype:
+            require(False, f"{name} is {t.dtype} but {first_name} is {first.dtype}: "
+                           f"give them one dtype (e.g. {name}.to({first_name}.dtype))", TypeError)
+
+
+def check_same_device(tensors: dict) -> None:
+    """``tensors``: name -> tensor, all on one device."""
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            require(False, f"{name} is on {t.device} but {first_name} is on {first.device}: move them to one device")
+
+
+def check_offsets(offs, rows: int, name: str = "offs", starts_at_zero: bool = False) -> None:
+    """Each expert's end row (``starts_at_zero``: a leading 0, chapter 01's ``E + 1`` offsets),
+    non-negative, non-decreasing, the last one ``rows``. Checked on the host (one small copy, a
+    synchronisation on a GPU): malformed offsets would give rows to two experts or to none."""
+    o = offs.detach().cpu().long().reshape(-1)
+    shown = lambda: o.tolist()[:16] + (["..."] if o.numel() > 16 else [])
+    if starts_at_zero:
+        require(o.numel() >= 1 and int(o[0]) == 0, lambda: f"{name} must start at 0; got {shown()}")
+    require(not (o.numel() and (int(o.min()) < 0 or bool((o[1:] < o[:-1]).any()) or int(o[-1]) != rows)),
+            lambda: f"{name} must be non-decreasing end rows from 0 with {name}[-1] == the row count {rows}; "
+                    f"got {shown()}")
+    require(o.numel() or rows == 0, lambda: f"{name} is empty but there are {rows} rows")
+
+
+def check_ids_in_range(ids, high: int, name: str, what: str) -> None:
+    """Every value of ``ids`` in ``0 .. high - 1`` (``what``: what the values index, e.g.
+    "experts (0..E-1)"). One small copy to the host: an id outside would be dropped or wrap."""
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        require(0 <= lo and hi < high, lambda: f"{name} must index {what}: values 0..{high - 1}; got {lo}..{hi}")
+
+
+def check_gather_range(gather_idx, tokens: int) -> None:
+    """Every index a row of the token matrix (the kernels read a zero row for an index outside,
+    only this says it was wrong)."""
+    check_ids_in_range(gather_idx, tokens, "gather_idx", "rows of x")
+
+
+def check_finite(t, name: str) -> None:
+    """No NaN or infinity in ``t`` (one reduction and a synchronisation: for router logits and
+    other small inputs whose NaN would spread silently into every weight)."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        require(False, f"{name} holds {int(bad.sum())} NaN or infinite values (the first at {where}): "
+                       f"check what produced it")
+
+
+# --------------------------------------------------------------------------------------------
+# Plain arguments
+
+
+def check_int(value, name: str, low: int | None = None, high: int | None = None, what: str = "") -> int:
+    """``value`` an int (not a bool) with ``low <= value <= high``; returns it."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    require(ok, lambda: f"{name}{what} must be an int, got {type(value).__name__} {value!r}", TypeError)
+    bounds = (f">= {low}" if high is None else f"between {low} and {high}") if low is not None else f"<= {high}"
+    require((low is None or value >= low) and (high is None or value <= high),
+            lambda: f"{name}{what} must be {bounds}, got {value}")
+    return value
+
+
+def check_choice(value, name: str, choices: Iterable[str], kind: type[Exception] = ValueError) -> str:
+    """``value`` one of ``choices`` (a KeyError would only echo the name back)."""
+    choices = list(choices)
+    require(value in choices, lambda: f"unknown {name} {value!r}; choose one of: {', '.join(map(str, choices))}", kind)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Command lines: argparse ``type=`` functions (a bad value is a usage error, exit 2)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
+def choices_list(choices: Iterable[str]):
+    """argparse type: a comma-separated list, each item one of ``choices``."""
+    choices = list(choices)
+
+    def parse(text: str) -> list[str]:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        unknown = [s for s in items if s not in choices]
+        if not items or unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
+                                             f"choose from: {', '.join(choices)}")
+        return items
+
+    return parse

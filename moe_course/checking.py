@@ -11,6 +11,8 @@ import contextlib
 import numpy as np
 import torch
 
+from .checks import require
+
 
 class CheckFailed(AssertionError):
     pass
@@ -84,12 +86,20 @@ def check_true(name: str, condition: bool, explanation: str) -> None:
         raise CheckFailed(f"{name}: {explanation}")
 
 
+def _check_same_shape(got: tuple, expected: tuple) -> None:
+    """An error of two tensors needs one shape: flattened, (4,) against (2, 2) would compare
+    values that do not correspond, and broadcasting (4, 1) against (4,) compares 16 pairs."""
+    require(got == expected, lambda: f"relative_error compares tensors of one shape; got shape {got}, "
+                                     f"expected shape {expected}")
+
+
 def relative_error(got, expected, chunk: int = 1 << 24) -> float:
     """‖got − expected‖ / ‖expected‖ in float64: the one number for a whole tensor (NaN if
     ``got`` holds one). Two torch tensors are compared where they are (a GPU need not copy
     gigabytes to the host), ``chunk`` values at a time, so that the float64 copies stay small
     (DeepSeek-V3's weight gradient is 15 GB in bf16: 60 GB in float64 at once)."""
     if hasattr(got, "detach") and hasattr(expected, "detach"):
+        _check_same_shape(tuple(got.shape), tuple(expected.shape))
         g, e = got.detach().reshape(-1), expected.detach().to(got.device).reshape(-1)
         num, den = g.new_zeros((), dtype=torch.float64), g.new_zeros((), dtype=torch.float64)
         for i in range(0, g.numel(), chunk):
@@ -99,6 +109,7 @@ def relative_error(got, expected, chunk: int = 1 << 24) -> float:
         denom = float(den.sqrt())
         return float(num.sqrt()) / (denom if denom else 1.0)
     g, e = to_numpy(got).astype(np.float64), to_numpy(expected).astype(np.float64)
+    _check_same_shape(g.shape, e.shape)
     denom = np.linalg.norm(e)
     return float(np.linalg.norm(g - e) / (denom if denom else 1.0))
 

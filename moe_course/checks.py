@@ -10,7 +10,7 @@ deep inside torch, json or the driver, and never a silently wrong answer.
 - :func:`require`: the one helper every check goes through.
 - Tensors: :func:`check_tensor_types`, :func:`check_same_dtype`, :func:`check_offsets`,
   :func:`check_ids_in_range`, :func:`check_finite`.
-- Plain arguments: :func:`check_int`, :func:`check_choice`.
+- Plain arguments: :func:`check_int`, :func:`check_choice`, :func:`check_device`.
 - Command lines: :func:`positive_int`, :func:`nonnegative_int`, :func:`choices_list` (argparse
   ``type=`` functions, so a bad argument is argparse's usage error, exit 2, before anything
   else runs).
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 
@@ -71,17 +72,18 @@ def check_same_device(tensors: dict) -> None:
 
 
 def check_offsets(offs, rows: int, name: str = "offs", starts_at_zero: bool = False) -> None:
-    """Each expert's end row (``starts_at_zero``: a leading 0, chapter 01's ``E + 1`` offsets),
-    non-negative, non-decreasing, the last one ``rows``. Checked on the host (one small copy, a
-    synchronisation on a GPU): malformed offsets would give rows to two experts or to none."""
+    """Each expert's end row (as ``torch._grouped_mm`` takes them), or with ``starts_at_zero``
+    the ``E + 1`` boundaries of chapter 01 (``0`` first): non-negative, non-decreasing, the last
+    one ``rows``. Checked on the host (one small copy, a synchronisation on a GPU): malformed
+    offsets would give rows to two experts or to none, silently."""
     o = offs.detach().cpu().long().reshape(-1)
-    shown = lambda: o.tolist()[:16] + (["..."] if o.numel() > 16 else [])
-    if starts_at_zero:
-        require(o.numel() >= 1 and int(o[0]) == 0, lambda: f"{name} must start at 0; got {shown()}")
-    require(not (o.numel() and (int(o.min()) < 0 or bool((o[1:] < o[:-1]).any()) or int(o[-1]) != rows)),
-            lambda: f"{name} must be non-decreasing end rows from 0 with {name}[-1] == the row count {rows}; "
-                    f"got {shown()}")
-    require(o.numel() or rows == 0, lambda: f"{name} is empty but there are {rows} rows")
+    what = ("the E+1 boundaries of the experts' rows: 0 first, non-decreasing, the last" if starts_at_zero
+            else "each expert's end row: non-negative, non-decreasing, the last")
+    ok = o.numel() >= 1 and int(o.min()) >= 0 and not bool((o[1:] < o[:-1]).any()) and int(o[-1]) == rows
+    ok = ok and (not starts_at_zero or int(o[0]) == 0)
+    require(ok or (o.numel() == 0 and rows == 0),
+            lambda: f"{name} must be {what} == the row count {rows}; got {o.tolist()[:16]}"
+                    + ("..." if o.numel() > 16 else ""))
 
 
 def check_ids_in_range(ids, high: int, name: str, what: str) -> None:
@@ -114,7 +116,7 @@ def check_finite(t, name: str) -> None:
 
 def check_int(value, name: str, low: int | None = None, high: int | None = None, what: str = "") -> int:
     """``value`` an int (not a bool) with ``low <= value <= high``; returns it."""
-    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
     require(ok, lambda: f"{name}{what} must be an int, got {type(value).__name__} {value!r}", TypeError)
     bounds = (f">= {low}" if high is None else f"between {low} and {high}") if low is not None else f"<= {high}"
     require((low is None or value >= low) and (high is None or value <= high),
@@ -127,6 +129,17 @@ def check_choice(value, name: str, choices: Iterable[str], kind: type[Exception]
     choices = list(choices)
     require(value in choices, lambda: f"unknown {name} {value!r}; choose one of: {', '.join(map(str, choices))}", kind)
     return value
+
+
+def check_device(device) -> None:
+    """A device this machine has: ``"cuda"`` without a usable GPU is refused in words, before
+    torch says "Found no NVIDIA driver" from deep inside an allocation. ``None`` is the default
+    device, always fine."""
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        from .machine import info
+
+        require(False, f"device={str(device)!r} asks for a GPU, but this machine has none that torch can use "
+                       f"({info().why_no_gpu or 'this torch was built without CUDA'}): leave device out to work on the CPU", RuntimeError)
 
 
 # --------------------------------------------------------------------------------------------

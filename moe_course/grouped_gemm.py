@@ -21,6 +21,7 @@ import torch
 
 from .bench import benchmark, interleaved
 from .checking import relative_error
+from .checks import check_choice, check_device, check_int, check_offsets, require
 # the ladder and its launcher, where every kernel's launch lives; handed on for chapter 02's notebook
 from .launch import BEST as BEST
 from .launch import CHAPTER02_BEST as CHAPTER02_BEST
@@ -31,8 +32,18 @@ from .launch import chapter_steps as chapter_steps
 # ----------------------------------------------------------------------------- baselines
 
 
+def _check_end_rows(x, w, offs) -> None:
+    """One end row per expert, non-decreasing, the last one ``x``'s row count (the host reads
+    them anyway: the two functions below loop over them)."""
+    require(offs.numel() == w.shape[0], lambda: f"offs must hold one end row per expert: {w.shape[0]} values, "
+                                                f"got {offs.numel()}")
+    check_offsets(offs, x.shape[0])
+
+
 def reference(x, w, offs):
-    """float32 result, one torch.mm per expert, computed from the bf16 inputs."""
+    """float32 result, one torch.mm per expert, computed from the bf16 inputs (the offsets
+    checked first: every check of the course's kernels trusts this result)."""
+    _check_end_rows(x, w, offs)
     y = torch.zeros(x.shape[0], w.shape[1], device=x.device, dtype=torch.float32)
     start = 0
     for e, end in enumerate(offs.cpu().tolist()):
@@ -44,6 +55,7 @@ def reference(x, w, offs):
 
 def torch_loop(x, w, offs, out=None):
     """What a plain PyTorch MoE does: the host reads the counts, then one bf16 mm per expert."""
+    _check_end_rows(x, w, offs)
     out = torch.empty(x.shape[0], w.shape[1], device=x.device, dtype=x.dtype) if out is None else out
     start = 0
     for e, end in enumerate(offs.cpu().tolist()):
@@ -96,7 +108,16 @@ class Problem:
 
 def make_problem(counts, d_in: int, d_out: int, device: str = "cuda", seed: int = 0) -> Problem:
     """Random x [sum(counts), d_in] and w [E, d_out, d_in] (scaled so outputs are ~N(0, 1))."""
-    counts = torch.as_tensor(counts, dtype=torch.int64)
+    counts = torch.as_tensor(counts)
+    require(counts.dim() == 1 and not counts.is_floating_point() and counts.dtype != torch.bool,
+            lambda: f"counts must be a 1-D list of whole numbers (rows per expert), got {counts.dtype} "
+                    f"of shape {tuple(counts.shape)}", TypeError)
+    require(counts.numel() >= 1 and int(counts.min()) >= 0,
+            lambda: f"counts (rows per expert) must be >= 0, one per expert; got {counts.tolist()[:16]}")
+    counts = counts.long()
+    check_int(d_in, "d_in", 1)
+    check_int(d_out, "d_out", 1)
+    check_device(device)
     g = torch.Generator(device=device).manual_seed(seed)
     M, E = int(counts.sum()), counts.numel()
     x = torch.randn(M, d_in, device=device, generator=g).to(torch.bfloat16)
@@ -131,6 +152,7 @@ def _reps_for(fn, budget_ms: float = 200.0) -> tuple[int, int]:
 
 def implementation(impl: str):
     """``fn(x, w, offs)`` for a baseline's name or a step's (steps launched without the host check)."""
+    check_choice(impl, "implementation", IMPLEMENTATIONS)
     return BASELINES.get(impl) or (lambda x, w, o, s=impl: grouped_gemm(x, w, o, step=s, validate=False))
 
 

@@ -30,6 +30,7 @@ import torch
 
 from . import launch, moe
 from . import token_rounding as tr
+from .checks import check_choice, check_int
 from .io_overlap import deinterleave, swiglu_of
 from .machine import info
 
@@ -84,13 +85,12 @@ def route(x: torch.Tensor, w_router: torch.Tensor, k: int, method: str = "top-K"
     "nearest", "up", "down": chapter 04's token rounding (:func:`moe_course.token_rounding.
     token_rounding`) of the router's probabilities to multiples of ``tile`` rows per expert, in
     torch (it reads the row count back: one synchronisation)."""
-    if method not in ROUTINGS:
-        raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}; got {method!r}")
+    check_choice(method, "routing", ROUTINGS)
     logits = moe.router_logits(x, w_router).float()  # routers decide in float32
     T, E = logits.shape
     if method != "top-K":
         return _rounded(logits, k, tile, method)
-    if logits.is_cuda:
+    if logits.is_cuda and T:  # (an empty batch routes in torch: nothing to launch)
         return _route_on_gpu(logits, k)
     weights, experts = moe.topk_softmax(logits, k)
     d = moe.dispatch(experts, E)
@@ -253,6 +253,8 @@ def kernels_unavailable(x, d: int, n: int) -> str | None:
         return f"chapter 03's kernels need a Hopper GPU (sm_90a); this one is {m.compute_capability}"
     if x.dtype != torch.bfloat16:
         return f"the kernels take bf16, got {x.dtype}"
+    if x.shape[0] == 0:
+        return "an empty batch (0 tokens): nothing to launch"
     if d % 256 or n % 256:  # every product's N (2n, d, n) a multiple of 256 or 128, every K of 256
         return f"the kernels need d and n to be multiples of 256; got d={d}, n={n}"
     return None
@@ -364,8 +366,12 @@ class CourseMoE(torch.nn.Module):
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int, *, routing: str = "top-K",
                  tile: int = tr.DEFAULT_TILE, dtype=torch.bfloat16, device=None, generator: torch.Generator | None = None):
         super().__init__()
-        if routing not in ROUTINGS:
-            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}; got {routing!r}")
+        check_choice(routing, "routing", ROUTINGS)
+        check_int(d_model, "d_model", 1)
+        check_int(d_hidden, "d_hidden", 1)
+        check_int(num_experts, "num_experts", 1)
+        check_int(k, "k", 1, num_experts, " (experts per token)")
+        check_int(tile, "tile", 1)
         w = prepare(moe.random_weights(d_model, d_hidden, num_experts, device=device, generator=generator), dtype)
         self.k, self.routing, self.tile = k, routing, tile
         self.w_router = torch.nn.Parameter(w.w_router.to(dtype))
@@ -380,7 +386,7 @@ class CourseMoE(torch.nn.Module):
         self.backend = "torch" if self.why_torch else "kernels"
         ops = TORCH_OPS if self.why_torch else KERNEL_OPS
         y = MoEFunction.apply(x2, self.w_router, self.w_gate_up, self.w_down, self.k, ops, self.routing, self.tile)
-        return y.reshape(*lead, -1)
+        return y.reshape(*lead, y.shape[-1])
 
     def extra_repr(self) -> str:
         E, two_n, d = self.w_gate_up.shape

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,7 +59,8 @@ from . import grouped_gemm as gg
 from . import kernels, launch, moe
 from .bench import benchmark
 from .checking import check_equal
-from .launch import MAX_EXPERTS, ROUTING, require
+from .checks import check_device, check_int, require
+from .launch import MAX_EXPERTS, ROUTING
 
 
 #: Rounding modes: to the nearest tile multiple (an exact half goes up), up, down.
@@ -70,29 +70,28 @@ DEFAULT_TILE = launch.STEPS[launch.BEST].block_m  # the M tile of the course's b
 ROUTINGS = ("top-K", "padded") + MODES
 
 # --------------------------------------------------------------------------------------------
-# Input checks: bad input gets a ValueError that names the problem (launch.require).
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> None:
-    require(isinstance(value, (int, np.integer)) and not isinstance(value, bool),
-            f"{name} must be an int, got {type(value).__name__}")
-    require(value >= low and (high is None or value <= high),
-            f"{name} must be between {low} and {high}, got {value}" if high is not None
-             else f"{name} must be >= {low}, got {value}")
+# Input checks: bad input gets a ValueError that names the problem (moe_course.checks).
 
 
 def check_scores(scores) -> None:
-    """``scores (T, E)``: a float tensor, at least one token and one expert, no NaN."""
+    """``scores (T, E)``: a float tensor, at least one expert (an empty batch, T = 0, routes to no
+    rows), no NaN."""
     require(isinstance(scores, Tensor), f"scores must be a torch.Tensor of shape (T, E), got {type(scores).__name__}")
     require(scores.dim() == 2, f"scores must have shape (T, E) (2 dimensions), got shape {tuple(scores.shape)}")
     require(scores.is_floating_point(), f"scores must be floating point (router scores), got dtype {scores.dtype}")
-    require(scores.shape[0] >= 1 and scores.shape[1] >= 1,
-            f"scores must have at least one token and one expert, got shape {tuple(scores.shape)}")
+    require(scores.shape[1] >= 1, f"scores must have at least one expert, got shape {tuple(scores.shape)}")
     nan = torch.isnan(scores)
     if bool(nan.any()):
         t, e = (int(v) for v in nan.nonzero()[0])
         raise ValueError(f"scores contain NaN ({int(nan.sum())} of them; the first at token {t}, expert {e}): "
                          "a NaN has no place in a ranking")
+
+
+def _check_counts(counts) -> None:
+    require(isinstance(counts, Tensor) and counts.dim() == 1 and not counts.is_floating_point(),
+            f"counts must be a 1-D integer tensor (tokens per expert), got "
+            f"{getattr(counts, 'dtype', type(counts).__name__)} {tuple(getattr(counts, 'shape', ()))}")
+    require(counts.numel() == 0 or int(counts.min()) >= 0, lambda: f"counts must be >= 0, got {counts.tolist()[:16]}")
 
 
 def check_mode(mode) -> None:
@@ -117,7 +116,7 @@ def topk_experts(scores: Tensor, k: int) -> Tensor:
     unspecified, and a GPU kernel must be able to reproduce the choice bit for bit).
     """
     check_scores(scores)
-    _check_int("k (experts per token)", k, 1, scores.shape[1])
+    check_int(k, "k (experts per token)", 1, scores.shape[1])
     order = torch.sort(_sort_keys(scores), dim=1, descending=True, stable=True).indices
     return order[:, :k]
 
@@ -126,7 +125,7 @@ def expert_counts(topk: Tensor, num_experts: int) -> Tensor:
     """``f_e``, tokens per expert under top-K: ``topk (T, K) -> (E,)`` int64."""
     require(isinstance(topk, Tensor) and topk.dim() == 2,
             f"topk must be a (T, K) tensor of expert ids, got {getattr(topk, 'shape', type(topk).__name__)}")
-    _check_int("num_experts", num_experts, 1)
+    check_int(num_experts, "num_experts", 1)
     flat = topk.reshape(-1).long()
     require(flat.numel() == 0 or (int(flat.min()) >= 0 and int(flat.max()) < num_experts),
             f"expert ids must be in [0, {num_experts})")
@@ -154,13 +153,10 @@ def round_counts(counts: Tensor, tile: int = DEFAULT_TILE, mode: str = "nearest"
     ``num_tokens``: an expert cannot take more tokens than there are (each token at most once),
     so rounded counts are capped at ``T``: the one case where a count is not a tile multiple.
     """
-    require(isinstance(counts, Tensor) and counts.dim() == 1 and not counts.is_floating_point(),
-            f"counts must be a 1-D integer tensor (tokens per expert), got "
-             f"{getattr(counts, 'dtype', type(counts).__name__)} {tuple(getattr(counts, 'shape', ()))}")
-    _check_int("tile", tile, 1)
+    _check_counts(counts)
+    check_int(tile, "tile", 1)
     check_mode(mode)
     counts = counts.long()
-    require(counts.numel() == 0 or int(counts.min()) >= 0, "counts must be >= 0")
     if mode == "up":
         rounded = (counts + tile - 1) // tile * tile
     elif mode == "down":
@@ -168,7 +164,7 @@ def round_counts(counts: Tensor, tile: int = DEFAULT_TILE, mode: str = "nearest"
     else:  # the nearest multiple, in integers: floor((2f + tile) / (2 tile)) tiles; a half goes up
         rounded = (2 * counts + tile) // (2 * tile) * tile
     if num_tokens is not None:
-        _check_int("num_tokens", num_tokens, 0)
+        check_int(num_tokens, "num_tokens", 0)
         rounded = rounded.clamp(max=num_tokens)
     return rounded
 
@@ -270,7 +266,7 @@ def token_rounding(scores: Tensor, k: int, tile: int = DEFAULT_TILE, mode: str =
     Every expert's row count becomes a multiple of ``tile`` (rounded ``mode``), capped at ``T``.
     """
     check_scores(scores)
-    _check_int("tile", tile, 1)
+    check_int(tile, "tile", 1)
     check_mode(mode)
     topk = topk_experts(scores, k)
     rounded = round_counts(expert_counts(topk, scores.shape[1]), tile, mode, num_tokens=scores.shape[0])
@@ -280,7 +276,7 @@ def token_rounding(scores: Tensor, k: int, tile: int = DEFAULT_TILE, mode: str =
 def topk_routing(scores: Tensor, k: int, tile: int = DEFAULT_TILE) -> Routing:
     """Plain token-choice top-K in the same format (``tile`` only labels it: nothing is rounded)."""
     check_scores(scores)
-    _check_int("tile", tile, 1)
+    check_int(tile, "tile", 1)
     topk = topk_experts(scores, k)
     return _select(scores, topk, expert_counts(topk, scores.shape[1]), tile, "top-K")
 
@@ -318,6 +314,8 @@ def route(scores: Tensor, k: int, tile: int = DEFAULT_TILE, method: str = "neare
 def tile_map(counts: Tensor, tile: int = DEFAULT_TILE) -> Tensor:
     """``(num_tiles, 2)`` int64: for each ``tile``-row tile of the grouped GEMM, its expert and
     first row, expert by expert (what ``build_tile_map`` in ``kernels/grouped_gemm.cuh`` writes)."""
+    _check_counts(counts)
+    check_int(tile, "tile", 1)
     counts = counts.long()
     tiles = (counts + tile - 1) // tile
     experts = torch.arange(counts.numel(), device=counts.device).repeat_interleave(tiles)
@@ -356,6 +354,7 @@ def synthetic_scores(num_tokens: int, num_experts: int, skew: float = 0.0, seed:
                      device=None) -> Tensor:
     """Router probabilities ``(T, E)`` of a synthetic router: softmax of random logits with a
     popularity bias ``-skew * log(1 + e)`` (as :func:`moe_course.moe.skewed_logits`)."""
+    check_device(device)
     gen = torch.Generator(device=device or "cpu").manual_seed(seed)
     return moe.skewed_logits(num_tokens, num_experts, skew, generator=gen, device=device).softmax(dim=-1)
 
@@ -428,10 +427,22 @@ def max_rows(num_tokens: int, num_experts: int, k: int, tile: int, method: str) 
     """An upper bound of the rows of a routing, known on the host without reading the counts:
     top-K and rounding down never add rows; nearest adds at most ``tile // 2`` per expert, up and
     padding fewer than ``tile``; and no expert takes more than ``T`` tokens (padding aside)."""
+    check_int(tile, "tile", 1)
+    require(method in ROUTINGS, f"method must be one of {', '.join(ROUTINGS)}; got {method!r}")
     pairs = num_tokens * k
     extra = {"top-K": 0, "down": 0, "nearest": tile // 2, "up": tile - 1, "padded": tile - 1}[method]
     bound = pairs + num_experts * extra
     return bound if method == "padded" else min(bound, num_tokens * num_experts)
+
+
+def empty_device_routing(num_experts: int, k: int, tile: int, method: str, device) -> DeviceRouting:
+    """The routing of an empty batch (no tokens, no rows, no tiles) in :class:`DeviceRouting`'s
+    buffers, made without a kernel."""
+    i32 = dict(dtype=torch.int32, device=device)
+    none, per_expert = torch.zeros(0, **i32), torch.zeros(num_experts, **i32)
+    return DeviceRouting(none, none.clone(), torch.zeros(0, device=device), torch.zeros(0, dtype=torch.bool, device=device),
+                         per_expert, per_expert.clone(), torch.zeros(num_experts + 1, **i32), per_expert.clone(),
+                         torch.zeros(0, k, **i32), torch.zeros(0, 2, **i32), torch.zeros(2, **i32), tile, method)
 
 
 def route_cuda(scores: Tensor, k: int, tile: int = DEFAULT_TILE, method: str = "nearest",
@@ -442,18 +453,20 @@ def route_cuda(scores: Tensor, k: int, tile: int = DEFAULT_TILE, method: str = "
     first; benchmarks turn it off). Identical, bit for bit, to :func:`route` on the same scores.
     """
     require(isinstance(scores, Tensor), f"scores must be a torch.Tensor of shape (T, E), got {type(scores).__name__}")
-    require(scores.dim() == 2 and scores.shape[0] >= 1 and scores.shape[1] >= 1,
-            f"scores must have shape (T, E) with T, E >= 1, got {tuple(scores.shape)}")
+    require(scores.dim() == 2 and scores.shape[1] >= 1,
+            f"scores must have shape (T, E) with E >= 1, got {tuple(scores.shape)}")
     require(scores.dtype == torch.float32, f"scores must be float32 (the router's precision), got {scores.dtype}")
     require(method in ROUTINGS, f"method must be one of {', '.join(ROUTINGS)}; got {method!r}")
     num_tokens, num_experts = scores.shape
-    _check_int("k (experts per token)", k, 1, num_experts)
-    _check_int("tile", tile, 1)
+    check_int(k, "k (experts per token)", 1, num_experts)
+    check_int(tile, "tile", 1)
     require(num_experts <= MAX_EXPERTS, f"at most {MAX_EXPERTS} experts (one thread each), got {num_experts}")
     require(num_tokens * num_experts < 2**31, f"T * E must be below 2**31, got {num_tokens} * {num_experts}")
     require(scores.device.type == "cuda", f"scores are on {scores.device}; the kernels read GPU memory: .cuda()")
     if validate:
         check_scores(scores)  # a NaN check: one sync
+    if num_tokens == 0:  # an empty batch routes to no rows, as route() does: nothing to launch
+        return empty_device_routing(num_experts, k, tile, method, scores.device)
     scores = scores.contiguous()
     rows = max_rows(num_tokens, num_experts, k, tile, method)
     require(rows < 2**31, f"{rows} rows do not fit int32 indices")

@@ -146,11 +146,14 @@ def test_unfilled_exercises_fail_saying_not_implemented(notebook, graded):
                          text=True, timeout=300)
     out = re.sub(r"\x1b\[[0-9;]*m", "", run.stdout + run.stderr)  # no terminal colours
     assert run.returncode != 0, out
+    # one block per failing cell: each says "not implemented yet" (a grading cell) or stopped at
+    # the NotImplementedError of an unfilled cell, nothing else
+    blocks = re.split(r"_{3,} \S+::(Cell \d+) _{3,}", out.split("= FAILURES =", 1)[-1].split("short test summary", 1)[0])
+    verdicts = {cell: "said" if re.search(r"not implemented yet \(fill in this cell", text)
+                else "raw" if "NotImplementedError: fill in this cell" in text else "unclear"
+                for cell, text in zip(blocks[1::2], blocks[2::2])}
     failed = int(re.search(r"(\d+) failed", out)[1])
-    said = len(re.findall(r"not implemented yet \(fill in this cell", out))
-    assert said == graded, out  # every grading cell says so
-    # every other failing cell stopped at a NotImplementedError of an unfilled cell, nothing else
-    raw = len(re.findall(r"NotImplementedError: fill in this cell", out))
-    assert said + raw >= failed, out
+    assert len(verdicts) == failed and list(verdicts.values()).count("said") == graded \
+        and "unclear" not in verdicts.values(), f"{verdicts}\n{out}"
     for unclear in ("NameError", "TypeError", "AttributeError", "IndexError", "RuntimeError"):
         assert unclear not in out, out

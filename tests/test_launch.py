@@ -71,7 +71,7 @@ def test_refusals_name_the_problem_without_a_gpu():
         launch.check_tensor_types({"x": (x, torch.bfloat16, 3)})
     with pytest.raises(ValueError, match="x is on cpu; the kernels read GPU memory"):
         launch.check_on_gpu({"x": x})
-    with pytest.raises(ValueError, match=r"offs must be non-decreasing end rows from 0 with offs\[-1\] == the row count 4"):
+    with pytest.raises(ValueError, match=r"offs must be each expert.s end row: non-negative, non-decreasing, the last == the row count 4"):
         launch.check_offsets(torch.tensor([3, 2], dtype=torch.int32), 4)
     with pytest.raises(ValueError, match=r"gather_idx must index rows of x: values 0\.\.9; got 0\.\.10"):
         launch.check_gather_range(torch.tensor([0, 10], dtype=torch.int32), 10)

@@ -219,5 +219,5 @@ def test_a_wrong_rounding_router_gradient_fails_the_check(monkeypatch):
 
 
 def test_course_moe_refuses_an_unknown_routing():
-    with pytest.raises(ValueError, match="routing must be one of"):
+    with pytest.raises(ValueError, match="unknown routing 'padded'; choose one of: top-K, nearest"):
         layer.CourseMoE(32, 16, 4, 2, routing="padded")

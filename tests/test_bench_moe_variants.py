@@ -49,7 +49,7 @@ def test_quick_run_on_the_cpu_end_to_end(tmp_path):
     grouped_runs = variants.grouped_mm_unavailable("cpu") is None
     assert ("layer forward  torch._grouped_mm" in out) == grouped_runs
     assert ("layer-grouped-mm: skipped: " in out) != grouped_runs
-    assert "gemm-ladder: skipped: needs an NVIDIA GPU (MOE_COURSE_FORCE_CPU is set)" in out
+    assert "gemm-ladder: skipped: needs an NVIDIA GPU (" in out
     assert "sonicmoe: skipped: " in out
 
     # The record went to the folder asked for, and nowhere else.

@@ -261,6 +261,7 @@ def test_max_rows_bounds_the_awkward_cases():
             assert r.num_rows <= tr.max_rows(*scores.shape, k, tile, method), (name, method)
 
 
+@pytest.mark.nvrtc
 def test_kernel_source_compiles_with_every_kernel():
     report = kernels.compile_report(tr.KERNEL_SOURCE)
     assert {"route_topk", "round_counts", "build_tile_map", "select_tokens"} <= set(report.resources)

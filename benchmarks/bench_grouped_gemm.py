@@ -17,6 +17,7 @@ import sys
 from tqdm import tqdm
 
 from moe_course import ceilings, configs, grouped_gemm, machine, records
+from moe_course.checks import run_command
 
 KIND = "grouped_gemm"
 # (T tokens, d model, n expert hidden, E experts, K top-k): the shapes of COURSE.md's anchors
@@ -32,18 +33,19 @@ def table_order(row) -> tuple:
             impls.index(row["impl"]) if row["impl"] in impls else len(impls))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES), metavar="SHAPE",
+                    help=f"MoE shapes (default all): {', '.join(SHAPES)}")
     ap.add_argument("--proj", nargs="+", choices=["up", "down"], default=["up", "down"])
     ap.add_argument("--routing", nargs="+", choices=list(ROUTINGS), default=list(ROUTINGS),
                     help="uniform: random router logits; skewed: logits biased towards a few experts")
-    ap.add_argument("--impls", nargs="+", default=None,
+    ap.add_argument("--impls", nargs="+", choices=grouped_gemm.IMPLEMENTATIONS, default=None, metavar="IMPL",
                     help=f"implementations (default all): {', '.join(grouped_gemm.IMPLEMENTATIONS)}")
     ap.add_argument("--no-save", action="store_true", help="do not write the record")
     ap.add_argument("--merge", action="store_true",
                     help="keep this GPU's recorded rows for what this run does not measure (default: replace the record)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     if not machine.has_gpu():
         if (rec := records.recorded_instead(KIND)) is None:
@@ -86,4 +88,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -30,6 +30,7 @@ import torch
 
 from moe_course import configs, io_overlap, launch, machine, records
 from moe_course import grouped_gemm as gg
+from moe_course.checks import positive_int, run_command
 
 KIND = "io_overlap"
 SHAPES = {c.name: tuple(c.shape) for c in configs.CHAPTER02}
@@ -44,8 +45,8 @@ def pipeline_table(rows) -> str:
         if "error" in r:
             out.append(f"{r['shape']:<15}{r['proj']:<5}{r['impl']:<26}  {r['error']}")
             continue
-        share = r.get("trace_wait_share", float("nan"))
-        waits = f"{100 * share:>11.0f}%" if share == share else f"{'-':>12}"
+        share = r.get("trace_wait_share")  # None: too few slices traced
+        waits = f"{100 * share:>11.0f}%" if share is not None else f"{'-':>12}"
         out.append(f"{r['shape']:<15}{r['proj']:<5}{r['impl']:<26}{r['ms']:>8.3f}{r['tflops']:>9.0f}{waits}")
     return "\n".join(out)
 
@@ -122,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                     help="what to measure (default: all three; see above)")
-    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
-                    help="MoE shapes for the pipeline and gather parts (default: the four of chapter 02)")
-    ap.add_argument("--rounds", type=int, default=5,
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES), metavar="SHAPE",
+                    help="MoE shapes for the pipeline and gather parts (default: the four of chapter 02: "
+                         f"{', '.join(SHAPES)})")
+    ap.add_argument("--rounds", type=positive_int, default=5,
                     help="rounds of interleaved timing (10 calls of each implementation per round; median reported)")
     ap.add_argument("--json", action="store_true", help="print the record's data as JSON instead of tables")
     ap.add_argument("--no-save", action="store_true", help="do not write the record")
-    ap.add_argument("--launch-once", type=int, metavar="STAGES", help=argparse.SUPPRESS)  # ncu's target
+    ap.add_argument("--launch-once", type=positive_int, metavar="STAGES", help=argparse.SUPPRESS)  # ncu's target
     args = ap.parse_args(argv)
     if args.launch_once:
         launch_once(args.launch_once)
@@ -164,4 +166,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from moe_course import configs, layer_measurements, records
+from moe_course.checks import argument_type, run_command
 from moe_course.machine import info
 
 KIND = "layer_kernels"
@@ -22,8 +23,9 @@ KIND = "layer_kernels"
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="*", default=[c.name for c in configs.CHAPTER02])
-    ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--shapes", nargs="+", type=argument_type(configs.by_name), default=list(configs.CHAPTER02),
+                    metavar="NAME", help=f"MoE configurations (default: the four of chapter 02): {', '.join(configs.names())}")
+    ap.add_argument("--no-save", action="store_true", help="do not write the record")
     args = ap.parse_args(argv)
     if not info().has_gpu:
         rec = records.recorded_instead(KIND)
@@ -35,8 +37,8 @@ def main(argv=None) -> int:
     from moe_course.layer import kernels_unavailable
 
     data = {"shapes": {}}
-    for name in args.shapes:
-        shape = tuple(configs.by_name(name).shape)
+    for cfg in args.shapes:
+        name, shape = cfg.name, tuple(cfg.shape)
         probe = torch.empty(1, shape[1], device="cuda", dtype=torch.bfloat16)
         why = kernels_unavailable(probe, shape[1], shape[2])
         if why:
@@ -52,4 +54,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -18,6 +18,7 @@ import argparse
 import sys
 
 from moe_course import configs, layer, layer_measurements, records
+from moe_course.checks import argument_type, run_command
 from moe_course.machine import info
 
 KIND = "moe_layer_training"
@@ -34,27 +35,30 @@ LEAVE_OUT = {"deepseek-v3": {"torch loop": "left out on this shape: three conten
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="*", default=[c.name for c in configs.CHAPTER02])
-    ap.add_argument("--contenders", nargs="*", default=["torch loop", "torch._grouped_mm", "course", "SonicMoE"])
+    ap.add_argument("--shapes", nargs="+", type=argument_type(configs.by_name), default=list(configs.CHAPTER02),
+                    metavar="NAME", help=f"MoE configurations (default: the four of chapter 02): {', '.join(configs.names())}")
+    ap.add_argument("--contenders", nargs="+", choices=layer_measurements.CONTENDERS,
+                    default=list(layer_measurements.CONTENDERS), metavar="NAME",
+                    help=f"the layers to compare (default all): {', '.join(layer_measurements.CONTENDERS)}")
     ap.add_argument("--train", action="store_true", help="also run the training comparison")
-    ap.add_argument("--no-save", action="store_true")
-    ap.add_argument("--record", default=KIND, help=f"the record's name (default {KIND}; the SonicMoE "
-                    "comparison of chapter 05 is recorded as moe_layer_sonicmoe)")
+    ap.add_argument("--no-save", action="store_true", help="do not write the record")
+    ap.add_argument("--record", type=argument_type(records.check_kind, "record kind"), default=KIND,
+                    help=f"the record's kind, its file's name (default {KIND}; the SonicMoE comparison of chapter 05 "
+                         "is recorded as moe_layer_sonicmoe)")
     args = ap.parse_args(argv)
     if not info().has_gpu:
         rec = records.recorded_instead(args.record)
         if rec is not None:
             print(layer_measurements.table(rec.data))
         return 0
-    by_name = {c.name: c for c in configs.CHAPTER02}
     data = {"shapes": {}, "train": None,
             "command": " ".join(["python", "benchmarks/bench_moe_layer.py", *(sys.argv[1:] if argv is None else argv)])}
     if "SonicMoE" in args.contenders:
         from moe_course.variants import sonicmoe_versions
 
         data["versions"] = sonicmoe_versions()
-    for name in args.shapes:
-        cfg = by_name[name] if name in by_name else configs.by_name(name)
+    for cfg in args.shapes:
+        name = cfg.name
         print(f"--- {name} {tuple(cfg.shape)}", flush=True)
         left_out = LEAVE_OUT.get(name, {})
         res = layer_measurements.measure_layer(tuple(cfg.shape), [c for c in args.contenders if c not in left_out],
@@ -80,4 +84,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

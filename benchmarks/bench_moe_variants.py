@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from moe_course import RESULTS_DIR, SCRATCH_DIR, ceilings, configs, machine, records
 from moe_course import variants as registry
+from moe_course.checks import argument_type, nonnegative_int, positive_int, run_command
 
 KIND = "moe_variants"
 QUICK_KIND = "moe_variants_quick"
@@ -122,31 +123,14 @@ def plot(record: records.Record, live: bool, path: Path) -> Path:
 # The command line
 # ----------------------------------------------------------------------------------------------
 
-def _config(name: str) -> configs.MoEConfig:
-    try:
-        return configs.by_name(name)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bench_moe_variants.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="+", type=_config, metavar="NAME",
+    ap.add_argument("--configs", nargs="+", type=argument_type(configs.by_name), metavar="NAME",
                     help="MoE configurations to measure (moe_course/configs.py): "
                          f"{', '.join(configs.names())}; default: the four of chapter 02 "
                          f"({', '.join(c.name for c in configs.CHAPTER02)})")
-    ap.add_argument("--tokens", type=_positive_int, metavar="T",
+    ap.add_argument("--tokens", type=positive_int, metavar="T",
                     help="tokens per batch instead of each configuration's own (e.g. fewer, for a smaller GPU)")
     ap.add_argument("--variants", nargs="+", choices=list(registry.REGISTRY), metavar="NAME",
                     help=f"implementations to run, in table order (default: all): {', '.join(registry.REGISTRY)}")
@@ -157,10 +141,10 @@ def parser() -> argparse.ArgumentParser:
                     help="tiny shapes (" + "; ".join(f"{k} {v}" for k, v in QUICK_SHAPES.items())
                          + f") and {QUICK_REPS} timed calls: runs in seconds, on a CPU too; recorded as "
                            f"'{QUICK_KIND}', never mistaken for full-size results")
-    ap.add_argument("--reps", type=_positive_int,
+    ap.add_argument("--reps", type=positive_int,
                     help=f"timed calls per layer, after warm-up; the median is reported (default {REPS}, "
                          f"--quick {QUICK_REPS}; the GEMM ladder picks its own, about 200 ms of calls each)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random tokens and weights (default 0)")
+    ap.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random tokens and weights (default 0)")
     ap.add_argument("--results-dir", type=Path, metavar="DIR",
                     help="where the JSON record (and the chart) go, and where recorded results are read "
                          "from (default: benchmarks/results; --quick: benchmarks/scratch)")
@@ -284,4 +268,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from moe_course import grouped_gemm, launch, machine, records
 from moe_course import token_rounding as tr
 from moe_course.checking import CheckFailed
+from moe_course.checks import nonnegative_float, positive_int, run_command
 
 KIND = tr.SPEED_KIND
 
@@ -41,14 +42,19 @@ def check_kernels() -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", choices=list(tr.SPEED_SHAPES), default=list(tr.SPEED_SHAPES))
+    ap.add_argument("--shapes", nargs="+", choices=list(tr.SPEED_SHAPES), default=list(tr.SPEED_SHAPES),
+                    metavar="SHAPE", help=f"shapes (default both): {', '.join(tr.SPEED_SHAPES)}")
     ap.add_argument("--methods", nargs="+", choices=list(tr.SPEED_METHODS), default=list(tr.SPEED_METHODS),
                     help="routings to time (top-K is the baseline of the speed-ups)")
-    ap.add_argument("--impls", nargs="+", default=[launch.BEST, "torch._grouped_mm"],
-                    help=f"grouped GEMMs: any of {', '.join(grouped_gemm.IMPLEMENTATIONS)}")
+    ap.add_argument("--impls", nargs="+", choices=grouped_gemm.IMPLEMENTATIONS,
+                    default=[launch.BEST, "torch._grouped_mm"], metavar="IMPL",
+                    help=f"grouped GEMMs (default {launch.BEST} and torch._grouped_mm): any of "
+                         f"{', '.join(grouped_gemm.IMPLEMENTATIONS)}")
     ap.add_argument("--proj", nargs="+", choices=["up", "down"], default=["up", "down"])
-    ap.add_argument("--tile", type=int, default=tr.DEFAULT_TILE, help="rounding tile (default 128: the kernels' M tile)")
-    ap.add_argument("--skew", type=float, default=0.0, help="router skew (0: random logits, as the paper)")
+    ap.add_argument("--tile", type=positive_int, default=tr.DEFAULT_TILE,
+                    help=f"rounding tile (default {tr.DEFAULT_TILE}: the kernels' M tile)")
+    ap.add_argument("--skew", type=nonnegative_float, default=0.0,
+                    help="router skew, >= 0 (0: random logits, as the paper)")
     ap.add_argument("--no-save", action="store_true", help="do not write the record")
     args = ap.parse_args(argv)
 
@@ -88,4 +94,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -14,15 +14,16 @@ import json
 import sys
 
 from moe_course import ceilings, machine
+from moe_course.checks import positive_float, positive_int, run_command
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print the record as JSON")
-    ap.add_argument("--n", type=int, default=8192, help="matmul size n for n x n x n (default 8192)")
-    ap.add_argument("--copy-gib", type=float, default=2.0, help="bytes copied per run, GiB (default 2)")
+    ap.add_argument("--n", type=positive_int, default=8192, help="matmul size n for n x n x n (default 8192)")
+    ap.add_argument("--copy-gib", type=positive_float, default=2.0, help="bytes copied per run, GiB (default 2)")
     ap.add_argument("--no-save", action="store_true", help="measure, but do not write the record")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     print(machine.info().summary(), file=sys.stderr)
     if machine.has_gpu():
         roof = ceilings.measure(n=args.n, copy_gib=args.copy_gib, save=not args.no_save)
@@ -42,4 +43,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -37,6 +37,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from moe_course import configs
+from moe_course.checks import argument_type, positive_int, run_command
 
 KIND = "memory_analysis"  # benchmarks/results/memory_analysis__<gpu>.json
 BF16, FP32, INT32, INT64 = 2, 4, 4, 8
@@ -229,6 +230,8 @@ def measure_gpu(shape, seed: int = 0) -> dict:
     weights (it holds their gradients too); and whether the two outputs agree."""
     import torch
 
+    from moe_course import records
+
     results, outputs = {}, {}
     shape = tuple(configs.MoEShape(*shape))
     for impl in LAYERS:
@@ -244,8 +247,8 @@ def measure_gpu(shape, seed: int = 0) -> dict:
         torch.cuda.empty_cache()
     if len(outputs) == 2:
         a, b = outputs["torch-loop"].float(), outputs["grouped-mm"].float()
-        err = float((b - a).norm() / a.norm().clamp_min(1e-30))
-        results["agreement"] = {"relative_error": err, "ok": err < 2e-2}
+        err = records.finite_or_none(float((b - a).norm() / a.norm().clamp_min(1e-30)))  # None: NaN or infinite
+        results["agreement"] = {"relative_error": err, "ok": err is not None and err < 2e-2}
     return results
 
 
@@ -289,7 +292,8 @@ def table(cfg: configs.MoEConfig, result: dict) -> str:
                 lines.append(f"  {impl}: {measured[impl]['error']}")
         if "agreement" in measured:
             a = measured["agreement"]
-            lines.append(f"  (a) and (b) outputs agree: relative error {a['relative_error']:.2e} "
+            err = "NaN or infinite" if a["relative_error"] is None else f"{a['relative_error']:.2e}"
+            lines.append(f"  (a) and (b) outputs agree: relative error {err} "
                          f"({'ok' if a['ok'] else 'FAILED'})")
         lines.append("  * the peak also holds the weight gradients "
                      f"({_mib(measured.get('torch-loop', {}).get('gradient_bytes'))} MiB with dX) "
@@ -317,23 +321,19 @@ def legend() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="memory_analysis.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", action="append", default=None,
+    ap.add_argument("--config", action="append", type=argument_type(configs.by_name), default=None, metavar="NAME",
                     help="an MoE configuration (repeat for several): "
                          f"{', '.join(configs.names())} (default: the four shapes of chapter 02)")
-    ap.add_argument("--tokens", type=int, default=None,
+    ap.add_argument("--tokens", type=positive_int, default=None,
                     help="tokens per batch T instead of the configuration's (e.g. smaller, to fit a GPU)")
     ap.add_argument("--no-measure", action="store_true", help="the formula only, even on a GPU")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--no-save", action="store_true",
                     help="do not record the measurement (recorded: GPU runs at the configurations' own T)")
     args = ap.parse_args(argv)
-    try:
-        cfgs = [configs.by_name(c) for c in args.config] if args.config else list(configs.CHAPTER02)
-        if args.tokens is not None:
-            cfgs = [c.with_tokens(args.tokens) for c in cfgs]
-    except (ValueError, TypeError) as exc:
-        print(f"memory_analysis.py: error: {exc}", file=sys.stderr)
-        return 1
+    cfgs = args.config or list(configs.CHAPTER02)
+    if args.tokens is not None:
+        cfgs = [c.with_tokens(args.tokens) for c in cfgs]
 
     from moe_course import machine, records
 
@@ -370,4 +370,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

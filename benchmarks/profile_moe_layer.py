@@ -17,15 +17,20 @@ import json
 from pathlib import Path
 
 from moe_course import configs, layer_measurements
+from moe_course.checks import argument_type, positive_int
 from moe_course.machine import info
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="*", default=[c.name for c in configs.CHAPTER02])
-    ap.add_argument("--contenders", nargs="*", default=["torch._grouped_mm", "course"])
-    ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--shapes", nargs="+", type=argument_type(configs.by_name), default=list(configs.CHAPTER02),
+                    metavar="NAME", help=f"MoE configurations (default: the four of chapter 02): {', '.join(configs.names())}")
+    ap.add_argument("--contenders", nargs="+", choices=layer_measurements.CONTENDERS,
+                    default=["torch._grouped_mm", "course"], metavar="NAME",
+                    help=f"the layers to profile (default torch._grouped_mm course): "
+                         f"{', '.join(layer_measurements.CONTENDERS)}")
+    ap.add_argument("--iters", type=positive_int, default=3, help="profiled steps per contender (default 3)")
+    ap.add_argument("--json", type=Path, metavar="FILE", help="also write the results to this file")
     args = ap.parse_args(argv)
     if not info().has_gpu:
         print(f"profiling needs a GPU ({info().why_no_gpu}); nothing to do")
@@ -33,15 +38,15 @@ def main(argv=None) -> int:
     import torch
 
     out = {}
-    for shape_name in args.shapes:
-        shape = tuple(configs.by_name(shape_name).shape)
+    for cfg in args.shapes:
+        shape_name, shape = cfg.name, tuple(cfg.shape)
         for name in args.contenders:
             res = layer_measurements.kernel_profile(shape, name, args.iters)
             print(layer_measurements.profile_table(f"{shape_name} / {name}", res))
             out.setdefault(shape_name, {})[name] = res
             torch.cuda.empty_cache()
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        args.json.write_text(json.dumps(out, indent=1))
     return 0
 
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe_course import RESULTS_DIR, configs, hardware, records
+from moe_course.checks import (argument_type, existing_dir, fraction, nonnegative_int, positive_float, positive_int,
+                               run_command)
 
 #: DeepSeek-V3's report (arXiv 2412.19437): 14.8T pre-training tokens in 2.664M H800 GPU-hours.
 #: With 6 x 37B FLOPs per token that is 3.29e24 FLOPs / 9.59e9 GPU-seconds = 343 TFLOP/s per GPU,
@@ -136,7 +138,7 @@ def efficiency_from_record(kind: str, config: configs.MoEConfig, *, implementati
         if "matmul_tflops" not in rec.data:
             raise LookupError(f"the '{kind}' record ({rec.label()}) holds no measurement of an MoE "
                               f"shape (T, d, n, E, K), so it says nothing about an MoE layer's efficiency")
-        tflops, what = float(rec.data["matmul_tflops"]), "dense bf16 matmul (an upper bound for any MoE kernel)"
+        tflops, what = rec.need("matmul_tflops", layout=float), "dense bf16 matmul (an upper bound for any MoE kernel)"
     else:
         mine = [e for e in shaped if e.shape == tuple(config.shape)]
         if implementation:  # an exact name, or else every word of it found in the name
@@ -342,33 +344,34 @@ def listing() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="throughput.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="deepseek-v3",
+    ap.add_argument("--config", type=argument_type(configs.by_name), default="deepseek-v3", metavar="NAME",
                     help=f"the MoE model: {', '.join(configs.names())} (default deepseek-v3)")
-    ap.add_argument("--hardware", default="h100",
+    ap.add_argument("--hardware", type=argument_type(hardware.by_name), default="h100", metavar="NAME",
                     help=f"the GPU: {', '.join(hardware.names())} (default h100)")
-    ap.add_argument("--num-gpus", type=int, default=8, help="GPUs working together (default 8)")
+    ap.add_argument("--num-gpus", type=positive_int, default=8, help="GPUs working together (default 8)")
     eff = ap.add_mutually_exclusive_group()
-    eff.add_argument("--mfu", type=float, default=None,
+    eff.add_argument("--mfu", type=fraction, default=None,
                      help=f"assumed efficiency: useful FLOP/s over the peak, in (0, 1] (default {DEFAULT_MFU})")
-    eff.add_argument("--mfu-from-record", metavar="KIND", default=None,
+    eff.add_argument("--mfu-from-record", type=argument_type(records.check_kind, "record kind"), metavar="KIND",
+                     default=None,
                      help="take the efficiency from benchmarks/results/KIND__<gpu>.json: its TFLOP/s on "
                           "this model's MoE shape over the peak of the GPU it ran on ('ceilings': the "
                           "dense matmul's, an upper bound)")
     ap.add_argument("--implementation", default=None,
                     help="with --mfu-from-record: which measurement to use when the record has several "
                          "for this shape: its exact name, or words all found in it (e.g. 'wgmma up uniform')")
-    ap.add_argument("--price-per-gpu-hour", type=float, default=None,
+    ap.add_argument("--price-per-gpu-hour", type=positive_float, default=None,
                     help="US dollars per GPU-hour (default: the hardware profile's assumed price)")
     peak = ap.add_mutually_exclusive_group()
-    peak.add_argument("--peak-tflops", type=float, default=None,
+    peak.add_argument("--peak-tflops", type=positive_float, default=None,
                       help="dense bf16 TFLOP/s per GPU to plan with (default: the datasheet's)")
     peak.add_argument("--measured-peak", action="store_true",
                       help="use the matmul rate measured on this kind of GPU (benchmarks/results/"
                            "ceilings__<gpu>.json, from `make bench`) as the peak, not the datasheet's")
-    ap.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+    ap.add_argument("--seq-len", type=nonnegative_int, default=DEFAULT_SEQ_LEN,
                     help=f"keys each token attends to, for the attention FLOPs; 0 leaves them out "
                          f"(default {DEFAULT_SEQ_LEN})")
-    ap.add_argument("--results-dir", type=Path, default=None,
+    ap.add_argument("--results-dir", type=existing_dir, default=None,
                     help=f"where recorded results are read (default {RESULTS_DIR})")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--list", action="store_true", help="list the known configurations and hardware, then exit")
@@ -390,4 +393,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -20,6 +20,7 @@ from pathlib import Path
 from moe_course import RESULTS_DIR, SCRATCH_DIR, records
 from moe_course import rounding_quality as rq
 from moe_course import token_rounding as tr
+from moe_course.checks import positive_int, run_command
 
 KIND = rq.KIND
 METHODS = ["top-K", "nearest", "up", "down"]
@@ -29,10 +30,11 @@ SEEDS = 16
 def main(argv=None) -> int:
     defaults = rq.Setup()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=SEEDS, help=f"seeds 0 .. N-1 (default {SEEDS})")
-    ap.add_argument("--methods", nargs="+", choices=[m for m in tr.ROUTINGS if m != "padded"], default=METHODS)
-    ap.add_argument("--steps", type=int, default=defaults.steps, help=f"training steps (default {defaults.steps})")
-    ap.add_argument("--tile", type=int, default=defaults.tile,
+    ap.add_argument("--seeds", type=positive_int, default=SEEDS, help=f"seeds 0 .. N-1 (default {SEEDS})")
+    ap.add_argument("--methods", nargs="+", choices=[m for m in tr.ROUTINGS if m != "padded"], default=METHODS,
+                    help="routings to train with (top-K, the baseline, is always trained)")
+    ap.add_argument("--steps", type=positive_int, default=defaults.steps, help=f"training steps (default {defaults.steps})")
+    ap.add_argument("--tile", type=positive_int, default=defaults.tile,
                     help=f"rounding tile (default {defaults.tile}: two tiles per expert on average, as in the "
                          "paper's shapes; smaller tiles change less of the routing)")
     ap.add_argument("--results-dir", type=Path, default=None,
@@ -40,8 +42,6 @@ def main(argv=None) -> int:
                          "benchmarks/scratch)")
     ap.add_argument("--no-save", action="store_true", help="do not write the record")
     args = ap.parse_args(argv)
-    if args.seeds < 1:
-        ap.error("--seeds must be at least 1")
     methods = ["top-K"] + [m for m in args.methods if m != "top-K"]  # the baseline of the differences
     setup = dataclasses.replace(defaults, steps=args.steps, tile=args.tile)
 
@@ -60,4 +60,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

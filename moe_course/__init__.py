@@ -11,7 +11,8 @@ One obvious place for each thing:
                  reported; the exercise graders and ``printf`` debugging use it
 - ``bench``      timing (CUDA events, warm-up, median, inputs rotated past the L2)
 - ``ceilings``   this machine's two ceilings: dense bf16 matmul rate and device copy bandwidth
-- ``records``    benchmark results saved as JSON under ``benchmarks/results/``
+- ``records``    benchmark results saved as JSON under ``benchmarks/results/``, each file checked
+                 as it is read (``record_layouts``: what each kind holds, as the course reads it)
 - ``plotting``   charts of live or recorded results, always labelled with where they came from
 - ``checking``   friendly checks for exercises and tests
 - ``moe``        the reference MoE maths: routers, dispatch, SwiGLU experts, combine,

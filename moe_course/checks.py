@@ -11,9 +11,11 @@ deep inside torch, json or the driver, and never a silently wrong answer.
 - Tensors: :func:`check_tensor_types`, :func:`check_same_dtype`, :func:`check_offsets`,
   :func:`check_ids_in_range`, :func:`check_finite`.
 - Plain arguments: :func:`check_int`, :func:`check_choice`, :func:`check_device`.
-- Command lines: :func:`positive_int`, :func:`nonnegative_int`, :func:`choices_list` (argparse
-  ``type=`` functions, so a bad argument is argparse's usage error, exit 2, before anything
-  else runs).
+- Command lines: :func:`positive_int`, :func:`nonnegative_int`, :func:`positive_float`,
+  :func:`nonnegative_float`, :func:`fraction`, :func:`choices_list`, :func:`existing_dir`,
+  :func:`existing_file` and :func:`argument_type` (argparse ``type=`` functions, so a bad argument
+  is argparse's usage error, exit 2, naming the argument, before anything else runs); and
+  :func:`run_command`, which turns a record that cannot be read into one line and exit 1.
 
 The checks that only a kernel needs (a tile multiple, GPU memory, a Hopper) live beside the
 launchers in :mod:`moe_course.launch` and are built on :func:`require`.
@@ -22,7 +24,10 @@ launchers in :mod:`moe_course.launch` and are built on :func:`require`.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+import math
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -179,3 +184,76 @@ def choices_list(choices: Iterable[str]):
         return items
 
     return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _float_in(text, 0.0, low_open=True)
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    return _float_in(text, 0.0)
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in (0, 1] (an efficiency, a share)."""
+    return _float_in(text, 0.0, 1.0, low_open=True)
+
+
+def _float_in(text: str, low: float, high: float | None = None, low_open: bool = False) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    if value < low or (low_open and value == low) or (high is not None and value > high):
+        bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+        raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+    return value
+
+
+def existing_dir(text: str) -> Path:
+    """argparse type: a folder that exists (one the command reads from)."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no folder {text!r}" + (" (it is a file)" if path.exists() else ""))
+    return path
+
+
+def existing_file(text: str) -> Path:
+    """argparse type: a file that exists (one the command reads)."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no file {text!r}" + (" (it is a folder)" if path.exists() else ""))
+    return path
+
+
+def argument_type(parse: Callable[[str], object], name: str | None = None):
+    """argparse type from a function that takes the text and raises ValueError on a bad one, such
+    as ``configs.by_name`` or ``records.check_kind``: its message becomes the usage error (argparse
+    would print only "invalid value")."""
+
+    def parse_argument(text: str):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse_argument.__name__ = name or parse.__name__
+    return parse_argument
+
+
+def run_command(main: Callable[[], int]) -> int:
+    """Run a command line's ``main`` and return its exit status. A record it cannot read or save
+    (:class:`moe_course.records.RecordError`: the file is at fault, not the code) ends it with one
+    line on stderr, ``<script>: error: <the file and what is wrong>``, and status 1, not a
+    traceback."""
+    from .records import RecordError  # records imports this module
+
+    try:
+        return main()
+    except RecordError as exc:
+        print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+        return 1

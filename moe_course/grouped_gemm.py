@@ -27,6 +27,7 @@ from .launch import BEST as BEST
 from .launch import CHAPTER02_BEST as CHAPTER02_BEST
 from .launch import STEPS, grouped_gemm
 from .launch import chapter_steps as chapter_steps
+from .records import finite_or_none
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -160,7 +161,9 @@ def check_result(fn, x, w, offs, ref) -> dict:
     """``rel_err`` of ``fn`` against ``ref``, and an ``error`` when it is too large: a wrong result
     is reported, never timed."""
     err = relative_error(fn(x, w, offs), ref)
-    return {"rel_err": err} if err < MAX_REL_ERR else {"rel_err": err, "error": f"wrong result: relative error {err:.3g}"}
+    if err < MAX_REL_ERR:
+        return {"rel_err": err}
+    return {"rel_err": finite_or_none(err), "error": f"wrong result: relative error {err:.3g}"}
 
 
 def time_result(fn, x, w, offs, *, flops: float, bytes: float = 0.0, name: str, reps: int | None = None,

@@ -16,11 +16,10 @@ the measured ceilings for that profile, and :meth:`Hardware.rates` can use them 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import RESULTS_DIR, ceilings
+from . import RESULTS_DIR, ceilings, records
 
 PRICE_NOTE = ("assumed: a round figure for renting one GPU by the hour in 2025-26; prices differ "
               "two- to three-fold between providers and contracts (override it)")
@@ -166,8 +165,8 @@ def for_gpu_name(gpu_name: str | None) -> Hardware | None:
 def _recorded_gpus(kind: str, folder: Path) -> list[str]:
     """The GPU names of the records of ``kind`` in ``folder``."""
     gpus = []
-    for path in sorted(folder.glob(f"{kind}__*.json")):
-        gpu = json.loads(path.read_text()).get("environment", {}).get("gpu")
+    for rec in records.load_all(kind, folder):
+        gpu = rec.environment.get("gpu")
         if gpu and gpu not in gpus:
             gpus.append(gpu)
     return gpus

@@ -27,6 +27,7 @@ from .grouped_gemm import (MAX_REL_ERR, check_result, expert_counts, make_proble
 from .launch import GATHER as GATHER
 from .launch import SWIGLU as SWIGLU
 from .launch import STEPS, Step, gather_grouped_gemm, grouped_gemm, pipeline_step, run_step, swiglu_grouped_gemm
+from .records import finite_or_none
 
 PLAIN = "03_2_warp_specialized"  # the same kernel on pre-permuted rows: the gather's yardstick
 
@@ -108,8 +109,8 @@ PIPELINE_STAGES = (1, 2, 3, 4)  # slots of 03_1's ring (launch.pipeline_step): 1
 
 def trace_timeline(step: Step, x, w, offs, slices: int = 256, group_m: int | None = None) -> dict:
     """Run ``step`` compiled with ``-DTRACE`` (kernels/tma.cuh) and return block 0's timeline in
-    microseconds from its first load: ``issued``, ``landed``, ``released`` per slice (NaN where a
-    slice was not reached) and ``stored`` per tile."""
+    microseconds from its first load: ``issued``, ``landed``, ``released`` per slice (None where
+    a slice was not reached: a record holds no NaN) and ``stored`` per tile."""
     import cupy  # a GPU's: imported only where one runs
 
     traced = dataclasses.replace(step, defines={**step.defines, "TRACE": slices})
@@ -122,7 +123,8 @@ def trace_timeline(step: Step, x, w, offs, slices: int = 256, group_m: int | Non
     t[t < 0] = np.nan
     clock_hz = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["clockRate"] * 1e3
     t = (t - np.nanmin(t[0])) / clock_hz * 1e6
-    return {"issued": t[0].tolist(), "landed": t[1].tolist(), "released": t[2].tolist(), "stored": t[3].tolist(),
+    times = [[finite_or_none(v) for v in row.tolist()] for row in t]
+    return {"issued": times[0], "landed": times[1], "released": times[2], "stored": times[3],
             "clock_mhz": clock_hz / 1e6, "step": step.name}
 
 
@@ -132,7 +134,7 @@ def timeline_gaps(trace: dict) -> list[tuple[float, float, float]]:
     ``stored`` the consumers were storing a tile, from ``stored`` to ``end`` waiting for a slice."""
     landed = np.asarray(trace["landed"], dtype=float)
     released = np.asarray(trace["released"], dtype=float)
-    stored = np.sort(np.asarray([t for t in trace.get("stored", []) if t == t], dtype=float))
+    stored = np.sort(np.asarray([t for t in trace.get("stored", []) if t is not None and t == t], dtype=float))
     gaps = []
     for i in range(1, len(landed)):
         start, end = released[i - 1], landed[i]
@@ -188,7 +190,8 @@ def measure_pipeline(shapes: dict, stages=PIPELINE_STAGES, seed: int = 0, rounds
                 row = by_label[label]
                 row.update(timed[label])
                 trace = trace_timeline(variants[label], p.x, p.w, p.offs)
-                row.update({f"trace_{k}": v for k, v in timeline_summary(trace).items()})
+                # None, not NaN, where too few slices were traced: a record holds finite numbers
+                row.update({f"trace_{k}": finite_or_none(v) for k, v in timeline_summary(trace).items()})
                 if shape == next(iter(shapes)) and proj == "up":
                     row["trace"] = trace
             del p, ref

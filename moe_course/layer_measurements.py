@@ -32,6 +32,7 @@ from . import layer, moe, plotting
 from . import token_rounding as tr
 from .bench import interleaved
 from .checking import relative_error
+from .records import finite_or_none
 from .variants import grouped_mm_unavailable, sonicmoe_unavailable
 
 
@@ -95,8 +96,11 @@ def sonicmoe_layer(w: moe.MoEWeights, k: int):
     return m, [m.router.weight, m.c_fc.weight, m.c_proj.weight]
 
 
-def contenders(x, w: moe.MoEWeights, k: int, names=("torch loop", "torch._grouped_mm", "course", "SonicMoE")
-               ) -> tuple[dict[str, Contender], dict[str, str]]:
+#: The layers compared (bench_moe_layer.py's and profile_moe_layer.py's --contenders).
+CONTENDERS = ("torch loop", "torch._grouped_mm", "course", "SonicMoE")
+
+
+def contenders(x, w: moe.MoEWeights, k: int, names=CONTENDERS) -> tuple[dict[str, Contender], dict[str, str]]:
     """Each named contender with its own copy of ``x`` and the weights (bf16); and, for those
     that cannot run here, why not."""
     out, skipped = {}, {}
@@ -178,9 +182,10 @@ def gradients(c: Contender, dout) -> list[torch.Tensor]:
 GRADIENT_NAMES = ("out", "x", "w_router", "w_gate", "w_up", "w_down")
 
 
-def agreement(a: list, b: list) -> dict[str, float]:
-    """Relative error (Frobenius) of each of :func:`gradients`' tensors, ``a`` against ``b``."""
-    return {n: float((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-30))
+def agreement(a: list, b: list) -> dict[str, float | None]:
+    """Relative error (Frobenius) of each of :func:`gradients`' tensors, ``a`` against ``b``
+    (None where it is NaN or infinite)."""
+    return {n: finite_or_none(float((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-30)))
             for n, x, y in zip(GRADIENT_NAMES, a, b)}
 
 
@@ -214,7 +219,7 @@ def layer_flops(T: int, d: int, n: int, k: int) -> dict[str, float]:
     return {"forward": f, "forward+backward": 3 * f}
 
 
-def measure_layer(shape, names=("torch loop", "torch._grouped_mm", "course", "SonicMoE"), seed: int = 0,
+def measure_layer(shape, names=CONTENDERS, seed: int = 0,
                   rounds: int = 3, reps: int = 3, reference: str = "torch._grouped_mm",
                   progress: Callable[[str], None] = print) -> dict:
     """One shape ``(T, d, n, E, k)`` on this GPU: for each contender, forward and forward +
@@ -263,7 +268,7 @@ def measure_layer(shape, names=("torch loop", "torch._grouped_mm", "course", "So
 def speedups(result: dict, base: str = "torch._grouped_mm") -> dict[str, dict[str, float]]:
     """For each contender: its forward + backward speed and peak memory relative to ``base``."""
     c = result["contenders"]
-    if base not in c:
+    if "forward+backward" not in c.get(base, {}):  # the base was not measured (skipped, or failed)
         return {}
     b = c[base]
     out = {}
@@ -288,12 +293,13 @@ def table(data: dict) -> str:
             if "forward+backward" not in r:
                 continue
             s = sp.get(c, {})
-            err = r.get("agreement_with_torch._grouped_mm")
+            err = r.get("agreement_with_torch._grouped_mm")  # None in it: NaN or infinite
+            worst = max(float("inf") if e is None else e for e in err.values()) if err else None
             lines.append(f"{name:<14} {c:<18} {r['forward']['ms']:7.2f} {r['forward+backward']['ms']:10.2f} "
                          f"{r['forward+backward']['tflops']:7.0f} {s.get('fwd_bwd_speedup', float('nan')):5.2f}x "
                          f"{r['held_after_forward_bytes'] / 2**20:15.0f} {s.get('activation_memory_ratio', float('nan')):5.2f}x "
                          f"{r['peak_fwd_bwd_bytes'] / 2**20:8.0f} {s.get('peak_memory_ratio', float('nan')):5.2f}x "
-                         + (f"{max(err.values()):8.1e}" if err else f"{'-':>8}"))
+                         + (f"{worst:8.1e}" if worst is not None else f"{'-':>8}"))
         for c, why in res["skipped"].items():
             lines.append(f"{name:<14} {c:<18} skipped: {why}")
     lines.append("speed and ratios: against torch._grouped_mm on the same shape; activations: what the forward "
@@ -478,7 +484,7 @@ def measure_ops(shape, mine: layer.Ops | None = None, theirs: layer.Ops | None =
         ours, ref = (ours if isinstance(ours, tuple) else (ours,)), (ref if isinstance(ref, tuple) else (ref,))
         err = max(relative_error(a, b) for a, b in zip(ours, ref))
         del ours, ref
-        row = {"product": product, "kernel": kernel, "flops": flops, "bytes": nbytes, "rel_err": err}
+        row = {"product": product, "kernel": kernel, "flops": flops, "bytes": nbytes, "rel_err": finite_or_none(err)}
         if not err < tolerance:
             rows.append(row | {"status": "failed", "note": f"relative error {err:.2e} above {tolerance:.0e}: not timed"})
             progress(f"{product}: FAILED its check ({err:.2e})")

@@ -33,7 +33,6 @@ error ``rel_err`` found by the check. Only ``"wrong"`` and ``"error"`` fail a ru
 from __future__ import annotations
 
 import gc
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -43,6 +42,7 @@ from . import configs, grouped_gemm, layer, moe
 from .bench import benchmark, rotate
 from .checking import relative_error
 from .machine import info
+from .records import finite_or_none
 
 #: A layer's bf16 output against the float32 reference of the same routing: one bf16 rounding
 #: of each GEMM output gives about 0.5%; the margin covers a library whose own router sends the
@@ -173,7 +173,7 @@ def layer_variant(name: str, title: str, impl: str,
                 failure = ("wrong", f"wrong result: output shape {tuple(y.shape)}, expected {(T, d)}")
             else:
                 err = relative_error(y, reference)
-                row["rel_err"] = err if math.isfinite(err) else None  # JSON has no NaN
+                row["rel_err"] = finite_or_none(err)  # a record holds no NaN
                 if not err < LAYER_MAX_REL_ERR:  # NaN fails too
                     failure = ("wrong", f"wrong result: relative error {err:.3g} (limit {LAYER_MAX_REL_ERR:g})")
         except Exception as exc:  # reported in the table; the run's exit code says it failed

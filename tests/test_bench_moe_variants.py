@@ -217,7 +217,7 @@ def test_list_says_what_runs_here(capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--configs", "gpt-5"], "unknown MoE configuration 'gpt-5'"),
-    (["--tokens", "0"], "argument --tokens: must be a positive integer, got '0'"),
+    (["--tokens", "0"], "argument --tokens: must be >= 1, got 0"),
     (["--quick", "--configs", "qwen3"], "--quick measures its own tiny shapes"),
     (["--variants", "cutlass"], "argument --variants: invalid choice: 'cutlass'"),
 ])

@@ -104,9 +104,11 @@ def test_cli_on_this_machine(capsys):
     text = capsys.readouterr().out
     assert "DeepSeek-V3 (T=8192, d=7168, n=2048, E=256, K=8)" in text and "total (formula)" in text
     assert "measured: skipped (--no-measure)" in text and "what each term is" in text
-    assert ma.main(["--config", "deepseek-v4"]) == 1
-    assert "unknown MoE configuration" in capsys.readouterr().err
-    assert ma.main(["--tokens", "0"]) == 1
+    for bad, message in ((["--config", "deepseek-v4"], "argument --config: unknown MoE configuration"),
+                         (["--tokens", "0"], "argument --tokens: must be >= 1, got 0")):
+        with pytest.raises(SystemExit) as exit_:  # argparse's usage error
+            ma.main(bad)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.skipif(machine.has_gpu(), reason="checks the no-GPU path")

@@ -105,6 +105,8 @@ def test_the_report_prints_formula_assumptions_and_warnings():
 
 
 # -- efficiency from a record ----------------------------------------------------------------
+# (kinds the course does not record, so that no layout of moe_course/record_layouts.py applies:
+# throughput.py reads any record that names MoE shapes and TFLOP/s)
 
 def _record(folder, kind, gpu, data):
     path = folder / f"{kind}__{gpu.lower().replace(' ', '-')}.json"
@@ -116,24 +118,24 @@ QWEN3 = {"T": 16384, "d": 2048, "n": 768, "E": 128, "K": 8}
 
 
 def test_efficiency_from_measurement_records(tmp_path):
-    _record(tmp_path, "moe_variants", "NVIDIA H100 80GB HBM3", {"measurements": [
+    _record(tmp_path, "kernel_rates", "NVIDIA H100 80GB HBM3", {"measurements": [
         {"name": "grouped_mm", "tflops": 500.0, "params": SEVEN_B},
         {"name": "torch_loop", "tflops": 150.0, "params": SEVEN_B},
         {"name": "grouped_mm", "tflops": 400.0, "params": QWEN3},
     ]})
-    r = tp.estimate("sonicmoe-7b", "h200", mfu_from_record="moe_variants", implementation="grouped_mm",
+    r = tp.estimate("sonicmoe-7b", "h200", mfu_from_record="kernel_rates", implementation="grouped_mm",
                     results_dir=tmp_path)
     assert r["mfu"] == pytest.approx(500 / 989)
     assert "grouped_mm on sonicmoe-7b" in r["mfu_source"] and "NVIDIA H100 80GB HBM3" in r["mfu_source"]
     assert any("upper bound" in a for a in r["assumptions"])
-    loop = tp.efficiency_from_record("moe_variants", tp.configs.by_name("7b"), implementation="loop",
+    loop = tp.efficiency_from_record("kernel_rates", tp.configs.by_name("7b"), implementation="loop",
                                      results_dir=tmp_path)
     assert loop.mfu == pytest.approx(150 / 989)
     with pytest.raises(LookupError, match=r"several measurements of sonicmoe-7b: grouped_mm \(500 TFLOP/s\), "
                                           r"torch_loop \(150 TFLOP/s\); choose one with --implementation"):
-        tp.estimate("sonicmoe-7b", "h200", mfu_from_record="moe_variants", results_dir=tmp_path)
+        tp.estimate("sonicmoe-7b", "h200", mfu_from_record="kernel_rates", results_dir=tmp_path)
     with pytest.raises(LookupError, match=r"no measurement of olmoe-1b-7b.*it has: \(16384, 2048, 768, 128, 8\) grouped_mm"):
-        tp.estimate("olmoe-1b-7b", "h200", mfu_from_record="moe_variants", results_dir=tmp_path)
+        tp.estimate("olmoe-1b-7b", "h200", mfu_from_record="kernel_rates", results_dir=tmp_path)
 
 
 def test_efficiency_from_rows_with_one_column_per_implementation(tmp_path):
@@ -146,12 +148,12 @@ def test_efficiency_from_rows_with_one_column_per_implementation(tmp_path):
 
 
 def test_efficiency_against_the_measured_peak_needs_that_gpus_ceilings(tmp_path):
-    _record(tmp_path, "moe_variants", "NVIDIA H200", {"measurements": [{"name": "k", "tflops": 393.0, "params": QWEN3}]})
+    _record(tmp_path, "kernel_rates", "NVIDIA H200", {"measurements": [{"name": "k", "tflops": 393.0, "params": QWEN3}]})
     with pytest.raises(LookupError, match="no measured ceilings for NVIDIA H200"):
-        tp.efficiency_from_record("moe_variants", tp.configs.by_name("qwen3"), peak_source="measured",
+        tp.efficiency_from_record("kernel_rates", tp.configs.by_name("qwen3"), peak_source="measured",
                                   results_dir=tmp_path)
     _record(tmp_path, "ceilings", "NVIDIA H200", {"matmul_tflops": 786.0, "copy_tbps": 4.2})
-    eff = tp.efficiency_from_record("moe_variants", tp.configs.by_name("qwen3"), peak_source="measured",
+    eff = tp.efficiency_from_record("kernel_rates", tp.configs.by_name("qwen3"), peak_source="measured",
                                     results_dir=tmp_path)
     assert eff.mfu == pytest.approx(0.5)
 
@@ -165,9 +167,9 @@ def test_ceilings_give_the_dense_matmuls_efficiency():
 def test_records_that_cannot_give_an_efficiency_say_why(tmp_path):
     with pytest.raises(LookupError, match=r"no recorded 'moe_variants' results in .*recorded kinds there: none"):
         tp.estimate("deepseek-v3", "h100", mfu_from_record="moe_variants", results_dir=tmp_path)
-    _record(tmp_path, "first_kernel", "NVIDIA H200", {"name": "00_scale", "tflops": 0.95, "params": {"n": 5}})
+    _record(tmp_path, "scale_kernel", "NVIDIA H200", {"name": "00_scale", "tflops": 0.95, "params": {"n": 5}})
     with pytest.raises(LookupError, match="holds no measurement of an MoE shape"):
-        tp.estimate("deepseek-v3", "h100", mfu_from_record="first_kernel", results_dir=tmp_path)
+        tp.estimate("deepseek-v3", "h100", mfu_from_record="scale_kernel", results_dir=tmp_path)
     _record(tmp_path, "other", "Mystery GPU 9000", {"measurements": []})
     with pytest.raises(LookupError, match="'Mystery GPU 9000', which matches none of the hardware profiles"):
         tp.estimate("deepseek-v3", "h100", mfu_from_record="other", results_dir=tmp_path)
@@ -181,8 +183,10 @@ def test_cli_json_and_exit_codes(capsys, tmp_path):
     r = json.loads(capsys.readouterr().out)
     direct = tp.estimate("mixtral-8x7b", "h200", num_gpus=4, mfu=0.5, seq_len=0)
     assert r["training"]["tokens_per_day"] == pytest.approx(direct["training"]["tokens_per_day"])
-    assert tp.main(["--config", "gpt-5"]) == 1
-    assert "unknown MoE configuration 'gpt-5'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        tp.main(["--config", "gpt-5"])
+    assert exit_.value.code == 2  # argparse's usage error, naming the argument
+    assert "argument --config: unknown MoE configuration 'gpt-5'" in capsys.readouterr().err
     assert tp.main(["--mfu-from-record", "moe_variants", "--results-dir", str(tmp_path)]) == 1
     assert "no recorded 'moe_variants' results" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
@@ -221,11 +225,14 @@ def test_shapes_are_found_wherever_a_record_keeps_them():
 
 
 def test_efficiency_from_a_grouped_gemm_record(tmp_path):
-    # The rows of benchmarks/bench_grouped_gemm.py: "impl", "proj", "routing", the shape, "tflops".
-    rows = [{"shape": "qwen3-30b-a3b", "impl": impl, "proj": proj, "routing": "uniform", **QWEN3, "tflops": tf}
+    # The rows of benchmarks/bench_grouped_gemm.py: "impl", "proj", "routing", the shape, "tflops"
+    # (and what the record's layout asks of every row: its FLOPs, bytes and time).
+    work = {"flops": 1e12, "bytes": 1e9, "ms": 1.7}
+    rows = [{"shape": "qwen3-30b-a3b", "impl": impl, "proj": proj, "routing": "uniform", **QWEN3, **work, "tflops": tf}
             for impl, proj, tf in (("02_5_wgmma", "up", 600.0), ("02_5_wgmma", "down", 550.0),
                                    ("torch._grouped_mm", "up", 640.0))]
-    rows.append({"shape": "qwen3-30b-a3b", "impl": "02_1_naive", "proj": "up", **QWEN3, "error": "refused"})
+    rows.append({"shape": "qwen3-30b-a3b", "impl": "02_1_naive", "proj": "up", "routing": "uniform", **QWEN3,
+                 "flops": 1e12, "bytes": 1e9, "error": "refused"})
     _record(tmp_path, "grouped_gemm", "NVIDIA H200", {"rows": rows, "matmul_tflops": 786.0})
     qwen3 = tp.configs.by_name("qwen3")
     eff = tp.efficiency_from_record("grouped_gemm", qwen3, implementation="wgmma up", results_dir=tmp_path)

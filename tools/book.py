@@ -29,7 +29,6 @@ import argparse
 import copy
 import datetime as dt
 import html
-import json
 import os
 import re
 import shutil
@@ -44,7 +43,8 @@ import nbformat
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_exercises.py, the sibling script
 from make_exercises import fingerprint  # a notebook's cells' text: what "the chapter changed" means
 
-from moe_course import KERNELS_DIR, RESULTS_DIR, ROOT
+from moe_course import KERNELS_DIR, RESULTS_DIR, ROOT, records
+from moe_course.checks import argument_type, run_command
 from moe_course.records import Record
 
 CHAPTERS_DIR = ROOT / "notebooks"
@@ -81,12 +81,22 @@ def select(names: list[str]) -> list[Path]:
         return chapters()
     picked = []
     for name in names:
-        stem = Path(name).stem
-        found = [p for p in chapters() if p.stem.startswith(stem)]
-        if not found:
-            raise SystemExit(f"no chapter {name!r}: the chapters are {', '.join(p.stem for p in chapters())}")
-        picked += [p for p in found if p not in picked]
+        picked += [p for p in chapters_named(name) if p not in picked]
     return picked
+
+
+def chapter_name(name: str) -> str:
+    """A name that picks at least one chapter (argparse checks each before anything runs)."""
+    chapters_named(name)
+    return name
+
+
+def chapters_named(name: str) -> list[Path]:
+    """The chapters whose name starts with ``name``'s (a ValueError naming them all if none does)."""
+    found = [p for p in chapters() if p.stem.startswith(Path(name).stem)]
+    if not found:
+        raise ValueError(f"no chapter {name!r}: the chapters are {', '.join(p.stem for p in chapters())}")
+    return found
 
 
 def chapter_title(notebook) -> str:
@@ -515,14 +525,6 @@ ENVIRONMENT_ROWS = (("gpu", "GPU"), ("compute_capability", "compute capability")
                     ("cupy", "CuPy"), ("torch", "torch"), ("python", "Python"), ("date", "date"))
 
 
-def read_record(path: Path) -> Record:
-    raw = json.loads(path.read_text())
-    missing = [k for k in ("kind", "environment", "data") if k not in raw]
-    if missing:
-        raise ValueError(f"{shown(path)} is not a benchmark record: it has no {', '.join(missing)}")
-    return Record(raw["kind"], raw["environment"], raw["data"], path)
-
-
 def record_page(record: Record, charts: list[str]) -> str:
     env = record.environment
     rows = "\n".join(f"| {label} | {md_cell(fmt(env.get(key)) if key != 'gpu' else record.gpu)} |"
@@ -608,13 +610,13 @@ def write_docs(docs: Path = DOCS_DIR, execute_missing: bool = True) -> list[Chap
     (docs / "kernels" / "index.md").write_text(kernels_index(all_kernels, chapter_links))
     shutil.copy(KERNELS_DIR / "NOTES.md", docs / "kernels" / "NOTES.md")
 
-    records = [read_record(p) for p in sorted(RESULTS_DIR.glob("*.json"))]
-    for record in records:
+    recorded = [records.read(p) for p in sorted(RESULTS_DIR.glob("*.json"))]
+    for record in recorded:
         charts = [p.name for p in sorted(RESULTS_DIR.glob(f"{record.path.stem}*.png"))]
         for name in charts:
             shutil.copy(RESULTS_DIR / name, docs / "records" / name)
         (docs / "records" / f"{record.path.stem}.md").write_text(record_page(record, charts))
-    (docs / "records" / "index.md").write_text(records_index(records))
+    (docs / "records" / "index.md").write_text(records_index(recorded))
     (docs / "index.md").write_text(front_page(pages))
     return pages
 
@@ -657,7 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = ap.add_subparsers(dest="command", required=True)
     ex = commands.add_parser("execute", help="run the chapters and write executed copies (on the GPU machine)")
-    ex.add_argument("chapters", nargs="*", help="which (00, 03_io, ...); default: every chapter")
+    ex.add_argument("chapters", nargs="*", type=argument_type(chapter_name, "chapter"),
+                    help="which (00, 03_io, ...); default: every chapter")
     ex.add_argument("--out", type=Path, default=EXECUTED_DIR, help="where to write them (default: %(default)s)")
     ex.add_argument("--force", action="store_true",
                     help="replace the committed copies even without a Hopper GPU (the pages say where they ran)")
@@ -671,4 +674,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

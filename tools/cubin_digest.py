@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout: the course's own package
 
 from moe_course import KERNELS_DIR, kernels, machine  # noqa: E402
+from moe_course.checks import existing_dir  # noqa: E402
 
 RECORD = KERNELS_DIR / "cubin_digest.json"
 ARCH = kernels.DEFAULT_ARCH
@@ -206,12 +207,19 @@ def write(path: Path = RECORD) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true", help="record this tree's fingerprints for the installed NVRTC")
-    ap.add_argument("--kernels", type=Path, default=KERNELS_DIR, help="compile the sources of another kernels/ folder")
+    ap.add_argument("--kernels", type=existing_dir, default=KERNELS_DIR, metavar="DIR",
+                    help="compile the sources of another kernels/ folder")
     ap.add_argument("--only", nargs="+", metavar="BUILD", help="these builds only (e.g. 03_3_gather.cu)")
     ap.add_argument("--dump", type=Path, metavar="DIR", help="write each build's PTX and cubin into DIR")
-    ap.add_argument("--against", type=Path, metavar="DIR", help="compare with the sources of another kernels/ folder "
+    ap.add_argument("--against", type=existing_dir, metavar="DIR", help="compare with the sources of another kernels/ folder "
                     "compiled now (e.g. a checkout of the commit before a change) instead of the record")
     args = ap.parse_args(argv)
+    try:
+        known = builds(args.kernels)
+    except FileNotFoundError as exc:
+        ap.error(f"argument --kernels: {exc}")
+    if unknown := [b for b in args.only or [] if b not in known]:
+        ap.error(f"argument --only: no build named {', '.join(unknown)}; the builds are: {', '.join(known)}")
     if args.write:
         if args.kernels != KERNELS_DIR or args.only or args.against:
             ap.error("--write records all of this checkout's kernels/: no --kernels, --only or --against")

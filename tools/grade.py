@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         notebooks = select(args.exercises)
     except ValueError as why:
-        ap.error(str(why))  # exit status 2
+        ap.error(f"argument EX: {why}")  # exit status 2
     if not notebooks:
         ap.error(f"no notebooks in {EXERCISES} (make exercises makes them)")
 

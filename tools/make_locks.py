@@ -186,13 +186,14 @@ def resolve(variant: str, target: Target, python: str, torch_cpu_wheels: str) ->
             "sizes": dict(sorted(sizes.items())), "not_checked": not_checked}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="only say whether the locks match their inputs")
     ap.add_argument("--torch-cpu-wheels", default=TORCH_CPU_WHEELS,
                     help=f"where torch's CPU build is: a page or folder of wheels (default {TORCH_CPU_WHEELS})")
-    ap.add_argument("--variants", nargs="*", choices=VARIANTS, default=list(VARIANTS))
-    args = ap.parse_args()
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                    help=f"which sets to lock (default all): {', '.join(VARIANTS)}")
+    args = ap.parse_args(argv)
     if args.check:
         old = stale()
         print("locks are current" if not old else f"stale: {', '.join(old)} (run `make locks`)")

@@ -20,13 +20,13 @@ record. Each block says which records it was drawn from.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 from typing import Callable
 
-from moe_course import RESULTS_DIR, ROOT, configs, grouped_gemm, hardware, launch
+from moe_course import RESULTS_DIR, ROOT, configs, grouped_gemm, hardware, launch, records
+from moe_course.checks import existing_dir, existing_file
 from moe_course.records import Record
 
 README = ROOT / "README.md"
@@ -41,20 +41,22 @@ def opening(name: str) -> str:
 
 
 class Records:
-    """The records of ``folder``, read as the tables ask for them (each file once)."""
+    """The records of ``folder``, read as the tables ask for them (each file once, checked by
+    ``records.read``); ``asked`` lists every request, so an error can name a block's records."""
 
     def __init__(self, folder: Path = RESULTS_DIR):
         self.folder = Path(folder)
         self._read: dict[str, Record] = {}
+        self.asked: list[Path] = []
 
     def __call__(self, kind: str, machine: str = GPU) -> Record:
         path = self.folder / f"{kind}__{machine}.json"
+        self.asked.append(path)
         if path.name not in self._read:
             if not path.exists():
                 raise FileNotFoundError(f"no record {path.name} in {self.folder}: a README table is drawn from it "
                                         f"(the benchmark of kind '{kind}' records it)")
-            raw = json.loads(path.read_text())
-            self._read[path.name] = Record(raw["kind"], raw["environment"], raw["data"], path)
+            self._read[path.name] = records.read(path, kind)
         return self._read[path.name]
 
     def used(self) -> list[Record]:
@@ -345,7 +347,13 @@ def render(text: str, results: Path = RESULTS_DIR) -> tuple[str, list[str]]:
     stale = []
 
     def rewrite(m: re.Match) -> str:
-        body = BLOCKS[m["name"]](rec)
+        start = len(rec.asked)
+        try:
+            body = BLOCKS[m["name"]](rec)
+        except (KeyError, IndexError, StopIteration) as exc:  # a row or a key the table quotes is missing
+            files = ", ".join(dict.fromkeys(records.shown(p) for p in rec.asked[start:]))
+            raise records.RecordError(f"block {m['name']} quotes what {files} do not hold: "
+                                      f"{type(exc).__name__} {exc}") from None
         if body != m["body"]:
             stale.append(m["name"])
         return opening(m["name"]) + body + f"<!-- /table: {m['name']} -->\n"
@@ -356,8 +364,9 @@ def render(text: str, results: Path = RESULTS_DIR) -> tuple[str, list[str]]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is stale")
-    ap.add_argument("--readme", type=Path, default=README)
-    ap.add_argument("--results", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--readme", type=existing_file, default=README, help="the README to check or rewrite")
+    ap.add_argument("--results", type=existing_dir, default=RESULTS_DIR, metavar="DIR",
+                    help="the records the tables are drawn from (default benchmarks/results)")
     args = ap.parse_args(argv)
     try:
         new, stale = render(args.readme.read_text(), args.results)

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from moe_course import kernels, machine, records
+from moe_course.checks import positive_float, run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = ROOT / "tools" / "sanitize_workload.py"
@@ -103,12 +104,12 @@ def run_tool(exe: str, tool: str, timeout: float, course_kernels: set[str]) -> d
             "tail": "\n".join(lines[-30:])}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS), help="which tools (default: all four)")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds per tool (default 900)")
+    ap.add_argument("--timeout", type=positive_float, default=900, help="seconds per tool (default 900)")
     ap.add_argument("--no-save", action="store_true", help="do not record the result")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not machine.has_gpu():
         print(f"make sanitize needs an NVIDIA GPU ({machine.info().why_no_gpu}): nothing to check here.")
         return 0
@@ -146,4 +147,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

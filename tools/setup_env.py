@@ -381,7 +381,7 @@ def download(args) -> None:
           + (f" (left out: {', '.join(sorted(skip))})" if skip else ""))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--venv", default=".venv", help="where to make the environment (default .venv)")
     ap.add_argument("--lab", action="store_true", help="also install JupyterLab")
@@ -396,7 +396,12 @@ def main() -> None:
                     help="with --download: which set (default cuda13, a GPU machine's)")
     ap.add_argument("--skip", nargs="*", default=[],
                     help="with --download: requirements the target already has (e.g. torch cupy-cuda13x)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    # Checked here, with the standard library alone: this runs before the course's environment exists.
+    if not re.fullmatch(r"3\.\d+", args.python_version):
+        ap.error(f"argument --python-version: expected a version such as 3.12, got {args.python_version!r}")
+    if args.wheelhouse and not Path(args.wheelhouse).is_dir():
+        ap.error(f"argument --wheelhouse: no folder {args.wheelhouse!r}")
     download(args) if args.download else install(args)
 
 

@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", type=Path, default=ROOT, help="the clone to update (default: this course)")
     args = ap.parse_args(argv)
+    if not args.repo.is_dir():  # (stdlib only here, like the rest of this tool: no moe_course.checks)
+        ap.error(f"argument --repo: no folder {str(args.repo)!r}")
     try:
         update(args.repo.resolve())
     except Refused as why:

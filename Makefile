@@ -47,6 +47,7 @@ help:
 	@echo "make grade       run your exercises and say, part by part, what passes (EX=03: one; VERBOSE=1)"
 	@echo "make bench       measure this GPU's ceilings and record them in benchmarks/results/"
 	@echo "make sanitize    every kernel under compute-sanitizer (memcheck, racecheck, synccheck, initcheck; GPU only)"
+	@echo "                 EX=03 or EX=06: your own kernel of that exercise instead"
 	@echo "make exercises   regenerate exercises/ from solutions/ (never overwrites your work)"
 	@echo "make update      take the course's new version (git pull) without losing your work"
 	@echo "make book        the course as a static site in book/site/ (chapters with outputs, kernels, records)"
@@ -101,7 +102,7 @@ bench: setup
 	$(PY) benchmarks/ceilings.py
 
 sanitize: setup
-	$(PY) tools/sanitize.py
+	$(PY) tools/sanitize.py $(if $(EX),--exercise $(EX))
 
 exercises: setup
 	$(PY) tools/make_exercises.py

@@ -137,6 +137,8 @@ LAYOUTS: dict[str, object] = {
             "torch-loop?": MEMORY_MEASURED, "grouped-mm?": MEMORY_MEASURED,
             "agreement?": {"relative_error": (float, None), "ok": bool}}),
     })},
+    "sanitize": {"sanitizer": str, "tools": [str], "kernels": str, "errors": Each(int),  # tools/sanitize.py
+                 "seconds": Each(float), "passed": bool},
 }
 
 

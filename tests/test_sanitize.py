@@ -45,3 +45,59 @@ def test_no_gpu_says_so_and_exits_0(capsys):
     finally:
         sys.argv = argv
     assert "needs an NVIDIA GPU" in capsys.readouterr().out
+
+
+# --- make sanitize EX=03: the learner's own kernel ------------------------------------------
+
+def _course_copy(tmp_path, monkeypatch, filled: bool):
+    """A course folder whose exercise 03 is unfilled (as generated) or filled (the solution)."""
+    import shutil
+
+    (tmp_path / "exercises").mkdir()
+    src = sanitize.ROOT / ("solutions" if filled else "exercises") / "03_naive_grouped_gemm.ipynb"
+    shutil.copy(src, tmp_path / "exercises" / src.name)
+    monkeypatch.setattr(sanitize, "ROOT", tmp_path)
+
+
+def test_an_unfilled_exercise_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    _course_copy(tmp_path, monkeypatch, filled=False)
+    assert sanitize.main(["--exercise", "03"]) == 1
+    assert capsys.readouterr().out.strip() == ("make sanitize EX=03: 03_naive_grouped_gemm.ipynb: write your kernel "
+                                               "first (it still says YOUR CODE HERE)")
+
+
+def test_the_learners_kernel_is_what_runs(tmp_path, monkeypatch):
+    _course_copy(tmp_path, monkeypatch, filled=True)
+    source = sanitize.exercise_source("03")
+    assert "my_grouped_gemm" in source and "YOUR CODE HERE" not in source
+    cmd, counted = sanitize.exercise_workload("03", source, tmp_path)
+    assert cmd[-4:] == ["moe_course.graders.ex03_naive_grouped_gemm", str(tmp_path / "my_grouped_gemm.cu"), "0",
+                        "--awkward-only"]
+    assert (tmp_path / "my_grouped_gemm.cu").read_text() == source
+    assert "my_grouped_gemm" in counted and "build_tile_map" in counted  # their hazards count, the tile map's too
+
+
+@pytest.mark.skipif(machine.has_gpu(), reason="with a GPU, main() runs the real thing")
+def test_without_a_gpu_the_exercise_run_points_to_make_grade(tmp_path, monkeypatch, capsys):
+    _course_copy(tmp_path, monkeypatch, filled=True)
+    assert sanitize.main(["--exercise", "03"]) == 0
+    assert "`make grade EX=03` runs your kernel thread by thread" in capsys.readouterr().out
+
+
+def test_the_graders_verdict_counts(tmp_path):
+    """Under the tools, a wrong result the grader finds fails the run like a hazard does; a clean
+    run needs the grader's "ok". (A stand-in for compute-sanitizer runs the workload as it would.)"""
+    import sys
+
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text(f"#!{sys.executable}\nimport subprocess, sys\nargs = sys.argv[1:]\n"
+                    f"cmd = args[args.index({sys.executable!r}):]\nrc = subprocess.call(cmd)\n"
+                    "print('========= ERROR SUMMARY: 0 errors')\nsys.exit(rc)\n")
+    fake.chmod(0o755)
+    say = lambda text: [sys.executable, "-c", f"print({text!r})"]
+    wrong = sanitize.run_tool(str(fake), "memcheck", 60, say('{"ok": false, "message": "row 3 is wrong"}'), set())
+    assert wrong["errors"] == 1 and wrong["finished"] and "row 3 is wrong" in wrong["report"][0]
+    right = sanitize.run_tool(str(fake), "memcheck", 60, say('{"ok": true, "notes": []}'), set())
+    assert right["errors"] == 0 and right["finished"]
+    silent = sanitize.run_tool(str(fake), "memcheck", 60, say("nothing"), set())
+    assert not silent["finished"]

@@ -11,6 +11,10 @@ and checks its results. Any error or hazard fails the run, and the result is rec
 benchmarks/results/sanitize__<gpu>.json (tools, kernels launched, counts, GPU, versions).
 Without a GPU or without compute-sanitizer it says so and exits 0: there is nothing to check.
 
+`make sanitize EX=03` (or 06) runs the same four tools over the learner's own kernel of exercise
+03 (or 06), read from their notebook, at the grader's awkward sizes (the 32-bit index cases and
+the speed, hours under the tools, are left out); nothing is recorded.
+
 Filtered, by exact message only: notices that are not errors of the course's kernels (see
 IGNORED). Everything else the tools print counts.
 """
@@ -23,14 +27,19 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from moe_course import kernels, machine, records
-from moe_course.checks import positive_float, run_command
+from moe_course.checking import CheckFailed
+from moe_course.checks import positive_float, require, run_command
+from moe_course.graders import ex03_naive_grouped_gemm, ex06_tiled_grouped_gemm, kernel_exercise
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = ROOT / "tools" / "sanitize_workload.py"
+#: The exercises whose kernel the learner writes in CUDA C: number -> its grader's exercise
+EXERCISES = {"03": ex03_naive_grouped_gemm.EXERCISE, "06": ex06_tiled_grouped_gemm.EXERCISE}
 TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 EXTRA = {  # per tool: what it reports beyond the defaults
     "memcheck": ["--check-device-heap", "yes"],
@@ -86,8 +95,28 @@ def findings(lines: list[str], course_kernels: set[str]) -> tuple[list[list[str]
     return ours, sorted({k for r in found if (k := kernel_of(r)) and k not in course_kernels})
 
 
-def run_tool(exe: str, tool: str, timeout: float, course_kernels: set[str]) -> dict:
-    cmd = [exe, "--tool", tool, "--print-limit", "10000", *EXTRA.get(tool, []), sys.executable, str(WORKLOAD)]
+def exercise_source(number: str) -> str:
+    """The learner's kernel of exercise ``number``, read from ``exercises/NN_*.ipynb``."""
+    notebook = next((ROOT / "exercises").glob(f"{number}_*.ipynb"), None)
+    require(notebook is not None, f"exercises/{number}_*.ipynb is missing: `make exercises` makes it")
+    source = kernel_exercise.source_in_notebook(notebook)
+    require("YOUR CODE HERE" not in source, f"{notebook.name}: write your kernel first (it still says YOUR CODE HERE)")
+    return source
+
+
+def exercise_workload(number: str, source: str, folder: Path) -> tuple[list[str], set[str]]:
+    """The command that runs exercise ``number``'s grader on ``source`` (its awkward cases, in the
+    grader's own child process), and the kernels whose reports count: the learner's and the
+    course's (its tile map)."""
+    ex = EXERCISES[number]
+    path = folder / f"{ex.kernel}.cu"
+    path.write_text(source)
+    cmd = [sys.executable, "-m", kernel_exercise.__name__, ex.module, str(path), "0", "--awkward-only"]
+    return cmd, kernels.entry_points() | {ex.kernel}
+
+
+def run_tool(exe: str, tool: str, timeout: float, workload: list[str], course_kernels: set[str]) -> dict:
+    cmd = [exe, "--tool", tool, "--print-limit", "10000", *EXTRA.get(tool, []), *workload]
     start = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, timeout=timeout)
@@ -97,11 +126,29 @@ def run_tool(exe: str, tool: str, timeout: float, course_kernels: set[str]) -> d
     seconds = time.perf_counter() - start
     lines = [ln for ln in output.splitlines() if ln.strip() not in IGNORED]
     ours, others = findings(lines, course_kernels)
-    launched = next((ln for ln in lines if "kernels launched" in ln), "")
-    return {"tool": tool, "exit_code": code, "errors": len(ours), "seconds": round(seconds, 1),
-            "launched": launched, "report": ["\n".join(r[:6]) for r in ours[:50]],
-            "not_the_course": others, "finished": code is not None and bool(launched),
+    # the course's workload says how many kernels it launched; an exercise's grader, its verdict
+    launched = next((ln for ln in lines if "kernels launched" in ln or ln.startswith('{"ok": true')), "")
+    wrong = next((ln for ln in lines if ln.startswith('{"ok": false')), "")
+    return {"tool": tool, "exit_code": code, "errors": len(ours) + bool(wrong), "seconds": round(seconds, 1),
+            "launched": launched, "report": [wrong] * bool(wrong) + ["\n".join(r[:6]) for r in ours[:50]],
+            "not_the_course": others, "finished": code is not None and bool(launched or wrong),
             "tail": "\n".join(lines[-30:])}
+
+
+def run_tools(exe: str, tools: list[str], timeout: float, workload: list[str], course_kernels: set[str]):
+    """Each tool over the workload in turn, said as it goes: (the results, whether any failed)."""
+    results, failed = [], False
+    for tool in tools:
+        print(f"compute-sanitizer --tool {tool} ...", flush=True)
+        r = run_tool(exe, tool, timeout, workload, course_kernels)
+        results.append(r)
+        bad = r["errors"] != 0 or not r["finished"] or r["exit_code"] not in (0, None)
+        failed |= bad
+        print(f"  {tool}: {r['errors']} reports, {r['seconds']} s; {r['launched'] or 'the workload did not finish'}"
+              + (f"; reports on other kernels, not counted: {', '.join(r['not_the_course'])}" if r["not_the_course"] else ""))
+        if bad:
+            print("\n\n".join(r["report"][:10]) or r["tail"])
+    return results, failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,9 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS), help="which tools (default: all four)")
     ap.add_argument("--timeout", type=positive_float, default=900, help="seconds per tool (default 900)")
     ap.add_argument("--no-save", action="store_true", help="do not record the result")
+    ap.add_argument("--exercise", choices=sorted(EXERCISES),
+                    help="check your own kernel of this exercise instead of the course's (nothing recorded)")
     args = ap.parse_args(argv)
+    if args.exercise:
+        try:
+            source = exercise_source(args.exercise)
+        except (ValueError, CheckFailed) as exc:
+            print(f"make sanitize EX={args.exercise}: {exc}")
+            return 1
     if not machine.has_gpu():
-        print(f"make sanitize needs an NVIDIA GPU ({machine.info().why_no_gpu}): nothing to check here.")
+        print(f"make sanitize needs an NVIDIA GPU ({machine.info().why_no_gpu}): nothing to check here."
+              + (f" On the CPU, `make grade EX={args.exercise}` runs your kernel thread by thread, in two orders, "
+                 "bounds checked." if args.exercise else ""))
         return 0
     exe = sanitizer()
     if exe is None:
@@ -119,19 +176,16 @@ def main(argv: list[str] | None = None) -> int:
               "Nothing checked.")
         return 0
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    course_kernels = kernels.entry_points()
-    results, failed = [], False
-    for tool in args.tools:
-        print(f"compute-sanitizer --tool {tool} ...", flush=True)
-        r = run_tool(exe, tool, args.timeout, course_kernels)
-        results.append(r)
-        bad = r["errors"] != 0 or not r["finished"] or r["exit_code"] not in (0, None)
-        failed |= bad
-        print(f"  {tool}: {r['errors']} reports on the course's kernels, {r['seconds']} s; "
-              f"{r['launched'] or 'the workload did not finish'}"
-              + (f"; reports on other kernels, not counted: {', '.join(r['not_the_course'])}" if r["not_the_course"] else ""))
-        if bad:
-            print("\n\n".join(r["report"][:10]) or r["tail"])
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.exercise:
+            workload, course_kernels = exercise_workload(args.exercise, source, Path(tmp))
+        else:
+            workload, course_kernels = [sys.executable, str(WORKLOAD)], kernels.entry_points()
+        results, failed = run_tools(exe, args.tools, args.timeout, workload, course_kernels)
+    if args.exercise:
+        print(f"make sanitize EX={args.exercise}: " + ("FAILED" if failed else
+              f"your kernel is clean: {', '.join(args.tools)} report nothing at the grader's awkward sizes"))
+        return 1 if failed else 0
     if not args.no_save:
         launched = next((r["launched"] for r in results if r["launched"]), "")
         record = records.save("sanitize", {

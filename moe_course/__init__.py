@@ -42,6 +42,10 @@ One obvious place for each thing:
 - ``layer``      the MoE layer on the course's kernels: inference ``forward``, and the
                  trainable ``MoEFunction`` / ``CourseMoE`` (chapter 06, top-K or token rounding),
                  with the same maths in torch and on ``torch._grouped_mm``
+- ``fp8``        chapter 07's FP8 maths in torch: e4m3 / e5m2, quantisation per tensor, per row,
+                 in DeepSeek-V3's ``1x128`` groups and ``128x128`` blocks (and back), the FP8 GEMM's
+                 reference (grouped over experts too), a model of Hopper's limited FP8
+                 accumulation with promotion to float32 every 128 of K, the MoE layer with FP8 experts
 - ``layer_measurements``  chapter 06's measurements: the layer against the torch layers and
                  SonicMoE, forward + backward time and memory, each kernel against
                  ``torch._grouped_mm``, a kernel-by-kernel profile, eager against a CUDA graph,

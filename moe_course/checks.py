@@ -9,7 +9,7 @@ deep inside torch, json or the driver, and never a silently wrong answer.
 
 - :func:`require`: the one helper every check goes through.
 - Tensors: :func:`check_tensor_types`, :func:`check_same_dtype`, :func:`check_offsets`,
-  :func:`check_ids_in_range`, :func:`check_finite`.
+  :func:`check_ids_in_range`, :func:`check_finite`, :func:`check_positive`.
 - Plain arguments: :func:`check_int`, :func:`check_choice`, :func:`check_device`.
 - Command lines: :func:`positive_int`, :func:`nonnegative_int`, :func:`positive_float`,
   :func:`nonnegative_float`, :func:`fraction`, :func:`choices_list`, :func:`existing_dir`,
@@ -113,6 +113,16 @@ def check_finite(t, name: str) -> None:
         where = tuple(int(i) for i in bad.nonzero()[0])
         require(False, f"{name} holds {int(bad.sum())} NaN or infinite values (the first at {where}): "
                        f"check what produced it")
+
+
+def check_positive(t, name: str) -> None:
+    """Every value of ``t`` positive and finite (scales: a scale of 0 turns its block into 0,
+    or into NaN when divided by; one small reduction and a synchronisation)."""
+    bad = ~(torch.isfinite(t) & (t > 0))
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        require(False, f"{name} must all be positive and finite; {int(bad.sum())} are not (the first, at {where}, "
+                       f"is {float(t[where])})")
 
 
 # --------------------------------------------------------------------------------------------

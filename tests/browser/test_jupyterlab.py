@@ -33,6 +33,7 @@ CHAPTERS = [
     Expect("notebooks/04_token_rounding.ipynb", plots=2, control=Control("slider", "router skew")),
     Expect("notebooks/05_sonicmoe.ipynb", plots=1),
     Expect("notebooks/06_full_moe_layer.ipynb", plots=3),
+    Expect("notebooks/07_fp8.ipynb", plots=4),
 ]
 
 

@@ -50,6 +50,12 @@ One obvious place for each thing:
                  SonicMoE, forward + backward time and memory, each kernel against
                  ``torch._grouped_mm``, a kernel-by-kernel profile, eager against a CUDA graph,
                  and a short training run
+- ``hf``         the course's layer as a Hugging Face ``transformers`` experts backend
+                 (chapter 10): ``hf.register()``, then ``experts_implementation="moe_course"``;
+                 what it refuses; kernels or torch, decided per call and said once
+- ``hf_models``  chapter 10's models: Qwen3-MoE, Mixtral, OLMoE and DeepSeek-V3 from their
+                 transformers configurations, compared across experts backends (logits,
+                 gradients, training, generation, time)
 """
 
 from pathlib import Path

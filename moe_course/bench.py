@@ -130,18 +130,22 @@ def _time_cuda(fn, sets, warmup, reps) -> list[float]:
 
 
 def interleaved(fns: dict[str, Callable], *, rounds: int = 7, reps: int = 10, warmup: int = 5,
-                flops: float | dict = 0.0, bytes: float | dict = 0.0) -> dict[str, Measurement]:
+                flops: float | dict = 0.0, bytes: float | dict = 0.0,
+                before: Callable[[str], None] | None = None) -> dict[str, Measurement]:
     """Time several implementations of one problem fairly: in ``rounds`` rounds, each runs
     ``reps`` times in turn, and the median is over all their calls. A GPU's clock drifts with
     its temperature and power draw over a run of seconds; timing A to the end and then B would
     charge that drift to one of them (it moved results by 5-8% on the H200), interleaving spreads
-    it over all. ``flops`` and ``bytes``: one value, or one per name."""
+    it over all. ``flops`` and ``bytes``: one value, or one per name. ``before(name)``, untimed,
+    before each turn: e.g. switching one model to that contender's experts backend."""
     per = lambda v, name: v.get(name, 0.0) if isinstance(v, dict) else v
     device = "cuda" if info().has_gpu else "cpu"
     timer = _time_cuda if device == "cuda" else _time_cpu
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(rounds):
         for name, fn in fns.items():
+            if before is not None:
+                before(name)
             times[name] += timer(fn, [()], warmup if r == 0 else 1, reps)
     return {name: Measurement(name, statistics.median(t), _percentile(t, 0.1), _percentile(t, 0.9), len(t), device,
                               float(per(flops, name)), float(per(bytes, name)))

@@ -6,6 +6,7 @@ no-GPU path on a GPU machine (that is how the CPU path is tested on a GPU box).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -147,3 +148,17 @@ NO_NVRTC = ("compiling a kernel needs NVIDIA's NVRTC, through cuda-bindings and 
 def compile_skip_reason() -> str:
     """The one line a notebook prints when it skips compiling a kernel (``info().nvrtc`` is None)."""
     return f"skipped: {NO_NVRTC}"
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one CPU thread: small matrices gain nothing from more, and lose a lot when
+    another process keeps a core busy (a shared 2-core machine: several times slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -373,16 +373,25 @@ def experts_forward_grouped_mm(x_sorted: Tensor, offsets: Tensor, w_gate: Tensor
     num_experts, d, n = w_gate.shape
     grouped_mm = getattr(torch, "_grouped_mm", None)
     require(grouped_mm is not None, f"this torch ({torch.__version__}) has no torch._grouped_mm")
-    align = 16 // x_sorted.element_size()
-    require(d % align == 0 and n % align == 0,
-            f"torch._grouped_mm needs rows of a multiple of 16 bytes: d and n multiples of {align} "
-            f"in {str(x_sorted.dtype).removeprefix('torch.')}; got d={d}, n={n}")
+    misaligned = grouped_mm_misaligned(x_sorted.dtype, d=d, n=n)
+    require(misaligned is None, misaligned)
     if x_sorted.shape[0] == 0:
         return x_sorted.new_empty(0, d)
     ends = offsets[1:].to(torch.int32)  # on the device: no sync, unlike the loop's .tolist()
     gate = grouped_mm(x_sorted, w_gate, offs=ends)
     up = grouped_mm(x_sorted, w_up, offs=ends)
     return grouped_mm(F.silu(gate) * up, w_down, offs=ends)
+
+
+def grouped_mm_misaligned(dtype: torch.dtype, **widths: int) -> str | None:
+    """Why ``torch._grouped_mm`` cannot take rows of these ``widths`` in ``dtype`` (``None``: it
+    can): it reads every row, of the inputs and of the weights either way round, in 16-byte
+    pieces, so each width must be a multiple of ``16 // dtype.itemsize`` elements."""
+    align = 16 // dtype.itemsize
+    if all(width % align == 0 for width in widths.values()):
+        return None
+    return (f"torch._grouped_mm needs rows of a multiple of 16 bytes: {' and '.join(widths)} multiples of {align} "
+            f"in {str(dtype).removeprefix('torch.')}; got {', '.join(f'{k}={v}' for k, v in widths.items())}")
 
 
 #: The expert step by name: what ``moe_forward(..., expert_step=NAME)`` runs.

@@ -17,7 +17,6 @@ share of the routing.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
@@ -28,6 +27,7 @@ from torch import nn
 
 from . import moe
 from . import token_rounding as tr
+from .machine import one_thread
 
 
 KIND = "token_rounding_quality"  # the record: benchmarks/results/token_rounding_quality__<gpu or cpu>.json
@@ -92,18 +92,6 @@ class TinyMoE(nn.Module):
         probs = moe.router_probs(x @ self.w_router)
         routing = tr.route(probs, self.setup.k, self.setup.tile, method)
         return tr.moe_forward(x, moe.MoEWeights(self.w_router, self.w_gate, self.w_up, self.w_down), routing), probs, routing
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run torch on one CPU thread: matrices this small gain nothing from more, and lose a lot
-    when another process keeps a core busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def train(method: str, seed: int, setup: Setup = Setup(), eval_every: int = 50) -> dict:

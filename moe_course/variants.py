@@ -189,17 +189,18 @@ def layer_variant(name: str, title: str, impl: str,
     return Variant(name, title, run, unavailable)
 
 
-def grouped_mm_unavailable(device: str) -> str | None:
-    """Why ``torch._grouped_mm`` cannot run on ``device`` in bf16, or ``None`` if it can (tried
-    on a tiny problem: some builds lack it, some GPUs are not supported)."""
+def grouped_mm_unavailable(device: str, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """Why ``torch._grouped_mm`` cannot run on ``device`` in ``dtype``, or ``None`` if it can
+    (tried on a tiny problem: some builds lack it, some GPUs and dtypes are not supported)."""
     if not hasattr(torch, "_grouped_mm"):
         return f"this torch ({torch.__version__}) has no torch._grouped_mm"
     try:
-        x = torch.zeros(16, 16, dtype=torch.bfloat16, device=device)
-        w = torch.zeros(2, 16, 16, dtype=torch.bfloat16, device=device)
+        x = torch.zeros(16, 16, dtype=dtype, device=device)
+        w = torch.zeros(2, 16, 16, dtype=dtype, device=device)
         torch._grouped_mm(x, w, offs=torch.tensor([8, 16], dtype=torch.int32, device=device))
     except Exception as exc:
-        return f"torch {torch.__version__}: torch._grouped_mm does not run on {device} ({_first_line(exc)})"
+        where = device if dtype == torch.bfloat16 else f"{device} in {str(dtype).removeprefix('torch.')}"
+        return f"torch {torch.__version__}: torch._grouped_mm does not run on {where} ({_first_line(exc)})"
     return None
 
 

@@ -1,0 +1,244 @@
+"""The course's MoE layer inside real models: a Hugging Face ``transformers`` experts backend
+(chapter 10).
+
+Since transformers 5 every MoE model there (Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V3, ...) sends
+its experts through one registry, ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``,
+chosen per model with ``AutoModelForCausalLM.from_config(cfg, experts_implementation=NAME)``
+(or ``model.set_experts_implementation(NAME)``). The model keeps its own router; a backend is
+handed the experts module and each token's ``K`` experts and weights, and does the rest:
+gather, up-projection, activation, down-projection, weighted combine, forward and backward.
+
+>>> from moe_course import hf
+>>> hf.register()                                   # once; importing moe_course never imports transformers
+>>> model = AutoModelForCausalLM.from_config(cfg, experts_implementation="moe_course")
+
+What a backend is given (transformers' layout, not the course's):
+
+- ``self.gate_up_proj`` ``(E, 2I, H)``: each expert's gate rows, then its up rows
+  (``is_concatenated``); ``self.down_proj`` ``(E, H, I)``; both ``(out, in)``, as ``nn.Linear``
+  stores weights (``is_transposed=False``);
+- ``hidden_states (T, H)``, ``top_k_index (T, K)`` and ``top_k_weights (T, K)``: the router's
+  choice. An index equal to ``E`` means "no expert here": expert parallelism sends the pairs
+  that belong to another GPU's experts there, with weight 0.
+
+:func:`experts_forward` runs the course's maths on the module's own parameters: chapter 01's
+dispatch (:func:`moe_course.moe.dispatch`, pairs sorted by expert), one grouped product on the
+concatenated ``[gate; up]`` rows, SwiGLU, the down-projection, chapter 01's combine. Each call
+first asks :func:`why_not_kernels` whether the course's kernels could take it; until the
+kernels read transformers' layout (a Hopper GPU session builds them), the answer is always a
+reason, and the torch maths runs: on ``torch._grouped_mm`` where it can, else one product per
+expert (:data:`moe_course.layer.TORCH_OPS`). The reason is printed once, in one line.
+
+What the maths cannot take (a bias, weights stored ``(E, in, out)`` or with gate and up rows
+interleaved, an activation other than SiLU, a gating of the model's own that clips, a norm after
+each expert) is refused by :func:`check_experts` with every field and value named: never a
+wrong answer.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from . import layer, moe, variants
+from .checks import check_ids_in_range, check_same_dtype, require
+
+#: The backend's name in transformers' registry: ``experts_implementation="moe_course"``.
+NAME = "moe_course"
+
+
+def register() -> str:
+    """Add :func:`experts_forward` to transformers' experts registry as :data:`NAME`; returns the
+    name. Calling it again changes nothing (the registry is a dict: same key, same function)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register(NAME, experts_forward)
+    return NAME
+
+
+def is_registered() -> bool:
+    """Whether transformers is imported and knows :data:`NAME` (never imports it itself)."""
+    import sys
+
+    registry = sys.modules.get("transformers.integrations.moe")
+    return registry is not None and registry.ALL_EXPERTS_FUNCTIONS.get(NAME) is experts_forward
+
+
+# --------------------------------------------------------------------------------------------
+# What the course's maths takes, and what it refuses
+
+
+def problems(experts: torch.nn.Module) -> list[str]:
+    """Every feature of a transformers experts module that the course's SwiGLU maths does not
+    have, each as ``field=value (why)``; empty when the module fits."""
+    from transformers.activations import SiLUActivation
+    from transformers.integrations.moe import _default_apply_gate
+
+    found = []
+    if not getattr(experts, "has_gate", True):
+        found.append("has_gate=False (an up_proj and an activation, no gate: the course's experts are SwiGLU)")
+    if getattr(experts, "has_bias", False):
+        found.append("has_bias=True (the experts add a bias; the course's have none)")
+    if getattr(experts, "is_transposed", False):
+        found.append("is_transposed=True (weights stored (E, in, out); the course reads transformers' "
+                     "default (E, out, in))")
+    if not getattr(experts, "is_concatenated", True):
+        found.append("is_concatenated=False (gate and up rows interleaved; the course reads all gate rows, "
+                     "then all up rows)")
+    if getattr(experts, "has_post_expert_norm", False):
+        found.append("has_post_expert_norm=True (a norm after each expert, before the combine)")
+    own_gate = getattr(type(experts), "_apply_gate", _default_apply_gate)
+    if own_gate is not _default_apply_gate:
+        clips = ", ".join(f"{name}={getattr(experts, name)}" for name in ("limit", "alpha")
+                          if getattr(experts, name, None) is not None)
+        found.append(f"{type(experts).__name__}._apply_gate is the model's own gating"
+                     f"{f' ({clips}: it clips or rescales the gate and up halves)' if clips else ''}, "
+                     "not silu(gate) * up")
+    act_fn = getattr(experts, "act_fn", None)
+    if act_fn is not None and not isinstance(act_fn, (SiLUActivation, torch.nn.SiLU)):
+        config = getattr(experts, "config", None)
+        field = (f"config.hidden_act={config.hidden_act!r}" if hasattr(config, "hidden_act")
+                 else f"act_fn={type(act_fn).__name__}")
+        found.append(f"{field} (the course's experts are SwiGLU: silu(gate) * up; only 'silu' is taken)")
+    return found
+
+
+def check_experts(experts: torch.nn.Module) -> None:
+    """Refuse an experts module the course's maths cannot run, naming every reason at once."""
+    found = problems(experts)
+    require(not found, lambda: f"the {NAME} experts backend cannot run {type(experts).__name__}: "
+                               + "; ".join(found))
+
+
+def experts_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """``model``'s experts modules by name: those whose ``down_proj`` is one 3-D parameter for all
+    experts (transformers' layout; a dense MLP's ``down_proj`` is an ``nn.Linear``)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(getattr(m, "down_proj", None), torch.nn.Parameter) and m.down_proj.dim() == 3}
+
+
+def check_model(model: torch.nn.Module) -> list[str]:
+    """:func:`check_experts` on every experts module of ``model``, before any forward; returns
+    their names."""
+    modules = experts_modules(model)
+    for m in modules.values():
+        check_experts(m)
+    return list(modules)
+
+
+def check_call(experts, hidden_states, top_k_index, top_k_weights) -> None:
+    """The module, then the call's shapes, dtypes and expert ids (``0..E``; ``E``: no expert).
+    The id check reads two numbers back from the device: a wrong id would otherwise route a
+    pair to the wrong expert's rows, silently."""
+    check_experts(experts)
+    w_up, w_down = experts.gate_up_proj, experts.down_proj
+    require(w_up.dim() == 3 and w_up.shape[1] % 2 == 0,
+            lambda: f"gate_up_proj must be (E, 2I, H), got {tuple(w_up.shape)}")
+    E, two_I, H = w_up.shape
+    require(tuple(w_down.shape) == (E, H, two_I // 2),
+            lambda: f"down_proj must be (E, H, I) = {(E, H, two_I // 2)} next to gate_up_proj {tuple(w_up.shape)}, "
+                    f"got {tuple(w_down.shape)}")
+    check_same_dtype({"gate_up_proj": w_up, "down_proj": w_down})
+    require(hidden_states.dim() == 2 and hidden_states.shape[1] == H,
+            lambda: f"hidden_states must be (T, H) with H={H}, got {tuple(hidden_states.shape)}")
+    T = hidden_states.shape[0]
+    require(top_k_index.dim() == 2 and top_k_index.shape[0] == T and top_k_weights.shape == top_k_index.shape,
+            lambda: f"top_k_index and top_k_weights must both be (T, K) with T={T}, got "
+                    f"{tuple(top_k_index.shape)} and {tuple(top_k_weights.shape)}")
+    require(not top_k_index.is_floating_point() and top_k_index.dtype != torch.bool,
+            lambda: f"top_k_index must hold integer expert ids, got {top_k_index.dtype}")
+    check_ids_in_range(top_k_index, E + 1, "top_k_index", f"experts (0..{E - 1}), or {E} for no expert")
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels or torch: decided on each call, said once
+
+
+def why_not_kernels(experts, hidden_states) -> str | None:
+    """Why this call does not run on the course's kernels; once kernels for transformers' layout
+    exist, ``None`` where they can take it. The conditions are
+    :func:`moe_course.layer.kernels_unavailable`'s (a Hopper GPU, bf16, widths of the kernels'
+    multiples); where they all hold, what is missing is those kernels (:func:`experts_forward`
+    says what they need), and the reason says so."""
+    H, I = experts.down_proj.shape[1:]
+    why = layer.kernels_unavailable(hidden_states, H, I)
+    return why or "the HF-layout kernels are not built yet"
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_runs_here(device: str, dtype: torch.dtype) -> str | None:
+    return variants.grouped_mm_unavailable(device, dtype)  # a tiny trial run, once per device and dtype
+
+
+def torch_products(experts) -> tuple[layer.Ops, str]:
+    """The products of the torch maths on these experts' weights: ``torch._grouped_mm`` (no host
+    sync; CUTLASS on a GPU) where it runs in their dtype and ``H``, ``I`` fit it; else one
+    product per expert. Returns the ops and what they are, in words."""
+    w = experts.down_proj
+    H, I = w.shape[1:]
+    why = _grouped_mm_runs_here(w.device.type, w.dtype) or moe.grouped_mm_misaligned(w.dtype, H=H, I=I)
+    return (layer.TORCH_OPS, f"a per-expert loop: {why}") if why else (layer.GROUPED_MM_OPS, "torch._grouped_mm")
+
+
+_SAID: set[str] = set()
+
+
+def say_once(line: str) -> None:
+    """Print ``line`` the first time it comes (a model calls its experts once per layer per step)."""
+    if line not in _SAID:
+        _SAID.add(line)
+        print(line)
+
+
+# --------------------------------------------------------------------------------------------
+# The backend
+
+
+def experts_torch(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, ops: layer.Ops):
+    """The course's maths in transformers' layout, in torch (autograd gives the backward):
+
+    1. sort the ``T*K`` pairs by expert (chapter 01's :func:`~moe_course.moe.dispatch`); pairs
+       routed to no expert (id ``E``) are kept out and sorted last;
+    2. gather each pair's token row: ``x_sorted (R, H)``;
+    3. one grouped product with the concatenated ``[gate; up]`` rows, read as they are stored
+       (``gate_up_proj[e]`` is ``(2I, H)``, so rows times its transpose, a view: no copy);
+    4. SwiGLU on the two halves: ``silu(gate) * up``, ``(R, I)``;
+    5. the down-projection, ``down_proj[e]`` ``(H, I)`` read transposed the same way;
+    6. chapter 01's :func:`~moe_course.moe.combine`: back to token order, each token's ``K`` rows
+       summed with their weights (a pair routed to no expert adds zero).
+
+    ``ops``: :data:`moe_course.layer.GROUPED_MM_OPS` or :data:`moe_course.layer.TORCH_OPS`.
+    """
+    E = gate_up_proj.shape[0]
+    routed = top_k_index < E
+    d = moe.dispatch(top_k_index.where(routed, 0), E, keep=routed)
+    if d.kept == 0:  # every pair went to another GPU's experts: nothing to add here
+        return torch.zeros_like(hidden_states)
+    ends = d.offsets[1:].to(torch.int32)
+    x = hidden_states.to(gate_up_proj.dtype)  # as transformers' grouped_mm: the weights' dtype (autocast)
+    h = ops.times_w(moe.permute(x, d), gate_up_proj.transpose(1, 2), ends)  # (R, 2I): gate | up
+    gate, up = h.chunk(2, dim=-1)
+    y_sorted = ops.times_w(F.silu(gate) * up, down_proj.transpose(1, 2), ends)  # (R, H)
+    return moe.combine(y_sorted, d, top_k_weights).to(hidden_states.dtype)
+
+
+def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The ``"moe_course"`` experts backend: ``self`` is the model's experts module,
+    ``hidden_states (T, H)``, ``top_k_index`` and ``top_k_weights (T, K)`` -> ``(T, H)``.
+
+    The kernel path, once built, goes where :func:`why_not_kernels` returns ``None``, on the
+    module's own parameters as the kernels' ``w [E, N, K]`` (K contiguous). ``down_proj
+    (E, H, I)`` is that layout already (N = H, K = I); ``gate_up_proj (E, 2I, H)`` is too, but
+    its gate and up rows lie ``I`` rows apart where chapter 03's SwiGLU epilogue finds each pair
+    in neighbouring columns (chapter 06 stores them interleaved). Copying the weights
+    interleaved on each call is what the backend must not do: the up-projection's producer has
+    to bring each tile's gate rows and up rows from the two halves instead.
+    """
+    check_call(self, hidden_states, top_k_index, top_k_weights)
+    why = why_not_kernels(self, hidden_states)
+    ops, products = torch_products(self)
+    say_once(f"{NAME} experts: {why}: running the torch maths ({products})")
+    return experts_torch(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, ops)

@@ -1,0 +1,398 @@
+"""Chapter 10's models: Qwen3-MoE, Mixtral, OLMoE and DeepSeek-V3 from Hugging Face
+``transformers``, built from their configurations with random weights (nothing is downloaded),
+run with each experts backend and compared: logits, loss, every parameter's gradient, a few
+training steps, greedy generation, time.
+
+The sizes are the real models' (:mod:`moe_course.configs`: ``d``, ``n``, ``E``, ``K``, the
+vocabulary) with two layers. Without a GPU, :func:`sizes_here` narrows them: ``d``, ``n`` and
+the attention heads divided by 32 and a 1024-token vocabulary, every expert count and top-K
+kept, so that the chapter runs in well under a minute on two CPU cores.
+
+One model is built per architecture and switched between backends
+(``model.set_experts_implementation``: :func:`use`), so every backend runs on the very same
+weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from . import configs, hf, moe, plotting, records
+from .bench import interleaved
+from .checking import relative_error
+from .machine import info, one_thread
+
+#: The backends chapter 10 compares: transformers' per-expert loop (the reference), its
+#: ``torch._grouped_mm`` path, and the course's (:data:`moe_course.hf.NAME`).
+BACKENDS = ("eager", "grouped_mm", hf.NAME)
+REFERENCE = "eager"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one model family names the course's five numbers in its transformers configuration.
+    ``record``: the course's cited record of the real model (``d``, ``n``, ``E``, ``K``, vocabulary);
+    ``n_field``, ``experts_field``: transformers' names for ``n`` and ``E``; ``narrowed``: the
+    further widths divided with ``d`` on a CPU; ``real``: the real model's values where the
+    configuration class's defaults differ."""
+    record: configs.MoEConfig
+    config_class: str
+    n_field: str
+    experts_field: str
+    narrowed: tuple[str, ...] = ("num_attention_heads", "num_key_value_heads")
+    real: dict = field(default_factory=dict)
+
+
+ARCHITECTURES = {
+    # Qwen3-30B-A3B's config.json: the class's defaults are it, except head_dim (128, where the
+    # default would be hidden_size / heads = 64) and norm_topk_prob (true).
+    "qwen3_moe": Architecture(configs.QWEN3_30B_A3B, "Qwen3MoeConfig", "moe_intermediate_size", "num_experts",
+                              real={"head_dim": 128, "norm_topk_prob": True}),
+    "mixtral": Architecture(configs.MIXTRAL_8X7B, "MixtralConfig", "intermediate_size", "num_local_experts"),
+    "olmoe": Architecture(configs.OLMOE_1B_7B, "OlmoeConfig", "intermediate_size", "num_experts"),
+    # MLA's two low-rank bottlenecks and the dense FFN of the first blocks narrow with d; the
+    # first block stays dense (the real model has 3 dense blocks, then 58 MoE blocks).
+    "deepseek_v3": Architecture(configs.DEEPSEEK_V3, "DeepseekV3Config", "moe_intermediate_size", "n_routed_experts",
+                                narrowed=("num_attention_heads", "num_key_value_heads", "q_lora_rank",
+                                          "kv_lora_rank", "intermediate_size"),
+                                real={"first_k_dense_replace": 1}),
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What this machine runs: widths divided by ``shrink``, ``vocab`` tokens (None: the real
+    vocabulary), ``layers`` blocks, batches of ``batch`` sequences of ``seq`` tokens, in
+    ``dtype`` on ``device``; ``why``: one line saying so."""
+    shrink: int
+    vocab: int | None
+    layers: int
+    batch: int
+    seq: int
+    dtype: torch.dtype
+    device: str
+    why: str
+
+
+def sizes_here() -> Sizes:
+    """Real widths in bf16 on a GPU; narrowed, in float32, on a CPU."""
+    if moe.device() == "cuda":
+        return Sizes(1, None, 2, 4, 512, torch.bfloat16, "cuda",
+                     "GPU: the real widths, expert counts, top-K and vocabularies, 2 blocks, bf16")
+    return Sizes(32, 1024, 2, 2, 16, torch.float32, "cpu",
+                 f"no GPU ({info().why_no_gpu}): d, n and the attention heads divided by 32, a 1024-token "
+                 "vocabulary, 2 blocks, 2 sequences of 16 tokens, float32; the expert counts and top-K are "
+                 "the real models'")
+
+
+def hf_config(arch: str, *, shrink: int = 1, layers: int = 2, vocab: int | None = None, **overrides):
+    """The transformers configuration of ``arch`` (a key of :data:`ARCHITECTURES`): the real
+    model's numbers with ``layers`` blocks, widths divided by ``shrink``, ``vocab`` tokens
+    (None: the real vocabulary); no special tokens (random weights have no words)."""
+    import transformers
+
+    a = ARCHITECTURES[arch]
+    config_class = getattr(transformers, a.config_class)
+    defaults = config_class()
+    r = a.record
+    values = {"hidden_size": r.d, a.n_field: r.n, a.experts_field: r.E, "num_experts_per_tok": r.K,
+              "vocab_size": vocab or r.vocab, "num_hidden_layers": layers, **a.real}
+    for width in ("hidden_size", a.n_field, *a.narrowed):
+        values[width] = max(1, values.get(width, getattr(defaults, width)) // shrink)
+    values.update(bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+    return config_class(**{**values, **overrides})
+
+
+def build(config, backend: str = REFERENCE, *, seed: int = 0, dtype=torch.float32, device: str = "cpu"):
+    """A causal LM with random weights from ``config`` (seeded: the same weights every time),
+    on ``backend``, made where it will run (DeepSeek-V3's real MoE block alone is 22 GB in bf16:
+    no detour through the host). The course's backend is registered first."""
+    from transformers import AutoModelForCausalLM
+
+    hf.register()
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, experts_implementation=backend, dtype=dtype)
+
+
+def describe(model) -> str:
+    """One line: the model's MoE shape in the course's letters, its blocks and parameters."""
+    c = model.config
+    a = ARCHITECTURES[c.model_type]
+    moe_blocks = len(hf.experts_modules(model))
+    params = sum(p.numel() for p in model.parameters())
+    return (f"{a.record.title:<15} d={c.hidden_size} n={getattr(c, a.n_field)} E={getattr(c, a.experts_field)} "
+            f"K={c.num_experts_per_tok}  vocabulary {c.vocab_size}, {c.num_hidden_layers} blocks ({moe_blocks} MoE), "
+            f"{params / 1e6:.1f}M parameters, {next(model.parameters()).dtype}".replace("torch.", ""))
+
+
+def refused_examples() -> dict:
+    """Two configurations the course's backend refuses (tiny: refused before any product):
+    gpt-oss (gate and up interleaved, weights stored (E, in, out), biases, its own clipped
+    gating) and a Qwen3-MoE whose experts use GELU."""
+    import transformers
+
+    gpt_oss = transformers.GptOssConfig(hidden_size=64, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                        vocab_size=64, layer_types=["full_attention"])
+    qwen_gelu = hf_config("qwen3_moe", shrink=32, layers=1, vocab=64, hidden_act="gelu")
+    return {"gpt-oss": gpt_oss, "Qwen3-MoE with hidden_act='gelu'": qwen_gelu}
+
+
+def use(model, backend: str) -> None:
+    """Switch ``model``'s experts to ``backend`` (the weights stay as they are)."""
+    model.set_experts_implementation(backend)
+
+
+def threads_for(model):
+    """On a CPU, one thread (:func:`moe_course.machine.one_thread`: these matrices are small,
+    and a second thread loses several times over when another process holds a core); on a GPU,
+    nothing changes."""
+    return one_thread() if next(model.parameters()).device.type == "cpu" else contextlib.nullcontext()
+
+
+def tokens(sizes: Sizes, vocab: int, *, seed: int = 1, batch: int | None = None, seq: int | None = None):
+    """Random token ids ``(batch, seq)`` for a model of ``vocab`` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch or sizes.batch, seq or sizes.seq)
+    return torch.randint(0, vocab, shape, generator=g).to(sizes.device)
+
+
+# --------------------------------------------------------------------------------------------
+# One forward and backward per backend, compared
+
+
+@dataclass
+class Run:
+    """One forward + backward of the language-model loss: logits, loss, each parameter's
+    gradient (None where autograd gave it none)."""
+    logits: torch.Tensor
+    loss: torch.Tensor
+    grads: dict
+
+
+def run(model, backend: str, input_ids, keep_on: str | None = None) -> Run:
+    """Forward and backward of ``model`` on ``backend``; the results moved to ``keep_on``
+    (e.g. "cpu", to hold a reference while the GPU runs the next backend) or left where they are."""
+    use(model, backend)
+    model.zero_grad(set_to_none=True)
+    with threads_for(model):
+        out = model(input_ids, labels=input_ids)
+        out.loss.backward()
+    keep = (lambda t: t.detach().to(keep_on)) if keep_on else (lambda t: t.detach())
+    grads = {name: None if p.grad is None else keep(p.grad) for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return Run(keep(out.logits), keep(out.loss), grads)
+
+
+def differences(got: Run, want: Run) -> dict:
+    """How far ``got`` is from ``want``: the relative error of the logits and of the loss, the
+    largest relative error over the parameters' gradients and whose it is, each parameter's."""
+    errors, missing = {}, []
+    for name, g in want.grads.items():
+        mine = got.grads[name]
+        if (g is None) != (mine is None):
+            missing.append(name)  # one backend reached a parameter the other did not
+        elif g is not None:
+            errors[name] = relative_error(mine, g)
+    worst = max(errors, key=errors.get)
+    return {"logits": relative_error(got.logits, want.logits), "loss": relative_error(got.loss, want.loss),
+            "gradients": errors[worst], "worst parameter": worst, "parameters": len(errors),
+            "missing gradients": missing, "per parameter": errors}
+
+
+def compare(model, input_ids, backends=BACKENDS, reference: str = REFERENCE) -> dict:
+    """Every backend against ``reference`` on the same weights and tokens: ``{backend:
+    differences}`` (:func:`differences`). On a GPU the reference is held on the host."""
+    keep_on = "cpu" if input_ids.is_cuda else None
+    want = run(model, reference, input_ids, keep_on)
+    return {b: differences(run(model, b, input_ids), want) for b in backends if b != reference}
+
+
+#: What "agree" means. float32: the backends differ only in the order of their sums (observed
+#: 1e-7 to 8e-7). bf16: every product is rounded, and a gradient that nearly cancels (a norm's
+#: weight) moved by 17% between transformers' own two backends; so each of the course's
+#: gradients is held to transformers' grouped_mm's distance from eager: twice it, plus 1%.
+FLOAT32_TOLERANCE = {"logits": 1e-5, "loss": 1e-6, "gradients": 1e-5}
+BF16_TOLERANCE = {"logits": 1e-2, "loss": 1e-3}
+
+
+def disagreements(results: dict, dtype) -> list[str]:
+    """What in :func:`compare`'s ``results`` (``{backend: differences}``) is further from eager
+    than :data:`FLOAT32_TOLERANCE` or, in bf16, :data:`BF16_TOLERANCE` and transformers' own
+    grouped_mm allow; empty when the course's backend agrees."""
+    ours = results[hf.NAME]
+    found = [f"{p}: no gradient from one backend" for p in ours["missing gradients"]]
+    if dtype == torch.float32:
+        return found + [f"{what} {ours[what]:.1e} > {tol:.0e}" for what, tol in FLOAT32_TOLERANCE.items()
+                        if not ours[what] <= tol]
+    found += [f"{what} {ours[what]:.1e} > {tol:.0e}" for what, tol in BF16_TOLERANCE.items() if not ours[what] <= tol]
+    theirs = results["grouped_mm"]["per parameter"]
+    return found + [f"{name}'s gradient {error:.1e}, transformers' grouped_mm {theirs[name]:.1e}"
+                    for name, error in ours["per parameter"].items() if not error <= 2 * theirs[name] + 1e-2]
+
+
+def comparison_table(results: dict, shares: dict) -> str:
+    """``results``: ``{arch: compare(...)}``; ``shares``: ``{arch: experts_share(...)}``."""
+    lines = [f"{'model':<15} {'backend':<11} {'logits':>8} {'loss':>8} {'gradients (worst)':>18}  "
+             f"{'experts move the logits by':>26}"]
+    for arch, by_backend in results.items():
+        for backend, d in by_backend.items():
+            lines.append(f"{ARCHITECTURES[arch].record.title:<15} {backend:<11} {d['logits']:8.1e} {d['loss']:8.1e} "
+                         f"{d['gradients']:18.1e}  {shares[arch]:26.1e}")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def experts_silenced(model):
+    """Inside, every experts module outputs zeros: how much the experts move the logits is the
+    yardstick for how closely two backends agree."""
+    silence = lambda module, args, out: torch.zeros_like(out)
+    handles = [m.register_forward_hook(silence) for m in hf.experts_modules(model).values()]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def experts_share(model, input_ids) -> float:
+    """``‖logits − logits without the experts‖ / ‖logits‖`` on the reference backend."""
+    use(model, REFERENCE)
+    with torch.no_grad(), threads_for(model):
+        full = model(input_ids).logits
+        with experts_silenced(model):
+            without = model(input_ids).logits
+    return relative_error(without, full)
+
+
+# --------------------------------------------------------------------------------------------
+# Training, generation
+
+
+def train(model, backend: str, input_ids, *, steps: int = 8, lr: float = 3e-3, optimizer: str = "adam") -> list[float]:
+    """``steps`` steps on one fixed batch (the model learns it by heart: the loss falls fast),
+    on ``backend``; returns the losses. The weights are put back afterwards, so that every
+    backend starts from the same ones. ``optimizer``: "adam", or "sgd" where Adam's two copies
+    of the weights do not fit."""
+    start = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    use(model, backend)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr)
+    losses = []
+    with threads_for(model):
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = model(input_ids, labels=input_ids).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(start)
+    return losses
+
+
+def greedy(model, backend: str, prompt, new_tokens: int = 8):
+    """``new_tokens`` tokens generated after ``prompt`` by greedy decoding on ``backend`` (each
+    step after the first is one token: T = 1 in every experts call)."""
+    use(model, backend)
+    with torch.no_grad(), threads_for(model):
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return out[:, prompt.shape[1]:]
+
+
+def plot_training(curves: dict, record, live: bool):
+    """``curves``: ``{arch: {backend: losses}}``, one panel per architecture, the backends
+    overlaid (identical maths: the curves lie on top of each other)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.2), squeeze=False)
+    for ax, (arch, by_backend) in zip(axes[0], curves.items()):
+        for (backend, losses), style in zip(by_backend.items(), ("-", "--", ":")):
+            ax.plot(range(1, len(losses) + 1), losses, style, marker="o", ms=3, label=backend)
+        ax.set_title(ARCHITECTURES[arch].record.title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("loss (next token, one batch)")
+    fig.suptitle(plotting.source_text(record, live), fontsize=8,
+                 color=plotting.LIVE_COLOR if live else plotting.RECORDED_COLOR)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Time per backend (a GPU), recorded as "hf_backends"
+
+KIND = "hf_backends"
+
+
+def time_backends(model, input_ids, backends=BACKENDS, *, rounds: int = 3, reps: int = 5) -> dict:
+    """``{backend: {"forward": timing, "forward+backward": timing}}`` for the whole model on
+    ``input_ids``, the backends interleaved (:func:`moe_course.bench.interleaved`; the switch
+    between backends is not timed)."""
+    def forward():
+        with torch.no_grad():
+            model(input_ids)
+
+    def forward_backward():
+        model(input_ids, labels=input_ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    switch = lambda backend: use(model, backend)
+    fwd = interleaved({b: forward for b in backends}, rounds=rounds, reps=reps, warmup=2, before=switch)
+    both = interleaved({b: forward_backward for b in backends}, rounds=rounds, reps=reps, warmup=2, before=switch)
+    return {b: {"forward": fwd[b].timing(), "forward+backward": both[b].timing()} for b in backends}
+
+
+def measure(sizes: Sizes, archs=tuple(ARCHITECTURES), backends=BACKENDS) -> dict:
+    """Every architecture at ``sizes``, timed per backend: what the "hf_backends" record holds."""
+    data = {"sizes": {"shrink": sizes.shrink, "vocab": sizes.vocab, "layers": sizes.layers, "batch": sizes.batch,
+                      "seq": sizes.seq, "dtype": str(sizes.dtype).removeprefix("torch.")},
+            "models": {}}
+    for arch in archs:
+        config = hf_config(arch, shrink=sizes.shrink, layers=sizes.layers, vocab=sizes.vocab)
+        model = build(config, dtype=sizes.dtype, device=sizes.device)
+        data["models"][arch] = time_backends(model, tokens(sizes, config.vocab_size), backends)
+        del model
+    return data
+
+
+def timings() -> tuple[records.Record | None, bool]:
+    """On a GPU: measured now and recorded. Without one: the recorded "hf_backends" results, or
+    ``(None, False)`` after one line saying that nothing has been measured yet."""
+    if info().has_gpu:
+        return records.live_or_recorded(KIND, lambda: measure(sizes_here()))
+    rec = records.load(KIND)
+    if rec is None:
+        print(f"nothing measured yet: no GPU here ({info().why_no_gpu}) and no record "
+              f"benchmarks/results/{KIND}__<gpu>.json; run this chapter on a GPU to make one")
+        return None, False
+    print(f"No GPU here ({info().why_no_gpu}): showing '{KIND}' as recorded on {rec.label()}.")
+    return rec, False
+
+
+def timing_table(data: dict) -> str:
+    """The "hf_backends" record as text: ms per forward and per forward + backward, each backend's
+    speed over eager's."""
+    lines = [f"{'model':<15} {'backend':<11} {'forward ms':>11} {'fwd+bwd ms':>11} {'fwd+bwd vs eager':>17}"]
+    for arch, by_backend in data["models"].items():
+        eager = by_backend.get(REFERENCE, {}).get("forward+backward", {}).get("ms")
+        for backend, t in by_backend.items():
+            both = t["forward+backward"]["ms"]
+            lines.append(f"{ARCHITECTURES[arch].record.title:<15} {backend:<11} {t['forward']['ms']:11.2f} {both:11.2f} "
+                         + (f"{eager / both:16.2f}x" if eager else ""))
+    return "\n".join(lines)
+
+
+def plot_times(record, live: bool, step: str = "forward+backward", ax=None):
+    """Milliseconds per ``step`` ("forward" or "forward+backward") of each model, one bar per backend."""
+    models = record.data["models"]
+    archs = list(models)
+    backends = list(next(iter(models.values())))
+    series = {b: [models[a][b][step]["ms"] if b in models[a] else None for a in archs] for b in backends}
+    return plotting.grouped_bars([ARCHITECTURES[a].record.title for a in archs], series,
+                                 ylabel=f"{step}, ms", record=record, live=live, fmt="%.1f",
+                                 title=f"whole model ({record.data['sizes']['layers']} blocks), {step}", ax=ax)

@@ -1,0 +1,318 @@
+"""The "moe_course" experts backend of transformers (moe_course/hf.py) against transformers'
+own "eager" backend: four architectures at tiny sizes (logits, loss, every parameter's gradient),
+the awkward routings at the experts module, what it refuses, and that a wrong backend fails
+these comparisons. CPU, seconds."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (requirements/base.txt has it)")
+
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: E402
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
+
+from moe_course import ROOT, hf, layer  # noqa: E402
+from moe_course import hf_models as hm  # noqa: E402
+from moe_course.checking import relative_error  # noqa: E402
+
+ARCHS = tuple(hm.ARCHITECTURES)
+TINY_EXPERTS = 16  # every architecture's top-K fits (DeepSeek-V3: 8 groups of 2, 4 groups picked)
+
+# float32: the backends differ only in the order of their sums (observed: 1e-7 to 8e-7)
+FLOAT32 = {"logits": 1e-5, "loss": 1e-6, "gradients": 1e-5}
+
+
+def tiny(arch, dtype=torch.float32, shrink=32, **overrides):
+    """``arch`` narrowed 32 times (d 64 to 224, n 24 to 448: multiples of 8, as transformers'
+    grouped_mm needs in bf16), 16 experts, two blocks, 256 tokens: a fraction of a second."""
+    a = hm.ARCHITECTURES[arch]
+    config = hm.hf_config(arch, shrink=shrink, layers=2, vocab=256, **{a.experts_field: TINY_EXPERTS, **overrides})
+    return hm.build(config, dtype=dtype), torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How many times the course's maths ran: a comparison that never reached it proves nothing."""
+    count = {"experts_torch": 0}
+    original = hf.experts_torch
+
+    def counted(*args, **kwargs):
+        count["experts_torch"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "experts_torch", counted)
+    return count
+
+
+# --------------------------------------------------------------------------------------------
+# Registration
+
+
+def test_importing_the_course_does_not_import_transformers():
+    code = ("import sys, moe_course, moe_course.hf, moe_course.hf_models\n"
+            "assert 'transformers' not in sys.modules, 'importing the course imported transformers'\n"
+            "assert not moe_course.hf.is_registered()\n"
+            "moe_course.hf.register()\n"
+            "assert 'transformers' in sys.modules and moe_course.hf.is_registered()\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_register_is_idempotent_and_the_name_is_accepted():
+    assert hf.register() == hf.NAME == "moe_course"
+    names = list(ALL_EXPERTS_FUNCTIONS.keys())
+    assert hf.register() == "moe_course"
+    assert list(ALL_EXPERTS_FUNCTIONS.keys()) == names and names.count("moe_course") == 1
+    assert ALL_EXPERTS_FUNCTIONS["moe_course"] is hf.experts_forward
+    model, _ = tiny("olmoe")
+    hm.use(model, "moe_course")
+    assert model.config._experts_implementation == "moe_course"
+
+
+def test_the_configurations_are_the_real_models():
+    ds = hm.hf_config("deepseek_v3")
+    assert (ds.hidden_size, ds.moe_intermediate_size, ds.n_routed_experts, ds.num_experts_per_tok) == (7168, 2048, 256, 8)
+    assert (ds.vocab_size, ds.first_k_dense_replace, ds.num_hidden_layers) == (129280, 1, 2)
+    qwen = hm.hf_config("qwen3_moe", shrink=16)
+    assert (qwen.hidden_size, qwen.moe_intermediate_size, qwen.num_experts, qwen.num_experts_per_tok) == (128, 48, 128, 8)
+    assert qwen.head_dim == 128 and qwen.norm_topk_prob and qwen.num_key_value_heads == 1
+    assert hm.hf_config("olmoe").intermediate_size == 1024  # the real model's, not the class's default 2048
+    assert hm.hf_config("mixtral", shrink=16).intermediate_size == 14336 // 16
+
+
+# --------------------------------------------------------------------------------------------
+# Four architectures: "moe_course" against "eager"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_float32_logits_loss_and_every_gradient_match_eager(arch, calls):
+    model, ids = tiny(arch)
+    got = hm.compare(model, ids, backends=("eager", "moe_course"))["moe_course"]
+    assert calls["experts_torch"] > 0
+    assert got["missing gradients"] == []
+    assert got["parameters"] == sum(p.requires_grad for p in model.parameters())
+    for what, tol in FLOAT32.items():
+        assert got[what] < tol, (arch, what, got)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_is_as_close_to_eager_as_transformers_own_grouped_mm(arch, calls):
+    """bf16 rounds every product: a norm weight's gradient (a sum over tokens that nearly cancels)
+    moved by 17% between transformers' own backends. So each of ours is held to its grouped_mm's
+    distance from eager (twice it, plus 1%), parameter by parameter, and the logits to 1%."""
+    model, ids = tiny(arch, torch.bfloat16)
+    want = hm.run(model, "eager", ids)
+    theirs, ours = (hm.differences(hm.run(model, b, ids), want) for b in ("grouped_mm", "moe_course"))
+    assert calls["experts_torch"] > 0
+    assert ours["logits"] < 1e-2 and ours["loss"] < 1e-3, ours
+    for name, error in ours["per parameter"].items():
+        assert error <= 2 * theirs["per parameter"][name] + 1e-2, (name, error, theirs["per parameter"][name])
+
+
+def test_widths_off_grouped_mm_multiples_run_on_the_loop(capsys, monkeypatch):
+    """Qwen3 narrowed 64 times has n = 12: not a multiple of 8, so torch._grouped_mm cannot take
+    it in bf16 (transformers' own grouped_mm backend stops there with a stride error); the
+    course's backend says so once and runs one product per expert."""
+    monkeypatch.setattr(hf, "_SAID", set())
+    model, ids = tiny("qwen3_moe", torch.bfloat16, shrink=64)
+    got = hm.differences(hm.run(model, "moe_course", ids), hm.run(model, "eager", ids))
+    assert got["logits"] < 1e-2 and got["loss"] < 1e-3, got
+    assert "a per-expert loop: torch._grouped_mm needs rows of a multiple of 16 bytes" in capsys.readouterr().out
+
+
+def test_a_backend_that_drops_the_routing_weights_is_caught(monkeypatch):
+    """The comparison above can fail: the combine without the router's weights."""
+    original = hf.experts_torch
+    monkeypatch.setattr(hf, "experts_torch", lambda h, idx, w, *rest: original(h, idx, torch.ones_like(w), *rest))
+    model, ids = tiny("qwen3_moe")
+    got = hm.compare(model, ids, backends=("eager", "moe_course"))["moe_course"]
+    assert got["logits"] > 100 * FLOAT32["logits"] and got["gradients"] > 100 * FLOAT32["gradients"], got
+
+
+def test_greedy_generation_is_identical():
+    model, ids = tiny("mixtral")
+    prompt = ids[:1, :5]
+    want = hm.greedy(model, "eager", prompt, new_tokens=6)
+    assert want.shape == (1, 6)
+    assert torch.equal(hm.greedy(model, "moe_course", prompt, new_tokens=6), want)
+
+
+# --------------------------------------------------------------------------------------------
+# Awkward routings, at one experts module
+
+
+def experts(H=64, I=32, E=6, dtype=torch.float32):
+    config = transformers.Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, experts_implementation="eager")
+    module = Qwen3MoeExperts(config).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        module.gate_up_proj.copy_(torch.randn(module.gate_up_proj.shape, generator=g) * H**-0.5)
+        module.down_proj.copy_(torch.randn(module.down_proj.shape, generator=g) * I**-0.5)
+    return module
+
+
+def outputs_and_gradients(forward, module, x, index, weights):
+    """The output and the gradients of ``<g, out>`` for a fixed g: x, the routing weights, both
+    expert weights."""
+    leaves = [x.clone().requires_grad_(), weights.clone().requires_grad_()]
+    module.zero_grad(set_to_none=True)
+    out = forward(module, leaves[0], index, leaves[1])
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.dtype)
+    (out.float() * g.float()).sum().backward()
+    return [out, *(t.grad for t in leaves), module.gate_up_proj.grad, module.down_proj.grad]
+
+
+ROUTINGS = {  # name: (T, K, index(T, K) for E = 6 experts)
+    "ragged": (9, 2, lambda T, K: torch.randint(0, 6, (T, K), generator=torch.Generator().manual_seed(3))),
+    "experts with no tokens": (2, 2, lambda T, K: torch.tensor([[4, 1], [1, 4]])),
+    "all tokens on one expert": (7, 1, lambda T, K: torch.full((T, K), 3)),
+    "T = 1": (1, 2, lambda T, K: torch.tensor([[5, 0]])),
+    "pairs routed to no expert (id E)": (5, 2, lambda T, K: torch.tensor([[6, 2], [6, 6], [0, 6], [2, 2], [1, 0]])),
+}
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+@pytest.mark.parametrize("H,I", [(64, 32), (60, 30)], ids=["grouped_mm", "per-expert loop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_awkward_routings_match_eager(routing, H, I, dtype):
+    module = experts(H, I, dtype=dtype)
+    T, K, index = ROUTINGS[routing]
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(4)).to(dtype)
+    weights = torch.rand(T, K, generator=torch.Generator().manual_seed(5)).to(dtype)
+    eager = type(module).forward  # the class's forward: dispatches to config "eager"
+    want = outputs_and_gradients(eager, module, x, index(T, K), weights)
+    got = outputs_and_gradients(hf.experts_forward, module, x, index(T, K), weights)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for what, g, w in zip(("out", "dx", "dweights", "dgate_up_proj", "ddown_proj"), got, want):
+        assert g.dtype == w.dtype and relative_error(g, w) < tol, (what, relative_error(g, w))
+
+
+def test_every_pair_routed_elsewhere_gives_zeros():
+    module = experts()
+    out = hf.experts_forward(module, torch.randn(3, 64), torch.full((3, 2), 6), torch.zeros(3, 2))
+    assert torch.equal(out, torch.zeros(3, 64))
+
+
+def test_the_torch_products_follow_the_widths():
+    assert hf.torch_products(experts(64, 32)) == (layer.GROUPED_MM_OPS, "torch._grouped_mm")
+    ops, what = hf.torch_products(experts(60, 30, dtype=torch.bfloat16))
+    assert ops is layer.TORCH_OPS
+    assert what == ("a per-expert loop: torch._grouped_mm needs rows of a multiple of 16 bytes: H and I multiples "
+                    "of 8 in bfloat16; got H=60, I=30")
+
+
+# --------------------------------------------------------------------------------------------
+# Said once, in one line; refused with the field and value named
+
+
+def test_why_the_kernels_did_not_run_is_said_once(capsys, monkeypatch):
+    monkeypatch.setattr(hf, "_SAID", set())
+    module, x = experts(), torch.randn(4, 64)
+    index, weights = torch.tensor([[0, 1]] * 4), torch.full((4, 2), 0.5)
+    for _ in range(3):
+        hf.experts_forward(module, x, index, weights)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"moe_course experts: {hf.why_not_kernels(module, x)}: running the torch maths (torch._grouped_mm)"]
+    # on a machine where the kernels could take the call, the line says what is missing
+    monkeypatch.setattr(hf.layer, "kernels_unavailable", lambda *args: None)
+    hf.experts_forward(module, x, index, weights)
+    assert capsys.readouterr().out == ("moe_course experts: the HF-layout kernels are not built yet: "
+                                       "running the torch maths (torch._grouped_mm)\n")
+
+
+FLAGS = {  # module field: (value that is refused, what the message names)
+    "has_bias": (True, "has_bias=True"),
+    "is_transposed": (True, "is_transposed=True"),
+    "is_concatenated": (False, "is_concatenated=False"),
+    "has_gate": (False, "has_gate=False"),
+    "has_post_expert_norm": (True, "has_post_expert_norm=True"),
+}
+
+
+@pytest.mark.parametrize("flag", list(FLAGS))
+def test_a_layout_the_maths_cannot_read_is_refused(flag):
+    module = experts()
+    value, named = FLAGS[flag]
+    setattr(module, flag, value)
+    with pytest.raises(ValueError, match=f"cannot run Qwen3MoeExperts: {named} "):
+        hf.experts_forward(module, torch.randn(2, 64), torch.tensor([[0, 1], [1, 2]]), torch.ones(2, 2))
+
+
+def test_an_activation_other_than_silu_is_refused_in_a_whole_model():
+    model, ids = tiny("qwen3_moe", hidden_act="gelu")
+    hm.use(model, "moe_course")
+    with pytest.raises(ValueError, match=r"Qwen3MoeExperts: config.hidden_act='gelu' \(the course's experts are SwiGLU"):
+        model(ids)
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        hf.check_model(model)
+
+
+def test_gpt_oss_is_refused_with_every_reason():
+    config = transformers.GptOssConfig(hidden_size=32, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                       vocab_size=64, layer_types=["full_attention"])
+    model = hm.build(config, "moe_course")
+    with pytest.raises(ValueError) as refused:
+        model(torch.randint(0, 64, (1, 4)))
+    message = str(refused.value)
+    for named in ("GptOssExperts: has_bias=True", "is_transposed=True", "is_concatenated=False",
+                  "GptOssExperts._apply_gate is the model's own gating (limit=7.0, alpha=1.702"):
+        assert named in message, message
+
+
+def test_an_expert_id_out_of_range_is_refused():
+    with pytest.raises(ValueError, match=r"top_k_index must index experts \(0..5\), or 6 for no expert: values 0..6; got -1..2"):
+        hf.experts_forward(experts(), torch.randn(2, 64), torch.tensor([[0, -1], [2, 1]]), torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"top_k_index and top_k_weights must both be \(T, K\) with T=2"):
+        hf.experts_forward(experts(), torch.randn(2, 64), torch.tensor([[0, 1], [2, 1]]), torch.ones(2, 3))
+
+
+# --------------------------------------------------------------------------------------------
+# On a GPU
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_bf16_matches_eager(capsys, monkeypatch):
+    monkeypatch.setattr(hf, "_SAID", set())
+    model, ids = tiny("mixtral", torch.bfloat16)
+    model, ids = model.cuda(), ids.cuda()
+    want = hm.run(model, "eager", ids)
+    got = hm.differences(hm.run(model, "moe_course", ids), want)
+    assert got["logits"] < 1e-2 and got["loss"] < 1e-3, got
+    assert "running the torch maths (torch._grouped_mm)" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# The chapter's helpers: what "agree" means, and the timing section without a GPU
+
+
+def test_disagreements_name_what_is_too_far():
+    close = {"logits": 1e-7, "loss": 0.0, "gradients": 5e-7, "missing gradients": [], "per parameter": {"w": 5e-7}}
+    assert hm.disagreements({"grouped_mm": close, "moe_course": close}, torch.float32) == []
+    far = {**close, "logits": 3e-3, "missing gradients": ["router"], "per parameter": {"w": 0.5}}
+    assert hm.disagreements({"grouped_mm": close, "moe_course": far}, torch.float32) == [
+        "router: no gradient from one backend", "logits 3.0e-03 > 1e-05"]
+    # bf16: each gradient against transformers' own grouped_mm's distance from eager
+    assert hm.disagreements({"grouped_mm": {**close, "per parameter": {"w": 0.3}}, "moe_course": {**far, "missing gradients": []}},
+                            torch.bfloat16) == []
+    assert hm.disagreements({"grouped_mm": close, "moe_course": {**far, "missing gradients": []}}, torch.bfloat16) == [
+        "w's gradient 5.0e-01, transformers' grouped_mm 5.0e-07"]
+
+
+@pytest.mark.skipif(hm.info().has_gpu, reason="on a GPU the timing section measures live")
+def test_without_a_gpu_the_timing_section_says_nothing_was_measured(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(hm.records, "RESULTS_DIR", tmp_path)
+    assert hm.timings() == (None, False)
+    assert capsys.readouterr().out.startswith("nothing measured yet: no GPU here")
+    # once a GPU has made a record, it is drawn, labelled (the numbers here are a test's, not a measurement)
+    row = lambda ms: {"ms": ms, "ms_p10": ms, "ms_p90": ms, "reps": 1, "tflops": 0.0}
+    data = {"sizes": {"layers": 2}, "models": {"mixtral": {b: {"forward": row(1.0), "forward+backward": row(3.0)}
+                                                           for b in hm.BACKENDS}}}
+    hm.records.save(hm.KIND, data, results_dir=tmp_path)
+    rec, live = hm.timings()
+    assert rec.data == data and not live and "showing 'hf_backends' as recorded on" in capsys.readouterr().out
+    assert "Mixtral-8x7B    moe_course         1.00        3.00             1.00x" in hm.timing_table(rec.data)
+    assert hm.plot_times(rec, live).get_title() == "whole model (2 blocks), forward+backward"

@@ -46,6 +46,11 @@ One obvious place for each thing:
                  in DeepSeek-V3's ``1x128`` groups and ``128x128`` blocks (and back), the FP8 GEMM's
                  reference (grouped over experts too), a model of Hopper's limited FP8
                  accumulation with promotion to float32 every 128 of K, the MoE layer with FP8 experts
+- ``decode``     chapter 09's decode regime (1 to 512 tokens a step): the experts a step wakes,
+                 the bytes and FLOPs it must move and the time bound from the ceilings; the
+                 fixed-capacity "masked" layout and the whole layer on it in torch with no host
+                 synchronisation (CUDA-graph capturable), checked against ``moe``; telling whether
+                 code waits for the device (named host reads, the meta device)
 - ``layer_measurements``  chapter 06's measurements: the layer against the torch layers and
                  SonicMoE, forward + backward time and memory, each kernel against
                  ``torch._grouped_mm``, a kernel-by-kernel profile, eager against a CUDA graph,

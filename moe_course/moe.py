@@ -19,8 +19,9 @@ One forward pass, in the order of this file:
    its ``K`` expert outputs, weighted by the router (:func:`combine`).
 
 Then the load-balancing pieces: auxiliary losses (:func:`switch_aux_loss`,
-:func:`gshard_aux_loss`), expert capacity (:func:`expert_capacity`) and token dropping
-(:func:`drop_tokens`); and :class:`MoELayer`, the whole layer as an ``nn.Module``.
+:func:`gshard_aux_loss`), expert capacity (:func:`expert_capacity`), each pair's place in its
+expert's queue (:func:`expert_queues`, with no host sync) and token dropping (:func:`drop_tokens`);
+and :class:`MoELayer`, the whole layer as an ``nn.Module``.
 
 Weights are stored for ``x @ W`` (input features first): the router is ``(d, E)``, the experts
 ``(E, d, n)``, ``(E, d, n)`` and ``(E, n, d)``. The real models' shapes are in
@@ -172,14 +173,19 @@ def softmax_topk(logits: Tensor, k: int) -> TopK:
     return TopK(weights, experts)
 
 
-def topk_softmax(logits: Tensor, k: int) -> TopK:
+def topk_softmax(logits: Tensor, k: int, validate: bool = True) -> TopK:
     """Keep the ``k`` largest logits, then softmax over those ``k`` only (Mixtral; Qwen3 with
     ``norm_topk_prob``): each token's weights sum to one. Since softmax keeps the order, it picks
     the same experts as :func:`softmax_topk`; its weights are those renormalised.
 
-    ``logits (T, E) -> TopK(weights (T, k), experts (T, k))``
+    ``logits (T, E) -> TopK(weights (T, k), experts (T, k))``. ``validate=False`` skips the NaN
+    check (a reduction read back by the host): a decode step captured in a CUDA graph
+    (:mod:`moe_course.decode`) must not wait for the device.
     """
-    _check_logits(logits)
+    if validate:
+        _check_logits(logits)
+    else:
+        _check_tensor("logits", logits, 2, "shape (T, E)")
     _check_k(k, logits.shape[1])
     top, experts = logits.float().topk(k, dim=-1)
     return TopK(top.softmax(dim=-1), experts)
@@ -514,6 +520,36 @@ class Capacity(NamedTuple):
     dropped_fraction: float
 
 
+class Queues(NamedTuple):
+    """Each expert's queue of (token, expert) pairs, in GShard's order (:func:`expert_queues`).
+
+    - ``position``: ``(T, K)`` int64, each pair's place in its expert's queue (0 = first served)
+    - ``counts``: ``(E,)`` int64, the length of each queue (pairs per expert; 0 for an idle one)
+    """
+    position: Tensor
+    counts: Tensor
+
+
+def expert_queues(experts: Tensor, num_experts: int) -> Queues:
+    """Where each pair stands in its expert's queue, without reading anything back to the host.
+
+    The queue order is GShard's: every token's first choice, in token order, then every token's
+    second choice, and so on. A one-hot comparison ``(T*K, E)`` and a running sum down it (a scan,
+    as a GPU computes it) give each pair the number of pairs before it with the same expert: no
+    ``bincount``, no sort, no ``.item()``, so the result's shape never depends on the values and
+    a CUDA graph can capture it. The ids are not checked here (a check would read them back):
+    they come from ``topk``, or the caller checks them (:func:`drop_tokens` does).
+
+    ``experts (T, K)`` int -> :class:`Queues`
+    """
+    _check_tensor("experts", experts, 2, "of expert ids, shape (T, K)")
+    num_tokens, k = experts.shape
+    queue = experts.t().reshape(-1).long()  # (K*T,): all first choices, then all second choices, ...
+    one_hot = queue[:, None] == torch.arange(num_experts, device=queue.device)  # (K*T, E) bool
+    before_and_self = one_hot.cumsum(dim=0).gather(1, queue[:, None]).squeeze(1)  # this pair counted too
+    return Queues((before_and_self - 1).view(k, num_tokens).t(), one_hot.sum(dim=0))
+
+
 def drop_tokens(experts: Tensor, num_experts: int, capacity: int) -> Capacity:
     """Give each expert at most ``capacity`` pairs; drop the rest (first come, first served).
 
@@ -525,11 +561,7 @@ def drop_tokens(experts: Tensor, num_experts: int, capacity: int) -> Capacity:
     """
     _check_experts(experts, num_experts)
     require(isinstance(capacity, int) and capacity >= 0, f"capacity must be an int >= 0, got {capacity!r}")
-    num_tokens, k = experts.shape
-    queue = experts.t().reshape(-1).long()  # (K*T,): all first choices, then all second choices, ...
-    one_hot = F.one_hot(queue, num_experts)  # (K*T, E)
-    place = (one_hot.cumsum(dim=0) * one_hot).sum(dim=1) - 1  # how many came before in that queue
-    position = place.view(k, num_tokens).t()
+    position = expert_queues(experts, num_experts).position
     keep = position < capacity
     dropped = (keep.numel() - int(keep.sum())) / keep.numel() if keep.numel() else 0.0
     return Capacity(keep, position, capacity, dropped)

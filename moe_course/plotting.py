@@ -26,9 +26,12 @@ def stamp(ax, record, live: bool) -> None:
                   "edgecolor": "none", "boxstyle": "round,pad=0.3"})
 
 
-def roofline(ceilings, points: Iterable[tuple[str, float, float]] = (), ax=None, live: bool | None = None):
+def roofline(ceilings, points: Iterable[tuple[str, float, float]] = (), ax=None, live: bool | None = None,
+             series: dict[str, Sequence[tuple[str, float, float]]] | None = None):
     """The roofline of a machine: attainable TFLOP/s against FLOPs per byte, with ``points``
-    ``(label, intensity, tflops)`` placed on it. Later chapters add their kernels here."""
+    ``(label, intensity, tflops)`` placed on it. Later chapters add their kernels here.
+    ``series``: name -> points, each drawn as one line whose points carry their labels (one
+    shape at several token counts, say)."""
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4.2))
     ridge = ceilings.ridge_intensity
@@ -40,6 +43,13 @@ def roofline(ceilings, points: Iterable[tuple[str, float, float]] = (), ax=None,
                 fontsize=8, color="grey", ha="right")
     for label, intensity, tflops in points:
         ax.loglog([intensity], [tflops], "o", ms=8, label=f"{label}: {tflops:.3g} TFLOP/s")
+    for i, (name, line) in enumerate((series or {}).items()):
+        labels, intensities, rates = zip(*line)
+        # a marker and a label row of its own per line: lines that coincide stay readable
+        ax.loglog(intensities, rates, "osD^v"[i % 5] + "-", ms=8 - i % 5, lw=1, label=name)
+        for label, intensity, rate in line:
+            ax.annotate(label, (intensity, rate), textcoords="offset points", xytext=(4, -11 - 8 * i),
+                        fontsize=7, color=f"C{i}")
     ax.set_xlabel("arithmetic intensity (FLOP per byte of device memory traffic)")
     ax.set_ylabel("TFLOP/s")
     ax.set_ylim(1e-2, ceilings.matmul_tflops * 3)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_course import checking, grouped_gemm, layer, moe
+from moe_course import checking, configs, decode, grouped_gemm, layer, moe
 from moe_course import token_rounding as tr
 from moe_course.machine import info
 
@@ -128,6 +128,27 @@ CASES = {
     "random_weights d 0": (lambda: moe.random_weights(0, N, E), ValueError, "d"),
     "random_weights experts -1": (lambda: moe.random_weights(D, N, -1), ValueError, "num_experts"),
     "CourseMoE d_model 0": (lambda: layer.CourseMoE(0, N, E, K), ValueError, "d_model"),
+    # chapter 09's decode layer and its maths (checks of shapes and types only: no host read)
+    "masked_moe_forward k > E": (lambda: decode.masked_moe_forward(_x(), _w(), E + 1), ValueError, "k"),
+    "masked_moe_forward k 0": (lambda: decode.masked_moe_forward(_x(), _w(), 0), ValueError, "k"),
+    "masked_moe_forward capacity 0": (lambda: decode.masked_moe_forward(_x(), _w(), K, capacity=0), ValueError,
+                                      "capacity"),
+    "masked_moe_forward capacity 2.5": (lambda: decode.masked_moe_forward(_x(), _w(), K, capacity=2.5), TypeError,
+                                        "capacity"),
+    "masked_moe_forward bf16 x, fp32 weights": (lambda: decode.masked_moe_forward(_x(dtype=torch.bfloat16), _w(), K),
+                                                TypeError, "w_router"),
+    "masked_moe_forward x 1-D": (lambda: decode.masked_moe_forward(torch.randn(D), _w(), K), ValueError, "x"),
+    "masked_moe_forward x too wide": (lambda: decode.masked_moe_forward(torch.randn(T, D + 1), _w(), K), ValueError,
+                                      "x has width"),
+    "masked_moe_forward weights a tuple": (lambda: decode.masked_moe_forward(_x(), tuple(_w()), K), TypeError,
+                                           "MoEWeights"),
+    "masked_layout float ids": (lambda: decode.masked_layout(torch.zeros(T, K), E), ValueError, "experts"),
+    "decode_step part": (lambda: decode.decode_step(configs.QWEN3_30B_A3B, 8, "sideways"), ValueError, "part"),
+    "decode_step tokens 0": (lambda: decode.decode_step(configs.QWEN3_30B_A3B, 0, "up"), ValueError, "tokens"),
+    "decode_step active > E": (lambda: decode.decode_step(configs.QWEN3_30B_A3B, 8, "up", active=129), ValueError,
+                               "active"),
+    "expected_active_experts k > E": (lambda: decode.expected_active_experts(8, E, E + 1), ValueError, "k"),
+    "random_routing trials 0": (lambda: decode.random_routing(8, E, K, trials=0), ValueError, "trials"),
 }
 
 if not info().has_gpu:  # without a GPU, a request for one is refused in words, not a driver error
@@ -157,6 +178,8 @@ EMPTY = {
     "moe_forward grouped_mm": lambda: moe.moe_forward(_x(0), _w(), K, expert_step="grouped_mm").y,
     "moe_forward expert_choice": lambda: moe.moe_forward(_x(0), _w(), K, router="expert_choice").y,
     "MoELayer": lambda: moe.MoELayer(D, N, E, K)(_x(0)),
+    "decode.masked_moe_forward": lambda: decode.masked_moe_forward(_x(0), _w(), K).y,
+    "decode.masked_moe_forward capacity 4": lambda: decode.masked_moe_forward(_x(0), _w(), K, capacity=4).y,
     "CourseMoE top-K": lambda: layer.CourseMoE(D, N, E, K, dtype=torch.float32)(_x(0)),
     "CourseMoE nearest": lambda: layer.CourseMoE(D, N, E, K, routing="nearest", tile=4, dtype=torch.float32)(_x(0)),
 }

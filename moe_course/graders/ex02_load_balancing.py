@@ -25,7 +25,8 @@ from . import CASES, Case, as_graded, as_outputs, check_close_or_explain, fresh_
 TITLE = "Exercise 02"
 
 #: The course's answers to this exercise: a learner's function that calls one is refused.
-REFERENCES = (moe.switch_aux_loss, moe.gshard_aux_loss, moe.expert_capacity, moe.drop_tokens)
+REFERENCES = (moe.switch_aux_loss, moe.gshard_aux_loss, moe.expert_capacity, moe.drop_tokens,
+              moe.expert_queues)  # drop_tokens's queue positions: the heart of the exercise
 
 #: Where the graded routings come from. The losses are given ``experts``, which need not be the
 #: top-k of ``probs``: the same probabilities are graded with all three, so an answer that reads

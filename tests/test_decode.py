@@ -1,0 +1,225 @@
+"""moe_course.decode, chapter 09's decode maths and its masked layer: the active-expert formula
+against random routings, bytes and FLOPs counted by hand, the bound against the recorded H200
+ceilings, the masked layout of a worked example, the layer against chapter 01's at the awkward
+steps (1, 2, 7, 64, 511 tokens, idle experts, every token on one expert, a capacity that
+overflows), no host read (named calls, the meta device; on a GPU: sync debug mode and a CUDA
+graph replayed against an eager run), and a layer that forgets the capacity mask caught."""
+
+import math
+
+import pytest
+import torch
+
+from moe_course import ceilings, configs, decode, moe
+from moe_course.checking import CheckFailed
+
+CASE_IDS = [c.name for c in decode.CHECK_CASES]
+
+
+# --- active experts ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tokens, E, K", [(1, 16, 2), (3, 8, 2), (7, 8, 2), (64, 256, 8), (512, 128, 8)])
+def test_expected_active_experts_matches_random_routings(tokens, E, K):
+    g = torch.Generator().manual_seed(tokens * E + K)
+    counted = decode.simulated_active_experts(tokens, E, K, trials=400, generator=g).double()
+    expected = decode.expected_active_experts(tokens, E, K)
+    spread = counted.std().item() / math.sqrt(counted.numel())  # the mean's standard error
+    assert abs(counted.mean().item() - expected) <= 4 * spread + 0.01, (counted.mean().item(), expected)
+    assert K <= counted.min() <= counted.max() <= E
+
+
+def test_the_formula_at_its_ends():
+    assert decode.expected_active_experts(0, 8, 2) == 0
+    assert decode.expected_active_experts(1, 256, 8) == pytest.approx(8)  # one token wakes its K experts
+    assert decode.expected_active_experts(512, 8, 2) == pytest.approx(8)  # many tokens wake them all
+    assert decode.expected_active_experts(5, 4, 4) == 4  # K = E: every expert, always
+    assert decode.rows_per_active_expert(64, 8, 2) == pytest.approx(64 * 2 / decode.expected_active_experts(64, 8, 2))
+
+
+def test_active_experts_counts_a_routing_on_the_device():
+    experts = torch.tensor([[0, 3], [3, 5], [0, 5]])
+    assert int(decode.active_experts(experts, 8)) == 3
+    batch = torch.stack([experts, torch.tensor([[1, 2], [1, 2], [1, 2]])])
+    assert decode.active_experts(batch, 8).tolist() == [3, 2]
+
+
+# --- bytes, FLOPs, the bound -----------------------------------------------------------------------
+
+def test_bytes_and_flops_by_hand():
+    shape = configs.MoEShape(T=99, d=4, n=3, E=5, K=2)  # its own T is not used
+    up = decode.decode_step(shape, 3, "up", active=4)
+    # rows in 6 x 4, weights 4 experts x 4 x 6, rows out 6 x 6, two bytes each; 2 * 6 * 4 * 6 FLOPs
+    assert up.traffic == {"rows in (T*K x d)": 48, "active experts' W_gate, W_up (d x 2n each)": 192,
+                          "rows out (T*K x 2n)": 72}
+    assert (up.bytes, up.flops) == (312, 288)
+    down = decode.decode_step(shape, 3, "down", active=4)
+    assert (down.bytes, down.flops) == (36 + 96 + 48, 2 * 6 * 3 * 4)
+    layer = decode.decode_step(shape, 3, "layer", active=4)
+    # x 3 x 4, router 4 x 5, weights 4 experts x 3 x 4 x 3, y 3 x 4; router FLOPs 2 * 3 * 4 * 5
+    assert (layer.bytes, layer.flops) == (24 + 40 + 288 + 24, 120 + 288 + 144)
+    assert layer.intensity == pytest.approx(552 / 376)
+    fp8 = decode.decode_step(shape, 3, "layer", active=4, weight_bytes=1)
+    assert fp8.bytes == 24 + 40 + 144 + 24  # FP8 weights: half the weight bytes
+    assert decode.decode_step(shape, 3, "up").active == pytest.approx(decode.expected_active_experts(3, 5, 2))
+
+
+def test_the_bound_is_the_slower_of_bytes_and_flops():
+    shape = configs.MoEShape(T=1, d=4, n=3, E=5, K=2)
+    step = decode.decode_step(shape, 3, "up", active=4)  # 312 bytes, 288 FLOPs
+    memory_bound = ceilings.Ceilings(matmul_tflops=1e-9, copy_tbps=1e-12)  # 1 kFLOP/s, 1 byte/s
+    assert step.bound_ms(memory_bound) == pytest.approx(312e3) and step.limit(memory_bound) == "memory"
+    compute_bound = ceilings.Ceilings(matmul_tflops=1e-12, copy_tbps=1e-9)
+    assert step.bound_ms(compute_bound) == pytest.approx(288e3) and step.limit(compute_bound) == "compute"
+    assert step.attainable_tflops(memory_bound) == pytest.approx(288 / 312e0 * 1e-12)
+    assert step.tbps(1.0) == pytest.approx(312 / 1e-3 / 1e12)
+
+
+def test_every_decode_step_is_memory_bound_on_the_recorded_h200():
+    roof = ceilings.recorded(gpu="NVIDIA H200")
+    assert roof is not None and roof.ridge_intensity == pytest.approx(796.4 / 4.264, rel=1e-3)
+    for cfg in configs.CHAPTER02:
+        for tokens in decode.DECODE_TOKENS:
+            for part in decode.PARTS:
+                step = decode.decode_step(cfg, tokens, part)
+                assert step.limit(roof) == "memory", (cfg.name, tokens, part)
+                assert step.bound_ms(roof) == pytest.approx(step.bytes / (roof.copy_tbps * 1e9))
+                # in bf16 an expert's intensity is about its rows
+                if part == "up":
+                    assert step.intensity == pytest.approx(decode.rows_per_active_expert(tokens, cfg.E, cfg.K), rel=0.1)
+
+
+# --- the masked layout -------------------------------------------------------------------------------
+
+def test_the_layout_of_a_worked_example():
+    experts = torch.tensor([[2, 0], [0, 1], [2, 3], [0, 2]])  # 4 tokens, top-2, E = 4
+    layout = decode.masked_layout(experts, 4)
+    # queues in GShard's order, every first choice before any second: expert 0 serves tokens 1 and 3
+    # (their first choices), then token 0 (its second)
+    assert layout.capacity == 4 and layout.counts.tolist() == [3, 1, 3, 1]
+    assert layout.slot_token.tolist() == [[1, 3, 0, 0], [1, 0, 0, 0], [0, 2, 3, 0], [2, 0, 0, 0]]
+    assert layout.valid.tolist() == [[True, True, True, False], [True, False, False, False],
+                                     [True, True, True, False], [True, False, False, False]]
+    assert layout.pair_slot.tolist() == [[8, 2], [0, 4], [9, 12], [1, 10]]  # expert e, place p: slot 4e + p
+    assert int(layout.dropped) == 0
+
+
+def test_a_capacity_of_t_never_overflows():
+    case = decode.Case("all on one", 33, 8, 4, 6, 3, "one expert")
+    x, w = decode.case_inputs(case)
+    layout = decode.masked_moe_forward(x, w, case.K).layout
+    assert layout.capacity == 33 and int(layout.counts[decode.HOT_EXPERT]) == 33  # full, not over
+    assert int(layout.dropped) == 0
+    decode.check_no_overflow(layout)  # passes
+
+
+def test_an_overflow_is_counted_on_the_device_and_refused_outside():
+    case = decode.Case("overflow", 64, 8, 4, 8, 2, "one expert", capacity=16)
+    x, w = decode.case_inputs(case)
+    layout = decode.masked_moe_forward(x, w, case.K, capacity=16).layout
+    over = (layout.counts - 16).clamp(min=0)
+    assert int(over[decode.HOT_EXPERT]) == 48 and isinstance(layout.dropped, torch.Tensor)
+    assert int(layout.dropped) == int(over.sum())  # the hot expert's 48, and second choices past 16
+    assert int((layout.pair_slot == 8 * 16).sum()) == int(over.sum())  # each dropped pair: the spare slot
+    with pytest.raises(ValueError, match=r"capacity 16 is too small.*expert 1 got 64 tokens.*pairs were dropped"):
+        decode.check_no_overflow(layout)
+
+
+def test_empty_slots_compute_zeros():
+    x, w = decode.case_inputs(decode.CHECK_CASES[0])
+    out = decode.masked_moe_forward(x, w, 2)
+    y_slots = decode.masked_experts(x, out.layout, w.w_gate, w.w_up, w.w_down)
+    assert y_slots[~out.layout.valid].abs().max() == 0 and y_slots[out.layout.valid].abs().min() > 0
+
+
+# --- the layer against chapter 01's -------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", decode.CHECK_CASES, ids=CASE_IDS)
+def test_the_masked_layer_matches_chapter_01(case, dtype):
+    assert decode.check_against_chapter01(case, dtype=dtype) <= decode.TOLERANCE[dtype]
+
+
+def test_the_one_expert_cases_route_as_they_say():
+    for case in decode.CHECK_CASES:
+        if case.routing == "one expert":
+            x, w = decode.case_inputs(case)
+            experts = decode.masked_moe_forward(x, w, case.K).experts
+            assert (experts[:, 0] == decode.HOT_EXPERT).all(), case.name
+
+
+def test_a_layer_that_forgets_the_capacity_mask_is_caught(monkeypatch):
+    """The check can fail: without the mask, a pair past its expert's C slots takes a slot of the
+    next expert, silently."""
+    def unmasked(experts, position, capacity, num_experts):
+        return experts * capacity + position, torch.ones_like(position, dtype=torch.bool)
+
+    overflowing = next(c for c in decode.CHECK_CASES if c.capacity is not None and c.capacity < c.tokens)
+    decode.check_against_chapter01(overflowing)
+    monkeypatch.setattr(decode, "slots_of_pairs", unmasked)
+    with pytest.raises(CheckFailed, match="values differ"):
+        decode.check_against_chapter01(overflowing)
+
+
+# --- no host synchronisation --------------------------------------------------------------------------
+
+def test_the_layer_reads_nothing_back_and_runs_without_values():
+    case = decode.CHECK_CASES[3]
+    x, w = decode.case_inputs(case, dtype=torch.float32)
+    with decode.host_reads() as found:
+        decode.masked_moe_forward(x, w, case.K)
+    assert found == []
+    assert decode.runs_on_meta(decode.masked_moe_forward, x, w, case.K) is None
+    meta = decode.masked_moe_forward(*(decode._to_meta(a) for a in (x, w)), case.K)
+    assert meta.y.shape == x.shape and meta.y.device.type == "meta"
+
+
+def test_the_detectors_catch_chapter_01s_layer():
+    """They can fail: chapter 01's layer reads its counts back (bincount, tolist) and checks values."""
+    case = decode.CHECK_CASES[3]
+    x, w = decode.case_inputs(case, dtype=torch.float32)
+    with decode.host_reads() as found:
+        moe.moe_forward(x, w, case.K)
+    assert {"torch.bincount", "Tensor.tolist", "bool(tensor)"} <= set(found)
+    assert "item" in decode.runs_on_meta(moe.moe_forward, x, w, case.K)
+    with decode.host_reads() as found:
+        torch.arange(5)[torch.arange(5) > 2]
+    assert found == ["a boolean mask as an index"]
+
+
+def test_host_reads_names_each_kind_of_wait():
+    t = torch.arange(6)
+    with decode.host_reads() as found:
+        t.sum().item(), t.tolist(), t.numpy(), bool(t.any()), int(t[0]), float(t[1]), [0, 1, 2][t[1]]
+        torch.unique(t), t.nonzero(), t.repeat_interleave(t), torch.masked_select(t, t > 1), torch.where(t > 2)
+        t.bincount(), t + 1, t.cumsum(0), torch.where(t > 2, t, 0)  # the last three wait for nothing
+    assert found == ["Tensor.item", "Tensor.tolist", "Tensor.numpy", "bool(tensor)", "int(tensor)", "float(tensor)",
+                     "a tensor used as a Python index", "torch.unique", "Tensor.nonzero", "Tensor.repeat_interleave",
+                     "torch.masked_select", "torch.where(condition) (nonzero)", "Tensor.bincount"]
+
+
+@pytest.mark.gpu
+def test_the_layer_never_waits_for_the_gpu():
+    x, w = decode.case_inputs(decode.CHECK_CASES[4], dtype=torch.float32)
+    x, w = x.cuda(), moe.MoEWeights(*(t.cuda() for t in w))
+    decode.masked_moe_forward(x, w, 4)  # first calls allocate and pick algorithms
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any device-to-host wait now raises
+    try:
+        decode.masked_moe_forward(x, w, 4)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+def test_the_graph_replayed_layer_equals_the_eager_one(dtype):
+    T, d, n, E, K = 64, 256, 128, 16, 4
+    g = torch.Generator().manual_seed(0)
+    w = moe.MoEWeights(*(t.cuda() for t in moe.random_weights(d, n, E, dtype=dtype, generator=g)))
+    static_x = torch.randn(T, d, generator=g).to(dtype).cuda()
+    graph, y = decode.graphed(lambda: decode.masked_moe_forward(static_x, w, K).y)
+    for seed in (1, 2):  # new tokens in the same buffer, replayed
+        fresh = torch.randn(T, d, generator=torch.Generator().manual_seed(seed)).to(dtype).cuda()
+        static_x.copy_(fresh)
+        graph.replay()
+        assert torch.equal(y, decode.masked_moe_forward(fresh, w, K).y), f"replay {seed} differs from eager"

@@ -458,7 +458,12 @@ def _check_probs_experts(probs: Tensor, experts: Tensor) -> None:
 def tokens_per_expert(experts: Tensor, num_experts: int) -> Tensor:
     """``experts (T, K) -> (E,)`` int64: how many (token, expert) pairs each expert received."""
     _check_experts(experts, num_experts)
-    return torch.bincount(experts.reshape(-1).long(), minlength=num_experts)[:num_experts]
+    return _counts(experts, num_experts)
+
+
+def _counts(experts: Tensor, num_experts: int) -> Tensor:
+    """:func:`tokens_per_expert` without the checks (for callers that made them)."""
+    return torch.bincount(experts.reshape(-1).long(), minlength=num_experts)
 
 
 def switch_aux_loss(probs: Tensor, experts: Tensor) -> Tensor:
@@ -474,8 +479,13 @@ def switch_aux_loss(probs: Tensor, experts: Tensor) -> Tensor:
     scales it by ``K``). Models add ``alpha * loss`` to the task loss, ``alpha`` about 1e-2.
     """
     _check_probs_experts(probs, experts)
-    num_tokens, num_experts = probs.shape
-    f = tokens_per_expert(experts, num_experts).to(probs.dtype) / experts.numel()
+    return _switch_loss(probs, experts)
+
+
+def _switch_loss(probs: Tensor, experts: Tensor) -> Tensor:
+    """:func:`switch_aux_loss` without the checks (each reads the ids back from the device)."""
+    num_experts = probs.shape[1]
+    f = _counts(experts, num_experts).to(probs.dtype) / experts.numel()
     return num_experts * (f * probs.mean(dim=0)).sum()
 
 
@@ -489,7 +499,7 @@ def gshard_aux_loss(probs: Tensor, experts: Tensor) -> Tensor:
     1 at perfect balance, and equal to the Switch loss when ``K = 1``.
     """
     _check_probs_experts(probs, experts)
-    return switch_aux_loss(probs, experts[:, :1])
+    return _switch_loss(probs, experts[:, :1])
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:

@@ -59,7 +59,7 @@ from . import grouped_gemm as gg
 from . import kernels, launch, moe
 from .bench import benchmark
 from .checking import check_equal
-from .checks import check_device, check_int, require
+from .checks import check_device, check_ids_in_range, check_int, require
 from .launch import MAX_EXPERTS, ROUTING
 
 
@@ -127,8 +127,7 @@ def expert_counts(topk: Tensor, num_experts: int) -> Tensor:
             f"topk must be a (T, K) tensor of expert ids, got {getattr(topk, 'shape', type(topk).__name__)}")
     check_int(num_experts, "num_experts", 1)
     flat = topk.reshape(-1).long()
-    require(flat.numel() == 0 or (int(flat.min()) >= 0 and int(flat.max()) < num_experts),
-            f"expert ids must be in [0, {num_experts})")
+    check_ids_in_range(flat, num_experts, "topk", f"the {num_experts} experts")
     return torch.bincount(flat, minlength=num_experts)
 
 

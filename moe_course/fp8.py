@@ -157,8 +157,8 @@ NO_SATURATION_LIMIT = 464.0
 
 class CastsAsOlderTorch(TorchFunctionMode):
     """Inside ``with CastsAsOlderTorch():``, casts to ``float8_e4m3fn`` (``.to``, ``.type``,
-    ``.copy_``) of values beyond ±464 give NaN, as torch before 2.12 and ``ml_dtypes`` do. This
-    torch saturates them to ±448 by itself, which hides a missing clamp: exercise 08's grader
+    ``.copy_``) of values beyond ±464 give NaN, as torch before 2.12 and ``ml_dtypes`` do. Torch
+    2.12 and later saturate them to ±448 by themselves, which hides a missing clamp: exercise 08's grader
     and the tests cast this way, so an answer is right on every torch."""
 
     CASTS = frozenset({Tensor.to, Tensor.type, Tensor.copy_})

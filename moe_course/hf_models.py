@@ -118,6 +118,57 @@ def build(config, backend: str = REFERENCE, *, seed: int = 0, dtype=torch.float3
         return AutoModelForCausalLM.from_config(config, experts_implementation=backend, dtype=dtype)
 
 
+def for_each_model(sizes: Sizes, work, archs=tuple(ARCHITECTURES)) -> dict:
+    """``{arch: work(model, input_ids)}`` over the architectures, each model built at ``sizes``,
+    worked on, and freed before the next is built: on a GPU, DeepSeek-V3's one MoE block is 22 GB
+    in bf16 (44 with its gradients), so the four models do not fit an 80 GB card side by side.
+    ``input_ids``: :func:`tokens` for that model's vocabulary (the same every time). Built from
+    the same seed, a model is the same every time it is built."""
+    out = {}
+    for arch in archs:
+        config = hf_config(arch, shrink=sizes.shrink, layers=sizes.layers, vocab=sizes.vocab)
+        why_not = too_large(config, sizes)
+        if why_not:
+            print(f"{arch}: skipped on this GPU: {why_not}")
+            continue
+        model = build(config, dtype=sizes.dtype, device=sizes.device)
+        out[arch] = work(model, tokens(sizes, config.vocab_size))
+        del model
+        if sizes.device == "cuda":
+            torch.cuda.empty_cache()  # the next model's weights in one piece, not in this one's holes
+    return out
+
+
+def too_large(config, sizes: Sizes, gpu_bytes: int | None = None) -> str | None:
+    """Why a model of ``config`` does not fit this GPU (``gpu_bytes``: its memory, default the
+    card's), or None. A forward and backward holds the weights, their gradients and, on eager,
+    a temporary the size of a whole experts tensor (the gradient of ``gate_up_proj[expert]``):
+    taken as 3x the weights, of which 90% of the card may be used. DeepSeek-V3's two blocks
+    (27 GB of weights in bf16) need 82 GB: an H200 runs them, an 80 GB H100 ran out of memory."""
+    if sizes.device != "cuda":
+        return None
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # shapes only: nothing allocated
+        shapes = AutoModelForCausalLM.from_config(config, dtype=sizes.dtype)
+    weights = sum(p.numel() * p.element_size() for p in shapes.parameters())
+    card = gpu_bytes if gpu_bytes is not None else torch.cuda.get_device_properties(0).total_memory
+    if 3 * weights <= 0.9 * card:
+        return None
+    return (f"its weights are {weights / 1e9:.1f} GB; with their gradients and eager's temporaries about "
+            f"{3 * weights / 1e9:.0f} GB, more than 90% of this card's {card / 1e9:.0f} GB")
+
+
+def optimizer_that_fits(model) -> str:
+    """"adam" where the weights, their gradients and Adam's two moments fit the GPU (with a
+    margin for the activations), else "sgd" (no state): DeepSeek-V3's block on an 80 GB card."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not next(model.parameters()).is_cuda:
+        return "adam"
+    free, _ = torch.cuda.mem_get_info()
+    return "adam" if 3 * weights * 1.2 < free else "sgd"
+
+
 def describe(model) -> str:
     """One line: the model's MoE shape in the course's letters, its blocks and parameters."""
     c = model.config
@@ -215,9 +266,11 @@ def compare(model, input_ids, backends=BACKENDS, reference: str = REFERENCE) -> 
 #: What "agree" means. float32: the backends differ only in the order of their sums (observed
 #: 1e-7 to 8e-7). bf16: every product is rounded, and a gradient that nearly cancels (a norm's
 #: weight) moved by 17% between transformers' own two backends; so each of the course's
-#: gradients is held to transformers' grouped_mm's distance from eager: twice it, plus 1%.
+#: gradients, and the logits, are held to transformers' grouped_mm's distance from eager: twice
+#: it, plus 1% (a token whose top-K flips under rounding moves its logits: measured 3-4% for both
+#: backends with torch 2.11 on the GPU machine's CPU and on an H100, under 1% with torch 2.13).
 FLOAT32_TOLERANCE = {"logits": 1e-5, "loss": 1e-6, "gradients": 1e-5}
-BF16_TOLERANCE = {"logits": 1e-2, "loss": 1e-3}
+BF16_TOLERANCE = {"loss": 1e-3}
 
 
 def disagreements(results: dict, dtype) -> list[str]:
@@ -230,9 +283,12 @@ def disagreements(results: dict, dtype) -> list[str]:
         return found + [f"{what} {ours[what]:.1e} > {tol:.0e}" for what, tol in FLOAT32_TOLERANCE.items()
                         if not ours[what] <= tol]
     found += [f"{what} {ours[what]:.1e} > {tol:.0e}" for what, tol in BF16_TOLERANCE.items() if not ours[what] <= tol]
-    theirs = results["grouped_mm"]["per parameter"]
-    return found + [f"{name}'s gradient {error:.1e}, transformers' grouped_mm {theirs[name]:.1e}"
-                    for name, error in ours["per parameter"].items() if not error <= 2 * theirs[name] + 1e-2]
+    theirs = results["grouped_mm"]
+    if not ours["logits"] <= 2 * theirs["logits"] + 1e-2:
+        found.append(f"logits {ours['logits']:.1e}, transformers' grouped_mm {theirs['logits']:.1e}")
+    return found + [f"{name}'s gradient {error:.1e}, transformers' grouped_mm {theirs['per parameter'][name]:.1e}"
+                    for name, error in ours["per parameter"].items()
+                    if not error <= 2 * theirs["per parameter"][name] + 1e-2]
 
 
 def comparison_table(results: dict, shares: dict) -> str:
@@ -352,11 +408,7 @@ def measure(sizes: Sizes, archs=tuple(ARCHITECTURES), backends=BACKENDS) -> dict
     data = {"sizes": {"shrink": sizes.shrink, "vocab": sizes.vocab, "layers": sizes.layers, "batch": sizes.batch,
                       "seq": sizes.seq, "dtype": str(sizes.dtype).removeprefix("torch.")},
             "models": {}}
-    for arch in archs:
-        config = hf_config(arch, shrink=sizes.shrink, layers=sizes.layers, vocab=sizes.vocab)
-        model = build(config, dtype=sizes.dtype, device=sizes.device)
-        data["models"][arch] = time_backends(model, tokens(sizes, config.vocab_size), backends)
-        del model
+    data["models"] = for_each_model(sizes, lambda model, ids: time_backends(model, ids, backends), archs)
     return data
 
 

@@ -4,6 +4,7 @@ ipywidgets outputs replaced by what they drew, the kernel and record pages, and 
 executed copies themselves. The site is built and crawled in tests/browser/test_book.py."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -323,3 +324,18 @@ def test_make_clean_removes_the_site_but_never_the_executed_copies():
                               text=True, check=True).stdout
     assert "book/site" in commands and "book/build" in commands
     assert "book/executed" not in commands and "rm -rf book " not in commands
+
+
+def test_plots_go_into_the_copy_whatever_mplbackend_says(tmp_path, monkeypatch):
+    """With MPLBACKEND=agg in the environment (the GPU machine's scripts set it), the first copies
+    executed on the H100 had no plot; the kernel now draws inline whatever the environment says."""
+    pytest.importorskip("nbclient", reason="`make book`'s requirements (nbclient comes with mkdocs-jupyter)")
+    source = tmp_path / "plot.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()")]
+    nbformat.write(nb, source)
+    monkeypatch.setenv("MPLBACKEND", "agg")
+    executed = book.run_notebook(source)
+    outputs = executed.cells[0].outputs
+    assert any("image/png" in o.get("data", {}) for o in outputs), outputs
+    assert os.environ["MPLBACKEND"] == "agg"  # put back

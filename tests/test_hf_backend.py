@@ -3,6 +3,7 @@ own "eager" backend: four architectures at tiny sizes (logits, loss, every param
 the awkward routings at the experts module, what it refuses, and that a wrong backend fails
 these comparisons. CPU, seconds."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -102,14 +103,16 @@ def test_float32_logits_loss_and_every_gradient_match_eager(arch, calls):
 def test_bf16_is_as_close_to_eager_as_transformers_own_grouped_mm(arch, calls):
     """bf16 rounds every product: a norm weight's gradient (a sum over tokens that nearly cancels)
     moved by 17% between transformers' own backends. So each of ours is held to its grouped_mm's
-    distance from eager (twice it, plus 1%), parameter by parameter, and the logits to 1%."""
+    distance from eager (twice it, plus 1%), parameter by parameter and in the logits (a token
+    whose top-K flips under rounding moves its logits: 3% on torch 2.11's CPU, under 1% on 2.13's)."""
     model, ids = tiny(arch, torch.bfloat16)
-    want = hm.run(model, "eager", ids)
-    theirs, ours = (hm.differences(hm.run(model, b, ids), want) for b in ("grouped_mm", "moe_course"))
+    assert_as_close_as_grouped_mm(model, ids)
     assert calls["experts_torch"] > 0
-    assert ours["logits"] < 1e-2 and ours["loss"] < 1e-3, ours
-    for name, error in ours["per parameter"].items():
-        assert error <= 2 * theirs["per parameter"][name] + 1e-2, (name, error, theirs["per parameter"][name])
+
+
+def assert_as_close_as_grouped_mm(model, ids):
+    results = hm.compare(model, ids, backends=("eager", "grouped_mm", "moe_course"))
+    assert hm.disagreements(results, torch.bfloat16) == [], results
 
 
 def test_widths_off_grouped_mm_multiples_run_on_the_loop(capsys, monkeypatch):
@@ -278,10 +281,7 @@ def test_an_expert_id_out_of_range_is_refused():
 def test_on_a_gpu_bf16_matches_eager(capsys, monkeypatch):
     monkeypatch.setattr(hf, "_SAID", set())
     model, ids = tiny("mixtral", torch.bfloat16)
-    model, ids = model.cuda(), ids.cuda()
-    want = hm.run(model, "eager", ids)
-    got = hm.differences(hm.run(model, "moe_course", ids), want)
-    assert got["logits"] < 1e-2 and got["loss"] < 1e-3, got
+    assert_as_close_as_grouped_mm(model.cuda(), ids.cuda())
     assert "running the torch maths (torch._grouped_mm)" in capsys.readouterr().out
 
 
@@ -300,6 +300,11 @@ def test_disagreements_name_what_is_too_far():
                             torch.bfloat16) == []
     assert hm.disagreements({"grouped_mm": close, "moe_course": {**far, "missing gradients": []}}, torch.bfloat16) == [
         "w's gradient 5.0e-01, transformers' grouped_mm 5.0e-07"]
+    # bf16 logits: against grouped_mm's too (a top-K flipped by rounding moves them for both)
+    assert hm.disagreements({"grouped_mm": {**close, "logits": 0.03}, "moe_course": {**close, "logits": 0.05}},
+                            torch.bfloat16) == []
+    assert hm.disagreements({"grouped_mm": close, "moe_course": {**close, "logits": 0.05}}, torch.bfloat16) == [
+        "logits 5.0e-02, transformers' grouped_mm 1.0e-07"]
 
 
 @pytest.mark.skipif(hm.info().has_gpu, reason="on a GPU the timing section measures live")
@@ -316,3 +321,20 @@ def test_without_a_gpu_the_timing_section_says_nothing_was_measured(capsys, monk
     assert rec.data == data and not live and "showing 'hf_backends' as recorded on" in capsys.readouterr().out
     assert "Mixtral-8x7B    moe_course         1.00        3.00             1.00x" in hm.timing_table(rec.data)
     assert hm.plot_times(rec, live).get_title() == "whole model (2 blocks), forward+backward"
+
+
+def test_a_model_too_large_for_the_gpu_is_skipped_saying_why(capsys, monkeypatch):
+    """DeepSeek-V3's two blocks ran an 80 GB H100 out of memory (session 9): 3x its 27.9 GB of
+    weights is more than 90% of that card, and fits an H200's 141 GB."""
+    gpu = dataclasses.replace(hm.sizes_here(), shrink=1, vocab=None, layers=2, dtype=torch.bfloat16, device="cuda")
+    h100, h200 = int(79.18 * 2**30), int(139.8 * 2**30)
+    why = hm.too_large(hm.hf_config("deepseek_v3"), gpu, gpu_bytes=h100)
+    assert why and "27.9 GB" in why and "85 GB" in why
+    assert hm.too_large(hm.hf_config("deepseek_v3"), gpu, gpu_bytes=h200) is None
+    assert hm.too_large(hm.hf_config("mixtral"), gpu, gpu_bytes=h100) is None
+    cpu = dataclasses.replace(gpu, device="cpu")
+    assert hm.too_large(hm.hf_config("deepseek_v3"), cpu) is None  # the host's memory is not checked
+    monkeypatch.setattr(hm, "too_large", lambda config, sizes: "too big" if config.model_type == "mixtral" else None)
+    built = hm.for_each_model(hm.sizes_here(), lambda model, ids: model.config.model_type)
+    assert list(built) == [a for a in hm.ARCHITECTURES if a != "mixtral"]
+    assert "mixtral: skipped on this GPU: too big" in capsys.readouterr().out

@@ -97,7 +97,7 @@ def test_trace_timeline_is_ordered():
     p = gg.make_problem(gg.expert_counts(4000, 8, 2, seed=1), 1024, 512)
     for step in (launch.pipeline_step(1), launch.pipeline_step(4), launch.STEPS["03_2_warp_specialized"]):
         t = io.trace_timeline(step, p.x, p.w, p.offs, slices=64)
-        landed, released = np.array(t["landed"]), np.array(t["released"])
+        landed, released = (np.array(t[key], dtype=float) for key in ("landed", "released"))  # None: nan
         ok = ~np.isnan(landed) & ~np.isnan(released)
         assert ok.sum() >= 16, step.name  # 16 slices per tile at K = 1024
         assert np.all(released[ok] >= landed[ok]), step.name

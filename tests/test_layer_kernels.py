@@ -137,7 +137,7 @@ def test_refusals_on_the_gpu():
         launch.transposed_b_grouped_gemm(x, torch.zeros(2, 64, 100, device="cuda", dtype=torch.bfloat16), offs)
     with pytest.raises(ValueError, match="K differs"):
         launch.transposed_b_grouped_gemm(x, torch.zeros(2, 128, 256, device="cuda", dtype=torch.bfloat16), offs)
-    with pytest.raises(ValueError, match="offs must be non-decreasing"):
+    with pytest.raises(ValueError, match=r"offs must be each expert's end row: .*non-decreasing.*; got \[4, 2\]"):
         launch.transposed_b_grouped_gemm(x, torch.zeros(2, 64, 256, device="cuda", dtype=torch.bfloat16), offs.flip(0))
     with pytest.raises(ValueError, match="N % 256 == 0 and K % 128 == 0"):
         launch.weight_grad(torch.zeros(4, 128, device="cuda", dtype=torch.bfloat16), x.repeat(1, 2), None, offs)

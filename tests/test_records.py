@@ -110,7 +110,7 @@ def test_every_committed_record_reads_back_checked():
 def test_need_names_the_file_and_the_place(tmp_path):
     rec = records.save("demo", {"rows": [{"ms": 1.5}, {"ms": "slow"}]}, results_dir=tmp_path)
     assert records.read(rec.path).need("rows", 0, "ms", layout=float) == 1.5
-    with pytest.raises(records.RecordError, match=r"demo__\w+\.json: data\.rows\[1\]\.ms must be a number, got a "
+    with pytest.raises(records.RecordError, match=r"demo__[\w-]+\.json: data\.rows\[1\]\.ms must be a number, got a "
                                                   r'string "slow"'):
         rec.need("rows", 1, "ms", layout=float)
     with pytest.raises(records.RecordError, match=r"data\.rows\[0\] has no key 'tflops' \(keys: ms\)"):

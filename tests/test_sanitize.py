@@ -35,6 +35,17 @@ def test_only_the_course_kernels_and_unfiltered_notices_count():
     assert others == ["nvjet_sm90_tst_64x32_64x16_1x4_h_bz_splitK_NTT"]
 
 
+def test_one_report_per_access():
+    """initcheck reports each uninitialised word of one copy (seen on an H100: 256 per 8 KiB copy)."""
+    copy = "========= Host API memory access error at host access to 0x7fbd0c7fdc00 of size 8,192 bytes"
+    lines = [ln for i in range(3) for ln in (copy, f"=========     Uninitialized access to 0x7fbd0c7fdc{i}0 on access by "
+                                                   "cudaMemcpy source", "========= ")]
+    ours, _ = sanitize.findings(lines, kernels.entry_points())
+    assert len(ours) == 3
+    once = sanitize.same_access_once(ours)
+    assert len(once) == 1 and once[0][0] == copy and once[0][-1] == "========= (3 reports of this access)"
+
+
 @pytest.mark.skipif(machine.has_gpu(), reason="with a GPU, main() runs the real thing (minutes)")
 def test_no_gpu_says_so_and_exits_0(capsys):
     import sys

@@ -151,9 +151,20 @@ def run_notebook(source: Path, cell_timeout: int = CELL_TIMEOUT_S):
             return ThisPython(data_dir=self.data_dir)
 
     notebook = nbformat.read(source, as_version=4)
-    # nbclient makes the kernel manager, so it also shuts the kernel down, whatever happens.
-    nbclient.NotebookClient(notebook, kernel_manager_class=ThisPythonKernel, timeout=cell_timeout,
-                            resources={"metadata": {"path": str(source.parent)}}).execute()
+    # The plots go into the copy whatever MPLBACKEND says here: the kernel inherits this process's
+    # environment, and with MPLBACKEND=agg (as scripts on the GPU machine set it) plt.show() draws
+    # nothing (session 9's first copies had no plot at all).
+    saved = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    try:
+        # nbclient makes the kernel manager, so it also shuts the kernel down, whatever happens.
+        nbclient.NotebookClient(notebook, kernel_manager_class=ThisPythonKernel, timeout=cell_timeout,
+                                resources={"metadata": {"path": str(source.parent)}}).execute()
+    finally:
+        if saved is None:
+            os.environ.pop("MPLBACKEND", None)
+        else:
+            os.environ["MPLBACKEND"] = saved
     return notebook
 
 

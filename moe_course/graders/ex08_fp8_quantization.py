@@ -95,7 +95,7 @@ def edge_values() -> Tensor:
 SATURATE_MISTAKES: dict[str, Callable[[Tensor], Tensor]] = {
     "there is no clamp before the cast (or one at e5m2's ±57344, which leaves the same values beyond "
     "464): e4m3fn has no infinity, so a cast that does not saturate (torch before 2.12, ml_dtypes, the "
-    "grader) gives NaN beyond 464; this torch saturates by itself, older ones and other libraries do not. "
+    "grader) gives NaN beyond 464; torch 2.12 and later saturate by themselves, older ones and other libraries do not. "
     "Clamp to ±448 first: x.clamp(-448, 448)":
         lambda x: _older_cast(x),
     "the clamp is at ±240, the largest value of float8_e4m3fnuz (AMD's variant); float8_e4m3fn's is 448 "

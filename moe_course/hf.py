@@ -221,7 +221,13 @@ def experts_torch(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_
     h = ops.times_w(moe.permute(x, d), gate_up_proj.transpose(1, 2), ends)  # (R, 2I): gate | up
     gate, up = h.chunk(2, dim=-1)
     y_sorted = ops.times_w(F.silu(gate) * up, down_proj.transpose(1, 2), ends)  # (R, H)
-    return moe.combine(y_sorted, d, top_k_weights).to(hidden_states.dtype)
+    # The combine in the routing weights' precision, as transformers' own backends multiply: Mixtral
+    # and DeepSeek-V3 hand them over in float32, and rounding them to bf16 (by 0.2%) for a bf16 sum
+    # added about half a bf16 rounding to the output and to their gradient: enough to flip a
+    # near-tied top-K in the next layer (tiny Mixtral, torch 2.11: logits 3.3e-2 from eager, where
+    # transformers' grouped_mm is 4.5e-3). bf16 weights (Qwen3-MoE, OLMoE): unchanged, bf16.
+    acc = torch.promote_types(y_sorted.dtype, top_k_weights.dtype)
+    return moe.combine(y_sorted.to(acc), d, top_k_weights.to(acc)).to(hidden_states.dtype)
 
 
 def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

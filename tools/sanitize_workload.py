@@ -6,7 +6,8 @@ at least once, at the sizes where kernels go wrong if they are going to.
   and more tiles than the GPU has SMs (the persistent kernels' loop over tiles);
 - every step of chapters 02 and 03 (03_1 with one slot and with four), the gather and SwiGLU
   steps, the token-rounding kernels with every routing, and chapter 06's layer forward and
-  backward with top-K and with rounding (06_1 to 06_4);
+  backward with top-K and with rounding (06_1 to 06_4), its output and every gradient against
+  the same maths in float32;
 - the outputs are checked too (a kernel that is clean but wrong is no better).
 
 It records which kernels were launched and fails if one in kernels/ was not: a kernel added
@@ -127,19 +128,27 @@ def layer() -> None:
     import torch
 
     from moe_course import layer as lay
+    from moe_course import layer_measurements as lm
 
-    for T, E, k, routing in ((40, 16, 2, "top-K"), (9000, 8, 2, "top-K"), (300, 8, 2, "nearest")):
-        torch.manual_seed(T)
-        model = lay.CourseMoE(256, 256, E, k, routing=routing, device="cuda")
-        x = torch.randn(T, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        out = model(x)
-        say(f"layer forward T={T}, {routing}")
-        if model.backend != "kernels":
-            raise SystemExit(f"the layer ran on torch ({model.why_torch}): its kernels were not exercised")
-        out.float().square().mean().backward()
-        if not all(torch.isfinite(t.grad).all() for t in (x, model.w_gate_up, model.w_down, model.w_router)):
-            raise SystemExit(f"layer T={T}, {routing}: a gradient is not finite")
-        say(f"layer backward T={T}, {routing}")
+    # the trainable layer as a learner calls it: CourseMoE on the kernels, forward and backward
+    model = lay.CourseMoE(256, 256, 16, 2, device="cuda")
+    x = torch.randn(40, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    model(x).float().square().mean().backward()
+    if model.backend != "kernels":
+        raise SystemExit(f"the layer ran on torch ({model.why_torch}): its kernels were not exercised")
+    say("CourseMoE forward and backward, T=40")
+    # output and every gradient against the same maths in float32 (router logits exact in both, so
+    # both pick the same experts): a kernel that leaves part of its output unwritten fails here
+    cases = {"experts with no rows": (40, 16, 2, 0.0, "top-K"), "more tiles than SMs": (9000, 8, 2, 0.0, "top-K"),
+             "one expert with every token": (200, 4, 1, 100.0, "top-K"), "token rounding": (300, 8, 2, 0.0, "nearest")}
+    for what, (T, E, k, bias, routing) in cases.items():
+        inputs = lm.integer_router_inputs(T, 256, 256, E, bias, seed=T)
+        for label, (got, want) in lm.kernels_and_torch(*inputs, k, routing, 64).items():
+            if want.norm() == 0:  # k = 1: the one weight is always 1, so the router gets no gradient
+                if got.norm() != 0:
+                    raise SystemExit(f"layer, {what}: {label} should be zero")
+                continue
+            check(f"layer, {routing}, {what}: {label}", got, want)
 
 
 PARTS = {part.__name__: part for part in (first_kernel, grouped_gemms, token_rounding, layer)}

@@ -210,10 +210,11 @@ def experts_torch(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_
        summed with their weights (a pair routed to no expert adds zero).
 
     ``ops``: :data:`moe_course.layer.GROUPED_MM_OPS` or :data:`moe_course.layer.TORCH_OPS`.
+    ``top_k_index`` as :func:`check_call` has checked it (its ids are not read back again).
     """
     E = gate_up_proj.shape[0]
     routed = top_k_index < E
-    d = moe.dispatch(top_k_index.where(routed, 0), E, keep=routed)
+    d = moe.dispatch(top_k_index.where(routed, 0), E, keep=routed, validate=False)  # ids: check_call's
     if d.kept == 0:  # every pair went to another GPU's experts: nothing to add here
         return torch.zeros_like(hidden_states)
     ends = d.offsets[1:].to(torch.int32)

@@ -338,3 +338,17 @@ def test_a_model_too_large_for_the_gpu_is_skipped_saying_why(capsys, monkeypatch
     built = hm.for_each_model(hm.sizes_here(), lambda model, ids: model.config.model_type)
     assert list(built) == [a for a in hm.ARCHITECTURES if a != "mixtral"]
     assert "mixtral: skipped on this GPU: too big" in capsys.readouterr().out
+
+
+def test_the_expert_ids_are_read_back_once_per_call(monkeypatch):
+    """Checking the ids reads them back from the device (a synchronisation): check_call does it,
+    the dispatch after it does not do it again."""
+    from moe_course import checks, moe
+
+    calls = []
+    real = checks.check_ids_in_range
+    counting = lambda *args, **kwargs: calls.append(args[2]) or real(*args, **kwargs)
+    monkeypatch.setattr(hf, "check_ids_in_range", counting)
+    monkeypatch.setattr(moe, "check_ids_in_range", counting)
+    hf.experts_forward(experts(), torch.randn(4, 64), torch.tensor([[0, 6], [2, 1], [5, 5], [6, 6]]), torch.ones(4, 2))
+    assert calls == ["top_k_index"]

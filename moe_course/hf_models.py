@@ -150,8 +150,7 @@ def too_large(config, sizes: Sizes, gpu_bytes: int | None = None) -> str | None:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):  # shapes only: nothing allocated
-        shapes = AutoModelForCausalLM.from_config(config, dtype=sizes.dtype)
-    weights = sum(p.numel() * p.element_size() for p in shapes.parameters())
+        weights = weight_bytes(AutoModelForCausalLM.from_config(config, dtype=sizes.dtype))
     card = gpu_bytes if gpu_bytes is not None else torch.cuda.get_device_properties(0).total_memory
     if 3 * weights <= 0.9 * card:
         return None
@@ -162,11 +161,15 @@ def too_large(config, sizes: Sizes, gpu_bytes: int | None = None) -> str | None:
 def optimizer_that_fits(model) -> str:
     """"adam" where the weights, their gradients and Adam's two moments fit the GPU (with a
     margin for the activations), else "sgd" (no state): DeepSeek-V3's block on an 80 GB card."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if not next(model.parameters()).is_cuda:
         return "adam"
     free, _ = torch.cuda.mem_get_info()
-    return "adam" if 3 * weights * 1.2 < free else "sgd"
+    return "adam" if 3 * weight_bytes(model) * 1.2 < free else "sgd"
+
+
+def weight_bytes(model) -> int:
+    """The bytes of ``model``'s parameters (on the meta device too: shapes and dtypes only)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def describe(model) -> str:

@@ -283,7 +283,7 @@ def dispatch(experts: Tensor, num_experts: int, keep: Tensor | None = None, vali
         _check_experts(experts, num_experts)
     num_tokens, k = experts.shape
     flat = experts.reshape(-1).long()
-    counts = torch.bincount(flat, minlength=num_experts)  # ids checked in range above
+    counts = torch.bincount(flat, minlength=num_experts)  # ids in range: checked above, or by the caller
     key = flat
     if keep is not None:
         require(isinstance(keep, Tensor) and keep.shape == experts.shape and keep.dtype == torch.bool,

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -104,10 +105,9 @@ def findings(lines: list[str], course_kernels: set[str]) -> tuple[list[list[str]
 def same_access_once(found: list[list[str]]) -> list[list[str]]:
     """One report per access: initcheck reports each uninitialised word of one copy separately (a
     copy of 8 KiB: 256 reports with the same first line); the first is kept, saying how many."""
+    count = Counter(report[0] for report in found)
     kept: dict[str, list[str]] = {}
-    count: dict[str, int] = {}
     for report in found:
-        count[report[0]] = count.get(report[0], 0) + 1
         kept.setdefault(report[0], report)
     return [r + [f"========= ({count[first]} reports of this access)"] * (count[first] > 1)
             for first, r in kept.items()]

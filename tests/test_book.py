@@ -104,6 +104,25 @@ def test_a_failing_chapter_keeps_its_previous_copy(executed, capsys):
     assert (executed / "00_setup.ipynb").exists()
 
 
+def test_a_failing_chapter_says_where_and_keeps_its_outputs_so_far(executed, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(book, "FAILED_DIR", tmp_path / "failed")
+
+    def fails_in_a_cell(source):
+        notebook = ran(source)
+        exc = RuntimeError("An error occurred while executing cell 3:\n" + "\n".join(f"frame {i}" for i in range(30))
+                           + "\nAssertionError: the losses rose")
+        exc.partial_notebook = notebook
+        raise exc
+
+    assert book.execute(["00"], executed, env=H200, run=fails_in_a_cell) == 1
+    out = capsys.readouterr().out
+    assert "FAILED after" in out and "AssertionError: the losses rose" in out
+    assert "frame 29" in out and "frame 0\n" not in out  # the end of the traceback, not all of it
+    assert nbformat.read(tmp_path / "failed" / "00_setup.ipynb", as_version=4).cells == \
+        ran(book.CHAPTERS_DIR / "00_setup.ipynb").cells
+    assert not (executed / "00_setup.ipynb").exists()
+
+
 def test_chapters_are_named_by_their_start():
     assert [p.name for p in book.select(["03", "notebooks/00_setup.ipynb"])] == ["03_io_overlap.ipynb",
                                                                                  "00_setup.ipynb"]

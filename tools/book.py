@@ -52,6 +52,8 @@ BOOK_DIR = ROOT / "book"
 EXECUTED_DIR = BOOK_DIR / "executed"       # committed: the copies executed on the GPU machine
 BUILD_DIR = BOOK_DIR / "build"             # ignored: everything `build` makes on the way
 HERE_EXECUTED_DIR = BUILD_DIR / "executed-here"  # ignored: chapters executed by `build`
+FAILED_DIR = BUILD_DIR / "failed"          # ignored: a chapter that failed, executed up to the failure
+FAILURE_LINES = 12                         # of a failing cell's traceback, printed
 DOCS_DIR = BUILD_DIR / "docs"
 SITE_DIR = BOOK_DIR / "site"               # ignored: the site itself
 MKDOCS_CONFIG = BOOK_DIR / "mkdocs.yml"
@@ -160,6 +162,9 @@ def run_notebook(source: Path, cell_timeout: int = CELL_TIMEOUT_S):
         # nbclient makes the kernel manager, so it also shuts the kernel down, whatever happens.
         nbclient.NotebookClient(notebook, kernel_manager_class=ThisPythonKernel, timeout=cell_timeout,
                                 resources={"metadata": {"path": str(source.parent)}}).execute()
+    except Exception as exc:
+        exc.partial_notebook = notebook  # the cells' outputs up to the failure: what to read next
+        raise
     finally:
         if saved is None:
             os.environ.pop("MPLBACKEND", None)
@@ -228,8 +233,15 @@ def execute(names: list[str], out_dir: Path = EXECUTED_DIR, *, force: bool = Fal
         except Exception as exc:  # a failing cell, a time-out, a dead kernel: the others still run
             seconds = time.monotonic() - start
             text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the traceback's colours
-            reason = text.splitlines()[-1] if text else type(exc).__name__
-            print(f"  {source.name}: FAILED after {seconds:.1f} s: {reason}")
+            lines = text.splitlines()
+            print(f"  {source.name}: FAILED after {seconds:.1f} s: {lines[-1] if lines else type(exc).__name__}")
+            for line in lines[-FAILURE_LINES - 1:-1]:  # the end of the traceback: where it failed
+                print(f"      {line}")
+            partial = getattr(exc, "partial_notebook", None)
+            if partial is not None:
+                FAILED_DIR.mkdir(parents=True, exist_ok=True)
+                nbformat.write(partial, FAILED_DIR / source.name)
+                print(f"      its outputs up to the failure: {shown(FAILED_DIR / source.name)}")
             failed.append(source.name)
             continue
         seconds = time.monotonic() - start

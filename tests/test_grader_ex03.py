@@ -136,3 +136,20 @@ def test_32_bit_indices_fail_on_a_gpu(mistake):
 def test_the_tiled_kernel_is_timed_against_the_naive_one(capsys):
     ex06.grade(TILED)
     assert re.search(r"your kernel [\d.]+ TFLOP/s, 02_2_naive_grouped [\d.]+ TFLOP/s: [\d.]+x", capsys.readouterr().out)
+
+
+def test_rows_written_by_the_tile_before_are_a_missing_row_bound():
+    """On a GPU the tile that runs past its expert's last row races with the next expert's tile
+    (the CPU run stops at the out-of-bounds read first): the rows it won hold X times the previous
+    expert's weight, which is a missing row bound, not a wrong weight offset."""
+    import torch
+
+    from moe_course import grouped_gemm as gg
+    from moe_course.graders import kernel_exercise
+
+    p = gg.make_problem([0, 1, 17, 0, 40], 16, 16, device="cpu", seed=0)
+    y = gg.reference(p.x, p.w, p.offs)
+    y[1:16] = p.x[1:16].float() @ p.w[1].float().T  # expert 1's tile (rows 0-15) past its one row
+    with pytest.raises(CheckFailed, match=r"(?s)expert 1's weight, and it lies in expert 1's last tile .*"
+                                          r"keep the threads whose row < row_end"):
+        kernel_exercise.check_result(y.to(torch.bfloat16), p, "the case")

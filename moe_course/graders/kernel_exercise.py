@@ -183,7 +183,7 @@ def diagnose(y, x, w, counts: list[int], bad) -> str:
     if bool(nan.any()):
         found.append(_unwritten(nan, counts, expert_of, starts))
     if bool((bad & ~nan).any()):
-        found.append(_wrong_value(y, x, w, expert_of, bad & ~nan))
+        found.append(_wrong_value(y, x, w, counts, expert_of, starts, bad & ~nan))
     return "\n".join(found)
 
 
@@ -202,7 +202,7 @@ def _unwritten(nan, counts, expert_of, starts) -> str:
     return f"  {int(nan.sum())} values were never written (NaN), the first Y[{r}, {c}] (rows {_ranges(rows)})."
 
 
-def _wrong_value(y, x, w, expert_of, bad) -> str:
+def _wrong_value(y, x, w, counts, expert_of, starts, bad) -> str:
     M, N = y.shape
     E, _, K = w.shape
     r, c = torch.nonzero(bad)[0].tolist()
@@ -214,6 +214,15 @@ def _wrong_value(y, x, w, expert_of, bad) -> str:
         return bool(((row - candidate).abs() <= 1e-2 + 2e-2 * candidate.abs())[written].all())
 
     head = f"  Y[{r}, {c}] is {float(y[r, c]):.5g}, expected {float(xd[r] @ wd[e, c]):.5g} (row {r} belongs to expert {e}):"
+    before = [e2 for e2 in range(e) if counts[e2] > 0]
+    if before:  # the tile before this row's expert runs past its expert's last row (no row bound)
+        e2 = before[-1]
+        tile_end = starts[e2] + -(-counts[e2] // 16) * 16
+        if r < tile_end and whole_row_is(wd[e2] @ xd[r]):
+            return (f"{head} row {r} of Y is X row {r} times expert {e2}'s weight, and it lies in expert {e2}'s "
+                    f"last tile (rows {starts[e2]}-{tile_end - 1}; its rows end at {starts[e2] + counts[e2] - 1}): "
+                    f"the threads of that tile past its last row wrote it. A tile covers rows [row, row_end): "
+                    f"keep the threads whose row < row_end.")
     for e2 in range(E):
         if e2 != e and whole_row_is(wd[e2] @ xd[r]):
             return (f"{head} row {r} of Y is X row {r} times expert {e2}'s weight: the weight offset is wrong "

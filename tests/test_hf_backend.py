@@ -352,3 +352,33 @@ def test_the_expert_ids_are_read_back_once_per_call(monkeypatch):
     monkeypatch.setattr(moe, "check_ids_in_range", counting)
     hf.experts_forward(experts(), torch.randn(4, 64), torch.tensor([[0, 6], [2, 1], [5, 5], [6, 6]]), torch.ones(4, 2))
     assert calls == ["top_k_index"]
+
+
+def test_training_curves_are_held_to_transformers_own_spread():
+    eager = [12.3, 10.36, 7.6, 6.11, 6.01, 4.91, 3.41, 2.61]  # Qwen3-MoE, bf16, an H100 (session 10)
+    grouped_mm = [12.3, 10.36, 7.6, 6.09, 6.11, 4.82, 3.34, 2.44]
+    curves = {"eager": eager, "grouped_mm": grouped_mm, "moe_course": [12.3, 10.36, 7.59, 6.09, 6.07, 4.91, 3.53, 2.45]}
+    assert hm.training_disagreement(curves, torch.bfloat16) is None
+    strayed = {**curves, "moe_course": [12.3, 10.6, 9.25, 8.5, 8.38, 7.98, 10.5, 8.0]}
+    assert "strays" in hm.training_disagreement(strayed, torch.bfloat16)
+    # near zero a relative gap means nothing: 0.010 against 0.023 is learnt by heart either way
+    low = {"eager": [11.2, 2.11, 0.37, 0.023], "grouped_mm": [11.2, 2.11, 0.44, 0.033], "moe_course": [11.2, 2.11, 0.44, 0.010]}
+    assert hm.training_disagreement(low, torch.bfloat16) is None
+    # float32: summation order only
+    assert hm.training_disagreement({k: [6.9, 6.5, 6.2] for k in curves}, torch.float32) is None
+    off = {"eager": [6.9, 6.5, 6.2], "grouped_mm": [6.9, 6.5, 6.2], "moe_course": [6.9, 6.5, 6.21]}
+    assert "strays" in hm.training_disagreement(off, torch.float32)
+    assert "did not fall" in hm.training_disagreement({k: [6.9, 7.0] for k in curves}, torch.float32)
+
+
+def test_generated_tokens_are_held_to_transformers_own_spread():
+    t = lambda *ids: torch.tensor([ids])
+    # Mixtral, bf16, an H100 (session 10): the eighth token flipped between eager and grouped_mm
+    tokens = {"eager": t(11386, 23584, 201), "grouped_mm": t(11386, 23584, 31121), "moe_course": t(11386, 23584, 31121)}
+    assert hm.tokens_agreed(tokens["grouped_mm"], tokens["eager"]) == 2
+    assert hm.generation_disagreement(tokens, torch.bfloat16) is None
+    assert "differs" in hm.generation_disagreement(tokens, torch.float32)
+    earlier = {**tokens, "moe_course": t(11386, 7, 31121)}
+    assert "follow eager's for 1, transformers' grouped_mm's for 2" in hm.generation_disagreement(earlier, torch.bfloat16)
+    same = {b: t(1, 2, 3) for b in tokens}
+    assert hm.generation_disagreement(same, torch.float32) is None

@@ -255,13 +255,15 @@ def argument_type(parse: Callable[[str], object], name: str | None = None):
     return parse_argument
 
 
+class RecordError(ValueError):
+    """A record that cannot be read or saved (:mod:`moe_course.records` raises it): the message
+    names the file (or the key) and what is wrong. :func:`run_command` prints it as one line."""
+
+
 def run_command(main: Callable[[], int]) -> int:
     """Run a command line's ``main`` and return its exit status. A record it cannot read or save
-    (:class:`moe_course.records.RecordError`: the file is at fault, not the code) ends it with one
-    line on stderr, ``<script>: error: <the file and what is wrong>``, and status 1, not a
-    traceback."""
-    from .records import RecordError  # records imports this module
-
+    (:class:`RecordError`: the file is at fault, not the code) ends it with one line on stderr,
+    ``<script>: error: <the file and what is wrong>``, and status 1, not a traceback."""
     try:
         return main()
     except RecordError as exc:

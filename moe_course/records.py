@@ -25,14 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from . import RESULTS_DIR, ROOT
-from .checks import require
+from .checks import RecordError, require  # RecordError: the checks' own error type, named here too
 from .machine import info
 from .record_layouts import LAYOUTS, problem, step
-
-
-class RecordError(ValueError):
-    """A record that cannot be read or saved: the message names the file (or the key) and what
-    is wrong. The command lines print it as one line (:func:`moe_course.checks.run_command`)."""
 
 
 def environment() -> dict:

@@ -67,6 +67,19 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TmaDesc& map, int c
         : "memory");
 }
 
+// The same copy from a 4-D view, coordinates innermost first (chapter 10). Hugging Face keeps an
+// expert's gate rows and up rows I rows apart (gate_up_proj (E, 2I, H)); seen as (H, 2, I, E)
+// with that layout's strides, one box of (64, 2, BN/2, 1) lands gate_j and up_j in neighbouring
+// rows, the interleaved tile 03_4's SwiGLU epilogue reads (moe_course/tma.py: tensor_map_gate_up).
+__device__ __forceinline__ void tma_load_4d(void* dst, const TmaDesc& map, int c0, int c1, int c2, int c3, u64* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+        :: "r"(smem_addr(dst)), "l"(reinterpret_cast<u64>(&map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+           "r"(smem_addr(bar))
+        : "memory");
+}
+
 // TMA the other way (chapter 06): the box at `src` in shared memory (the swizzled layout a load
 // writes) to the tensor at (col, row). The issuing thread does not wait: its stores form bulk
 // groups (commit), and it waits later only until a group has been READ out of shared memory

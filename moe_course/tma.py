@@ -35,12 +35,43 @@ def tensor_map_2d(tensor, box_rows: int, rows: int | None = None):
         raise ValueError(f"TMA needs rows of a multiple of 16 bytes: {cols} bf16 columns are {cols * 2} bytes")
     if not 0 < box_rows <= MAX_BOX_ROWS:
         raise ValueError(f"box rows must be in 1..{MAX_BOX_ROWS}, got {box_rows}")
-    return _encode(tensor.data_ptr(), rows, cols, box_rows)
+    return _encode(tensor.data_ptr(), (cols, rows), (cols * 2,), (BOX_COLS, box_rows))
+
+
+def tensor_map_gate_up(gate_up_proj, box_rows: int):
+    """The tensor map of Hugging Face's ``gate_up_proj (E, 2I, H)`` (each expert's I gate rows,
+    then its I up rows) that hands a kernel the *interleaved* tile chapter 03's SwiGLU epilogue
+    reads (gate_j in row 2j, up_j in row 2j + 1 of the box), with no copy of the weights.
+
+    The view is 4-D, innermost first: (H, 2, I, E), with the byte strides of the HF layout for
+    (gate or up, j, e): ``I*H*2``, ``H*2``, ``2I*H*2``, out of increasing order, which the copy
+    engine takes. A box of (64, 2, box_rows / 2, 1) lands (gate_j, up_j) pairs in consecutive
+    rows of shared memory, swizzled as a 2-D box of ``box_rows`` rows of the interleaved matrix
+    (byte-identical on an H100, session 10). A kernel loads it with
+    ``tma_load_4d(dst, map, k0, 0, j0, e, bar)`` (kernels/tma.cuh)."""
+    if gate_up_proj.dtype != torch.bfloat16:
+        raise TypeError(f"tensor maps here are for bf16 tensors, got {gate_up_proj.dtype}")
+    if gate_up_proj.dim() != 3 or gate_up_proj.shape[1] % 2:
+        raise ValueError(f"gate_up_proj must be (E, 2I, H) with gate rows then up rows, got shape "
+                         f"{tuple(gate_up_proj.shape)}")
+    if not gate_up_proj.is_cuda or not gate_up_proj.is_contiguous():
+        raise ValueError("a tensor map needs a contiguous tensor on the GPU")
+    E, two_i, H = gate_up_proj.shape
+    if gate_up_proj.data_ptr() % 16 or (H * 2) % 16:
+        raise ValueError(f"TMA needs a 16-byte aligned base and rows of a multiple of 16 bytes: H={H} "
+                         f"bf16 are {H * 2} bytes, the base is {gate_up_proj.data_ptr():#x}")
+    if box_rows % 2 or not 0 < box_rows // 2 <= MAX_BOX_ROWS:
+        raise ValueError(f"box rows (gate and up interleaved) must be even, 2..{2 * MAX_BOX_ROWS}; got {box_rows}")
+    I = two_i // 2
+    return _encode(gate_up_proj.data_ptr(), (H, 2, I, E), (I * H * 2, H * 2, two_i * H * 2),
+                   (BOX_COLS, 2, box_rows // 2, 1))
 
 
 @functools.lru_cache(maxsize=256)
-def _encode(address: int, rows: int, cols: int, box_rows: int):
-    # The map holds only these numbers, so maps are cached by them: re-encoding costs ~10 us a call.
+def _encode(address: int, sizes: tuple, byte_strides: tuple, box: tuple):
+    """A bf16 tensor map: ``sizes`` and ``box`` innermost first, ``byte_strides`` of every
+    dimension but the innermost, 128-byte swizzle, zeros outside the tensor. The map holds only
+    these numbers, so maps are cached by them: re-encoding costs ~10 us a call."""
     from cuda.bindings import driver as cu
 
     (err,) = cu.cuInit(0)
@@ -49,20 +80,20 @@ def _encode(address: int, rows: int, cols: int, box_rows: int):
     _make_context_current(cu)
     err, tmap = cu.cuTensorMapEncodeTiled(
         cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-        2,
+        len(sizes),
         address,
-        [cu.cuuint64_t(cols), cu.cuuint64_t(rows)],  # sizes, innermost first
-        [cu.cuuint64_t(cols * 2)],  # byte stride of the outer dimension
-        [cu.cuuint32_t(BOX_COLS), cu.cuuint32_t(box_rows)],
-        [cu.cuuint32_t(1), cu.cuuint32_t(1)],
+        [cu.cuuint64_t(n) for n in sizes],
+        [cu.cuuint64_t(b) for b in byte_strides],
+        [cu.cuuint32_t(n) for n in box],
+        [cu.cuuint32_t(1)] * len(sizes),
         cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
         cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
         cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
     )
     if err != cu.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err}) for a [{rows}, {cols}] bf16 matrix, "
-                           f"box {box_rows} x {BOX_COLS}")
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err}) for a bf16 tensor of sizes {sizes} "
+                           f"(innermost first), byte strides {byte_strides}, box {box}")
     return np.array(tmap.opaque, dtype=np.uint64).view(np.dtype((np.void, 128)))[0]
 
 

@@ -217,6 +217,10 @@ COMBINE = Step("06_4_combine", "combine_rows", "each token gathers and sums its 
                min_cc=HOPPER)
 EPILOGUE_BOX_ROWS = 64  # 06_3 stores dW in TMA boxes of 64 x 64 (store_tile_tma)
 
+# Chapter 10: the layer's kernels on Hugging Face's weight layout (no copy of the weights)
+HF_SWIGLU = _warp_specialized_step("10_1_hf_swiglu", "hf_swiglu_grouped_gemm",
+                                   "03_4 on HF's gate_up_proj (E, 2I, H): a 4-D tensor map")
+
 
 # --------------------------------------------------------------------------------------------
 # What every grouped GEMM's launch shares: the tile map, the persistent grid
@@ -471,18 +475,32 @@ def gather_grouped_gemm(x, gather_idx, w, offs, out=None, validate: bool = True,
     return out
 
 
-def swiglu_grouped_gemm(x, gather_idx, w_interleaved, offs, store_h: bool = True, validate: bool = True):
+def swiglu_grouped_gemm(x, gather_idx, w_interleaved, offs, store_h: bool = True, validate: bool = True,
+                        step: Step = SWIGLU):
     """The up-projection of an MoE layer: ``(a, h)`` with ``h[r] = x[gather_idx[r]] @ w[e].T``
     (``[M, 2n]``, gate and up columns interleaved, or ``None`` when ``store_h`` is False) and
     ``a = silu(gate) * up`` (``[M, n]``). ``w_interleaved``: gate and up rows interleaved
     (:func:`moe_course.io_overlap.interleave_gate_up`)."""
-    M, N, K, E = check_gather(x, gather_idx, w_interleaved, offs, SWIGLU, validate)
+    M, N, K, E = check_gather(x, gather_idx, w_interleaved, offs, step, validate)
     a = torch.empty(M, N // 2, device=x.device, dtype=torch.bfloat16)
     h = torch.empty(M, N, device=x.device, dtype=torch.bfloat16) if store_h else None
     if M and N:
-        _launch_gathered(SWIGLU, x, gather_idx, w_interleaved, offs, (ptr(h) if store_h else np.uint64(0), ptr(a)),
-                         M, N, K)
+        outputs = (ptr(h) if store_h else np.uint64(0), ptr(a))
+        if step is HF_SWIGLU:  # W through the 4-D map that interleaves HF's gate and up halves
+            module = kernels.load(step.source, defines=step.defines)
+            launch_persistent(step, module, (tma.tensor_map_gate_up(w_interleaved, step.block_n), ptr(x),
+                                             ptr(gather_idx), *outputs), offs, M, K, (M, N, K, x.shape[0]))
+        else:
+            _launch_gathered(step, x, gather_idx, w_interleaved, offs, outputs, M, N, K)
     return a, h
+
+
+def hf_swiglu_grouped_gemm(x, gather_idx, gate_up_proj, offs, store_h: bool = True, validate: bool = True):
+    """:func:`swiglu_grouped_gemm` on Hugging Face's ``gate_up_proj (E, 2I, H)`` as it is (each
+    expert's I gate rows, then its I up rows; ``kernels/10_1_hf_swiglu.cu``): the same ``(a, h)``,
+    ``h`` with gate and up columns interleaved, bit for bit what 03_4 gives on the interleaved
+    copy, without making one."""
+    return swiglu_grouped_gemm(x, gather_idx, gate_up_proj, offs, store_h, validate, step=HF_SWIGLU)
 
 
 # --------------------------------------------------------------------------------------------
@@ -670,4 +688,5 @@ KERNEL_FILES: dict[str, tuple[Step, object]] = {
     DSWIGLU.source: (DSWIGLU, dswiglu_grouped_gemm),
     WEIGHT_GRAD.source: (WEIGHT_GRAD, weight_grad),
     COMBINE.source: (COMBINE, combine),
+    HF_SWIGLU.source: (HF_SWIGLU, hf_swiglu_grouped_gemm),
 }

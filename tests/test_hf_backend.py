@@ -222,8 +222,12 @@ def test_why_the_kernels_did_not_run_is_said_once(capsys, monkeypatch):
     # on a machine where the kernels could take the call, the line says what is missing
     monkeypatch.setattr(hf.layer, "kernels_unavailable", lambda *args: None)
     hf.experts_forward(module, x, index, weights)
-    assert capsys.readouterr().out == ("moe_course experts: the HF-layout kernels are not built yet: "
+    assert capsys.readouterr().out == ("moe_course experts: the kernels take bf16 weights, these are torch.float32: "
                                        "running the torch maths (torch._grouped_mm)\n")
+    module = experts(dtype=torch.bfloat16)  # bf16, and autograd will come back through it
+    hf.experts_forward(module, x.bfloat16(), index, weights)
+    assert capsys.readouterr().out == ("moe_course experts: the backward on the HF layout is not built yet (forward "
+                                       "only: inference, generate()): running the torch maths (torch._grouped_mm)\n")
 
 
 FLAGS = {  # module field: (value that is refused, what the message names)
@@ -273,6 +277,27 @@ def test_an_expert_id_out_of_range_is_refused():
         hf.experts_forward(experts(), torch.randn(2, 64), torch.tensor([[0, 1], [2, 1]]), torch.ones(2, 3))
 
 
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_the_kernels_routing_is_chapter_01s_dispatch(routing):
+    """The kernels' routing (no host sync) against moe.dispatch: the same sorted order, the same
+    expert ends, each kept pair's row found by pos, a pair routed to no expert past every row."""
+    T, K, index = ROUTINGS[routing]
+    ids = index(T, K)
+    gather_idx, offs, pos = hf.kernel_routing(ids, 6)
+    routed = ids < 6
+    d = hf.moe.dispatch(ids.where(routed, 0), 6, keep=routed)
+    assert torch.equal(offs.long(), d.offsets[1:])
+    assert torch.equal(gather_idx[: d.kept].long(), d.token_of[: d.kept])
+    assert gather_idx.dtype == offs.dtype == pos.dtype == torch.int32
+    rows = pos.long()
+    assert torch.equal(rows[~routed], torch.full_like(rows[~routed], T * K))
+    tokens = torch.arange(T)[:, None].expand(T, K)
+    assert torch.equal(gather_idx.long()[rows[routed]], tokens[routed])
+    for e in range(6):  # each kept pair's row lies in its expert's rows
+        start = 0 if e == 0 else int(offs[e - 1])
+        assert bool(((rows[ids == e] >= start) & (rows[ids == e] < int(offs[e]))).all())
+
+
 # --------------------------------------------------------------------------------------------
 # On a GPU
 
@@ -283,6 +308,46 @@ def test_on_a_gpu_bf16_matches_eager(capsys, monkeypatch):
     model, ids = tiny("mixtral", torch.bfloat16)
     assert_as_close_as_grouped_mm(model.cuda(), ids.cuda())
     assert "running the torch maths (torch._grouped_mm)" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_on_a_gpu_inference_runs_the_kernels_on_the_models_own_weights(routing, monkeypatch):
+    """Under no_grad, bf16 and widths of the kernels' multiples: 10_1 (gate_up_proj through its
+    4-D map), 03_2 on down_proj, 06_4; held to the torch maths on the same weights."""
+    module = experts(256, 256, dtype=torch.bfloat16).cuda()
+    T, K, index = ROUTINGS[routing]
+    x = torch.randn(T, 256, generator=torch.Generator().manual_seed(4)).bfloat16().cuda()
+    ids, weights = index(T, K).cuda(), torch.rand(T, K, generator=torch.Generator().manual_seed(5)).cuda()
+    ran = []
+    monkeypatch.setattr(hf, "experts_kernels", lambda *args, original=hf.experts_kernels: ran.append(1) or original(*args))
+    with torch.no_grad():
+        got = hf.experts_forward(module, x, ids, weights)
+        want = hf.experts_torch(x, ids, weights, module.gate_up_proj, module.down_proj, layer.GROUPED_MM_OPS)
+    assert ran == [1] and got.dtype == torch.bfloat16
+    assert relative_error(got, want.to(got.dtype)) < 1e-2, relative_error(got, want.to(got.dtype))
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_a_model_generates_on_the_kernels(monkeypatch):
+    """A Qwen3-MoE with widths the kernels take, in bf16: logits under no_grad as close to eager as
+    transformers' grouped_mm (twice its distance, plus 1%), and greedy tokens that follow eager's
+    as far as grouped_mm's."""
+    config = hm.hf_config("qwen3_moe", shrink=8, layers=2, vocab=256, moe_intermediate_size=256, num_experts=16)
+    model = hm.build(config, dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1)).cuda()
+    ran = []
+    monkeypatch.setattr(hf, "experts_kernels", lambda *args, original=hf.experts_kernels: ran.append(1) or original(*args))
+    logits = {}
+    with torch.no_grad():
+        for backend in ("eager", "grouped_mm", "moe_course"):
+            hm.use(model, backend)
+            logits[backend] = model(ids).logits.float()
+    assert ran, "the kernels never ran"
+    theirs, ours = (relative_error(logits[b], logits["eager"]) for b in ("grouped_mm", "moe_course"))
+    assert ours <= 2 * theirs + 1e-2, (ours, theirs)
+    tokens = {b: hm.greedy(model, b, ids[:1, :5], new_tokens=6) for b in ("eager", "grouped_mm", "moe_course")}
+    assert hm.generation_disagreement(tokens, torch.bfloat16) is None, tokens
 
 
 # --------------------------------------------------------------------------------------------

@@ -98,6 +98,9 @@ def grouped_gemms() -> None:
         a, h = launch.swiglu_grouped_gemm(x, gather_idx, w, offs)
         check(f"03_4, {what}", h, io_overlap.gather_reference(x, gather_idx, w, offs))
         check(f"03_4 (SwiGLU), {what}", a, io_overlap.swiglu_of(h))
+        a_hf, h_hf = launch.hf_swiglu_grouped_gemm(x, gather_idx, w, offs)  # w read as HF's [gate; up]
+        check(f"10_1, {what}", h_hf, io_overlap.gather_reference(x, gather_idx, io_overlap.interleave_gate_up(w), offs))
+        check(f"10_1 (SwiGLU), {what}", a_hf, io_overlap.swiglu_of(h_hf))
 
 
 def token_rounding() -> None:

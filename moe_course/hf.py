@@ -22,12 +22,12 @@ What a backend is given (transformers' layout, not the course's):
   that belong to another GPU's experts there, with weight 0.
 
 :func:`experts_forward` asks :func:`why_not_kernels` on each call whether the course's kernels
-can take it. Where they can (a Hopper GPU, bf16, widths of the kernels' multiples, and no
+can take it. Where they can (a Hopper GPU, bf16, widths of the kernels' multiples; with no
 gradient wanted: inference and ``generate()``), :func:`experts_kernels` runs them on the module's
 own parameters, with no copy: ``gate_up_proj`` through a 4-D tensor map that interleaves its
 gate and up halves in the load (``kernels/10_1_hf_swiglu.cu``), ``down_proj`` as it is (03_2),
-06_4's combine. Elsewhere, and for training until the backward reads transformers' layout,
-the course's maths runs in torch: chapter 01's dispatch (:func:`moe_course.moe.dispatch`, pairs
+06_4's combine; where a gradient is wanted, :class:`KernelExperts` adds chapter 06's backward on
+the same layout (10_2, 06_3, 10_3, 10_4). Elsewhere the course's maths runs in torch: chapter 01's dispatch (:func:`moe_course.moe.dispatch`, pairs
 sorted by expert), one grouped product on the concatenated ``[gate; up]`` rows, SwiGLU, the
 down-projection, chapter 01's combine, on ``torch._grouped_mm`` where it can, else one product
 per expert (:data:`moe_course.layer.TORCH_OPS`). Which one ran, and why, is printed once, in
@@ -160,17 +160,14 @@ def check_call(experts, hidden_states, top_k_index, top_k_weights) -> None:
 # Kernels or torch: decided on each call, said once
 
 
-def why_not_kernels(experts, hidden_states, needs_grad: bool = False) -> str | None:
+def why_not_kernels(experts, hidden_states) -> str | None:
     """Why this call does not run on the course's kernels, or ``None`` where it does. The
     conditions are :func:`moe_course.layer.kernels_unavailable`'s (a Hopper GPU, bf16, widths of
-    the kernels' multiples) and the weights in bf16 too. A call that autograd will go back
-    through (``needs_grad``) needs the backward on transformers' layout, not built yet."""
+    the kernels' multiples) and the weights in bf16 too."""
     H, I = experts.down_proj.shape[1:]
     why = layer.kernels_unavailable(hidden_states, H, I)
     if why is None and experts.gate_up_proj.dtype != torch.bfloat16:
         why = f"the kernels take bf16 weights, these are {experts.gate_up_proj.dtype}"
-    if why is None and needs_grad:
-        why = "the backward on the HF layout is not built yet (forward only: inference, generate())"
     return why
 
 
@@ -240,7 +237,8 @@ def experts_torch(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_
 
 def kernel_routing(top_k_index: torch.Tensor, num_experts: int):
     """The kernels' routing from the model's own choice, with no host synchronisation:
-    ``(gather_idx, offs, pos)``, int32. Pairs sorted by expert (stable: token order within an
+    ``(gather_idx, offs, pos)``, int32, and ``order`` (int64: the pair, ``t * K + j``, of each
+    sorted row). Pairs sorted by expert (stable: token order within an
     expert); pairs routed to no expert (id ``E``) sort last, past ``offs[E - 1]``, where no tile
     reads them, and their ``pos`` points past every row, which 06_4's combine skips. ``offs``
     from a search in the sorted ids, not ``torch.bincount`` (which reads its size back)."""
@@ -253,7 +251,7 @@ def kernel_routing(top_k_index: torch.Tensor, num_experts: int):
     rows = torch.empty_like(order)
     rows[order] = torch.arange(order.numel(), device=order.device)
     pos = torch.where(flat < num_experts, rows, order.numel()).to(i32).view(T, K)
-    return gather_idx, offs, pos
+    return gather_idx, offs, pos, order
 
 
 def experts_kernels(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
@@ -263,11 +261,57 @@ def experts_kernels(hidden_states, top_k_index, top_k_weights, gate_up_proj, dow
     (03_2: ``[E, N, K]``), 06_4's weighted combine in float32. Inference only: nothing is kept."""
     from . import launch
 
-    gather_idx, offs, pos = kernel_routing(top_k_index, gate_up_proj.shape[0])
+    gather_idx, offs, pos, _ = kernel_routing(top_k_index, gate_up_proj.shape[0])
     x = hidden_states.contiguous()
     a, _ = launch.hf_swiglu_grouped_gemm(x, gather_idx, gate_up_proj, offs, store_h=False, validate=False)
     y_sorted = launch.grouped_gemm(a, down_proj, offs, validate=False)
     return launch.combine(y_sorted, pos, top_k_weights.float().contiguous(), validate=False)
+
+
+class KernelExperts(torch.autograd.Function):
+    """``KernelExperts.apply(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)``:
+    the experts call on the course's kernels, forward and backward, on transformers' layout with
+    no copy of the weights. Kept for the backward, as chapter 06's layer keeps: X, the
+    pre-activation H and the routing. The backward (chapter 06's, one kernel each):
+
+    - 10_2: dA' = gathered dout @ down_proj[e], read MN-major, with 06_2's SwiGLU backward:
+      dH (interleaved like H), s * A and each row's routing-weight gradient ds;
+    - 06_3: down_proj's gradient (E, H, I) = dout_e^T (s A)_e, on a sorted copy of dout (06_3
+      gathers its second operand only; this copy is the one pass over memory the course's
+      layer does not make);
+    - 10_3: dX's rows = dH @ gate_up_proj[e] through the 4-D map; 06_4 sums each token's rows;
+    - 10_4: gate_up_proj's gradient = dH_e^T x_gathered, stored in gate | up order;
+    - the routing weights' gradient: each pair's ds (zero for a pair routed to no expert)."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
+        from . import launch
+
+        gather_idx, offs, pos, order = kernel_routing(top_k_index, gate_up_proj.shape[0])
+        x = hidden_states.contiguous()
+        a, h = launch.hf_swiglu_grouped_gemm(x, gather_idx, gate_up_proj, offs, validate=False)
+        y_sorted = launch.grouped_gemm(a, down_proj, offs, validate=False)
+        out = launch.combine(y_sorted, pos, top_k_weights.float().contiguous(), validate=False)
+        ctx.save_for_backward(x, h, gather_idx, offs, pos, order, top_k_weights, gate_up_proj, down_proj)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from . import launch
+
+        x, h, gather_idx, offs, pos, order, weights, gate_up_proj, down_proj = ctx.saved_tensors
+        rows = order.numel()
+        dout = dout.contiguous().to(x.dtype)
+        row_scale = weights.float().reshape(-1)[order]  # each sorted row's routing weight
+        dh, sa, ds = launch.hf_dswiglu_grouped_gemm(dout, gather_idx, down_proj, h, row_scale, offs, validate=False)
+        d_down = launch.weight_grad(dout[gather_idx.long()], sa, None, offs, validate=False)
+        del sa
+        dx = launch.combine(launch.hf_transposed_b_grouped_gemm(dh, gate_up_proj, offs, validate=False), pos, None,
+                            validate=False)
+        d_gate_up = launch.hf_weight_grad_gate_up(dh, x, gather_idx, offs, validate=False)
+        routed = pos < rows  # rows past the last expert's (no expert) were never computed: masked, not read
+        d_weights = torch.where(routed, ds[pos.clamp(max=rows - 1).long()], 0.0).to(weights.dtype)
+        return dx.to(x.dtype), None, d_weights, d_gate_up, d_down
 
 
 def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -281,7 +325,11 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     check_call(self, hidden_states, top_k_index, top_k_weights)
     needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad
                                                or self.gate_up_proj.requires_grad or self.down_proj.requires_grad)
-    why = why_not_kernels(self, hidden_states, needs_grad)
+    why = why_not_kernels(self, hidden_states)
+    if why is None and needs_grad:
+        say_once(f"{NAME} experts: the course's kernels, forward and backward (10_1, 03_2, 06_4; 10_2, 06_3, "
+                 "10_3, 10_4), on the model's own weights")
+        return KernelExperts.apply(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
     if why is None:
         say_once(f"{NAME} experts: the course's kernels (10_1, 03_2, 06_4) on the model's own weights")
         return experts_kernels(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)

@@ -224,10 +224,6 @@ def test_why_the_kernels_did_not_run_is_said_once(capsys, monkeypatch):
     hf.experts_forward(module, x, index, weights)
     assert capsys.readouterr().out == ("moe_course experts: the kernels take bf16 weights, these are torch.float32: "
                                        "running the torch maths (torch._grouped_mm)\n")
-    module = experts(dtype=torch.bfloat16)  # bf16, and autograd will come back through it
-    hf.experts_forward(module, x.bfloat16(), index, weights)
-    assert capsys.readouterr().out == ("moe_course experts: the backward on the HF layout is not built yet (forward "
-                                       "only: inference, generate()): running the torch maths (torch._grouped_mm)\n")
 
 
 FLAGS = {  # module field: (value that is refused, what the message names)
@@ -283,12 +279,13 @@ def test_the_kernels_routing_is_chapter_01s_dispatch(routing):
     expert ends, each kept pair's row found by pos, a pair routed to no expert past every row."""
     T, K, index = ROUTINGS[routing]
     ids = index(T, K)
-    gather_idx, offs, pos = hf.kernel_routing(ids, 6)
+    gather_idx, offs, pos, order = hf.kernel_routing(ids, 6)
     routed = ids < 6
     d = hf.moe.dispatch(ids.where(routed, 0), 6, keep=routed)
     assert torch.equal(offs.long(), d.offsets[1:])
     assert torch.equal(gather_idx[: d.kept].long(), d.token_of[: d.kept])
     assert gather_idx.dtype == offs.dtype == pos.dtype == torch.int32
+    assert torch.equal(gather_idx.long(), order // K) and torch.equal(ids.reshape(-1)[order], ids.reshape(-1).sort().values)
     rows = pos.long()
     assert torch.equal(rows[~routed], torch.full_like(rows[~routed], T * K))
     tokens = torch.arange(T)[:, None].expand(T, K)
@@ -296,6 +293,54 @@ def test_the_kernels_routing_is_chapter_01s_dispatch(routing):
     for e in range(6):  # each kept pair's row lies in its expert's rows
         start = 0 if e == 0 else int(offs[e - 1])
         assert bool(((rows[ids == e] >= start) & (rows[ids == e] < int(offs[e]))).all())
+
+
+def torch_for_each_kernel(monkeypatch):
+    """Each launch KernelExperts makes, replaced by chapter 06's torch maths on the course's layout
+    (converted from HF's here): the glue around the kernels (routing, row weights, masks, which
+    gradient goes where) checked on a CPU, in float32."""
+    from moe_course import io_overlap as io
+    from moe_course import launch
+
+    ops = layer.TORCH_OPS
+
+    def combine(rows, pos, weights, validate=True):  # a position past every row adds nothing, as in 06_4
+        return ops.combine(torch.cat([rows, rows.new_zeros(1, rows.shape[1])]), pos, weights)
+
+    def gate_up_grad(dh, x, idx, offs, validate=True):
+        interleaved = ops.weight_grad(dh, x, idx, offs)
+        return torch.cat((interleaved[:, 0::2], interleaved[:, 1::2]), dim=1)
+
+    stand_ins = {
+        "hf_swiglu_grouped_gemm": lambda x, idx, gu, offs, store_h=True, validate=True:
+            ops.up(x, idx, io.interleave_gate_up(gu), offs),
+        "grouped_gemm": lambda a, down, offs, validate=True: ops.times_w(a, down.transpose(1, 2), offs),
+        "combine": combine,
+        "hf_dswiglu_grouped_gemm": lambda dout, idx, down, h, s, offs, validate=True:
+            ops.dswiglu(dout, idx, down.transpose(1, 2), h, s, offs),
+        "weight_grad": lambda dy, x, idx, offs, validate=True: ops.weight_grad(dy, x, idx, offs),
+        "hf_transposed_b_grouped_gemm": lambda dh, gu, offs, validate=True: ops.times_w(dh, io.interleave_gate_up(gu), offs),
+        "hf_weight_grad_gate_up": gate_up_grad,
+    }
+    for name, fn in stand_ins.items():
+        monkeypatch.setattr(launch, name, fn)
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_the_kernel_path_around_the_kernels_is_the_maths(routing, monkeypatch):
+    torch_for_each_kernel(monkeypatch)
+    module = experts()
+    T, K, index = ROUTINGS[routing]
+    x = torch.randn(T, 64, generator=torch.Generator().manual_seed(4))
+    weights = torch.rand(T, K, generator=torch.Generator().manual_seed(5))
+    kernels = lambda m, h, i, w: hf.KernelExperts.apply(h, i, w, m.gate_up_proj, m.down_proj)
+    got = outputs_and_gradients(kernels, module, x, index(T, K), weights)
+    want = outputs_and_gradients(type(module).forward, module, x, index(T, K), weights)  # eager
+    for what, g, w in zip(("out", "dx", "dweights", "dgate_up_proj", "ddown_proj"), got, want):
+        assert g.dtype == w.dtype and relative_error(g, w) < 1e-6, (what, relative_error(g, w))
+    with torch.no_grad():  # the inference path's glue too
+        inference = hf.experts_kernels(x, index(T, K), weights, module.gate_up_proj, module.down_proj)
+    assert relative_error(inference, want[0]) < 1e-6
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,6 +371,34 @@ def test_on_a_gpu_inference_runs_the_kernels_on_the_models_own_weights(routing, 
         want = hf.experts_torch(x, ids, weights, module.gate_up_proj, module.down_proj, layer.GROUPED_MM_OPS)
     assert ran == [1] and got.dtype == torch.bfloat16
     assert relative_error(got, want.to(got.dtype)) < 1e-2, relative_error(got, want.to(got.dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_on_a_gpu_training_runs_the_kernels_forward_and_backward(routing, monkeypatch):
+    """With gradients wanted: KernelExperts (10_1, 03_2, 06_4; 10_2, 06_3, 10_3, 10_4), every
+    gradient held to the torch maths on the same weights."""
+    module = experts(256, 256, dtype=torch.bfloat16).cuda()
+    T, K, index = ROUTINGS[routing]
+    x = torch.randn(T, 256, generator=torch.Generator().manual_seed(4)).bfloat16().cuda()
+    ids, weights = index(T, K).cuda(), torch.rand(T, K, generator=torch.Generator().manual_seed(5)).cuda()
+    ran = []
+    monkeypatch.setattr(hf.KernelExperts, "apply",
+                        lambda *args, original=hf.KernelExperts.apply: ran.append(1) or original(*args))
+    got = outputs_and_gradients(hf.experts_forward, module, x, ids, weights)
+    torch_maths = lambda m, h, i, w: hf.experts_torch(h, i, w, m.gate_up_proj, m.down_proj, layer.GROUPED_MM_OPS)
+    want = outputs_and_gradients(torch_maths, module, x, ids, weights)
+    assert ran == [1]
+    for what, g, w in zip(("out", "dx", "dweights", "dgate_up_proj", "ddown_proj"), got, want):
+        assert g.dtype == w.dtype and relative_error(g, w) < 2e-2, (what, relative_error(g, w))
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_a_model_trains_on_the_kernels_as_close_as_grouped_mm():
+    config = hm.hf_config("qwen3_moe", shrink=8, layers=2, vocab=256, moe_intermediate_size=256, num_experts=16)
+    model = hm.build(config, dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1)).cuda()
+    assert_as_close_as_grouped_mm(model, ids)
 
 
 @pytest.mark.gpu

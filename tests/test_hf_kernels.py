@@ -66,3 +66,88 @@ def test_hf_up_projection_refuses_an_intermediate_size_off_the_tile():
     x, idx, gate_up, offs = hf_problem([10, 20], 128, 200, tokens=50, seed=1)  # 2I = 400, not a multiple of 256
     with pytest.raises(ValueError, match="400"):
         launch.hf_swiglu_grouped_gemm(x, idx, gate_up, offs)
+
+
+# --------------------------------------------------------------------------------------------
+# The backward: 10_2, 10_3, 10_4, each against chapter 06's float32 maths on the course's layout
+# (converted from HF's in float32 here, never by the kernels), outputs poisoned first.
+
+from moe_course import layer  # noqa: E402
+
+BACKWARD_COUNTS = {
+    "ragged": [0, 1, 130, 0, 257],
+    "one-expert-has-every-row": [0, 0, 300, 0],
+    "many-tiles": [1500, 3, 700, 0, 129],
+    "16-row-boundaries": [16, 0, 48, 80, 33],
+}
+
+
+def rows_of(counts, tokens, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    offs = torch.tensor(counts).cumsum(0).to(device="cuda", dtype=torch.int32)
+    return offs, torch.randint(0, tokens, (sum(counts),), device="cuda", dtype=torch.int32, generator=g)
+
+
+def poison(*shapes_dtypes):
+    """NaN-filled blocks of the outputs' sizes, freed: the allocator hands them back to the kernel."""
+    blocks = [torch.full(shape, float("nan"), device="cuda", dtype=dtype) for shape, dtype in shapes_dtypes]
+    del blocks
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    assert torch.isfinite(a).all(), "NaN or inf in the kernel's output: a tile was skipped or read garbage"
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def randn(*shape, scale=1.0):
+    return (torch.randn(*shape, device="cuda") * scale).bfloat16()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(BACKWARD_COUNTS))
+@pytest.mark.parametrize("hidden,inter", [(256, 256), (512, 512)])  # inter = 512: ds in two shares
+def test_hf_dswiglu_reads_down_proj_as_it_is(case, hidden, inter):
+    counts, T = BACKWARD_COUNTS[case], 333
+    offs, idx = rows_of(counts, T, seed=1)
+    R, E = sum(counts), len(counts)
+    dout, down_proj, h = randn(T, hidden), randn(E, hidden, inter, scale=hidden ** -0.5), randn(R, 2 * inter, scale=2.0)
+    s = torch.rand(R, device="cuda")
+    poison(((R, 2 * inter), torch.bfloat16), ((R, inter), torch.bfloat16), ((inter // 256, R), torch.float32))
+    got = launch.hf_dswiglu_grouped_gemm(dout, idx, down_proj, h, s, offs)
+    w_down = down_proj.float().transpose(1, 2)  # the course's [E, n, d]
+    want = layer.TORCH_OPS.dswiglu(dout.float(), idx, w_down, h.float(), s, offs)
+    for name, g, w in zip(("dh", "s*a", "ds"), got, want):
+        assert rel(g, w) < 1e-2, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(BACKWARD_COUNTS))
+@pytest.mark.parametrize("hidden,inter", [(256, 128), (512, 384)])
+def test_hf_transposed_b_reads_gate_up_in_dh_order(case, hidden, inter):
+    counts = BACKWARD_COUNTS[case]
+    offs, _ = rows_of(counts, 1, seed=0)
+    R, E = sum(counts), len(counts)
+    dh, gate_up = randn(R, 2 * inter), randn(E, 2 * inter, hidden, scale=(2 * inter) ** -0.5)
+    poison(((R, hidden), torch.bfloat16))
+    got = launch.hf_transposed_b_grouped_gemm(dh, gate_up, offs)
+    w_interleaved = io.interleave_gate_up(gate_up.float())  # K in dh's order: [E, 2I, H] = [E, K, N]
+    assert rel(got, layer.TORCH_OPS.times_w(dh.float(), w_interleaved, offs)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(BACKWARD_COUNTS))
+@pytest.mark.parametrize("inter,hidden", [(128, 128), (256, 384)])
+def test_hf_weight_grad_is_stored_in_gate_up_order(case, inter, hidden):
+    counts, T = BACKWARD_COUNTS[case], 333
+    offs, idx = rows_of(counts, T, seed=2)
+    R, E = sum(counts), len(counts)
+    dh, x = randn(R, 2 * inter), randn(T, hidden)
+    poison(((E, 2 * inter, hidden), torch.bfloat16))
+    got = launch.hf_weight_grad_gate_up(dh, x, idx, offs)
+    interleaved = layer.TORCH_OPS.weight_grad(dh.float(), x.float(), idx, offs)  # rows in dh's order
+    want = torch.cat((interleaved[:, 0::2], interleaved[:, 1::2]), dim=1)  # HF: gate rows, then up rows
+    assert got.shape == (E, 2 * inter, hidden) and rel(got, want) < 1e-2
+    for e, c in enumerate(counts):
+        if c == 0:
+            assert torch.all(got[e] == 0), f"expert {e} has no rows: its gradient must be zero"

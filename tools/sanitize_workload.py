@@ -154,7 +154,41 @@ def layer() -> None:
             check(f"layer, {routing}, {what}: {label}", got, want)
 
 
-PARTS = {part.__name__: part for part in (first_kernel, grouped_gemms, token_rounding, layer)}
+def hf_experts() -> None:
+    import torch
+
+    from moe_course import hf
+    from moe_course import layer as lay
+
+    # chapter 10: transformers' experts call on the kernels (10_1 to 10_4 with 03_2, 06_3, 06_4),
+    # output and every gradient against the torch maths on the same weights, in float32
+    E, H, I = 6, 256, 256
+    gate_up = (torch.randn(E, 2 * I, H, device="cuda") / 16).to(torch.bfloat16)
+    down = (torch.randn(E, H, I, device="cuda") / 16).to(torch.bfloat16)
+    cases = {"experts with no rows": torch.tensor([[4, 1], [1, 4]]), "one expert with every token": torch.full((300, 1), 3),
+             "pairs routed to no expert": torch.tensor([[6, 2], [6, 6], [0, 6], [2, 2], [1, 0]]),
+             "more tiles than SMs": torch.randint(0, E, (9000, 2))}
+    for what, ids in cases.items():
+        T, K = ids.shape
+        ids = ids.cuda()
+        x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+        w = torch.rand(T, K, device="cuda")
+        g = torch.randn(T, H, device="cuda")
+        results = []
+        for run in ("kernels", "torch"):
+            leaves = [t.detach().clone().requires_grad_() for t in (x, w, gate_up, down)]
+            if run == "kernels":
+                out = hf.KernelExperts.apply(leaves[0], ids, leaves[1], leaves[2], leaves[3])
+            else:
+                xf, wf, gf, df = (t.float() for t in leaves)
+                out = hf.experts_torch(xf, ids, wf, gf, df, lay.TORCH_OPS)
+            (out.float() * g).sum().backward()
+            results.append([out, *(t.grad for t in leaves)])
+        for label, got, want in zip(("out", "dx", "dweights", "dgate_up", "ddown"), *results):
+            check(f"hf experts, {what}: {label}", got, want)
+
+
+PARTS = {part.__name__: part for part in (first_kernel, grouped_gemms, token_rounding, layer, hf_experts)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -455,12 +455,78 @@ def time_backends(model, input_ids, backends=BACKENDS, *, rounds: int = 3, reps:
     return {b: {"forward": fwd[b].timing(), "forward+backward": both[b].timing()} for b in backends}
 
 
-def measure(sizes: Sizes, archs=tuple(ARCHITECTURES), backends=BACKENDS) -> dict:
-    """Every architecture at ``sizes``, timed per backend: what the "hf_backends" record holds."""
+def experts_inputs(model, input_ids) -> tuple:
+    """What the model hands its first experts module for ``input_ids``: ``(module, hidden_states,
+    top_k_index, top_k_weights)``, caught by a hook on one forward (the reference backend)."""
+    module = next(iter(hf.experts_modules(model).values()))
+    caught = {}
+
+    def catch(_, args, kwargs):
+        caught.setdefault("args", tuple(a.detach() for a in args) + tuple(kwargs[k].detach() for k in
+                                        ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs))
+
+    handle = module.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        use(model, REFERENCE)
+        with torch.no_grad(), threads_for(model):
+            model(input_ids)
+    finally:
+        handle.remove()
+    return (module, *caught["args"][:3])
+
+
+def time_experts(model, input_ids, backends=BACKENDS, *, rounds: int = 3, reps: int = 5) -> dict:
+    """The experts' share alone: ``{backend: {"forward": timing, "forward+backward": timing,
+    "kept_MiB": ...}}`` for the first MoE block's experts call on the inputs the model hands it
+    (:func:`experts_inputs`), the backends interleaved. ``kept_MiB``: what the call leaves
+    allocated for its backward (activation memory; None without a GPU)."""
+    module, hidden, index, weights = experts_inputs(model, input_ids)
+    grad_out = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(3)).to(hidden.device, hidden.dtype)
+
+    def forward():
+        with torch.no_grad():
+            module(hidden, index, weights)
+
+    def forward_backward():
+        x, w = hidden.clone().requires_grad_(), weights.clone().requires_grad_()
+        module(x, index, w).backward(grad_out)
+        module.zero_grad(set_to_none=True)
+
+    def kept_mib(backend: str) -> float | None:
+        if hidden.device.type != "cuda":
+            return None
+        use(model, backend)
+        x, w = hidden.clone().requires_grad_(), weights.clone().requires_grad_()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        out = module(x, index, w)
+        kept = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
+        del out
+        return kept / 2**20
+
+    switch = lambda backend: use(model, backend)
+    with threads_for(model):
+        fwd = interleaved({b: forward for b in backends}, rounds=rounds, reps=reps, warmup=2, before=switch)
+        both = interleaved({b: forward_backward for b in backends}, rounds=rounds, reps=reps, warmup=2, before=switch)
+        kept = {b: kept_mib(b) for b in backends}
+    T, K = index.shape
+    return {"tokens": T, "top_k": K,
+            "backends": {b: {"forward": fwd[b].timing(), "forward+backward": both[b].timing(), "kept_MiB": kept[b]}
+                         for b in backends}}
+
+
+def measure(sizes: Sizes, archs=tuple(ARCHITECTURES), backends=BACKENDS, work=None) -> dict:
+    """Every architecture at ``sizes``, timed per backend: what the "hf_backends" record holds:
+    the whole model (``models``) and its first experts call alone (``experts``). ``work(model,
+    ids)``: what returns that pair for one model (default: time both; the benchmark checks the
+    backends agree first)."""
     data = {"sizes": {"shrink": sizes.shrink, "vocab": sizes.vocab, "layers": sizes.layers, "batch": sizes.batch,
                       "seq": sizes.seq, "dtype": str(sizes.dtype).removeprefix("torch.")},
-            "models": {}}
-    data["models"] = for_each_model(sizes, lambda model, ids: time_backends(model, ids, backends), archs)
+            "models": {}, "experts": {}}
+    work = work or (lambda model, ids: (time_backends(model, ids, backends), time_experts(model, ids, backends)))
+    both = for_each_model(sizes, work, archs)
+    for arch, (whole, experts) in both.items():
+        data["models"][arch], data["experts"][arch] = whole, experts
     return data
 
 
@@ -488,6 +554,16 @@ def timing_table(data: dict) -> str:
             both = t["forward+backward"]["ms"]
             lines.append(f"{ARCHITECTURES[arch].record.title:<15} {backend:<11} {t['forward']['ms']:11.2f} {both:11.2f} "
                          + (f"{eager / both:16.2f}x" if eager else ""))
+    if data.get("experts"):  # the experts' share alone (records from session 10 on)
+        lines += ["", f"{'experts call':<15} {'backend':<11} {'forward ms':>11} {'fwd+bwd ms':>11} "
+                      f"{'vs grouped_mm':>14} {'kept MiB':>9}"]
+        for arch, e in data["experts"].items():
+            grouped = e["backends"].get("grouped_mm", {}).get("forward+backward", {}).get("ms")
+            for backend, t in e["backends"].items():
+                both = t["forward+backward"]["ms"]
+                kept = "" if t.get("kept_MiB") is None else f"{t['kept_MiB']:9.0f}"
+                lines.append(f"{ARCHITECTURES[arch].record.title:<15} {backend:<11} {t['forward']['ms']:11.2f} "
+                             f"{both:11.2f} " + (f"{grouped / both:13.2f}x" if grouped else " " * 14) + f" {kept}")
     return "\n".join(lines)
 
 

@@ -520,3 +520,17 @@ def test_generated_tokens_are_held_to_transformers_own_spread():
     assert "follow eager's for 1, transformers' grouped_mm's for 2" in hm.generation_disagreement(earlier, torch.bfloat16)
     same = {b: t(1, 2, 3) for b in tokens}
     assert hm.generation_disagreement(same, torch.float32) is None
+
+
+def test_the_experts_share_is_timed_alone_on_the_models_own_inputs():
+    model, ids = tiny("olmoe")
+    module, hidden, index, weights = hm.experts_inputs(model, ids)
+    assert module is next(iter(hf.experts_modules(model).values()))
+    assert hidden.shape == (ids.numel(), model.config.hidden_size) and index.shape == weights.shape == (ids.numel(), 8)
+    timed = hm.time_experts(model, ids, rounds=1, reps=1)
+    assert (timed["tokens"], timed["top_k"]) == (ids.numel(), 8)
+    for backend in hm.BACKENDS:
+        t = timed["backends"][backend]
+        assert t["forward"]["ms"] > 0 and t["forward+backward"]["ms"] > 0 and t["kept_MiB"] is None  # no GPU: not measured
+    table = hm.timing_table({"models": {}, "experts": {"olmoe": timed}})
+    assert "experts call" in table and "OLMoE-1B-7B     moe_course" in table

@@ -6,17 +6,12 @@ import math
 
 import pytest
 import torch
+from kernel_checks import COUNT_CASES, poison, randn, rel
 
 from moe_course import io_overlap as io
-from moe_course import launch
+from moe_course import launch, layer
 from moe_course.checking import check_close
 
-COUNT_CASES = {
-    "zeros-and-ragged": [0, 1, 130, 0, 257],
-    "one-expert-has-all": [0, 0, 300, 0],
-    "single-row": [1],
-    "more-tiles-than-sms": [700, 0, 1333, 129, 2000, 65, 900, 1100, 3000, 256, 1, 777] * 3,
-}
 
 
 def hf_problem(counts, hidden, inter, tokens, seed):
@@ -72,7 +67,6 @@ def test_hf_up_projection_refuses_an_intermediate_size_off_the_tile():
 # The backward: 10_2, 10_3, 10_4, each against chapter 06's float32 maths on the course's layout
 # (converted from HF's in float32 here, never by the kernels), outputs poisoned first.
 
-from moe_course import layer  # noqa: E402
 
 BACKWARD_COUNTS = {
     "ragged": [0, 1, 130, 0, 257],
@@ -86,22 +80,6 @@ def rows_of(counts, tokens, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     offs = torch.tensor(counts).cumsum(0).to(device="cuda", dtype=torch.int32)
     return offs, torch.randint(0, tokens, (sum(counts),), device="cuda", dtype=torch.int32, generator=g)
-
-
-def poison(*shapes_dtypes):
-    """NaN-filled blocks of the outputs' sizes, freed: the allocator hands them back to the kernel."""
-    blocks = [torch.full(shape, float("nan"), device="cuda", dtype=dtype) for shape, dtype in shapes_dtypes]
-    del blocks
-
-
-def rel(a, b):
-    a, b = a.float(), b.float()
-    assert torch.isfinite(a).all(), "NaN or inf in the kernel's output: a tile was skipped or read garbage"
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def randn(*shape, scale=1.0):
-    return (torch.randn(*shape, device="cuda") * scale).bfloat16()
 
 
 @pytest.mark.gpu

@@ -13,7 +13,6 @@ from moe_course import launch, layer
 from moe_course.checking import check_close
 
 
-
 def hf_problem(counts, hidden, inter, tokens, seed):
     """Tokens x [tokens, hidden], HF's gate_up_proj [E, 2 inter, hidden] (gate rows, then up
     rows) and a gather index that repeats tokens in a random order."""

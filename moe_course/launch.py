@@ -227,6 +227,22 @@ HF_TRANSPOSED_B = _warp_specialized_step("10_3_hf_transposed_b", "hf_transposed_
 HF_WEIGHT_GRAD = dataclasses.replace(WEIGHT_GRAD, source="10_4_hf_weight_grad", kernel="hf_weight_grad_grouped_gemm",
                                      title="06_3 stored into HF's gate | up halves (4-D map)")
 
+# Chapter 09: a decode step's expert GEMM, the token slots as wgmma's N (one build per width)
+DECODE_SLOTS = (8, 16, 32, 64, 128, 256)
+DECODE_ROWS, DECODE_STAGES = 128, 4  # 09_1's BW (rows of W per block) and STAGES
+
+
+def decode_smem(slots: int) -> int:
+    """09_1's ring: STAGES slots of 128 rows of W and ``slots`` token rows, 64 values of K each,
+    two mbarriers a slot, and up to 1 KB to align the ring."""
+    return DECODE_STAGES * (DECODE_ROWS + slots) * SLICE_K * 2 + 2 * DECODE_STAGES * 8 + 1024
+
+
+DECODE_STEPS = {c: Step("09_1_decode_swap_ab", "decode_grouped_gemm", f"decode, swap AB, {c} token slots",
+                        DECODE_ROWS, c, SLICE_K, threads=256, min_cc=HOPPER, smem_bytes=decode_smem(c), tma=True,
+                        defines={} if c == 64 else {"SLOTS": c})
+                for c in DECODE_SLOTS}
+
 
 # --------------------------------------------------------------------------------------------
 # What every grouped GEMM's launch shares: the tile map, the persistent grid
@@ -705,6 +721,35 @@ def hf_weight_grad_gate_up(dh, x, gather_idx, offs, validate: bool = True):
 
 
 @kernels.on_torch_stream
+def decode_grouped_gemm(x_slots, w, count, out=None):
+    """``y[e, s] = x_slots[e, s] @ w[e].T`` for the filled slots ``s < count[e]`` of each expert
+    (``kernels/09_1_decode_swap_ab.cu``): ``x_slots [E, C, K]`` (the masked layout; ``C`` one of
+    :data:`DECODE_SLOTS`), ``w [E, N, K]``, ``count [E]`` int32 on the GPU, read there (no host
+    sync: the launch can be captured in a CUDA graph). Returns ``y [E, C, N]`` bf16; rows past an
+    expert's count are not written, and an expert with no tokens is not read. N a multiple of
+    128, K of 64."""
+    check_hopper_inputs({"x_slots": x_slots, "w": w, "count": count}, {"x_slots": 3, "w": 3, "count": 1},
+                        {"count": torch.int32})
+    E, C, K = x_slots.shape
+    Ew, N, Kw = w.shape
+    require(Ew == E and Kw == K, lambda: f"x_slots is [E, C, K] = {tuple(x_slots.shape)} but w is [E, N, K] = "
+                                         f"{tuple(w.shape)}: E or K differs")
+    require(count.numel() == E, lambda: f"count must hold one number per expert: {E}, got {count.numel()}")
+    require(C in DECODE_SLOTS, lambda: f"the token slots per expert (C) must be one of {DECODE_SLOTS}, got {C}")
+    step = DECODE_STEPS[C]
+    require(N % DECODE_ROWS == 0 and K % SLICE_K == 0,
+            lambda: f"{step.name} needs N % {DECODE_ROWS} == 0 and K % {SLICE_K} == 0; got N={N}, K={K}")
+    y = torch.empty(E, C, N, device=w.device, dtype=torch.bfloat16) if out is None else out
+    check_out(y.view(E * C, N), E * C, N)
+    fn = kernels.load(step.source, defines=step.defines).get_function(step.kernel)
+    fn.max_dynamic_shared_size_bytes = step.smem_bytes
+    fn((N // DECODE_ROWS, E), (step.threads,),
+       (tma.tensor_map_2d(w, DECODE_ROWS), tma.tensor_map_2d(x_slots, C), ptr(y), ptr(count), np.int32(N),
+        np.int32(K)), shared_mem=step.smem_bytes)
+    return y
+
+
+@kernels.on_torch_stream
 def combine(rows, pos, weights, validate: bool = True):
     """``out[t] = sum_j weights[t, j] * rows[pos[t, j]]`` (``weights`` None: all ones), fp32
     sums, bf16 out (``kernels/06_4_combine.cu``). ``rows [R, d]``, ``pos [T, k]`` int32 (a
@@ -741,4 +786,5 @@ KERNEL_FILES: dict[str, tuple[Step, object]] = {
     HF_DSWIGLU.source: (HF_DSWIGLU, hf_dswiglu_grouped_gemm),
     HF_TRANSPOSED_B.source: (HF_TRANSPOSED_B, hf_transposed_b_grouped_gemm),
     HF_WEIGHT_GRAD.source: (HF_WEIGHT_GRAD, hf_weight_grad_gate_up),
+    DECODE_STEPS[64].source: (DECODE_STEPS[64], decode_grouped_gemm),
 }

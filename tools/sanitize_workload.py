@@ -7,7 +7,7 @@ at least once, at the sizes where kernels go wrong if they are going to.
 - every step of chapters 02 and 03 (03_1 with one slot and with four), the gather and SwiGLU
   steps, the token-rounding kernels with every routing, and chapter 06's layer forward and
   backward with top-K and with rounding (06_1 to 06_4), its output and every gradient against
-  the same maths in float32;
+  the same maths in float32; chapter 09's decode kernel at every width and its layer;
 - the outputs are checked too (a kernel that is clean but wrong is no better).
 
 It records which kernels were launched and fails if one in kernels/ was not: a kernel added
@@ -188,7 +188,33 @@ def hf_experts() -> None:
             check(f"hf experts, {what}: {label}", got, want)
 
 
-PARTS = {part.__name__: part for part in (first_kernel, grouped_gemms, token_rounding, layer, hf_experts)}
+def decode_step() -> None:
+    import torch
+
+    from moe_course import decode, launch, moe
+
+    # chapter 09: 09_1 at every width it is built for (idle experts, a full one, partial ones),
+    # then the decode layer on it at 1, 64 and 511 tokens, against chapter 01's layer
+    for slots in launch.DECODE_SLOTS:
+        counts = torch.tensor([0, 1, slots, slots // 2 + 1, 0, 3], device="cuda", dtype=torch.int32)
+        x = torch.randn(6, slots, 192, device="cuda").to(torch.bfloat16)
+        w = (torch.randn(6, 256, 192, device="cuda") / 14).to(torch.bfloat16)
+        y = launch.decode_grouped_gemm(x, w, counts)
+        want = torch.einsum("eck,enk->ecn", x.float(), w.float())
+        for e, c in enumerate(counts.tolist()):
+            if c:
+                check(f"09_1, {slots} slots, expert {e} ({c} tokens)", y[e, :c], want[e, :c])
+    for tokens in (1, 64, 511):
+        g = torch.Generator().manual_seed(tokens)
+        w = moe.random_weights(256, 256, 16, generator=g)
+        w = moe.MoEWeights(*(t.bfloat16().float() for t in w))
+        x = torch.randn(tokens, 256, generator=g).bfloat16().float()
+        got = decode.masked_moe_forward_kernel(x.cuda().bfloat16(), decode.prepare(moe.MoEWeights(*(t.cuda() for t in w))), 4).y
+        check(f"decode layer, {tokens} tokens", got.float().cpu(), moe.moe_forward(x, w, 4).y)
+
+
+PARTS = {part.__name__: part for part in (first_kernel, grouped_gemms, token_rounding, layer, hf_experts,
+                                          decode_step)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,11 +6,14 @@ import json
 import re
 
 import pytest
+import torch
 
 from moe_course import ROOT, cuda_on_cpu
+from moe_course import grouped_gemm as gg
 from moe_course.checking import CheckFailed
 from moe_course.graders import ex03_naive_grouped_gemm as ex03
 from moe_course.graders import ex06_tiled_grouped_gemm as ex06
+from moe_course.graders import kernel_exercise
 
 needs_compiler = pytest.mark.skipif(cuda_on_cpu.compiler() is None, reason="no C++ compiler on this machine")
 
@@ -142,11 +145,6 @@ def test_rows_written_by_the_tile_before_are_a_missing_row_bound():
     """On a GPU the tile that runs past its expert's last row races with the next expert's tile
     (the CPU run stops at the out-of-bounds read first): the rows it won hold X times the previous
     expert's weight, which is a missing row bound, not a wrong weight offset."""
-    import torch
-
-    from moe_course import grouped_gemm as gg
-    from moe_course.graders import kernel_exercise
-
     p = gg.make_problem([0, 1, 17, 0, 40], 16, 16, device="cpu", seed=0)
     y = gg.reference(p.x, p.w, p.offs)
     y[1:16] = p.x[1:16].float() @ p.w[1].float().T  # expert 1's tile (rows 0-15) past its one row

@@ -22,17 +22,9 @@ def tensor_map_2d(tensor, box_rows: int, rows: int | None = None):
     """The tensor map of a contiguous bf16 tensor seen as a 2D ``[rows, cols]`` matrix
     (``rows`` = everything but the last dimension by default), boxes of ``box_rows x 64``
     values, 128-byte swizzled; reads outside the matrix return zeros."""
-    if tensor.dtype != torch.bfloat16:
-        raise TypeError(f"tensor maps here are for bf16 tensors, got {tensor.dtype}")
-    if not tensor.is_cuda or not tensor.is_contiguous():
-        raise ValueError("a tensor map needs a contiguous tensor on the GPU")
+    _check_tensor(tensor)
     cols = tensor.shape[-1]
     rows = tensor.numel() // cols if rows is None else rows
-    if tensor.data_ptr() % 16:
-        raise ValueError(f"TMA needs a 16-byte aligned base address; this tensor starts at "
-                         f"{tensor.data_ptr():#x} (a slice at an odd offset? call .clone())")
-    if (cols * 2) % 16:
-        raise ValueError(f"TMA needs rows of a multiple of 16 bytes: {cols} bf16 columns are {cols * 2} bytes")
     if not 0 < box_rows <= MAX_BOX_ROWS:
         raise ValueError(f"box rows must be in 1..{MAX_BOX_ROWS}, got {box_rows}")
     return _encode(tensor.data_ptr(), (cols, rows), (cols * 2,), (BOX_COLS, box_rows))
@@ -49,22 +41,31 @@ def tensor_map_gate_up(gate_up_proj, box_rows: int):
     rows of shared memory, swizzled as a 2-D box of ``box_rows`` rows of the interleaved matrix
     (byte-identical on an H100, session 10). A kernel loads it with
     ``tma_load_4d(dst, map, k0, 0, j0, e, bar)`` (kernels/tma.cuh)."""
-    if gate_up_proj.dtype != torch.bfloat16:
-        raise TypeError(f"tensor maps here are for bf16 tensors, got {gate_up_proj.dtype}")
     if gate_up_proj.dim() != 3 or gate_up_proj.shape[1] % 2:
         raise ValueError(f"gate_up_proj must be (E, 2I, H) with gate rows then up rows, got shape "
                          f"{tuple(gate_up_proj.shape)}")
-    if not gate_up_proj.is_cuda or not gate_up_proj.is_contiguous():
-        raise ValueError("a tensor map needs a contiguous tensor on the GPU")
+    _check_tensor(gate_up_proj)
     E, two_i, H = gate_up_proj.shape
-    if gate_up_proj.data_ptr() % 16 or (H * 2) % 16:
-        raise ValueError(f"TMA needs a 16-byte aligned base and rows of a multiple of 16 bytes: H={H} "
-                         f"bf16 are {H * 2} bytes, the base is {gate_up_proj.data_ptr():#x}")
     if box_rows % 2 or not 0 < box_rows // 2 <= MAX_BOX_ROWS:
         raise ValueError(f"box rows (gate and up interleaved) must be even, 2..{2 * MAX_BOX_ROWS}; got {box_rows}")
     I = two_i // 2
     return _encode(gate_up_proj.data_ptr(), (H, 2, I, E), (I * H * 2, H * 2, two_i * H * 2),
                    (BOX_COLS, 2, box_rows // 2, 1))
+
+
+def _check_tensor(tensor) -> None:
+    """What the copy engine needs of any tensor it reads: bf16 (these maps' type), contiguous on
+    the GPU, a 16-byte aligned base and rows (the last dimension) of a multiple of 16 bytes."""
+    if tensor.dtype != torch.bfloat16:
+        raise TypeError(f"tensor maps here are for bf16 tensors, got {tensor.dtype}")
+    if not tensor.is_cuda or not tensor.is_contiguous():
+        raise ValueError("a tensor map needs a contiguous tensor on the GPU")
+    if tensor.data_ptr() % 16:
+        raise ValueError(f"TMA needs a 16-byte aligned base address; this tensor starts at "
+                         f"{tensor.data_ptr():#x} (a slice at an odd offset? call .clone())")
+    cols = tensor.shape[-1]
+    if (cols * 2) % 16:
+        raise ValueError(f"TMA needs rows of a multiple of 16 bytes: {cols} bf16 columns are {cols * 2} bytes")
 
 
 @functools.lru_cache(maxsize=256)

@@ -286,7 +286,12 @@ def masked_combine(y_slots: Tensor, layout: MaskedLayout, weights: Tensor) -> Te
     ``(E, C, d)``, ``weights (T, K)`` -> ``(T, d)``. A gather, not a scatter: no atomics, the same
     order every run. A dropped pair reads the spare slot, a row of zeros."""
     E, C, d = y_slots.shape
-    rows = torch.cat([y_slots.reshape(E * C, d), y_slots.new_zeros(1, d)])
+    return combine_rows(torch.cat([y_slots.reshape(E * C, d), y_slots.new_zeros(1, d)]), layout, weights)
+
+
+def combine_rows(rows: Tensor, layout: MaskedLayout, weights: Tensor) -> Tensor:
+    """:func:`masked_combine` on the slots' rows with the spare one already after them:
+    ``rows (E * C + 1, d)``, the last row zero."""
     return torch.einsum("tk,tkd->td", weights.to(rows.dtype), rows[layout.pair_slot])
 
 
@@ -579,11 +584,20 @@ def masked_moe_forward_kernel(x: Tensor, w: DecodeWeights | moe.MoEWeights, k: i
     layout = masked_layout(experts, E, kernel_capacity(tokens) if capacity is None else capacity)
     x_slots = torch.where(layout.valid[..., None], x[layout.slot_token], 0)  # (E, C, d): empty slots zero
     count = layout.counts.clamp(max=layout.capacity).to(torch.int32)
-    h = launch.decode_grouped_gemm(x_slots, w.w_gate_up, count)  # (E, C, 2n); slots past a count unwritten
+    # (E, C, 2n). 09_1 writes a busy expert's filled slots only, and SwiGLU below runs on every
+    # slot (cheaper than gathering the filled ones), so the slots it does not write start at zero:
+    # reading memory no kernel wrote is an error (compute-sanitizer's initcheck reported it, H100,
+    # session 11), whatever is done with the values. A SwiGLU epilogue in the kernel, as 03_4 has
+    # for training, would read and write the filled slots alone: the next step.
+    h = launch.decode_grouped_gemm(x_slots, w.w_gate_up, count, out=x_slots.new_zeros(E, layout.capacity, two_n))
     gate, up = h.to(acc).split(two_n // 2, dim=-1)
     a = (F.silu(gate) * up).to(x.dtype)  # (E, C, n)
-    y_slots = launch.decode_grouped_gemm(a, w.w_down, count)  # (E, C, d)
-    return DecodeOutput(masked_combine(y_slots, layout, weights), weights, experts, layout)
+    # (E * C + 1, d): the slots' rows and the spare one a dropped pair reads, all zero but the
+    # filled slots 09_1 writes (the combine gathers those alone; a copy of every slot, as
+    # masked_combine's, would read slots no kernel wrote)
+    y_rows = x_slots.new_zeros(E * layout.capacity + 1, d)
+    launch.decode_grouped_gemm(a, w.w_down, count, out=y_rows[:-1].view(E, layout.capacity, d))
+    return DecodeOutput(combine_rows(y_rows, layout, weights), weights, experts, layout)
 
 
 #: The record of benchmarks/bench_decode.py: 09_1 against torch._grouped_mm per shape, projection

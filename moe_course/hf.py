@@ -238,20 +238,29 @@ def experts_torch(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_
 def kernel_routing(top_k_index: torch.Tensor, num_experts: int):
     """The kernels' routing from the model's own choice, with no host synchronisation:
     ``(gather_idx, offs, pos)``, int32, and ``order`` (int64: the pair, ``t * K + j``, of each
-    sorted row). Pairs sorted by expert (stable: token order within an
-    expert); pairs routed to no expert (id ``E``) sort last, past ``offs[E - 1]``, where no tile
-    reads them, and their ``pos`` points past every row, which 06_4's combine skips. ``offs``
-    from a search in the sorted ids, not ``torch.bincount`` (which reads its size back)."""
+    sorted row). Pairs sorted by expert (stable: token order within an expert); ``offs`` from a
+    search in the sorted ids, not ``torch.bincount`` (which reads its size back).
+
+    Pairs routed to no expert (id ``E``) sort last and are counted among the last expert's rows:
+    computed like its own, then weighted zero (:func:`kept_weights`). So every row a kernel reads
+    was written: 06_3 reads up to 63 rows past an expert's end, multiplied by zeros, and rows
+    left unwritten could hold NaN, which zero does not cancel (compute-sanitizer's memcheck
+    showed it, H100, session 11: NaN in gate_up_proj's gradient)."""
     T, K = top_k_index.shape
     flat = top_k_index.reshape(-1).long()
-    key, order = torch.sort(flat, stable=True)
+    key, order = torch.sort(flat.clamp(max=num_experts - 1), stable=True)  # id E sorts last either way
     i32 = torch.int32
     gather_idx = (order // K).to(i32)
     offs = torch.searchsorted(key, torch.arange(num_experts, device=key.device), right=True).to(i32)
-    rows = torch.empty_like(order)
-    rows[order] = torch.arange(order.numel(), device=order.device)
-    pos = torch.where(flat < num_experts, rows, order.numel()).to(i32).view(T, K)
-    return gather_idx, offs, pos, order
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel(), device=order.device)
+    return gather_idx, offs, pos.to(i32).view(T, K), order
+
+
+def kept_weights(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The routing weights the kernels combine with, in float32: zero for a pair routed to no
+    expert (its row is computed, :func:`kernel_routing`, and must add nothing)."""
+    return top_k_weights.float().where(top_k_index < num_experts, 0.0).contiguous()
 
 
 def experts_kernels(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
@@ -261,11 +270,12 @@ def experts_kernels(hidden_states, top_k_index, top_k_weights, gate_up_proj, dow
     (03_2: ``[E, N, K]``), 06_4's weighted combine in float32. Inference only: nothing is kept."""
     from . import launch
 
-    gather_idx, offs, pos, _ = kernel_routing(top_k_index, gate_up_proj.shape[0])
+    E = gate_up_proj.shape[0]
+    gather_idx, offs, pos, _ = kernel_routing(top_k_index, E)
     x = hidden_states.contiguous()
     a, _ = launch.hf_swiglu_grouped_gemm(x, gather_idx, gate_up_proj, offs, store_h=False, validate=False)
     y_sorted = launch.grouped_gemm(a, down_proj, offs, validate=False)
-    return launch.combine(y_sorted, pos, top_k_weights.float().contiguous(), validate=False)
+    return launch.combine(y_sorted, pos, kept_weights(top_k_index, top_k_weights, E), validate=False)
 
 
 class KernelExperts(torch.autograd.Function):
@@ -281,36 +291,39 @@ class KernelExperts(torch.autograd.Function):
       layer does not make);
     - 10_3: dX's rows = dH @ gate_up_proj[e] through the 4-D map; 06_4 sums each token's rows;
     - 10_4: gate_up_proj's gradient = dH_e^T x_gathered, stored in gate | up order;
-    - the routing weights' gradient: each pair's ds (zero for a pair routed to no expert)."""
+    - the routing weights' gradient: each pair's ds (zero for a pair routed to no expert, whose
+      row was computed with weight zero: :func:`kernel_routing`)."""
 
     @staticmethod
     def forward(ctx, hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
         from . import launch
 
-        gather_idx, offs, pos, order = kernel_routing(top_k_index, gate_up_proj.shape[0])
+        E = gate_up_proj.shape[0]
+        gather_idx, offs, pos, order = kernel_routing(top_k_index, E)
         x = hidden_states.contiguous()
         a, h = launch.hf_swiglu_grouped_gemm(x, gather_idx, gate_up_proj, offs, validate=False)
         y_sorted = launch.grouped_gemm(a, down_proj, offs, validate=False)
-        out = launch.combine(y_sorted, pos, top_k_weights.float().contiguous(), validate=False)
-        ctx.save_for_backward(x, h, gather_idx, offs, pos, order, top_k_weights, gate_up_proj, down_proj)
+        weights = kept_weights(top_k_index, top_k_weights, E)
+        out = launch.combine(y_sorted, pos, weights, validate=False)
+        ctx.dtype = top_k_weights.dtype
+        ctx.save_for_backward(x, h, gather_idx, offs, pos, order, weights, top_k_index, gate_up_proj, down_proj)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         from . import launch
 
-        x, h, gather_idx, offs, pos, order, weights, gate_up_proj, down_proj = ctx.saved_tensors
-        rows = order.numel()
+        x, h, gather_idx, offs, pos, order, weights, top_k_index, gate_up_proj, down_proj = ctx.saved_tensors
         dout = dout.contiguous().to(x.dtype)
-        row_scale = weights.float().reshape(-1)[order]  # each sorted row's routing weight
+        row_scale = weights.reshape(-1)[order]  # each sorted row's routing weight (0: no expert)
         dh, sa, ds = launch.hf_dswiglu_grouped_gemm(dout, gather_idx, down_proj, h, row_scale, offs, validate=False)
         d_down = launch.weight_grad(dout[gather_idx.long()], sa, None, offs, validate=False)
         del sa
         dx = launch.combine(launch.hf_transposed_b_grouped_gemm(dh, gate_up_proj, offs, validate=False), pos, None,
                             validate=False)
         d_gate_up = launch.hf_weight_grad_gate_up(dh, x, gather_idx, offs, validate=False)
-        routed = pos < rows  # rows past the last expert's (no expert) were never computed: masked, not read
-        d_weights = torch.where(routed, ds[pos.clamp(max=rows - 1).long()], 0.0).to(weights.dtype)
+        routed = top_k_index < gate_up_proj.shape[0]  # a pair routed to no expert: its weight is no parameter
+        d_weights = torch.where(routed, ds[pos.long()], 0.0).to(ctx.dtype)
         return dx.to(x.dtype), None, d_weights, d_gate_up, d_down
 
 

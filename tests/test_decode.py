@@ -230,11 +230,15 @@ def test_the_graph_replayed_layer_equals_the_eager_one(dtype):
 
 
 def kernel_stand_in(x_slots, w, count, out=None):
-    """09_1's contract in torch: the filled slots' products; every other row NaN, as the kernel
-    leaves them unwritten (a layer that read one would turn NaN)."""
+    """09_1's contract in torch: the filled slots' products; every other row of ``out`` left as
+    it was, or, without ``out``, NaN, as the kernel leaves them unwritten (a layer that read one
+    would turn NaN)."""
     y = torch.einsum("eck,enk->ecn", x_slots.double(), w.double()).to(x_slots.dtype)
     filled = torch.arange(x_slots.shape[1], device=x_slots.device) < count[:, None].long()
-    return torch.where(filled[..., None], y, float("nan"))
+    if out is None:
+        return torch.where(filled[..., None], y, float("nan"))
+    out[filled] = y[filled]
+    return out
 
 
 @pytest.mark.parametrize("case", decode.CHECK_CASES, ids=CASE_IDS)

@@ -15,9 +15,10 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
 
-from moe_course import ROOT, hf, layer  # noqa: E402
+from moe_course import ROOT, hf, launch, layer  # noqa: E402
 from moe_course import hf_models as hm  # noqa: E402
 from moe_course.checking import relative_error  # noqa: E402
+from kernel_checks import poison  # noqa: E402
 
 ARCHS = tuple(hm.ARCHITECTURES)
 TINY_EXPERTS = 16  # every architecture's top-K fits (DeepSeek-V3: 8 groups of 2, 4 groups picked)
@@ -163,7 +164,7 @@ def outputs_and_gradients(forward, module, x, index, weights):
     leaves = [x.clone().requires_grad_(), weights.clone().requires_grad_()]
     module.zero_grad(set_to_none=True)
     out = forward(module, leaves[0], index, leaves[1])
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.device, out.dtype)
     (out.float() * g.float()).sum().backward()
     return [out, *(t.grad for t in leaves), module.gate_up_proj.grad, module.down_proj.grad]
 
@@ -276,20 +277,23 @@ def test_an_expert_id_out_of_range_is_refused():
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_the_kernels_routing_is_chapter_01s_dispatch(routing):
     """The kernels' routing (no host sync) against moe.dispatch: the same sorted order, the same
-    expert ends, each kept pair's row found by pos, a pair routed to no expert past every row."""
+    expert ends, each pair's row found by pos; a pair routed to no expert after every kept row,
+    counted among the last expert's rows (computed there, weighted zero: no row left unwritten)."""
     T, K, index = ROUTINGS[routing]
     ids = index(T, K)
     gather_idx, offs, pos, order = hf.kernel_routing(ids, 6)
     routed = ids < 6
     d = hf.moe.dispatch(ids.where(routed, 0), 6, keep=routed)
-    assert torch.equal(offs.long(), d.offsets[1:])
+    assert torch.equal(offs[:-1].long(), d.offsets[1:-1]) and int(offs[-1]) == T * K
     assert torch.equal(gather_idx[: d.kept].long(), d.token_of[: d.kept])
     assert gather_idx.dtype == offs.dtype == pos.dtype == torch.int32
     assert torch.equal(gather_idx.long(), order // K) and torch.equal(ids.reshape(-1)[order], ids.reshape(-1).sort().values)
     rows = pos.long()
-    assert torch.equal(rows[~routed], torch.full_like(rows[~routed], T * K))
+    assert sorted(rows.flatten().tolist()) == list(range(T * K))  # every row belongs to one pair
+    assert bool((rows[~routed] >= d.kept).all())
     tokens = torch.arange(T)[:, None].expand(T, K)
-    assert torch.equal(gather_idx.long()[rows[routed]], tokens[routed])
+    assert torch.equal(gather_idx.long()[rows], tokens)
+    assert torch.equal(hf.kept_weights(ids, torch.ones(T, K), 6), routed.float())
     for e in range(6):  # each kept pair's row lies in its expert's rows
         start = 0 if e == 0 else int(offs[e - 1])
         assert bool(((rows[ids == e] >= start) & (rows[ids == e] < int(offs[e]))).all())
@@ -385,6 +389,14 @@ def test_on_a_gpu_training_runs_the_kernels_forward_and_backward(routing, monkey
     ran = []
     monkeypatch.setattr(hf.KernelExperts, "apply",
                         lambda *args, original=hf.KernelExperts.apply: ran.append(1) or original(*args))
+
+    def poisoned_first(dout, gather_idx, down_proj, h, *args, original=launch.hf_dswiglu_grouped_gemm, **kwargs):
+        # dh and sa, NaN wherever 10_2 writes nothing: 06_3 and 10_4 read past an expert's end
+        R, n = gather_idx.numel(), down_proj.shape[2]
+        poison(*[((R, 2 * n), torch.bfloat16), ((R, n), torch.bfloat16)] * 4)
+        return original(dout, gather_idx, down_proj, h, *args, **kwargs)
+
+    monkeypatch.setattr(launch, "hf_dswiglu_grouped_gemm", poisoned_first)
     got = outputs_and_gradients(hf.experts_forward, module, x, ids, weights)
     torch_maths = lambda m, h, i, w: hf.experts_torch(h, i, w, m.gate_up_proj, m.down_proj, layer.GROUPED_MM_OPS)
     want = outputs_and_gradients(torch_maths, module, x, ids, weights)
@@ -499,6 +511,14 @@ def test_training_curves_are_held_to_transformers_own_spread():
     assert hm.training_disagreement(curves, torch.bfloat16) is None
     strayed = {**curves, "moe_course": [12.3, 10.6, 9.25, 8.5, 8.38, 7.98, 10.5, 8.0]}
     assert "strays" in hm.training_disagreement(strayed, torch.bfloat16)
+    # past the first steps bf16 curves part by chance (measured, H100, session 11): allowed ...
+    parted = {"eager": [12.304, 10.359, 7.600, 6.106, 6.016, 4.909, 3.411, 2.582],
+              "grouped_mm": [12.304, 10.360, 7.600, 6.090, 6.120, 4.815, 3.342, 2.460],
+              "moe_course": [12.305, 10.362, 7.605, 6.092, 6.363, 4.660, 3.361, 2.648]}
+    assert hm.training_disagreement(parted, torch.bfloat16) is None
+    # ... but a curve that stops learning after them is not
+    stuck = {**parted, "moe_course": [12.304, 10.359, 7.600, 6.106, 7.9, 8.4, 8.1, 8.2]}
+    assert "less than half as far" in hm.training_disagreement(stuck, torch.bfloat16)
     # near zero a relative gap means nothing: 0.010 against 0.023 is learnt by heart either way
     low = {"eager": [11.2, 2.11, 0.37, 0.023], "grouped_mm": [11.2, 2.11, 0.44, 0.033], "moe_course": [11.2, 2.11, 0.44, 0.010]}
     assert hm.training_disagreement(low, torch.bfloat16) is None

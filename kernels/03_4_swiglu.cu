@@ -37,6 +37,7 @@ struct SwigluEpilogue {
     }
 };
 
+#if __INCLUDE_LEVEL__ == 0  // the kernel, only where this file is the one compiled (not in 10_1)
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 swiglu_grouped_gemm(const __grid_constant__ TmaDesc map_w, const bf16* __restrict__ X,
                     const int* __restrict__ gather_idx, bf16* __restrict__ H, bf16* __restrict__ A,
@@ -46,3 +47,4 @@ swiglu_grouped_gemm(const __grid_constant__ TmaDesc map_w, const bf16* __restric
     const Problem p{offs, tile_map, num_tiles, M, N, K, group_m};
     warp_specialized_grouped_gemm(p, GatherProducer{{map_w, map_w}, X, gather_idx, tokens}, SwigluEpilogue{{H}, A});
 }
+#endif

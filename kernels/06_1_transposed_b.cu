@@ -28,6 +28,7 @@ struct MnMajorWProducer : TmaProducer {
     }
 };
 
+#if __INCLUDE_LEVEL__ == 0  // the kernel, only where this file is the one compiled (not in 10_3)
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 transposed_b_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ TmaDesc map_w,
                           bf16* __restrict__ Y, const int* __restrict__ offs, const TileInfo* __restrict__ tile_map,
@@ -35,3 +36,4 @@ transposed_b_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_co
     const Problem p{offs, tile_map, num_tiles, M, N, K, group_m};
     warp_specialized_grouped_gemm(p, MnMajorWProducer{{map_x, map_w}}, StagedStore{Y});
 }
+#endif

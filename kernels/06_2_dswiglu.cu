@@ -95,6 +95,7 @@ struct DswigluEpilogue {
     }
 };
 
+#if __INCLUDE_LEVEL__ == 0  // the kernel, only where this file is the one compiled (not in 10_2)
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 dswiglu_grouped_gemm(const __grid_constant__ TmaDesc map_w, const bf16* __restrict__ dout,
                      const int* __restrict__ gather_idx, const bf16* __restrict__ H,
@@ -106,3 +107,4 @@ dswiglu_grouped_gemm(const __grid_constant__ TmaDesc map_w, const bf16* __restri
     warp_specialized_grouped_gemm(p, GatherProducer{{map_w, map_w}, dout, gather_idx, tokens},
                                   DswigluEpilogue{H, row_scale, dH, sA, ds_part});
 }
+#endif

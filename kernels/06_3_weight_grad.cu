@@ -57,9 +57,9 @@ __device__ __forceinline__ void wg_tile(int t, int n_tiles, int k_tiles, int& e,
 // their epilogue together, so memory is idle during the multiplies and busy after them). The
 // one buffer is written again once the copy engine has read out its previous contents.
 // For tiles that are always whole: TMA clips only at the tensor's edges, not at an expert's.
-template <int NV>
-__device__ __forceinline__ void store_tile_tma(const float (&d)[NV], Staging& buf, int c, const TmaDesc& map,
-                                               int row0, int col0) {
+template <int NV, class Store>
+__device__ __forceinline__ void store_tile_tma(const float (&d)[NV], Staging& buf, int c, const Store& dw, int row0,
+                                               int col0) {
     const int t = threadIdx.x % 128;
 #pragma unroll
     for (int half = 0; half < NV / 64; ++half) {  // 128 columns = 64 accumulators per thread
@@ -69,18 +69,25 @@ __device__ __forceinline__ void store_tile_tma(const float (&d)[NV], Staging& bu
         fence_proxy_async();  // these writes, visible to the copy engine
         warpgroup_sync(c);
         if (t == 0) {
-            tma_store_2d(map, buf.box[0], col0 + 128 * half, row0);
-            tma_store_2d(map, buf.box[1], col0 + 128 * half + 64, row0);
+            dw.box(buf.box[0], row0, col0 + 128 * half);
+            dw.box(buf.box[1], row0, col0 + 128 * half + 64);
             tma_store_commit();
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
-weight_grad_grouped_gemm(const __grid_constant__ TmaDesc map_dy, const bf16* __restrict__ X,
-                         const int* __restrict__ gather_idx,  // nullptr: X's rows are the sorted rows
-                         const __grid_constant__ TmaDesc map_dw,  // dW as an [E * N, K] matrix, 64 x 64 boxes
-                         const int* __restrict__ offs, int E, int R, int N, int K, int x_rows) {
+// Where a 64 x 64 box of dW goes: row `row` of dW seen as an [E * N, K] matrix, columns col..
+struct DwStore {
+    const TmaDesc& map;
+    __device__ void box(const void* src, int row, int col) const { tma_store_2d(map, src, col, row); }
+};
+
+// The kernel's body, for any place the boxes of dW go (Store: DwStore here; 10_4 stores them
+// into Hugging Face's gate | up halves).
+template <class Store>
+__device__ __forceinline__ void weight_grad(const TmaDesc& map_dy, const bf16* __restrict__ X,
+                                            const int* __restrict__ gather_idx, const Store& dw,
+                                            const int* __restrict__ offs, int E, int R, int N, int K, int x_rows) {
     const Ring<WgSlot> ring = make_ring<WgSlot>(1 + 128);  // expect_tx + each producer thread's cp.async
     WgSlot* slots = ring.slots;
     Staging* staging = ring.staging;
@@ -166,9 +173,19 @@ weight_grad_grouped_gemm(const __grid_constant__ TmaDesc map_dy, const bf16* __r
             }
             // dW[e][n*256 + 128c + row][k*128 + col]: rows of the tile are N, columns K
             const int row = e * N + n * TN + 128 * c;
-            store_tile_tma(acc0, staging[c], c, map_dw, row, k * TK);
-            store_tile_tma(acc1, staging[c], c, map_dw, row + 64, k * TK);
+            store_tile_tma(acc0, staging[c], c, dw, row, k * TK);
+            store_tile_tma(acc1, staging[c], c, dw, row + 64, k * TK);
         }
         if (threadIdx.x % 128 == 0) tma_store_wait_all();  // shared memory must outlive the stores reading it
     }
 }
+
+#if __INCLUDE_LEVEL__ == 0  // the kernel, only where this file is the one compiled (not in 10_4)
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+weight_grad_grouped_gemm(const __grid_constant__ TmaDesc map_dy, const bf16* __restrict__ X,
+                         const int* __restrict__ gather_idx,  // nullptr: X's rows are the sorted rows
+                         const __grid_constant__ TmaDesc map_dw,  // dW as an [E * N, K] matrix, 64 x 64 boxes
+                         const int* __restrict__ offs, int E, int R, int N, int K, int x_rows) {
+    weight_grad(map_dy, X, gather_idx, DwStore{map_dw}, offs, E, R, N, K, x_rows);
+}
+#endif

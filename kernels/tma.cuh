@@ -91,6 +91,12 @@ __device__ __forceinline__ void tma_store_2d(const TmaDesc& map, const void* src
     asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n"
                  :: "l"(reinterpret_cast<u64>(&map)), "r"(smem_addr(src)), "r"(col), "r"(row) : "memory");
 }
+// The 4-D store (chapter 10): dW of gate_up_proj back to its gate | up halves, as tma_load_4d reads them.
+__device__ __forceinline__ void tma_store_4d(const TmaDesc& map, const void* src, int c0, int c1, int c2, int c3) {
+    asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n"
+                 :: "l"(reinterpret_cast<u64>(&map)), "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+                 : "memory");
+}
 __device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 template <int N>  // until at most N of this thread's store groups still read shared memory
 __device__ __forceinline__ void tma_store_wait_read() { asm volatile("cp.async.bulk.wait_group.read %0;\n" :: "n"(N) : "memory"); }

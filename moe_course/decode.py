@@ -286,7 +286,12 @@ def masked_combine(y_slots: Tensor, layout: MaskedLayout, weights: Tensor) -> Te
     ``(E, C, d)``, ``weights (T, K)`` -> ``(T, d)``. A gather, not a scatter: no atomics, the same
     order every run. A dropped pair reads the spare slot, a row of zeros."""
     E, C, d = y_slots.shape
-    rows = torch.cat([y_slots.reshape(E * C, d), y_slots.new_zeros(1, d)])
+    return combine_rows(torch.cat([y_slots.reshape(E * C, d), y_slots.new_zeros(1, d)]), layout, weights)
+
+
+def combine_rows(rows: Tensor, layout: MaskedLayout, weights: Tensor) -> Tensor:
+    """:func:`masked_combine` on the slots' rows with the spare one already after them:
+    ``rows (E * C + 1, d)``, the last row zero."""
     return torch.einsum("tk,tkd->td", weights.to(rows.dtype), rows[layout.pair_slot])
 
 
@@ -522,3 +527,93 @@ def check_against_chapter01(case: Case, layer: Callable = masked_moe_forward, dt
     tolerance = TOLERANCE.get(dtype, 1e-2)
     check_close(f"y ({case.name}, {str(dtype).removeprefix('torch.')})", got, want, rtol=tolerance, atol=tolerance)
     return relative_error(got, want)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. The step on the course's decode kernel (kernels/09_1_decode_swap_ab.cu), a Hopper GPU
+
+
+class DecodeWeights(NamedTuple):
+    """A layer's weights as 09_1 reads them (both projections ``[E, N, K]``, K contiguous), made
+    once: serving does not change them between steps. ``w_router (d, E)``; ``w_gate_up (E, 2n,
+    d)``: each expert's n gate rows, then its n up rows; ``w_down (E, d, n)``."""
+    w_router: Tensor
+    w_gate_up: Tensor
+    w_down: Tensor
+
+
+def prepare(w: moe.MoEWeights, dtype=torch.bfloat16) -> DecodeWeights:
+    """Chapter 01's weights (``w_gate``, ``w_up`` ``(E, d, n)``, ``w_down`` ``(E, n, d)``) in
+    09_1's layout and ``dtype``: one copy, before the first step."""
+    gate_up = torch.cat((w.w_gate.transpose(1, 2), w.w_up.transpose(1, 2)), dim=1)
+    return DecodeWeights(w.w_router.to(dtype), gate_up.to(dtype).contiguous(),
+                         w.w_down.transpose(1, 2).to(dtype).contiguous())
+
+
+def kernel_capacity(tokens: int) -> int:
+    """The token slots per expert 09_1 is built for (its wgmma N): the smallest of
+    :data:`moe_course.launch.DECODE_SLOTS` that holds ``tokens`` (an expert gets at most one pair
+    per token, so nothing can drop), or the largest, 256, past it (a step of more tokens then
+    drops what an expert gets past 256: :func:`check_no_overflow` says so, outside the step)."""
+    from .launch import DECODE_SLOTS
+
+    check_int(tokens, "tokens", 0)
+    return next((c for c in DECODE_SLOTS if c >= tokens), DECODE_SLOTS[-1])
+
+
+def masked_moe_forward_kernel(x: Tensor, w: DecodeWeights | moe.MoEWeights, k: int, *,
+                              capacity: int | None = None) -> DecodeOutput:
+    """:func:`masked_moe_forward` with its expert products on 09_1: the router and the masked
+    layout in torch (no value read back), the up-projection ``[gate; up]`` in one launch, SwiGLU
+    in torch, the down-projection in a second launch, the combine in torch. Each launch reads the
+    experts' counts on the device: an idle expert's weights are never read, and the whole step
+    can be captured in a CUDA graph (:func:`graphed`). ``x (T, d)`` bf16 on a Hopper GPU; ``w``:
+    :func:`prepare`'s (or chapter 01's, prepared on each call); ``capacity``: one of
+    :data:`moe_course.launch.DECODE_SLOTS` (default :func:`kernel_capacity`)."""
+    from . import launch
+
+    if isinstance(w, moe.MoEWeights):
+        w = prepare(w, x.dtype)
+    require(isinstance(w, DecodeWeights), lambda: f"w must be DecodeWeights or moe.MoEWeights, got {type(w).__name__}",
+            TypeError)
+    tokens = x.shape[0]
+    E, two_n, d = w.w_gate_up.shape
+    acc = torch.promote_types(x.dtype, torch.float32)  # routers decide, and SwiGLU runs, in float32 at least
+    logits = moe.router_logits(x.to(acc), w.w_router.to(acc))  # (T, E): a small product, in float32
+    weights, experts = moe.topk_softmax(logits, k, validate=False)
+    layout = masked_layout(experts, E, kernel_capacity(tokens) if capacity is None else capacity)
+    x_slots = torch.where(layout.valid[..., None], x[layout.slot_token], 0)  # (E, C, d): empty slots zero
+    count = layout.counts.clamp(max=layout.capacity).to(torch.int32)
+    # (E, C, 2n). 09_1 writes a busy expert's filled slots only, and SwiGLU below runs on every
+    # slot (cheaper than gathering the filled ones), so the slots it does not write start at zero:
+    # reading memory no kernel wrote is an error (compute-sanitizer's initcheck reported it, H100,
+    # session 11), whatever is done with the values. A SwiGLU epilogue in the kernel, as 03_4 has
+    # for training, would read and write the filled slots alone: the next step.
+    h = launch.decode_grouped_gemm(x_slots, w.w_gate_up, count, out=x_slots.new_zeros(E, layout.capacity, two_n))
+    gate, up = h.to(acc).split(two_n // 2, dim=-1)
+    a = (F.silu(gate) * up).to(x.dtype)  # (E, C, n)
+    # (E * C + 1, d): the slots' rows and the spare one a dropped pair reads, all zero but the
+    # filled slots 09_1 writes (the combine gathers those alone; a copy of every slot, as
+    # masked_combine's, would read slots no kernel wrote)
+    y_rows = x_slots.new_zeros(E * layout.capacity + 1, d)
+    launch.decode_grouped_gemm(a, w.w_down, count, out=y_rows[:-1].view(E, layout.capacity, d))
+    return DecodeOutput(combine_rows(y_rows, layout, weights), weights, experts, layout)
+
+
+#: The record of benchmarks/bench_decode.py: 09_1 against torch._grouped_mm per shape, projection
+#: and step size.
+GEMM_KIND = "decode_gemm"
+
+
+def gemm_table(data: dict) -> str:
+    """A "decode_gemm" record's rows as text: time, TB/s and fraction of the device copy for 09_1
+    and ``torch._grouped_mm``, and 09_1's speed-up."""
+    lines = [f"{'shape':<16}{'proj':>5}{'T':>5}{'active':>7}{'09_1 µs':>10}{'TB/s':>7}{'of copy':>8}"
+             f"{'grouped_mm µs':>15}{'TB/s':>7}{'of copy':>8}{'speed-up':>9}"]
+    for row in data["rows"]:
+        ours, theirs = row["09_1"], row["grouped_mm"]
+        lines.append(f"{row['shape']:<16}{row['proj']:>5}{row['tokens']:>5}{row['active']:>7}"
+                     f"{1e3 * ours['ms']:>10.1f}{ours['tbps']:>7.2f}{ours['of_copy']:>8.0%}"
+                     f"{1e3 * theirs['ms']:>15.1f}{theirs['tbps']:>7.2f}{theirs['of_copy']:>8.0%}"
+                     f"{theirs['ms'] / ours['ms']:>8.2f}x")
+    return "\n".join(lines)

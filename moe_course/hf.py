@@ -21,13 +21,17 @@ What a backend is given (transformers' layout, not the course's):
   choice. An index equal to ``E`` means "no expert here": expert parallelism sends the pairs
   that belong to another GPU's experts there, with weight 0.
 
-:func:`experts_forward` runs the course's maths on the module's own parameters: chapter 01's
-dispatch (:func:`moe_course.moe.dispatch`, pairs sorted by expert), one grouped product on the
-concatenated ``[gate; up]`` rows, SwiGLU, the down-projection, chapter 01's combine. Each call
-first asks :func:`why_not_kernels` whether the course's kernels could take it; until the
-kernels read transformers' layout (a Hopper GPU session builds them), the answer is always a
-reason, and the torch maths runs: on ``torch._grouped_mm`` where it can, else one product per
-expert (:data:`moe_course.layer.TORCH_OPS`). The reason is printed once, in one line.
+:func:`experts_forward` asks :func:`why_not_kernels` on each call whether the course's kernels
+can take it. Where they can (a Hopper GPU, bf16, widths of the kernels' multiples; with no
+gradient wanted: inference and ``generate()``), :func:`experts_kernels` runs them on the module's
+own parameters, with no copy: ``gate_up_proj`` through a 4-D tensor map that interleaves its
+gate and up halves in the load (``kernels/10_1_hf_swiglu.cu``), ``down_proj`` as it is (03_2),
+06_4's combine; where a gradient is wanted, :class:`KernelExperts` adds chapter 06's backward on
+the same layout (10_2, 06_3, 10_3, 10_4). Elsewhere the course's maths runs in torch: chapter 01's dispatch (:func:`moe_course.moe.dispatch`, pairs
+sorted by expert), one grouped product on the concatenated ``[gate; up]`` rows, SwiGLU, the
+down-projection, chapter 01's combine, on ``torch._grouped_mm`` where it can, else one product
+per expert (:data:`moe_course.layer.TORCH_OPS`). Which one ran, and why, is printed once, in
+one line.
 
 What the maths cannot take (a bias, weights stored ``(E, in, out)`` or with gate and up rows
 interleaved, an activation other than SiLU, a gating of the model's own that clips, a norm after
@@ -157,14 +161,14 @@ def check_call(experts, hidden_states, top_k_index, top_k_weights) -> None:
 
 
 def why_not_kernels(experts, hidden_states) -> str | None:
-    """Why this call does not run on the course's kernels; once kernels for transformers' layout
-    exist, ``None`` where they can take it. The conditions are
-    :func:`moe_course.layer.kernels_unavailable`'s (a Hopper GPU, bf16, widths of the kernels'
-    multiples); where they all hold, what is missing is those kernels (:func:`experts_forward`
-    says what they need), and the reason says so."""
+    """Why this call does not run on the course's kernels, or ``None`` where it does. The
+    conditions are :func:`moe_course.layer.kernels_unavailable`'s (a Hopper GPU, bf16, widths of
+    the kernels' multiples) and the weights in bf16 too."""
     H, I = experts.down_proj.shape[1:]
     why = layer.kernels_unavailable(hidden_states, H, I)
-    return why or "the HF-layout kernels are not built yet"
+    if why is None and experts.gate_up_proj.dtype != torch.bfloat16:
+        why = f"the kernels take bf16 weights, these are {experts.gate_up_proj.dtype}"
+    return why
 
 
 @functools.lru_cache(maxsize=None)
@@ -231,21 +235,117 @@ def experts_torch(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_
     return moe.combine(y_sorted.to(acc), d, top_k_weights.to(acc)).to(hidden_states.dtype)
 
 
+def kernel_routing(top_k_index: torch.Tensor, num_experts: int):
+    """The kernels' routing from the model's own choice, with no host synchronisation:
+    ``(gather_idx, offs, pos)``, int32, and ``order`` (int64: the pair, ``t * K + j``, of each
+    sorted row). Pairs sorted by expert (stable: token order within an expert); ``offs`` from a
+    search in the sorted ids, not ``torch.bincount`` (which reads its size back).
+
+    Pairs routed to no expert (id ``E``) sort last and are counted among the last expert's rows:
+    computed like its own, then weighted zero (:func:`kept_weights`). So every row a kernel reads
+    was written: 06_3 reads up to 63 rows past an expert's end, multiplied by zeros, and rows
+    left unwritten could hold NaN, which zero does not cancel (compute-sanitizer's memcheck
+    showed it, H100, session 11: NaN in gate_up_proj's gradient)."""
+    T, K = top_k_index.shape
+    flat = top_k_index.reshape(-1).long()
+    key, order = torch.sort(flat.clamp(max=num_experts - 1), stable=True)  # id E sorts last either way
+    i32 = torch.int32
+    gather_idx = (order // K).to(i32)
+    offs = torch.searchsorted(key, torch.arange(num_experts, device=key.device), right=True).to(i32)
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel(), device=order.device)
+    return gather_idx, offs, pos.to(i32).view(T, K), order
+
+
+def kept_weights(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The routing weights the kernels combine with, in float32: zero for a pair routed to no
+    expert (its row is computed, :func:`kernel_routing`, and must add nothing)."""
+    return top_k_weights.float().where(top_k_index < num_experts, 0.0).contiguous()
+
+
+def experts_kernels(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
+    """The forward on the course's kernels, on the module's own parameters (no copy): the
+    gathered up-projection with SwiGLU reading ``gate_up_proj`` through its 4-D tensor map
+    (``kernels/10_1_hf_swiglu.cu``), the down-projection on ``down_proj (E, H, I)`` as it is
+    (03_2: ``[E, N, K]``), 06_4's weighted combine in float32. Inference only: nothing is kept."""
+    from . import launch
+
+    E = gate_up_proj.shape[0]
+    gather_idx, offs, pos, _ = kernel_routing(top_k_index, E)
+    x = hidden_states.contiguous()
+    a, _ = launch.hf_swiglu_grouped_gemm(x, gather_idx, gate_up_proj, offs, store_h=False, validate=False)
+    y_sorted = launch.grouped_gemm(a, down_proj, offs, validate=False)
+    return launch.combine(y_sorted, pos, kept_weights(top_k_index, top_k_weights, E), validate=False)
+
+
+class KernelExperts(torch.autograd.Function):
+    """``KernelExperts.apply(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)``:
+    the experts call on the course's kernels, forward and backward, on transformers' layout with
+    no copy of the weights. Kept for the backward, as chapter 06's layer keeps: X, the
+    pre-activation H and the routing. The backward (chapter 06's, one kernel each):
+
+    - 10_2: dA' = gathered dout @ down_proj[e], read MN-major, with 06_2's SwiGLU backward:
+      dH (interleaved like H), s * A and each row's routing-weight gradient ds;
+    - 06_3: down_proj's gradient (E, H, I) = dout_e^T (s A)_e, on a sorted copy of dout (06_3
+      gathers its second operand only; this copy is the one pass over memory the course's
+      layer does not make);
+    - 10_3: dX's rows = dH @ gate_up_proj[e] through the 4-D map; 06_4 sums each token's rows;
+    - 10_4: gate_up_proj's gradient = dH_e^T x_gathered, stored in gate | up order;
+    - the routing weights' gradient: each pair's ds (zero for a pair routed to no expert, whose
+      row was computed with weight zero: :func:`kernel_routing`)."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
+        from . import launch
+
+        E = gate_up_proj.shape[0]
+        gather_idx, offs, pos, order = kernel_routing(top_k_index, E)
+        x = hidden_states.contiguous()
+        a, h = launch.hf_swiglu_grouped_gemm(x, gather_idx, gate_up_proj, offs, validate=False)
+        y_sorted = launch.grouped_gemm(a, down_proj, offs, validate=False)
+        weights = kept_weights(top_k_index, top_k_weights, E)
+        out = launch.combine(y_sorted, pos, weights, validate=False)
+        ctx.dtype = top_k_weights.dtype
+        ctx.save_for_backward(x, h, gather_idx, offs, pos, order, weights, top_k_index, gate_up_proj, down_proj)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from . import launch
+
+        x, h, gather_idx, offs, pos, order, weights, top_k_index, gate_up_proj, down_proj = ctx.saved_tensors
+        dout = dout.contiguous().to(x.dtype)
+        row_scale = weights.reshape(-1)[order]  # each sorted row's routing weight (0: no expert)
+        dh, sa, ds = launch.hf_dswiglu_grouped_gemm(dout, gather_idx, down_proj, h, row_scale, offs, validate=False)
+        d_down = launch.weight_grad(dout[gather_idx.long()], sa, None, offs, validate=False)
+        del sa
+        dx = launch.combine(launch.hf_transposed_b_grouped_gemm(dh, gate_up_proj, offs, validate=False), pos, None,
+                            validate=False)
+        d_gate_up = launch.hf_weight_grad_gate_up(dh, x, gather_idx, offs, validate=False)
+        routed = top_k_index < gate_up_proj.shape[0]  # a pair routed to no expert: its weight is no parameter
+        d_weights = torch.where(routed, ds[pos.long()], 0.0).to(ctx.dtype)
+        return dx.to(x.dtype), None, d_weights, d_gate_up, d_down
+
+
 def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
     """The ``"moe_course"`` experts backend: ``self`` is the model's experts module,
     ``hidden_states (T, H)``, ``top_k_index`` and ``top_k_weights (T, K)`` -> ``(T, H)``.
 
-    The kernel path, once built, goes where :func:`why_not_kernels` returns ``None``, on the
-    module's own parameters as the kernels' ``w [E, N, K]`` (K contiguous). ``down_proj
-    (E, H, I)`` is that layout already (N = H, K = I); ``gate_up_proj (E, 2I, H)`` is too, but
-    its gate and up rows lie ``I`` rows apart where chapter 03's SwiGLU epilogue finds each pair
-    in neighbouring columns (chapter 06 stores them interleaved). Copying the weights
-    interleaved on each call is what the backend must not do: the up-projection's producer has
-    to bring each tile's gate rows and up rows from the two halves instead.
+    The kernels run where :func:`why_not_kernels` returns ``None`` (:func:`experts_kernels`);
+    otherwise the torch maths (:func:`experts_torch`), the reason said once.
     """
     check_call(self, hidden_states, top_k_index, top_k_weights)
+    needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad
+                                               or self.gate_up_proj.requires_grad or self.down_proj.requires_grad)
     why = why_not_kernels(self, hidden_states)
+    if why is None and needs_grad:
+        say_once(f"{NAME} experts: the course's kernels, forward and backward (10_1, 03_2, 06_4; 10_2, 06_3, "
+                 "10_3, 10_4), on the model's own weights")
+        return KernelExperts.apply(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
+    if why is None:
+        say_once(f"{NAME} experts: the course's kernels (10_1, 03_2, 06_4) on the model's own weights")
+        return experts_kernels(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
     ops, products = torch_products(self)
     say_once(f"{NAME} experts: {why}: running the torch maths ({products})")
     return experts_torch(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, ops)

@@ -217,6 +217,32 @@ COMBINE = Step("06_4_combine", "combine_rows", "each token gathers and sums its 
                min_cc=HOPPER)
 EPILOGUE_BOX_ROWS = 64  # 06_3 stores dW in TMA boxes of 64 x 64 (store_tile_tma)
 
+# Chapter 10: the layer's kernels on Hugging Face's weight layout (no copy of the weights)
+HF_SWIGLU = _warp_specialized_step("10_1_hf_swiglu", "hf_swiglu_grouped_gemm",
+                                   "03_4 on HF's gate_up_proj (E, 2I, H): a 4-D tensor map")
+HF_DSWIGLU = _warp_specialized_step("10_2_hf_dswiglu", "hf_dswiglu_grouped_gemm",
+                                    "06_2 on HF's down_proj (E, H, I), read MN-major")
+HF_TRANSPOSED_B = _warp_specialized_step("10_3_hf_transposed_b", "hf_transposed_b_grouped_gemm",
+                                         "06_1 on HF's gate_up_proj through the 4-D map")
+HF_WEIGHT_GRAD = dataclasses.replace(WEIGHT_GRAD, source="10_4_hf_weight_grad", kernel="hf_weight_grad_grouped_gemm",
+                                     title="06_3 stored into HF's gate | up halves (4-D map)")
+
+# Chapter 09: a decode step's expert GEMM, the token slots as wgmma's N (one build per width)
+DECODE_SLOTS = (8, 16, 32, 64, 128, 256)
+DECODE_ROWS, DECODE_STAGES = 128, 4  # 09_1's BW (rows of W per block) and STAGES
+
+
+def decode_smem(slots: int) -> int:
+    """09_1's ring: STAGES slots of 128 rows of W and ``slots`` token rows, 64 values of K each,
+    two mbarriers a slot, and up to 1 KB to align the ring."""
+    return DECODE_STAGES * (DECODE_ROWS + slots) * SLICE_K * 2 + 2 * DECODE_STAGES * 8 + 1024
+
+
+DECODE_STEPS = {c: Step("09_1_decode_swap_ab", "decode_grouped_gemm", f"decode, swap AB, {c} token slots",
+                        DECODE_ROWS, c, SLICE_K, threads=256, min_cc=HOPPER, smem_bytes=decode_smem(c), tma=True,
+                        defines={} if c == 64 else {"SLOTS": c})
+                for c in DECODE_SLOTS}
+
 
 # --------------------------------------------------------------------------------------------
 # What every grouped GEMM's launch shares: the tile map, the persistent grid
@@ -471,18 +497,32 @@ def gather_grouped_gemm(x, gather_idx, w, offs, out=None, validate: bool = True,
     return out
 
 
-def swiglu_grouped_gemm(x, gather_idx, w_interleaved, offs, store_h: bool = True, validate: bool = True):
+def swiglu_grouped_gemm(x, gather_idx, w_interleaved, offs, store_h: bool = True, validate: bool = True,
+                        step: Step = SWIGLU):
     """The up-projection of an MoE layer: ``(a, h)`` with ``h[r] = x[gather_idx[r]] @ w[e].T``
     (``[M, 2n]``, gate and up columns interleaved, or ``None`` when ``store_h`` is False) and
     ``a = silu(gate) * up`` (``[M, n]``). ``w_interleaved``: gate and up rows interleaved
     (:func:`moe_course.io_overlap.interleave_gate_up`)."""
-    M, N, K, E = check_gather(x, gather_idx, w_interleaved, offs, SWIGLU, validate)
+    M, N, K, E = check_gather(x, gather_idx, w_interleaved, offs, step, validate)
     a = torch.empty(M, N // 2, device=x.device, dtype=torch.bfloat16)
     h = torch.empty(M, N, device=x.device, dtype=torch.bfloat16) if store_h else None
     if M and N:
-        _launch_gathered(SWIGLU, x, gather_idx, w_interleaved, offs, (ptr(h) if store_h else np.uint64(0), ptr(a)),
-                         M, N, K)
+        outputs = (ptr(h) if store_h else np.uint64(0), ptr(a))
+        if step is HF_SWIGLU:  # W through the 4-D map that interleaves HF's gate and up halves
+            module = kernels.load(step.source, defines=step.defines)
+            launch_persistent(step, module, (tma.tensor_map_gate_up(w_interleaved, step.block_n), ptr(x),
+                                             ptr(gather_idx), *outputs), offs, M, K, (M, N, K, x.shape[0]))
+        else:
+            _launch_gathered(step, x, gather_idx, w_interleaved, offs, outputs, M, N, K)
     return a, h
+
+
+def hf_swiglu_grouped_gemm(x, gather_idx, gate_up_proj, offs, store_h: bool = True, validate: bool = True):
+    """:func:`swiglu_grouped_gemm` on Hugging Face's ``gate_up_proj (E, 2I, H)`` as it is (each
+    expert's I gate rows, then its I up rows; ``kernels/10_1_hf_swiglu.cu``): the same ``(a, h)``,
+    ``h`` with gate and up columns interleaved, bit for bit what 03_4 gives on the interleaved
+    copy, without making one."""
+    return swiglu_grouped_gemm(x, gather_idx, gate_up_proj, offs, store_h, validate, step=HF_SWIGLU)
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,10 +594,9 @@ def check_gather_idx(gather_idx, rows: int, tokens: int, validate: bool) -> None
         check_gather_range(gather_idx, tokens)
 
 
-def transposed_b_grouped_gemm(x, w, offs, validate: bool = True):
+def transposed_b_grouped_gemm(x, w, offs, validate: bool = True, step: Step = TRANSPOSED_B):
     """``y[rows of e] = x[rows of e] @ w[e]``, ``x [M, K]``, ``w [E, K, N]`` (N contiguous),
     ``y [M, N]`` bf16 (``kernels/06_1_transposed_b.cu``). N a multiple of 256, K of 64."""
-    step = TRANSPOSED_B
     check_hopper_inputs({"x": x, "w": w, "offs": offs}, {"x": 2, "w": 3, "offs": 1}, {"offs": torch.int32})
     M, K = x.shape
     E, Kw, N = w.shape
@@ -568,9 +607,19 @@ def transposed_b_grouped_gemm(x, w, offs, validate: bool = True):
     y = torch.empty(M, N, device=x.device, dtype=torch.bfloat16)
     if M:
         module = kernels.load(step.source)
-        w_map = tma.tensor_map_2d(w, step.k_multiple)  # w as an [E * K, N] matrix: boxes of a slice of K x 64 of N
+        if step is HF_TRANSPOSED_B:  # HF's gate_up_proj: K (2I) rows read interleaved, as dH's columns are
+            w_map = tma.tensor_map_gate_up(w, step.k_multiple)
+        else:
+            w_map = tma.tensor_map_2d(w, step.k_multiple)  # w as an [E * K, N] matrix: boxes of a slice of K x 64 of N
         launch_persistent(step, module, (tma.tensor_map_2d(x, step.block_m), w_map, ptr(y)), offs, M, K, (M, N, K))
     return y
+
+
+def hf_transposed_b_grouped_gemm(dh, gate_up_proj, offs, validate: bool = True):
+    """``dh[rows of e] @ gate_up_proj[e]`` with ``dh [R, 2I]`` interleaved like H and HF's
+    ``gate_up_proj (E, 2I, H)`` as it is (``kernels/10_3_hf_transposed_b.cu``): what
+    :func:`transposed_b_grouped_gemm` gives on the interleaved copy."""
+    return transposed_b_grouped_gemm(dh, gate_up_proj, offs, validate, step=HF_TRANSPOSED_B)
 
 
 def dswiglu_grouped_gemm(dout, gather_idx, w_down, h, row_scale, offs, validate: bool = True):
@@ -580,15 +629,39 @@ def dswiglu_grouped_gemm(dout, gather_idx, w_down, h, row_scale, offs, validate:
     forward's pre-activation, gate and up interleaved), ``row_scale [R]`` fp32 (each sorted row's
     routing weight). Returns ``(dh [R, 2n], sa [R, n], ds [R])``: the pre-activation's gradient,
     ``s * silu(gate) * up`` and each row's routing-weight gradient ``<dout W_down[e], a>`` (fp32)."""
-    step = DSWIGLU
+    E, n, d = _dswiglu_weight(w_down, dout, "w_down [E, n, d]", transposed=False)
+    return _dswiglu(DSWIGLU, lambda: tma.tensor_map_2d(w_down, DSWIGLU.block_n),  # [E * n, d]: K-major boxes
+                    dout, gather_idx, w_down, h, row_scale, offs, E, n, d, validate)
+
+
+def hf_dswiglu_grouped_gemm(dout, gather_idx, down_proj, h, row_scale, offs, validate: bool = True):
+    """:func:`dswiglu_grouped_gemm` on HF's ``down_proj (E, H, I)`` as it is, read MN-major
+    (``kernels/10_2_hf_dswiglu.cu``): the same ``(dh, sa, ds)``."""
+    E, n, d = _dswiglu_weight(down_proj, dout, "down_proj [E, d, n]", transposed=True)
+    return _dswiglu(HF_DSWIGLU, lambda: tma.tensor_map_2d(down_proj, HF_DSWIGLU.k_multiple),  # [E * d, n]: MN-major
+                    dout, gather_idx, down_proj, h, row_scale, offs, E, n, d, validate)
+
+
+def _dswiglu_weight(w, dout, layout: str, transposed: bool) -> tuple[int, int, int]:
+    """``(E, n, d)`` of the down-projection's weight, stored ``[E, n, d]`` or (``transposed``,
+    HF's ``down_proj``) ``[E, d, n]``, checked against ``dout [T, d]``."""
+    require(w.dim() == 3 and dout.dim() == 2,
+            lambda: f"expected {layout} and dout [T, d], got {tuple(w.shape)} and {tuple(dout.shape)}")
+    E, a, b = w.shape
+    n, d = (b, a) if transposed else (a, b)
+    require(dout.shape[1] == d, lambda: f"dout has d={dout.shape[1]} columns but the weight is {layout} = "
+                                        f"{tuple(w.shape)}")
+    return E, n, d
+
+
+def _dswiglu(step: Step, w_map, dout, gather_idx, w, h, row_scale, offs, E: int, n: int, d: int, validate: bool):
+    """The checks and the launch of 06_2 or 10_2; ``w_map()`` makes the weight's tensor map."""
     check_hopper_inputs(
-        {"dout": dout, "gather_idx": gather_idx, "w_down": w_down, "h": h, "row_scale": row_scale, "offs": offs},
+        {"dout": dout, "gather_idx": gather_idx, "w_down": w, "h": h, "row_scale": row_scale, "offs": offs},
         {"dout": 2, "gather_idx": 1, "w_down": 3, "h": 2, "row_scale": 1, "offs": 1},
         {"gather_idx": torch.int32, "row_scale": torch.float32, "offs": torch.int32})
-    T, d = dout.shape
-    E, n, dw = w_down.shape
+    T = dout.shape[0]
     R = gather_idx.numel()
-    require(dw == d, lambda: f"dout has d={d} columns but w_down is [E, n, d] = {tuple(w_down.shape)}")
     require(h.shape == (R, 2 * n), lambda: f"h must be [R, 2n] = ({R}, {2 * n}), got {tuple(h.shape)}")
     require(row_scale.shape == (R,), lambda: f"row_scale must be [R] = ({R},), got {tuple(row_scale.shape)}")
     check_tile_multiples(step, n, d, names=("n", "d"))
@@ -600,8 +673,7 @@ def dswiglu_grouped_gemm(dout, gather_idx, w_down, h, row_scale, offs, validate:
     ds_part = torch.empty(n // step.block_n, R, device=dout.device, dtype=torch.float32)  # one share per N-tile
     if R:
         module = kernels.load(step.source, defines=step.defines)
-        args = (tma.tensor_map_2d(w_down, step.block_n), ptr(dout), ptr(gather_idx), ptr(h), ptr(row_scale), ptr(dh),
-                ptr(sa), ptr(ds_part))
+        args = (w_map(), ptr(dout), ptr(gather_idx), ptr(h), ptr(row_scale), ptr(dh), ptr(sa), ptr(ds_part))
         launch_persistent(step, module, args, offs, R, d, (R, n, d, T))
     return dh, sa, ds_part.sum(0)
 
@@ -631,10 +703,50 @@ def weight_grad(dy, x, gather_idx, offs, validate: bool = True, step: Step = WEI
     idx = ptr(gather_idx) if gather_idx is not None else np.uint64(0)
     # dy's rows arrive a slice of block_m rows at a time (a map is needed even with no rows)
     dy_map = tma.tensor_map_2d(dy if R else dy.new_zeros(step.block_m, N), step.block_m)
+    if step is HF_WEIGHT_GRAD:  # rows of dW interleaved like dh's columns, stored in HF's gate | up halves
+        require(N % 2 == 0, lambda: f"dh must have 2I columns (gate and up interleaved), got {N}")
+        dw_map = tma.tensor_map_gate_up(dw, EPILOGUE_BOX_ROWS)
+    else:
+        dw_map = tma.tensor_map_2d(dw, EPILOGUE_BOX_ROWS)
     fn((info().sm_count,), (step.threads,),
-       (dy_map, ptr(x), idx, tma.tensor_map_2d(dw, EPILOGUE_BOX_ROWS), ptr(offs), i32(E), i32(R), i32(N), i32(K),
-        i32(T)), shared_mem=step.smem_bytes)
+       (dy_map, ptr(x), idx, dw_map, ptr(offs), i32(E), i32(R), i32(N), i32(K), i32(T)), shared_mem=step.smem_bytes)
     return dw
+
+
+def hf_weight_grad_gate_up(dh, x, gather_idx, offs, validate: bool = True):
+    """The gradient of HF's ``gate_up_proj (E, 2I, H)`` in its own order (gate rows, then up
+    rows) from ``dh [R, 2I]`` interleaved like H (``kernels/10_4_hf_weight_grad.cu``): what
+    :func:`weight_grad` gives, its rows put back in gate_up_proj's order by the store."""
+    return weight_grad(dh, x, gather_idx, offs, validate, step=HF_WEIGHT_GRAD)
+
+
+@kernels.on_torch_stream
+def decode_grouped_gemm(x_slots, w, count, out=None):
+    """``y[e, s] = x_slots[e, s] @ w[e].T`` for the filled slots ``s < count[e]`` of each expert
+    (``kernels/09_1_decode_swap_ab.cu``): ``x_slots [E, C, K]`` (the masked layout; ``C`` one of
+    :data:`DECODE_SLOTS`), ``w [E, N, K]``, ``count [E]`` int32 on the GPU, read there (no host
+    sync: the launch can be captured in a CUDA graph). Returns ``y [E, C, N]`` bf16; rows past an
+    expert's count are not written, and an expert with no tokens is not read. N a multiple of
+    128, K of 64."""
+    check_hopper_inputs({"x_slots": x_slots, "w": w, "count": count}, {"x_slots": 3, "w": 3, "count": 1},
+                        {"count": torch.int32})
+    E, C, K = x_slots.shape
+    Ew, N, Kw = w.shape
+    require(Ew == E and Kw == K, lambda: f"x_slots is [E, C, K] = {tuple(x_slots.shape)} but w is [E, N, K] = "
+                                         f"{tuple(w.shape)}: E or K differs")
+    require(count.numel() == E, lambda: f"count must hold one number per expert: {E}, got {count.numel()}")
+    require(C in DECODE_SLOTS, lambda: f"the token slots per expert (C) must be one of {DECODE_SLOTS}, got {C}")
+    step = DECODE_STEPS[C]
+    require(N % DECODE_ROWS == 0 and K % SLICE_K == 0,
+            lambda: f"{step.name} needs N % {DECODE_ROWS} == 0 and K % {SLICE_K} == 0; got N={N}, K={K}")
+    y = torch.empty(E, C, N, device=w.device, dtype=torch.bfloat16) if out is None else out
+    check_out(y.view(E * C, N), E * C, N)
+    fn = kernels.load(step.source, defines=step.defines).get_function(step.kernel)
+    fn.max_dynamic_shared_size_bytes = step.smem_bytes
+    fn((N // DECODE_ROWS, E), (step.threads,),
+       (tma.tensor_map_2d(w, DECODE_ROWS), tma.tensor_map_2d(x_slots, C), ptr(y), ptr(count), np.int32(N),
+        np.int32(K)), shared_mem=step.smem_bytes)
+    return y
 
 
 @kernels.on_torch_stream
@@ -670,4 +782,9 @@ KERNEL_FILES: dict[str, tuple[Step, object]] = {
     DSWIGLU.source: (DSWIGLU, dswiglu_grouped_gemm),
     WEIGHT_GRAD.source: (WEIGHT_GRAD, weight_grad),
     COMBINE.source: (COMBINE, combine),
+    HF_SWIGLU.source: (HF_SWIGLU, hf_swiglu_grouped_gemm),
+    HF_DSWIGLU.source: (HF_DSWIGLU, hf_dswiglu_grouped_gemm),
+    HF_TRANSPOSED_B.source: (HF_TRANSPOSED_B, hf_transposed_b_grouped_gemm),
+    HF_WEIGHT_GRAD.source: (HF_WEIGHT_GRAD, hf_weight_grad_gate_up),
+    DECODE_STEPS[64].source: (DECODE_STEPS[64], decode_grouped_gemm),
 }

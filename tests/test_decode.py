@@ -223,3 +223,120 @@ def test_the_graph_replayed_layer_equals_the_eager_one(dtype):
         static_x.copy_(fresh)
         graph.replay()
         assert torch.equal(y, decode.masked_moe_forward(fresh, w, K).y), f"replay {seed} differs from eager"
+
+
+# --------------------------------------------------------------------------------------------
+# The step on 09_1 (kernels/09_1_decode_swap_ab.cu)
+
+
+def kernel_stand_in(x_slots, w, count, out=None):
+    """09_1's contract in torch: the filled slots' products; every other row of ``out`` left as
+    it was, or, without ``out``, NaN, as the kernel leaves them unwritten (a layer that read one
+    would turn NaN)."""
+    y = torch.einsum("eck,enk->ecn", x_slots.double(), w.double()).to(x_slots.dtype)
+    filled = torch.arange(x_slots.shape[1], device=x_slots.device) < count[:, None].long()
+    if out is None:
+        return torch.where(filled[..., None], y, float("nan"))
+    out[filled] = y[filled]
+    return out
+
+
+@pytest.mark.parametrize("case", decode.CHECK_CASES, ids=CASE_IDS)
+def test_the_kernel_layers_glue_matches_chapter_01(case, monkeypatch):
+    """The step around 09_1 (layout, slots, counts, SwiGLU, combine) with torch standing in for
+    each launch, in float64: chapter 01's layer to 1e-10, and no unwritten row ever read."""
+    from moe_course import launch
+
+    monkeypatch.setattr(launch, "decode_grouped_gemm", kernel_stand_in)
+    decode.check_against_chapter01(case, lambda x, w, k, capacity: decode.masked_moe_forward_kernel(
+        x, decode.prepare(w, x.dtype), k, capacity=capacity))
+
+
+def test_the_kernel_capacity_holds_the_step():
+    assert [decode.kernel_capacity(t) for t in (0, 1, 8, 9, 64, 65, 256, 511)] == [8, 8, 8, 16, 64, 128, 256, 256]
+
+
+def decode_problem(counts, C, N, K, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    E = len(counts)
+    x = torch.randn(E, C, K, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(E, N, K, device="cuda", generator=g) / math.sqrt(K)).bfloat16()
+    return x, w, torch.tensor(counts, device="cuda", dtype=torch.int32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C", [8, 16, 32, 64, 128, 256])
+def test_09_1_computes_the_filled_slots_and_nothing_else(C):
+    from moe_course import launch
+
+    counts = [0, 1, C, C // 2 + 1, 0, 3]  # idle experts, one token, a full expert, partial ones
+    x, w, count = decode_problem(counts, C, 256, 192, seed=C)
+    y = torch.full((len(counts), C, 256), float("nan"), device="cuda", dtype=torch.bfloat16)
+    launch.decode_grouped_gemm(x, w, count, out=y)
+    want = torch.einsum("eck,enk->ecn", x.float(), w.float())
+    for e, c in enumerate(counts):
+        assert torch.isfinite(y[e, :c]).all(), f"expert {e}: a filled slot was not written"
+        if c:
+            err = float((y[e, :c].float() - want[e, :c]).norm() / want[e, :c].norm())
+            assert err < 1e-2, (e, err)
+        assert torch.isnan(y[e, c:]).all(), f"expert {e}: a slot past its {c} tokens was written"
+
+
+@pytest.mark.gpu
+def test_09_1_refuses_what_it_cannot_take():
+    from moe_course import launch
+
+    x, w, count = decode_problem([1, 2], 24, 256, 192)  # 24 slots: not a width it is built for
+    with pytest.raises(ValueError, match=r"token slots per expert \(C\) must be one of"):
+        launch.decode_grouped_gemm(x, w, count)
+    x, w, count = decode_problem([1, 2], 16, 200, 192)
+    with pytest.raises(ValueError, match="N % 128 == 0"):
+        launch.decode_grouped_gemm(x, w, count)
+
+
+KERNEL_CASES = [decode.Case(c.name, c.tokens, 256, 256, c.E, c.K, c.routing, c.capacity) for c in decode.CHECK_CASES]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=CASE_IDS)
+def test_the_kernel_layer_matches_chapter_01_on_the_gpu(case):
+    """bf16 on 09_1 against chapter 01's layer in float32 on the same bf16-rounded inputs."""
+    from moe_course.checking import relative_error
+
+    x, w = decode.case_inputs(case, torch.float32)
+    x, w = x.bfloat16().float(), moe.MoEWeights(*(t.bfloat16().float() for t in w))
+    want = decode.reference_forward(x, w, case.K, case.capacity)
+    got = decode.masked_moe_forward_kernel(x.cuda().bfloat16(), decode.prepare(moe.MoEWeights(*(t.cuda() for t in w))),
+                                           case.K, capacity=case.capacity).y.float().cpu()
+    assert torch.isfinite(got).all() and relative_error(got, want) < 1e-2, relative_error(got, want)
+
+
+@pytest.mark.gpu
+def test_the_graph_replayed_kernel_layer_equals_the_eager_one():
+    T, d, n, E, K = 64, 256, 256, 16, 4
+    g = torch.Generator().manual_seed(0)
+    w = decode.prepare(moe.MoEWeights(*(t.cuda() for t in moe.random_weights(d, n, E, generator=g))))
+    static_x = torch.randn(T, d, generator=g).bfloat16().cuda()
+    step = lambda: decode.masked_moe_forward_kernel(static_x, w, K).y
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # the step reads nothing back
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph, y = decode.graphed(step)
+    for seed in (1, 2):
+        fresh = torch.randn(T, d, generator=torch.Generator().manual_seed(seed)).bfloat16().cuda()
+        static_x.copy_(fresh)
+        graph.replay()
+        assert torch.equal(y, decode.masked_moe_forward_kernel(fresh, w, K).y), f"replay {seed} differs from eager"
+
+
+def test_the_decode_gemm_table_reads_a_record():
+    timing = lambda ms, tbps: {"ms": ms, "ms_p10": ms, "ms_p90": ms, "reps": 20, "tflops": 1.0, "tbps": tbps,
+                               "of_copy": tbps / 3.3}
+    row = {"shape": "mixtral-8x7b", "proj": "up", "tokens": 64, "active": 8, "09_1": timing(0.6, 3.0),
+           "grouped_mm": timing(0.9, 2.0)}
+    line = decode.gemm_table({"rows": [row]}).splitlines()[1]
+    assert line.split()[:4] == ["mixtral-8x7b", "up", "64", "8"] and line.endswith("1.50x") and "91%" in line

@@ -10,18 +10,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from kernel_checks import COUNT_CASES
 
 from moe_course import grouped_gemm as gg
 from moe_course import launch
 from moe_course import io_overlap as io
 from moe_course.checking import CheckFailed, check_close
-
-COUNT_CASES = {
-    "zeros-and-ragged": [0, 1, 130, 0, 257],
-    "one-expert-has-all": [0, 0, 300, 0],
-    "single-row": [1],
-    "more-tiles-than-sms": [700, 0, 1333, 129, 2000, 65, 900, 1100, 3000, 256, 1, 777] * 3,
-}
 
 
 def routed_problem(counts, k, n, tokens, seed):

@@ -7,6 +7,8 @@ The refusals run without a GPU."""
 import pytest
 import torch
 
+from kernel_checks import poison, randn, rel
+
 from moe_course import launch, layer
 
 COUNTS = {
@@ -24,23 +26,6 @@ def routing(counts, tokens, seed=0):
     offs = torch.tensor(counts).cumsum(0).to(device="cuda", dtype=torch.int32)
     gather_idx = torch.randint(0, tokens, (rows,), device="cuda", dtype=torch.int32, generator=g)
     return offs, gather_idx
-
-
-def poison(*shapes_dtypes):
-    """Fill and free blocks of the sizes the kernel's outputs will take: the caching allocator
-    hands the same memory back, NaN-filled, so a row or tile left unwritten shows up."""
-    blocks = [torch.full(shape, float("nan"), device="cuda", dtype=dtype) for shape, dtype in shapes_dtypes]
-    del blocks
-
-
-def rel(a, b):
-    a, b = a.float(), b.float()
-    assert torch.isfinite(a).all(), "NaN or inf in the kernel's output: a tile was skipped or read garbage"
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def randn(*shape, scale=1.0):
-    return (torch.randn(*shape, device="cuda") * scale).bfloat16()
 
 
 @pytest.mark.gpu

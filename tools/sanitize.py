@@ -172,8 +172,9 @@ def run_tools(exe: str, tools: list[str], timeout: float, workload: list[str], c
                   f"{r['launched'] or 'the workload did not finish'}"
                   + (f"; reports on other kernels, not counted: {', '.join(r['not_the_course'])}"
                      if r["not_the_course"] else ""), flush=True)
-            if bad:
-                print("\n\n".join(r["report"][:10]) or r["tail"], flush=True)
+            if bad:  # what was found; where the workload stopped early, also how it ended
+                shown = r["report"][:10] + [r["tail"]] * (not r["finished"])
+                print("\n\n".join(shown), flush=True)
     return [results[t] for t in tools], failed
 
 

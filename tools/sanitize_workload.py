@@ -7,7 +7,7 @@ at least once, at the sizes where kernels go wrong if they are going to.
 - every step of chapters 02 and 03 (03_1 with one slot and with four), the gather and SwiGLU
   steps, the token-rounding kernels with every routing, and chapter 06's layer forward and
   backward with top-K and with rounding (06_1 to 06_4), its output and every gradient against
-  the same maths in float32;
+  the same maths in float32; chapter 09's decode kernel at every width and its layer;
 - the outputs are checked too (a kernel that is clean but wrong is no better).
 
 It records which kernels were launched and fails if one in kernels/ was not: a kernel added
@@ -98,6 +98,9 @@ def grouped_gemms() -> None:
         a, h = launch.swiglu_grouped_gemm(x, gather_idx, w, offs)
         check(f"03_4, {what}", h, io_overlap.gather_reference(x, gather_idx, w, offs))
         check(f"03_4 (SwiGLU), {what}", a, io_overlap.swiglu_of(h))
+        a_hf, h_hf = launch.hf_swiglu_grouped_gemm(x, gather_idx, w, offs)  # w read as HF's [gate; up]
+        check(f"10_1, {what}", h_hf, io_overlap.gather_reference(x, gather_idx, io_overlap.interleave_gate_up(w), offs))
+        check(f"10_1 (SwiGLU), {what}", a_hf, io_overlap.swiglu_of(h_hf))
 
 
 def token_rounding() -> None:
@@ -151,7 +154,67 @@ def layer() -> None:
             check(f"layer, {routing}, {what}: {label}", got, want)
 
 
-PARTS = {part.__name__: part for part in (first_kernel, grouped_gemms, token_rounding, layer)}
+def hf_experts() -> None:
+    import torch
+
+    from moe_course import hf
+    from moe_course import layer as lay
+
+    # chapter 10: transformers' experts call on the kernels (10_1 to 10_4 with 03_2, 06_3, 06_4),
+    # output and every gradient against the torch maths on the same weights, in float32
+    E, H, I = 6, 256, 256
+    gate_up = (torch.randn(E, 2 * I, H, device="cuda") / 16).to(torch.bfloat16)
+    down = (torch.randn(E, H, I, device="cuda") / 16).to(torch.bfloat16)
+    cases = {"experts with no rows": torch.tensor([[4, 1], [1, 4]]), "one expert with every token": torch.full((300, 1), 3),
+             "pairs routed to no expert": torch.tensor([[6, 2], [6, 6], [0, 6], [2, 2], [1, 0]]),
+             "more tiles than SMs": torch.randint(0, E, (9000, 2))}
+    for what, ids in cases.items():
+        T, K = ids.shape
+        ids = ids.cuda()
+        x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+        w = torch.rand(T, K, device="cuda")
+        g = torch.randn(T, H, device="cuda")
+        results = []
+        for run in ("kernels", "torch"):
+            leaves = [t.detach().clone().requires_grad_() for t in (x, w, gate_up, down)]
+            if run == "kernels":
+                out = hf.KernelExperts.apply(leaves[0], ids, leaves[1], leaves[2], leaves[3])
+            else:
+                xf, wf, gf, df = (t.float() for t in leaves)
+                out = hf.experts_torch(xf, ids, wf, gf, df, lay.TORCH_OPS)
+            (out.float() * g).sum().backward()
+            results.append([out, *(t.grad for t in leaves)])
+        for label, got, want in zip(("out", "dx", "dweights", "dgate_up", "ddown"), *results):
+            check(f"hf experts, {what}: {label}", got, want)
+
+
+def decode_step() -> None:
+    import torch
+
+    from moe_course import decode, launch, moe
+
+    # chapter 09: 09_1 at every width it is built for (idle experts, a full one, partial ones),
+    # then the decode layer on it at 1, 64 and 511 tokens, against chapter 01's layer
+    for slots in launch.DECODE_SLOTS:
+        counts = torch.tensor([0, 1, slots, slots // 2 + 1, 0, 3], device="cuda", dtype=torch.int32)
+        x = torch.randn(6, slots, 192, device="cuda").to(torch.bfloat16)
+        w = (torch.randn(6, 256, 192, device="cuda") / 14).to(torch.bfloat16)
+        y = launch.decode_grouped_gemm(x, w, counts)
+        want = torch.einsum("eck,enk->ecn", x.float(), w.float())
+        for e, c in enumerate(counts.tolist()):
+            if c:
+                check(f"09_1, {slots} slots, expert {e} ({c} tokens)", y[e, :c], want[e, :c])
+    for tokens in (1, 64, 511):
+        g = torch.Generator().manual_seed(tokens)
+        w = moe.random_weights(256, 256, 16, generator=g)
+        w = moe.MoEWeights(*(t.bfloat16().float() for t in w))
+        x = torch.randn(tokens, 256, generator=g).bfloat16().float()
+        got = decode.masked_moe_forward_kernel(x.cuda().bfloat16(), decode.prepare(moe.MoEWeights(*(t.cuda() for t in w))), 4).y
+        check(f"decode layer, {tokens} tokens", got.float().cpu(), moe.moe_forward(x, w, 4).y)
+
+
+PARTS = {part.__name__: part for part in (first_kernel, grouped_gemms, token_rounding, layer, hf_experts,
+                                          decode_step)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,100 @@
+"""Chapter 09 measured: a decode step's expert GEMMs, where each active expert gets a handful of
+tokens and the time is reading its weights. On the four shapes of chapter 02 at 1, 8, 64, 256
+and 512 tokens (uniform random top-K routing), up-projection (``[gate; up]``, N = 2n) and
+down-projection (N = d):
+
+- ``09_1``: the course's decode kernel on the masked layout (kernels/09_1_decode_swap_ab.cu: the
+  token slots as wgmma's N, idle experts never read, no host sync);
+- ``grouped_mm``: ``torch._grouped_mm`` on the pairs sorted by expert (CUTLASS).
+
+Each result is checked against float32 first; then both are timed in turns (CUDA events, median)
+and shown as TB/s over the bytes a step must move (the tokens, every active expert's weights
+once, the outputs) and as a fraction of the measured device copy. Without a GPU it prints the
+recorded results.
+
+    python benchmarks/bench_decode.py
+    python benchmarks/bench_decode.py --shapes mixtral-8x7b --tokens 64 512 --no-save
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moe_course import configs, records
+from moe_course.checks import argument_type, positive_int, run_command
+from moe_course.machine import info
+
+KIND = "decode_gemm"  # benchmarks/results/decode_gemm__<gpu>.json (decode.GEMM_KIND)
+
+
+def measure_one(cfg, tokens: int, proj: str, roof) -> dict:
+    import torch
+
+    from moe_course import decode, launch, moe
+    from moe_course.bench import interleaved
+    from moe_course.checking import relative_error
+
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    n_out, k_in = (2 * cfg.n, cfg.d) if proj == "up" else (cfg.d, cfg.n)
+    w = (torch.randn(cfg.E, n_out, k_in, device="cuda", generator=g) / k_in**0.5).bfloat16()
+    experts = moe.topk_softmax(torch.randn(tokens, cfg.E, device="cuda", generator=g), cfg.K).experts
+    capacity = decode.kernel_capacity(tokens)
+    layout = decode.masked_layout(experts, cfg.E, capacity)
+    x = torch.randn(tokens, k_in, device="cuda", generator=g).bfloat16()
+    x_slots = torch.where(layout.valid[..., None], x[layout.slot_token], 0)
+    count = layout.counts.clamp(max=capacity).to(torch.int32)
+    d = moe.dispatch(experts, cfg.E)
+    x_sorted, offs = x[d.token_of], d.offsets[1:].to(torch.int32)
+    ours = lambda: launch.decode_grouped_gemm(x_slots, w, count)
+    theirs = lambda: torch._grouped_mm(x_sorted, w.transpose(1, 2), offs=offs)
+    y = ours()  # checked first: every filled slot against float32
+    want = torch.einsum("eck,enk->ecn", x_slots.float(), w.float())
+    filled = layout.valid & (torch.arange(capacity, device="cuda") < count[:, None])
+    err = relative_error(y[filled].float(), want[filled])
+    if not err < 1e-2:
+        raise SystemExit(f"09_1 is wrong on {cfg.name} {proj} at T={tokens}: relative error {err:.3g}")
+    active = int(decode.active_experts(experts, cfg.E))
+    nbytes = 2 * (tokens * k_in + active * n_out * k_in + tokens * cfg.K * n_out)
+    flops = 2 * tokens * cfg.K * n_out * k_in
+    m = interleaved({"09_1": ours, "grouped_mm": theirs}, rounds=5, reps=20, flops=flops, bytes=nbytes)
+    return {"shape": cfg.name, "proj": proj, "tokens": tokens, "active": active, "capacity": capacity,
+            "bytes": nbytes, "relative_error": err,
+            **{name: {**r.timing(), "tbps": r.tbps, "of_copy": r.tbps / roof.copy_tbps} for name, r in m.items()}}
+
+
+def main(argv=None) -> int:
+    from moe_course import decode
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", type=argument_type(configs.by_name), default=list(configs.CHAPTER02),
+                    metavar="NAME", help=f"MoE configurations (default: the four of chapter 02): {', '.join(configs.names())}")
+    ap.add_argument("--tokens", nargs="+", type=positive_int, default=list(decode.DECODE_TOKENS),
+                    help="tokens per step (default: %(default)s)")
+    ap.add_argument("--no-save", action="store_true", help="do not write the record")
+    args = ap.parse_args(argv)
+    if not info().has_gpu:
+        rec = records.recorded_instead(KIND)
+        if rec is not None:
+            print(decode.gemm_table(rec.data))
+        return 0
+    import torch
+
+    from moe_course import ceilings
+
+    roof = ceilings.for_this_machine()
+    data = {"copy_tbps": roof.copy_tbps, "rows": []}
+    for cfg in args.shapes:
+        for proj in ("up", "down"):
+            for tokens in args.tokens:
+                data["rows"].append(measure_one(cfg, tokens, proj, roof))
+                print(decode.gemm_table({"rows": data["rows"][-1:]}).splitlines()[-1], flush=True)
+            torch.cuda.empty_cache()
+        if not args.no_save:  # after every shape: a run cut short keeps what it measured
+            records.save(KIND, data)
+    print(decode.gemm_table(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(main))

@@ -1,0 +1,28 @@
+"""What the GPU tests of the kernels share: the awkward expert counts, outputs poisoned before a
+launch (so a tile the kernel skips shows up as NaN), and the relative error that refuses NaN."""
+
+import torch
+
+COUNT_CASES = {  # rows per expert
+    "zeros-and-ragged": [0, 1, 130, 0, 257],
+    "one-expert-has-all": [0, 0, 300, 0],
+    "single-row": [1],
+    "more-tiles-than-sms": [700, 0, 1333, 129, 2000, 65, 900, 1100, 3000, 256, 1, 777] * 3,
+}
+
+
+def poison(*shapes_dtypes):
+    """Fill and free blocks of the sizes the kernel's outputs will take: the caching allocator
+    hands the same memory back, NaN-filled, so a row or tile left unwritten shows up."""
+    blocks = [torch.full(shape, float("nan"), device="cuda", dtype=dtype) for shape, dtype in shapes_dtypes]
+    del blocks
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    assert torch.isfinite(a).all(), "NaN or inf in the kernel's output: a tile was skipped or read garbage"
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def randn(*shape, scale=1.0):
+    return (torch.randn(*shape, device="cuda") * scale).bfloat16()

@@ -34,6 +34,7 @@ CHAPTERS = [
     Expect("notebooks/05_sonicmoe.ipynb", plots=1),
     Expect("notebooks/06_full_moe_layer.ipynb", plots=3),
     Expect("notebooks/07_fp8.ipynb", plots=4),
+    Expect("notebooks/08_expert_parallel.ipynb", plots=2),
     Expect("notebooks/09_moe_inference.ipynb", plots=3),
     Expect("notebooks/10_in_your_model.ipynb", plots=1),
 ]

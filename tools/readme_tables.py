@@ -321,9 +321,58 @@ def ch06(rec: Records) -> str:
             + source("moe_layer_training", "moe_variants", "layer_kernels", "memory_analysis"))
 
 
+#: The records of chapters 09 and 10, so far measured on an H100 only (an H200 run replaces them).
+H100 = "nvidia-h100-80gb-hbm3"
+
+
+def _measured_on(rec: Record) -> str:
+    e = rec.environment
+    return f"one {e['gpu']}, {e['date']} (torch {e['torch']}, CuPy {e['cupy']}, NVRTC {e['nvrtc']})"
+
+
+def ch09(rec: Records) -> str:
+    r = rec("decode_gemm", H100)
+    cells: dict[str, dict[tuple[str, int], dict]] = {}
+    for row in r.data["rows"]:
+        cells.setdefault(row["shape"], {})[row["proj"], row["tokens"]] = row
+    head = ["shape (T, d, n, E, K)"] + [f"{proj}, {t} token{'s' * (t > 1)}" for proj in ("up", "down") for t in (1, 64, 512)]
+    rows = [[shape_label(shape)] + [f"{by[proj, t]['09_1']['of_copy']:.0%} / {by[proj, t]['grouped_mm']['of_copy']:.0%}"
+                                    for proj in ("up", "down") for t in (1, 64, 512)]
+            for shape, by in cells.items()]
+    return (table(head, rows)
+            + f"\nEach cell: `09_1` / `torch._grouped_mm`, as a fraction of the measured device copy "
+              f"({r.data['copy_tbps']:.2f} TB/s) over the bytes a step must move (the tokens, each active expert's "
+              f"weights once, the outputs); the two interleaved, each checked first. On {_measured_on(r)}.\n"
+            + source("decode_gemm (H100)"))
+
+
+def ch10(rec: Records) -> str:
+    r = rec("hf_backends", H100)
+    rows = []
+    for arch, v in r.data["experts"].items():
+        b = v["backends"]
+        ms = {name: (t["forward"]["ms"], t["forward+backward"]["ms"]) for name, t in b.items()}
+        model = r.data["models"][arch]
+        rows.append([f"{arch} ({v['tokens']} tokens, top-{v['top_k']})",
+                     " / ".join(f"{ms[n][0]:.2f}" for n in ("eager", "grouped_mm", "moe_course")),
+                     " / ".join(f"{ms[n][1]:.2f}" for n in ("eager", "grouped_mm", "moe_course")),
+                     x(ms["grouped_mm"][1] / ms["moe_course"][1]),
+                     f"{b['moe_course']['kept_MiB']:.0f} vs {b['grouped_mm']['kept_MiB']:.0f}",
+                     x(model["grouped_mm"]["forward+backward"]["ms"] / model["moe_course"]["forward+backward"]["ms"])])
+    sizes = r.data["sizes"]
+    return (table(["model", "experts forward ms (eager / grouped_mm / moe_course)", "experts fwd+bwd ms",
+                   "moe_course over grouped_mm, fwd+bwd", "kept for the backward, MiB (moe_course vs grouped_mm)",
+                   "whole model fwd+bwd, over grouped_mm"], rows)
+            + f"\nThe first MoE block's experts call on the inputs the model hands it, and the whole model "
+              f"({sizes['layers']} blocks, batch {sizes['batch']} x {sizes['seq']} tokens, real widths, random "
+              f"weights), transformers' backends timed in turns after the three agree. On {_measured_on(r)}; "
+              f"DeepSeek-V3 does not fit that card with its gradients.\n"
+            + source("hf_backends (H100)"))
+
+
 BLOCKS: dict[str, Callable[[Records], str]] = {
     "environment": environment, "ch00": ch00, "ch01": ch01, "ch02": ch02, "ch03": ch03, "ch04": ch04,
-    "ch05": ch05, "ch06": ch06,
+    "ch05": ch05, "ch06": ch06, "ch09": ch09, "ch10": ch10,
 }
 
 

@@ -173,16 +173,16 @@ def local_experts(x_rows: Tensor, local_ids: Tensor, gate_up_proj: Tensor, down_
     """The rows a rank received through its own experts: chapter 10's backend on one expert per
     row (``K = 1``, weight 1), so on a Hopper GPU in bf16 the course's kernels, forward and
     backward, and elsewhere the torch maths. Rows come back in the order they arrived."""
-    from . import hf, layer
+    from . import hf
 
-    if x_rows.shape[0] == 0:  # nothing came: nothing to run (the graph still reaches the weights)
-        return x_rows * 0 + 0 * (gate_up_proj.sum() + down_proj.sum())
+    if x_rows.shape[0] == 0:  # nothing came: nothing to run, but the weights stay in the graph
+        return x_rows * 0 + 0 * (gate_up_proj.sum() + down_proj.sum())  # (their gradient: zeros, not None)
     index = local_ids[:, None]
     ones = torch.ones(index.shape, device=x_rows.device, dtype=torch.float32)
     experts = _Experts(gate_up_proj, down_proj)
     if hf.why_not_kernels(experts, x_rows) is None:
         return hf.KernelExperts.apply(x_rows, index, ones, gate_up_proj, down_proj)
-    ops = layer.GROUPED_MM_OPS if hf.torch_products(experts)[0] is layer.GROUPED_MM_OPS else layer.TORCH_OPS
+    ops, _ = hf.torch_products(experts)  # torch._grouped_mm where it runs, else a loop over experts
     return hf.experts_torch(x_rows, index, ones, gate_up_proj, down_proj, ops)
 
 

@@ -133,7 +133,8 @@ def send_counts(rows: Rows, per_rank: int, world: int) -> Tensor:
 def exchange_counts(counts: Tensor, group=None) -> list[int]:
     """Each rank's ``counts[r]`` (rows for rank ``r``) -> how many rows this rank receives from
     each rank. A host list: ``all_to_all_single`` takes its split sizes from the host, so this is
-    the layer's one synchronisation (a device-side exchange, as DeepEP's, avoids it)."""
+    the layer's one synchronisation (DeepEP's low-latency kernels avoid it with receive buffers of
+    a fixed size, as chapter 09's masked layout does)."""
     received = torch.empty_like(counts)
     dist.all_to_all_single(received, counts.contiguous(), group=group)
     return received.tolist()

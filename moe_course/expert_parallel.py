@@ -10,7 +10,7 @@ GPU (a *rank*) holding ``E / world`` of them, and the tokens sent to their exper
 3. **Dispatch and combine** (:func:`moe_forward`): two all-to-alls per layer through
    ``torch.distributed`` (NCCL between GPUs, gloo on a CPU). First the counts (how many rows each
    rank sends each other rank: one small all-to-all whose result the host must read, since the
-   payload's split sizes are host numbers), then the rows; the local experts run on them
+   payload's split sizes are host numbers: the host waits for the device there), then the rows; the local experts run on them
    (chapter 10's backend: the course's kernels on a Hopper GPU, the torch maths elsewhere); the
    outputs go back by the same all-to-all with the splits swapped, and each rank sums its
    tokens' rows with their routing weights.
@@ -132,8 +132,8 @@ def send_counts(rows: Rows, per_rank: int, world: int) -> Tensor:
 
 def exchange_counts(counts: Tensor, group=None) -> list[int]:
     """Each rank's ``counts[r]`` (rows for rank ``r``) -> how many rows this rank receives from
-    each rank. A host list: ``all_to_all_single`` takes its split sizes from the host, so this is
-    the layer's one synchronisation (DeepEP's low-latency kernels avoid it with receive buffers of
+    each rank. A host list: ``all_to_all_single`` takes its split sizes from the host, so the host
+    waits here for the device, a synchronisation the exchange cannot avoid (DeepEP's low-latency kernels avoid it with receive buffers of
     a fixed size, as chapter 09's masked layout does)."""
     received = torch.empty_like(counts)
     dist.all_to_all_single(received, counts.contiguous(), group=group)

@@ -5,8 +5,9 @@ GPU (a *rank*) holding ``E / world`` of them, and the tokens sent to their exper
    ``r * E_local .. (r + 1) * E_local - 1``, so the rows of one rank's routing, sorted by
    expert, are already grouped by the rank they go to.
 2. **The routing, as rows** (:func:`route_rows`): each rank routes its own tokens with the
-   router it shares with every rank: chapter 01's top-K or chapter 04's token rounding (then
-   every expert's rows *from each rank* are whole tiles, so the rows an expert receives are too).
+   router it shares with every rank: chapter 01's top-K or chapter 04's token rounding, decided
+   on each rank's tokens (every expert's rows *from each rank* whole tiles) or on the whole
+   batch (the probabilities gathered from every rank: the decision one process would make).
 3. **Dispatch and combine** (:func:`moe_forward`): two all-to-alls per layer through
    ``torch.distributed`` (NCCL between GPUs, gloo on a CPU). First the counts (how many rows each
    rank sends each other rank: one small all-to-all whose result the host must read, since the
@@ -102,11 +103,46 @@ class Rows(NamedTuple):
     weights: Tensor
 
 
-def route_rows(x: Tensor, w_router: Tensor, k: int, method: str = "top-K", tile: int = tr.DEFAULT_TILE) -> Rows:
+#: Where token rounding decides: on each rank's own tokens, or on the whole batch of every rank.
+ROUNDING = ("per rank", "whole batch")
+
+
+def route_rows(x: Tensor, w_router: Tensor, k: int, method: str = "top-K", tile: int = tr.DEFAULT_TILE, *,
+               rounding: str = "per rank", group=None) -> Rows:
     """This rank's tokens ``x (T, d)`` routed with the shared ``w_router (d, E)``: ``"top-K"``
     (chapter 01's ``topk_softmax``: softmax over the k best logits) or chapter 04's token
-    rounding (``"nearest"``, ``"up"``, ``"down"``: every expert's rows a multiple of ``tile``)."""
-    return rows_from_logits(moe.router_logits(x, w_router).float(), k, method, tile)  # routers decide in float32
+    rounding (``"nearest"``, ``"up"``, ``"down"``: every expert's rows a multiple of ``tile``).
+
+    ``rounding="per rank"`` rounds this rank's own counts (then every (rank, expert) block is whole
+    tiles); ``"whole batch"`` makes the decision one process would make on every rank's tokens
+    together: each rank gathers the router's probabilities of all tokens (``T * E`` numbers, about
+    1% of the dispatch's bytes on DeepSeek-V3), runs the same rounding on them, and keeps the
+    rows of its own tokens (every expert's total is whole tiles, its blocks from each rank not)."""
+    require(rounding in ROUNDING, f"rounding must be one of {', '.join(ROUNDING)}; got {rounding!r}")
+    logits = moe.router_logits(x, w_router).float()  # routers decide in float32
+    if method == "top-K" or rounding == "per rank":
+        return rows_from_logits(logits, k, method, tile)
+    require(method in ROUTINGS, f"routing must be one of {', '.join(ROUTINGS)}; got {method!r}")
+    probs = moe.router_probs(logits)
+    everyone, first = gather_tokens(probs.detach(), group)
+    routing = tr.route(everyone, k, tile, method)  # the same decision on every rank
+    mine = (routing.token_ids >= first) & (routing.token_ids < first + x.shape[0])
+    tokens, experts = routing.token_ids[mine] - first, routing.expert_ids[mine]
+    return Rows(tokens, experts, probs[tokens, experts])  # weights from this rank's own probabilities
+
+
+def gather_tokens(t: Tensor, group=None) -> tuple[Tensor, int]:
+    """Every rank's rows of ``t (T_rank, ...)``, in rank order, and where this rank's begin.
+    (``all_gather`` takes equal sizes: each rank's rows padded to the largest count.)"""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([t.shape[0]]), group=group)
+    sizes = [int(s) for s in sizes]
+    padded = t.new_zeros((max(sizes), *t.shape[1:]))
+    padded[:t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]), sum(sizes[:rank])
 
 
 def rows_from_logits(logits: Tensor, k: int, method: str = "top-K", tile: int = tr.DEFAULT_TILE) -> Rows:
@@ -188,13 +224,15 @@ def local_experts(x_rows: Tensor, local_ids: Tensor, gate_up_proj: Tensor, down_
 
 
 def moe_forward(x: Tensor, w_router: Tensor, gate_up_proj: Tensor, down_proj: Tensor, k: int, *,
-                method: str = "top-K", tile: int = tr.DEFAULT_TILE, group=None, exchange: type | None = None) -> Tensor:
+                method: str = "top-K", tile: int = tr.DEFAULT_TILE, rounding: str = "per rank", group=None,
+                exchange: type | None = None) -> Tensor:
     """One rank's share of the expert-parallel MoE layer: its tokens ``x (T, d)`` -> ``(T, d)``.
 
     ``w_router (d, E)``: the router, the same on every rank; ``gate_up_proj (E_local, 2n, d)``
     and ``down_proj (E_local, d, n)``: this rank's experts (:func:`shard`, :func:`hf_layout`).
     Autograd gives the backward (through :class:`AllToAll`). Every rank of ``group`` must call it.
-    ``exchange``: the autograd Function that moves the rows (default :class:`AllToAll`).
+    ``method``, ``tile``, ``rounding``: the routing (:func:`route_rows`). ``exchange``: the autograd
+    Function that moves the rows (default :class:`AllToAll`).
     """
     exchange = exchange or AllToAll
     world = dist.get_world_size(group)
@@ -202,7 +240,7 @@ def moe_forward(x: Tensor, w_router: Tensor, gate_up_proj: Tensor, down_proj: Te
     require(w_router.dim() == 2 and w_router.shape == (x.shape[1], E_local * world),
             lambda: f"w_router must be (d, E) = ({x.shape[1]}, {E_local * world}) for {E_local} experts on each of "
                     f"{world} ranks, got {tuple(w_router.shape)}")
-    rows = route_rows(x, w_router, k, method, tile)
+    rows = route_rows(x, w_router, k, method, tile, rounding=rounding, group=group)
     counts = send_counts(rows, E_local, world)
     send, receive = counts.tolist(), exchange_counts(counts, group)
     real = rows.token_ids >= 0
@@ -267,15 +305,20 @@ def moe_forward_overlapped(x: Tensor, w_router: Tensor, gate_up_proj: Tensor, do
 
 
 def reference_forward(x_per_rank: list[Tensor], w: moe.MoEWeights, k: int, method: str = "top-K",
-                      tile: int = tr.DEFAULT_TILE) -> list[Tensor]:
+                      tile: int = tr.DEFAULT_TILE, rounding: str = "per rank") -> list[Tensor]:
     """What the ranks together must compute, in one process: chapter 01's layer (top-K: each
     token's routing is its own, so all tokens at once) or chapter 04's (token rounding: each
-    rank's tokens rounded as that rank rounds them)."""
+    rank's tokens rounded as that rank rounds them, or all tokens at once)."""
+    sizes = [t.shape[0] for t in x_per_rank]
     if method == "top-K":
-        y = moe.moe_forward(torch.cat(x_per_rank), w, k).y
-        return list(y.split([t.shape[0] for t in x_per_rank]))
-    return [tr.moe_forward(x, w, tr.route(moe.router_probs(moe.router_logits(x, w.w_router).float()), k, tile,
-                                          method)) for x in x_per_rank]
+        return list(moe.moe_forward(torch.cat(x_per_rank), w, k).y.split(sizes))
+
+    def rounded(x):
+        return tr.moe_forward(x, w, tr.route(moe.router_probs(moe.router_logits(x, w.w_router).float()), k, tile,
+                                             method))
+    if rounding == "whole batch":
+        return list(rounded(torch.cat(x_per_rank)).split(sizes))
+    return [rounded(x) for x in x_per_rank]
 
 
 @dataclass(frozen=True)
@@ -292,6 +335,7 @@ class Case:
     method: str = "top-K"
     tile: int = 4
     bias: str = "none"
+    rounding: str = "per rank"
 
 
 CASES = (
@@ -300,6 +344,7 @@ CASES = (
     Case("a rank that gets every token", (5, 9, 4, 6), bias="one rank"),
     Case("a rank with no tokens of its own", (7, 0, 5, 6)),
     Case("token rounding (nearest, tile 4)", (16, 11, 9, 20), method="nearest"),
+    Case("token rounding on the whole batch", (16, 11, 9, 20), method="nearest", rounding="whole batch"),
 )
 
 
@@ -341,14 +386,14 @@ def check_rank(case: Case, rank: int, world: int, *, wrong: str | None = None, g
     if wrong == "combine unweighted":
         y = _unweighted_forward(x, router, gu, dn, case.k, method=case.method, tile=case.tile, group=group)
     else:
-        y = moe_forward(x, router, gu, dn, case.k, method=case.method, tile=case.tile, group=group,
-                        exchange=_NotExchangedBackward if wrong == "backward not exchanged" else None)
+        y = moe_forward(x, router, gu, dn, case.k, method=case.method, tile=case.tile, rounding=case.rounding,
+                        group=group, exchange=_NotExchangedBackward if wrong == "backward not exchanged" else None)
     y.backward(grads[rank])
     router_grad = torch.zeros_like(router) if router.grad is None else router.grad.clone()
     dist.all_reduce(router_grad, group=group)  # the replicated router: its gradient summed over ranks
 
     ref_x, ref_w = _leaves(*xs), moe.MoEWeights(*_leaves(*w))
-    ref_y = reference_forward(ref_x, ref_w, case.k, case.method, case.tile)
+    ref_y = reference_forward(ref_x, ref_w, case.k, case.method, case.tile, case.rounding)
     sum((r * g).sum() for r, g in zip(ref_y, grads, strict=True)).backward()
     ref_gate_up, ref_down = hf_layout(moe.MoEWeights(*(t.grad for t in ref_w)))
     errors = {"y": _rel(y, ref_y[rank]), "dx": _rel(x.grad, ref_x[rank].grad),

@@ -94,3 +94,11 @@ def test_the_benchmark_runs_under_torchrun_on_a_cpu():
                           capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "qwen3-30b-a3b       2" in done.stdout, done.stdout
+
+
+def test_a_routing_it_does_not_know_is_refused():
+    x, router = torch.randn(4, 8), torch.randn(8, 4)
+    with pytest.raises(ValueError, match="rounding must be one of per rank, whole batch; got 'global'"):
+        ep.route_rows(x, router, 2, "nearest", rounding="global")
+    with pytest.raises(ValueError, match="routing must be one of top-K, nearest, up, down; got 'padded'"):
+        ep.route_rows(x, router, 2, "padded")

@@ -140,7 +140,7 @@ BAD = [  # (script, arguments, what the usage error says)
     ("token_rounding_quality", ["--tile", "-1"], "argument --tile: must be >= 1, got -1"),
     ("token_rounding_quality", ["--seeds", "0"], "argument --seeds: must be >= 1, got 0"),
     ("token_rounding_quality", ["--methods", "padded"], "argument --methods: invalid choice: 'padded'"),
-    ("book", ["execute", "08"], "argument chapters: no chapter '08'"),
+    ("book", ["execute", "11"], "argument chapters: no chapter '11'"),
     ("book", ["publish"], "argument command: invalid choice: 'publish'"),
     ("cubin_digest", ["--kernels", MISSING], f"argument --kernels: no folder '{MISSING}'"),
     ("make_locks", ["--variants", "rocm"], "argument --variants: invalid choice: 'rocm'"),

@@ -83,10 +83,9 @@ def measure_shape(cfg: configs.MoEConfig, tokens: int, shrink: int, reps: int, d
         ep.moe_forward(x.requires_grad_(), router, gu, dn, cfg.K).backward(grad)
         gu.grad = dn.grad = x.grad = None
 
-    rows = ep.route_rows(x, router, cfg.K)
-    counts = ep.send_counts(rows, gu.shape[0], world)
-    send, receive = counts.tolist(), ep.exchange_counts(counts)
-    payload = x[rows.token_ids]
+    p = ep.plan(ep.route_rows(x, router, cfg.K), gu.shape[0])  # the layer's own exchange
+    send, receive = p.send, p.receive
+    payload = x[p.rows.token_ids]
     back = payload.new_empty((sum(receive), d))
 
     def exchanges():  # the layer's two all-to-alls alone, on its payloads

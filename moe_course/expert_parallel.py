@@ -94,7 +94,8 @@ def hf_layout(w: moe.MoEWeights) -> tuple[Tensor, Tensor]:
 class Rows(NamedTuple):
     """One rank's routing: ``R`` rows sorted by expert (so grouped by destination rank).
 
-    - ``token_ids (R,)`` int64: the local token each row carries
+    - ``token_ids (R,)`` int64: the local token each row carries (a real one: chapter 04's
+      "padded" routing, whose padding rows carry none, is not among :data:`ROUTINGS`)
     - ``expert_ids (R,)`` int64: its expert, a global id
     - ``weights (R,)``: its routing weight (from the router: gradients flow through it)
     """
@@ -160,6 +161,30 @@ def rows_from_logits(logits: Tensor, k: int, method: str = "top-K", tile: int = 
 def send_counts(rows: Rows, per_rank: int, world: int) -> Tensor:
     """``(world,)`` int64: how many of this rank's rows go to each rank."""
     return torch.bincount(owner(rows.expert_ids, per_rank), minlength=world)
+
+
+class Plan(NamedTuple):
+    """One rank's side of the exchanges: its :class:`Rows`, how many it sends each rank and
+    receives from each (host lists: the split sizes of ``all_to_all_single``), and each row's
+    expert as its destination numbers them (``0 .. E_local - 1``)."""
+    rows: Rows
+    send: list[int]
+    receive: list[int]
+    local_ids: Tensor
+
+
+def plan(rows: Rows, per_rank: int, group=None) -> Plan:
+    """The exchange of ``rows``: their counts per rank, sent and received (:func:`exchange_counts`)."""
+    counts = send_counts(rows, per_rank, dist.get_world_size(group))
+    return Plan(rows, counts.tolist(), exchange_counts(counts, group), rows.expert_ids % per_rank)
+
+
+def weighted_sum(y_rows: Tensor, rows: Rows, num_tokens: int, weights: Tensor | None = None) -> Tensor:
+    """Each token's rows summed with their routing weights (``weights``: others in their place),
+    in the weights' precision when it is the higher (float32 router weights, bf16 rows)."""
+    weights = rows.weights if weights is None else weights
+    return moe.combine_rows(y_rows.to(torch.promote_types(y_rows.dtype, weights.dtype)), rows.token_ids, weights,
+                            num_tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,19 +265,11 @@ def moe_forward(x: Tensor, w_router: Tensor, gate_up_proj: Tensor, down_proj: Te
     require(w_router.dim() == 2 and w_router.shape == (x.shape[1], E_local * world),
             lambda: f"w_router must be (d, E) = ({x.shape[1]}, {E_local * world}) for {E_local} experts on each of "
                     f"{world} ranks, got {tuple(w_router.shape)}")
-    rows = route_rows(x, w_router, k, method, tile, rounding=rounding, group=group)
-    counts = send_counts(rows, E_local, world)
-    send, receive = counts.tolist(), exchange_counts(counts, group)
-    real = rows.token_ids >= 0
-    tokens = rows.token_ids.clamp(min=0)
-    x_send = x[tokens]
-    local_ids = rows.expert_ids - owner(rows.expert_ids, E_local) * E_local
-    x_recv = exchange.apply(x_send, send, receive, group)  # dispatch
-    y_recv = local_experts(x_recv, exchange_ids(local_ids, send, receive, group), gate_up_proj, down_proj)
-    y_rows = exchange.apply(y_recv, receive, send, group)  # combine: back the way they came
-    weights = torch.where(real, rows.weights, 0.0)  # a padding row (token -1) adds nothing
-    return moe.combine_rows(y_rows.to(torch.promote_types(y_rows.dtype, weights.dtype)), tokens, weights,
-                            x.shape[0]).to(x.dtype)
+    p = plan(route_rows(x, w_router, k, method, tile, rounding=rounding, group=group), E_local, group)
+    x_recv = exchange.apply(x[p.rows.token_ids], p.send, p.receive, group)  # dispatch
+    y_recv = local_experts(x_recv, exchange_ids(p.local_ids, p.send, p.receive, group), gate_up_proj, down_proj)
+    y_rows = exchange.apply(y_recv, p.receive, p.send, group)  # combine: back the way they came
+    return weighted_sum(y_rows, p.rows, x.shape[0]).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,33 +287,25 @@ def moe_forward_overlapped(x: Tensor, w_router: Tensor, gate_up_proj: Tensor, do
     :func:`moe_forward` (each token's routing does not depend on the others' under top-K; under
     token rounding each chunk is rounded on its own)."""
     check_int(chunks, "chunks", 1)
-    world = dist.get_world_size(group)
     E_local = gate_up_proj.shape[0]
     pieces = x.tensor_split(chunks)  # the same number on every rank (some may be empty): one exchange each
     started = []
     for piece in pieces:  # route every chunk and start every dispatch
-        rows = route_rows(piece, w_router, k, method, tile)
-        counts = send_counts(rows, E_local, world)
-        send, receive = counts.tolist(), exchange_counts(counts, group)
-        tokens = rows.token_ids.clamp(min=0)
-        x_recv = piece.new_empty((sum(receive), piece.shape[1]))
-        work = dist.all_to_all_single(x_recv, piece[tokens].contiguous(), receive, send, group=group, async_op=True)
-        ids = exchange_ids(rows.expert_ids - owner(rows.expert_ids, E_local) * E_local, send, receive, group)
-        started.append((rows, tokens, send, receive, x_recv, ids, work))
+        p = plan(route_rows(piece, w_router, k, method, tile), E_local, group)
+        x_recv = piece.new_empty((sum(p.receive), piece.shape[1]))
+        work = dist.all_to_all_single(x_recv, piece[p.rows.token_ids], p.receive, p.send, group=group, async_op=True)
+        started.append((p, x_recv, exchange_ids(p.local_ids, p.send, p.receive, group), work))
     returning = []
-    for rows, tokens, send, receive, x_recv, ids, work in started:  # experts, combines in flight
+    for p, x_recv, ids, work in started:  # experts, combines in flight
         work.wait()
         y_recv = local_experts(x_recv, ids, gate_up_proj, down_proj)
-        y_rows = y_recv.new_empty((sum(send), y_recv.shape[1]))
-        returning.append((rows, tokens, y_rows,
-                          dist.all_to_all_single(y_rows, y_recv.contiguous(), send, receive, group=group,
-                                                 async_op=True)))
+        y_rows = y_recv.new_empty((sum(p.send), y_recv.shape[1]))
+        returning.append((p, y_rows, dist.all_to_all_single(y_rows, y_recv.contiguous(), p.send, p.receive,
+                                                            group=group, async_op=True)))
     out = []
-    for (rows, tokens, y_rows, work), piece in zip(returning, pieces, strict=True):
+    for (p, y_rows, work), piece in zip(returning, pieces, strict=True):
         work.wait()
-        weights = torch.where(rows.token_ids >= 0, rows.weights, 0.0)
-        out.append(moe.combine_rows(y_rows.to(torch.promote_types(y_rows.dtype, weights.dtype)), tokens, weights,
-                                    piece.shape[0]).to(x.dtype))
+        out.append(weighted_sum(y_rows, p.rows, piece.shape[0]).to(x.dtype))
     return torch.cat(out)
 
 
@@ -401,9 +410,8 @@ def check_rank(case: Case, rank: int, world: int, *, wrong: str | None = None, g
               "d_gate_up_proj": _rel(gu.grad, shard(ref_gate_up, rank, world)),
               "d_down_proj": _rel(dn.grad, shard(ref_down, rank, world))}
     if case.method == "top-K" and wrong is None:
-        errors["y overlapped"] = _rel(moe_forward_overlapped(xs[rank], w.w_router if case.bias == "none" else router,
-                                                             gu.detach(), dn.detach(), case.k, chunks=3, group=group),
-                                      ref_y[rank])
+        errors["y overlapped"] = _rel(moe_forward_overlapped(xs[rank], w.w_router, gu.detach(), dn.detach(), case.k,
+                                                             chunks=3, group=group), ref_y[rank])
     return errors
 
 
@@ -418,16 +426,12 @@ def _rel(got: Tensor | None, want: Tensor) -> float:
 
 
 def _unweighted_forward(x, w_router, gate_up_proj, down_proj, k, *, method, tile, group):
-    rows = route_rows(x, w_router, k, method, tile)
-    E_local, world = gate_up_proj.shape[0], dist.get_world_size(group)
-    counts = send_counts(rows, E_local, world)
-    send, receive = counts.tolist(), exchange_counts(counts, group)
-    tokens = rows.token_ids.clamp(min=0)
-    local = rows.expert_ids - owner(rows.expert_ids, E_local) * E_local
-    y_recv = local_experts(AllToAll.apply(x[tokens], send, receive, group), exchange_ids(local, send, receive, group),
-                           gate_up_proj, down_proj)
-    y_rows = AllToAll.apply(y_recv, receive, send, group)
-    return moe.combine_rows(y_rows, tokens, torch.ones_like(rows.weights), x.shape[0])
+    """Known-wrong on purpose: :func:`moe_forward` whose combine forgets the routing weights."""
+    p = plan(route_rows(x, w_router, k, method, tile), gate_up_proj.shape[0], group)
+    y_recv = local_experts(AllToAll.apply(x[p.rows.token_ids], p.send, p.receive, group),
+                           exchange_ids(p.local_ids, p.send, p.receive, group), gate_up_proj, down_proj)
+    y_rows = AllToAll.apply(y_recv, p.receive, p.send, group)
+    return weighted_sum(y_rows, p.rows, x.shape[0], weights=torch.ones_like(p.rows.weights))
 
 
 class _NotExchangedBackward(AllToAll):

@@ -90,8 +90,8 @@ def _check_counts(got, want: Tensor, where: str, expert_ids, per, world) -> None
             hint = ("\n  it is what torch.bincount gives without minlength=world: the ranks past the last one that "
                     "gets a row must still be counted, with 0")
         for why, mistake in COUNT_MISTAKES.items():
-            if tuple(mistake(expert_ids, per, world).shape) == tuple(got.shape) and \
-                    torch.equal(got.long(), mistake(expert_ids, per, world)):
+            wrong = mistake(expert_ids, per, world)
+            if wrong.shape == got.shape and torch.equal(got.long(), wrong):
                 hint = f"\n  it is what you get if {why}"
         raise CheckFailed(f"send_counts ({where}): expected shape ({world},), one count per rank, got "
                           f"{tuple(got.shape)}{hint}")
@@ -150,37 +150,32 @@ def numbered_rows(counts: Tensor, width: int = 3) -> list[Tensor]:
     return out
 
 
-def reference_all_to_all(sent: list[Tensor], counts: Tensor) -> list[Tensor]:
-    world = counts.shape[0]
-    blocks = [list(rows.split(counts[i].tolist())) for i, rows in enumerate(sent)]
-    return [torch.cat([blocks[i][j] for i in range(world)]) for j in range(world)]
+def exchanged(rows_per_rank: list[Tensor], split_by: Tensor, reverse: bool = False) -> list[Tensor] | None:
+    """Rank ``i``'s rows split into blocks of ``split_by[i]``; rank ``j`` gets every rank's block
+    ``j``, in source order (``reverse``: the other way round). The right exchange with the counts
+    themselves; with other counts, one of the usual mistakes, or None where they do not add up
+    to the rows (that mistake raises instead)."""
+    try:
+        blocks = [rows.split(split_by[i].tolist()) for i, rows in enumerate(rows_per_rank)]
+    except RuntimeError:
+        return None
+    sources = list(range(len(blocks)))[::-1 if reverse else 1]
+    return [torch.cat([blocks[i][j] for i in sources]) for j in range(len(blocks))]
 
 
 #: What the usual mistakes return: ``{why: function (sent, counts) -> received}``
 EXCHANGE_MISTAKES: dict[str, Callable[[list[Tensor], Tensor], list[Tensor]]] = {
     "the counts are read transposed: counts[i, j] is what rank i SENDS rank j, so rank i's rows split at "
     "counts[i] (its row), and rank j receives counts[:, j] (a column)":
-        lambda s, c: _blocks_by(s, c.T, c),
+        lambda s, c: exchanged(s, c.T),
     "the blocks a rank receives are in reverse order: rank j gets rank 0's block first, then rank 1's, ...":
-        lambda s, c: [torch.cat([blk for blk in reversed(_blocks(s, c, j))]) for j in range(c.shape[0])],
+        lambda s, c: exchanged(s, c, reverse=True),
     "every rank kept its own rows: nothing was exchanged":
         lambda s, c: [rows.clone() for rows in s],
     "each block is sliced from the start of the rank's rows (rows[:counts[i, j]]): rank i's block for rank j "
     "starts after its blocks for ranks 0 .. j-1, at counts[i, :j].sum()":
         lambda s, c: [torch.cat([rows[:int(c[i, j])] for i, rows in enumerate(s)]) for j in range(c.shape[0])],
 }
-
-
-def _blocks(sent, counts, j) -> list[Tensor]:
-    return [rows.split(counts[i].tolist())[j] for i, rows in enumerate(sent)]
-
-
-def _blocks_by(sent, split_by: Tensor, counts: Tensor) -> list[Tensor] | None:
-    try:
-        blocks = [list(rows.split(split_by[i].tolist())) for i, rows in enumerate(sent)]
-        return [torch.cat([blocks[i][j] for i in range(counts.shape[0])]) for j in range(counts.shape[0])]
-    except RuntimeError:  # the transposed counts do not add up to the rows: that mistake raises instead
-        return None
 
 
 def _describe_row(row: Tensor) -> str:
@@ -226,25 +221,30 @@ def _call(fn, name: str, where: str, rows: list[Tensor], counts: Tensor):
                           f"received, counts[:, j] (a column): the counts transposed") from None
 
 
+def _grade_exchange(fn, name: str, seed: int | None, given_and_wanted, mistakes: dict) -> None:
+    """Grade ``fn(rows_per_rank, counts)`` on every case: ``given_and_wanted(sent, counts)`` gives
+    what it is handed and what it must return."""
+    seed = fresh_seed(seed)
+    fn = as_graded(fn, REFERENCES)
+    with grading(f"{TITLE} · {name}"):
+        for case, counts in exchange_cases(seed):
+            given, want = given_and_wanted(numbered_rows(counts), counts)
+            where = f"{case}, seed {seed}"
+            (got,) = as_outputs(name, _call(fn, name, where, [r.clone() for r in given], counts.clone()), 1, where)
+            _check_received(name, got, want, where, mistakes, (given, counts))
+
+
 def grade_all_to_all(all_to_all, seed: int | None = None) -> None:
     """``all_to_all(sent: list of (rows_i, width), counts (world, world)) -> list of (received_j, width)``."""
-    seed = fresh_seed(seed)
-    all_to_all = as_graded(all_to_all, REFERENCES)
-    with grading(f"{TITLE} · all_to_all"):
-        for name, counts in exchange_cases(seed):
-            sent = numbered_rows(counts)
-            where = f"{name}, seed {seed}"
-            (got,) = as_outputs("all_to_all", _call(all_to_all, "all_to_all", where, [s.clone() for s in sent],
-                                                    counts.clone()), 1, where)
-            _check_received("all_to_all", got, reference_all_to_all(sent, counts), where, EXCHANGE_MISTAKES,
-                            (sent, counts))
+    _grade_exchange(all_to_all, "all_to_all", seed, lambda sent, counts: (sent, exchanged(sent, counts)),
+                    EXCHANGE_MISTAKES)
 
 
 #: What the usual mistakes of the way back return: ``{why: function (received, counts) -> returned}``
 BACK_MISTAKES: dict[str, Callable[[list[Tensor], Tensor], list[Tensor]]] = {
     "the way back uses the counts of the way there: rank j now sends counts[:, j] rows (what it received) and "
     "rank i gets counts[i, :] back: the same exchange with the counts transposed, all_to_all(received, counts.T)":
-        lambda r, c: _blocks_by(r, c, c),
+        lambda r, c: exchanged(r, c),
     "nothing was sent back: each rank kept the rows it had received":
         lambda r, c: [rows.clone() for rows in r],
 }
@@ -252,13 +252,4 @@ BACK_MISTAKES: dict[str, Callable[[list[Tensor], Tensor], list[Tensor]]] = {
 
 def grade_send_back(send_back, seed: int | None = None) -> None:
     """``send_back(received, counts) -> returned``: every row back where it came from, in order."""
-    seed = fresh_seed(seed)
-    send_back = as_graded(send_back, REFERENCES)
-    with grading(f"{TITLE} · send_back"):
-        for name, counts in exchange_cases(seed):
-            sent = numbered_rows(counts)
-            received = reference_all_to_all(sent, counts)
-            where = f"{name}, seed {seed}"
-            (got,) = as_outputs("send_back", _call(send_back, "send_back", where, [r.clone() for r in received],
-                                                   counts.clone()), 1, where)
-            _check_received("send_back", got, sent, where, BACK_MISTAKES, (received, counts))
+    _grade_exchange(send_back, "send_back", seed, lambda sent, counts: (exchanged(sent, counts), sent), BACK_MISTAKES)

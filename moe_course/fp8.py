@@ -472,16 +472,29 @@ LAYER_SCHEMES = {
 }
 
 
-def fp8_expert_step(scheme: str = "DeepSeek-V3", **options) -> Callable[..., Tensor]:
+def fake_quantize(x: Tensor, scheme: str, **options) -> Tensor:
+    """``x`` quantised with ``scheme`` and dequantised, in ``x``'s dtype, with the gradient
+    passed **straight through** (the straight-through estimator: the rounding counts as the
+    identity in the backward pass). What training with an FP8 forward needs: the forward sees
+    the FP8 values, the weights keep their full-precision copy and receive the whole gradient."""
+    back = quantize_scheme(x.detach(), scheme, **options).dequantize().to(x.dtype)
+    return x + (back - x).detach()
+
+
+def fp8_expert_step(scheme: str = "DeepSeek-V3", straight_through: bool = False, **options) -> Callable[..., Tensor]:
     """An expert step for :func:`moe_course.moe.moe_forward` (``expert_step=``) whose three
     projections run on FP8 operands, simulated: activations and weights quantised with the
     scheme of :data:`LAYER_SCHEMES`, each product float32 (:func:`grouped_matmul`), SwiGLU in
-    float32, its output quantised again before the down-projection."""
+    float32, its output quantised again before the down-projection. ``straight_through``: the
+    step is differentiable (:func:`fake_quantize`), for training with an FP8 forward."""
     check_choice(scheme, "scheme", LAYER_SCHEMES)
     act_scheme, weight_scheme = LAYER_SCHEMES[scheme]
 
     def project(rows: Tensor, w: Tensor, ends: Tensor) -> Tensor:  # w (E, K, N), as moe stores it
         w_nk = w.transpose(1, 2)  # (E, N, K): K-major, as an FP8 GEMM reads it
+        if straight_through:
+            return _grouped_matmul_dequantized(fake_quantize(rows, act_scheme, **options),
+                                               fake_quantize(w_nk, weight_scheme, name="w", **options), ends)
         return grouped_matmul(quantize_scheme(rows, act_scheme, **options),
                               quantize_scheme(w_nk, weight_scheme, name="w", **options), ends)
 
@@ -507,3 +520,79 @@ def layer_errors(x: Tensor, weights: moe.MoEWeights, k: int, schemes=tuple(LAYER
 
     errors["bf16"] = relative_error(moe.moe_forward(x.float(), weights, k, expert_step=bf16_step).y, reference)
     return errors
+
+
+def bf16_expert_step(x_sorted: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+    """The expert step with bf16 operands (rounded, the gradient straight through), products in
+    float32: what a bf16 GEMM with float32 accumulation computes, differentiable."""
+    def bf16(t: Tensor) -> Tensor:
+        return t + (t.detach().bfloat16().to(t.dtype) - t.detach())
+
+    ends = offsets[1:]
+    project = lambda rows, w: _grouped_matmul_dequantized(bf16(rows), bf16(w.transpose(1, 2)), ends)
+    return project(F.silu(project(x_sorted, w_gate)) * project(x_sorted, w_up), w_down).to(x_sorted.dtype)
+
+
+#: The forward passes chapter 07 trains with: name -> expert step (None: chapter 01's float32)
+TRAINING_VARIANTS = {
+    "float32": None,
+    "bf16": bf16_expert_step,
+    "FP8, DeepSeek-V3 scales": fp8_expert_step("DeepSeek-V3", straight_through=True),
+    "FP8, per tensor": fp8_expert_step("per tensor", straight_through=True),
+}
+
+
+def training_curves(variants=tuple(TRAINING_VARIANTS), *, d: int = 256, n: int = 256, experts: int = 8,
+                    batch: int = 256, steps: int = 120, seed: int = 0,
+                    eval_every: int = 10) -> dict[str, list[tuple[int, float]]]:
+    """A small MoE layer trained from one start on one stream of batches, once per forward pass
+    of :data:`TRAINING_VARIANTS` (the backward in float32 through the rounding, straight through),
+    on chapter 04's clustered regression task: ``{variant: [(step, validation loss), ...]}``, the
+    validation loss computed with the variant's own forward. Widths of 256, so that ``1 x 128``
+    groups and ``128 x 128`` blocks are smaller than a row and a matrix."""
+    from . import rounding_quality as rq
+    from .machine import one_thread
+
+    for name in variants:
+        check_choice(name, "variant", TRAINING_VARIANTS)
+    setup = rq.Setup(d=d, n=n, experts=experts, batch=batch, steps=steps)
+    task = rq.Task(setup, seed)
+    start = rq.TinyMoE(setup, seed)
+    draw = torch.Generator().manual_seed(20_000 + seed)
+    batches = [_sample(task, batch, draw) for _ in range(steps)]  # the same batches for every variant
+    x_val, y_val = _sample(task, 1024, torch.Generator().manual_seed(30_000 + seed))
+    curves = {}
+    for name in variants:
+        step_fn = TRAINING_VARIANTS[name] or "loop"
+        params = [torch.nn.Parameter(p.detach().clone()) for p in (start.w_router, start.w_gate, start.w_up, start.w_down)]
+        forward = lambda x, params=params, step_fn=step_fn: moe.moe_forward(
+            x, moe.MoEWeights(*params), setup.k, expert_step=step_fn).y
+        opt = torch.optim.Adam(params, lr=setup.lr)
+        with one_thread():
+            curves[name] = _train(forward, opt, batches, x_val, y_val, eval_every)
+    return curves
+
+
+def _sample(task, tokens: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """What ``rounding_quality.Task.sample`` draws, its targets one matmul per cluster (its
+    per-token gather of a d x d map is slow at d = 256)."""
+    c = torch.randint(task.setup.clusters, (tokens,), generator=generator)
+    x = task.centers[c] + 0.5 * torch.randn(tokens, task.setup.d, generator=generator)
+    y = torch.empty_like(x)
+    for cluster in c.unique().tolist():
+        rows = c == cluster
+        y[rows] = torch.tanh(x[rows] @ task.maps[cluster])
+    return x, y
+
+
+def _train(forward, opt, batches, x_val, y_val, eval_every: int) -> list[tuple[int, float]]:
+    curve = []
+    for step, (x, y) in enumerate(batches):
+        loss = ((forward(x) - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % eval_every == 0 or step + 1 == len(batches):
+            with torch.no_grad():
+                curve.append((step + 1, float(((forward(x_val) - y_val) ** 2).mean())))
+    return curve

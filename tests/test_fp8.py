@@ -314,3 +314,37 @@ def test_outlier_channels_are_what_they_say():
     rms = x.square().mean(0).sqrt()
     assert (rms[channels] > 50).all() and (rms[~torch.isin(torch.arange(512), channels)] < 2).all()
     assert math.isclose(float(rms[channels].mean() / 100), 1.0, rel_tol=0.15)
+
+
+# --- training with an FP8 forward ------------------------------------------------------------------
+
+def test_fake_quantize_rounds_forward_and_passes_the_gradient_straight_through():
+    x = torch.randn(4, 256, requires_grad=True)
+    y = fp8.fake_quantize(x, "1x128")
+    q = fp8.quantize_scheme(x.detach(), "1x128")
+    assert torch.equal(y.detach(), q.dequantize())
+    assert not torch.equal(y.detach(), x.detach())  # it did round
+    (y * torch.arange(256.0)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(256.0).expand(4, 256))
+
+
+def test_the_straight_through_expert_step_equals_the_fp8_one_and_trains_the_weights():
+    g = torch.Generator().manual_seed(0)
+    w = moe.random_weights(256, 256, 4, generator=g)
+    x = torch.randn(64, 256, generator=g)
+    plain = moe.moe_forward(x, w, 2, expert_step=fp8.fp8_expert_step("DeepSeek-V3")).y
+    params = moe.MoEWeights(*(t.clone().requires_grad_() for t in w))
+    trained = moe.moe_forward(x, params, 2, expert_step=fp8.fp8_expert_step("DeepSeek-V3", straight_through=True)).y
+    assert torch.allclose(trained, plain, rtol=1e-5, atol=1e-6)
+    trained.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_training_curves_start_alike_and_differ_by_the_rounding():
+    curves = fp8.training_curves(("float32", "bf16", "FP8, DeepSeek-V3 scales"), steps=6, eval_every=3)
+    assert [s for s, _ in curves["float32"]] == [3, 6]
+    final = {name: curve[-1][1] for name, curve in curves.items()}
+    assert final["float32"] != final["FP8, DeepSeek-V3 scales"]  # the FP8 forward is really taken
+    assert abs(final["FP8, DeepSeek-V3 scales"] / final["float32"] - 1) < 0.05
+    with pytest.raises(ValueError, match="variant"):
+        fp8.training_curves(("fp4",))

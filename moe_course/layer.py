@@ -268,6 +268,47 @@ def forward(x: torch.Tensor, kw: KernelWeights, k: int) -> torch.Tensor:
     return KERNEL_OPS.combine(KERNEL_OPS.times_w(a, kw.w_down, r.offs), r.pos, r.weights)
 
 
+class Fp8Weights(NamedTuple):
+    """One layer's experts in FP8 for chapter 07's kernels, quantised once (offline): e4m3
+    weights, K-major, with one float32 scale per 128 x 128 block. ``gate_up (E, 2n, d)``
+    interleaved as :class:`KernelWeights`'s; ``down (E, d, n)``, the down-projection's weight
+    transposed (FP8 wgmma reads both operands K-major). The router stays as it is."""
+    w_router: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_scales: torch.Tensor
+    down: torch.Tensor
+    down_scales: torch.Tensor
+
+
+def prepare_fp8(kw: KernelWeights) -> Fp8Weights:
+    """:class:`KernelWeights` quantised to :class:`Fp8Weights`, an expert at a time (the float32
+    temporaries of a whole DeepSeek-V3 layer would not fit)."""
+    from . import fp8
+
+    def blocks(w):  # (E, N, K) -> e4m3 (E, N, K), scales (E, N / 128, K / 128)
+        q = torch.empty(w.shape, device=w.device, dtype=torch.float8_e4m3fn)
+        scales = torch.empty(w.shape[0], w.shape[1] // 128, w.shape[2] // 128, device=w.device)
+        for e in range(w.shape[0]):
+            q[e], scales[e] = fp8.quantize_blocks(w[e])
+        return q, scales
+
+    return Fp8Weights(kw.w_router, *blocks(kw.w_gate_up), *blocks(kw.w_down.transpose(1, 2).contiguous()))
+
+
+def forward_fp8(x: torch.Tensor, fw: Fp8Weights, k: int) -> torch.Tensor:
+    """:func:`forward` with the experts in FP8 (chapter 07), inference only: the routing as
+    there; the token rows gathered and quantised (07_1), the up-projection (07_2), SwiGLU (in
+    torch: 07_2's epilogue writes bf16), its output quantised (07_1), the down-projection (07_2),
+    the weighted combine (06_4). Five launches and the SwiGLU, no host synchronisation."""
+    r = route(x, fw.w_router, k)
+    h = launch.fp8_grouped_gemm(*launch.quantize_1x128(x, r.gather_idx, validate=False), fw.gate_up,
+                                fw.gate_up_scales, r.offs, validate=False)
+    a = swiglu_of(h)
+    y = launch.fp8_grouped_gemm(*launch.quantize_1x128(a, validate=False), fw.down, fw.down_scales, r.offs,
+                                validate=False)
+    return KERNEL_OPS.combine(y, r.pos, r.weights)
+
+
 # --------------------------------------------------------------------------------------------
 # Training: forward and backward as one torch.autograd.Function (chapter 06)
 #

@@ -6,8 +6,10 @@
 // same float32 division, and the GPU's conversion rounds to nearest even and saturates at 448
 // (cvt.rn.satfinite), as fp8.saturate clamps before its cast.
 //
-// The scales are written transposed, S[g, r] (K / 128 rows of ld_scales floats): the GEMM of
-// 07_2 then fetches one slice's scales for its 128 rows as one contiguous TMA box.
+// The scales are written transposed, S[g, r] (K / 128 rows of ld_scales floats): a slice of 07_2
+// then reads its rows' scales from one row of S. Bit for bit the torch maths *on a CPU*: torch on
+// a GPU divides by a scalar as a product with its reciprocal, so its scales can differ by one ulp
+// (session 12, H100).
 //
 // A pure bandwidth kernel: read 2 bytes a value, write 1 (and a scale per 128). Half a warp
 // quantises one group: each of its 16 lanes loads 8 values (one 16-byte load), the group's

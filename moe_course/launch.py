@@ -776,7 +776,7 @@ def combine(rows, pos, weights, validate: bool = True):
 FP8_GROUP = 128  # values of K per scale (and rows of W per scale): DeepSeek-V3's blocks
 FP8_SCALE_ALIGN = 4  # the scales' rows are padded to 4 floats: TMA reads rows of 16-byte multiples
 FP8_STAGES = 5  # 07_2_fp8_grouped_gemm.cu's STAGES
-FP8_SLOT_BYTES = 33 * 1024  # its Fp8Slot: 128 + 128 rows of 128 bytes, 128 row scales, 1024-aligned
+FP8_SLOT_BYTES = 32 * 1024  # its Fp8Slot: 128 + 128 rows of 128 bytes
 QUANTIZE = Step("07_1_quantize_1x128", "quantize_1x128", "to e4m3 in 1 x 128 groups, rows gathered",
                 threads=256, min_cc=(8, 9), k_multiple=FP8_GROUP)
 FP8_GEMM = Step("07_2_fp8_grouped_gemm", "fp8_grouped_gemm", "block-scaled FP8 grouped GEMM, promoted every 128 of K",
@@ -817,7 +817,7 @@ def quantize_1x128(x, gather_idx=None, validate: bool = True):
     width = fp8_scales_width(R)
     q = torch.empty(R, K, device=x.device, dtype=torch.float8_e4m3fn)
     scales = torch.empty(K // FP8_GROUP, width, device=x.device, dtype=torch.float32)
-    scales[:, R:] = 1.0  # the padding: read by 07_2's last box of rows, never used
+    scales[:, R:] = 1.0  # the padding: read for 07_2's rows past M, never used
     first_bad = torch.full((1,), 2**31 - 1, device=x.device, dtype=torch.int32)
     if R and K:
         fn = kernels.load(QUANTIZE.source).get_function(QUANTIZE.kernel)
@@ -870,8 +870,8 @@ def fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, out=None, validate: boo
         check_out(out, M, N)
     if M:
         module = kernels.load(FP8_GEMM.source)
-        head = (tma.tensor_map_fp8(x_q, FP8_GEMM.block_m), tma.tensor_map_rows_of_floats(x_scales, FP8_GEMM.block_m),
-                tma.tensor_map_fp8(w_q, FP8_GEMM.block_n), ptr(w_scales), ptr(out))
+        head = (tma.tensor_map_fp8(x_q, FP8_GEMM.block_m), tma.tensor_map_fp8(w_q, FP8_GEMM.block_n),
+                ptr(x_scales), np.int32(x_scales.shape[1]), ptr(w_scales), ptr(out))
         launch_persistent(FP8_GEMM, module, head, offs, M, K, (M, N, K))
     return out
 

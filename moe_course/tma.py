@@ -64,18 +64,6 @@ def tensor_map_fp8(tensor, box_rows: int):
     return _encode(tensor.data_ptr(), (cols, tensor.numel() // cols), (cols,), (FP8_BOX_COLS, box_rows), "uint8")
 
 
-def tensor_map_rows_of_floats(tensor, box_cols: int):
-    """Chapter 07: the map of a float32 ``[rows, cols]`` tensor (FP8 scales, stored
-    ``[K / 128, M]``), boxes of one row and ``box_cols`` columns, unswizzled: one load brings one
-    slice's scales for ``box_cols`` consecutive rows of X, zeros past the end."""
-    _check_tensor(tensor, torch.float32)
-    if tensor.dim() != 2 or not 0 < box_cols <= MAX_BOX_ROWS:
-        raise ValueError(f"a 2-D tensor and 1..{MAX_BOX_ROWS} columns a box; got shape {tuple(tensor.shape)}, "
-                         f"{box_cols} columns")
-    rows, cols = tensor.shape
-    return _encode(tensor.data_ptr(), (cols, rows), (cols * 4,), (box_cols, 1), "float32", swizzle=False)
-
-
 FP8_BOX_COLS = 128  # 128 e4m3 values = 128 bytes: one row of the 128-byte swizzle pattern
 _ELEMENTS = {torch.bfloat16: ("bf16", 2), torch.float8_e4m3fn: ("FP8 e4m3", 1), torch.float32: ("float32", 4)}
 

@@ -14,8 +14,12 @@ E4M3 = torch.float8_e4m3fn
 
 
 def _quantize_reference(x, gather_idx=None):
+    """fp8.quantize_groups on the CPU, returned to the GPU. (Torch on a GPU divides by a scalar as
+    a product with its reciprocal, so its amax / 448 can be an ulp off IEEE division; on an H100
+    its scales of a 7 x 384 input differed from these, and 1 of 2688 values rounded the other way.)"""
     rows = x.float() if gather_idx is None else _gathered(x, gather_idx).float()
-    return fp8.quantize_groups(rows)
+    q, scales = fp8.quantize_groups(rows.cpu())
+    return q.to(x.device), scales.to(x.device)
 
 
 def _gathered(x, gather_idx):

@@ -63,6 +63,40 @@ def measure_one(cfg, tokens: int, proj: str, roof) -> dict:
             **{name: {**r.timing(), "tbps": r.tbps, "of_copy": r.tbps / roof.copy_tbps} for name, r in m.items()}}
 
 
+def measure_layer(cfg, tokens: int, roof) -> dict:
+    """The whole decode layer (router, up with SwiGLU, down, combine) on 09_1, captured in a CUDA
+    graph, against the same layer on torch._grouped_mm (decode.grouped_mm_forward), graph-replayed
+    and eager; checked against each other first."""
+    import torch
+
+    from moe_course import decode, moe
+    from moe_course.bench import interleaved
+    from moe_course.checking import relative_error
+
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    w = moe.MoEWeights(torch.randn(cfg.d, cfg.E, device="cuda", generator=g) / cfg.d**0.5,
+                       *(torch.randn(cfg.E, a, b, device="cuda", generator=g).bfloat16() / a**0.5
+                         for a, b in ((cfg.d, cfg.n), (cfg.d, cfg.n), (cfg.n, cfg.d))))
+    wd = decode.prepare(w)
+    del w
+    x = torch.randn(tokens, cfg.d, device="cuda", generator=g).bfloat16()
+    ours_graph, ours_y = decode.graphed(lambda: decode.masked_moe_forward_kernel(x, wd, cfg.K).y)
+    theirs_graph, theirs_y = decode.graphed(lambda: decode.grouped_mm_forward(x, wd, cfg.K))
+    ours_graph.replay()
+    theirs_graph.replay()
+    err = relative_error(ours_y.float(), theirs_y.float())
+    if not err < 2e-2:
+        raise SystemExit(f"the decode layers disagree on {cfg.name} at T={tokens}: relative error {err:.3g}")
+    experts = moe.topk_softmax(moe.router_logits(x.float(), wd.w_router.float()), cfg.K).experts
+    active = int(decode.active_experts(experts, cfg.E))
+    step = decode.decode_step(cfg, tokens, "layer", active=active)
+    m = interleaved({"09_1 layer, graph": ours_graph.replay, "grouped_mm layer, graph": theirs_graph.replay,
+                     "grouped_mm layer, eager": lambda: decode.grouped_mm_forward(x, wd, cfg.K)},
+                    rounds=5, reps=20, bytes=step.bytes)
+    return {"shape": cfg.name, "tokens": tokens, "active": active, "bytes": step.bytes, "relative_error": err,
+            **{name: {**r.timing(), "tbps": r.tbps, "of_copy": r.tbps / roof.copy_tbps} for name, r in m.items()}}
+
+
 def main(argv=None) -> int:
     from moe_course import decode
 
@@ -71,12 +105,15 @@ def main(argv=None) -> int:
                     metavar="NAME", help=f"MoE configurations (default: the four of chapter 02): {', '.join(configs.names())}")
     ap.add_argument("--tokens", nargs="+", type=positive_int, default=list(decode.DECODE_TOKENS),
                     help="tokens per step (default: %(default)s)")
+    ap.add_argument("--parts", nargs="+", choices=("gemm", "layer"), default=["gemm", "layer"],
+                    help="the expert GEMMs, the whole layer graph-replayed (default: both)")
     ap.add_argument("--no-save", action="store_true", help="do not write the record")
     args = ap.parse_args(argv)
     if not info().has_gpu:
-        rec = records.recorded_instead(KIND)
-        if rec is not None:
-            print(decode.gemm_table(rec.data))
+        for kind, table in ((KIND, decode.gemm_table), (decode.LAYER_KIND, decode.layer_table)):
+            rec = records.recorded_instead(kind)
+            if rec is not None:
+                print(table(rec.data))
         return 0
     import torch
 
@@ -84,15 +121,24 @@ def main(argv=None) -> int:
 
     roof = ceilings.for_this_machine()
     data = {"copy_tbps": roof.copy_tbps, "rows": []}
+    layers = {"copy_tbps": roof.copy_tbps, "rows": []}
     for cfg in args.shapes:
-        for proj in ("up", "down"):
+        for proj in ("up", "down") if "gemm" in args.parts else ():
             for tokens in args.tokens:
                 data["rows"].append(measure_one(cfg, tokens, proj, roof))
                 print(decode.gemm_table({"rows": data["rows"][-1:]}).splitlines()[-1], flush=True)
             torch.cuda.empty_cache()
+        for tokens in args.tokens if "layer" in args.parts else ():
+            layers["rows"].append(measure_layer(cfg, tokens, roof))
+            print(decode.layer_table({"rows": layers["rows"][-1:]}).splitlines()[-1], flush=True)
+            torch.cuda.empty_cache()
         if not args.no_save:  # after every shape: a run cut short keeps what it measured
-            records.save(KIND, data)
-    print(decode.gemm_table(data))
+            for kind, part in ((KIND, data), (decode.LAYER_KIND, layers)):
+                if part["rows"]:
+                    records.save(kind, part)
+    for table, part in ((decode.gemm_table, data), (decode.layer_table, layers)):
+        if part["rows"]:
+            print(table(part))
     return 0
 
 

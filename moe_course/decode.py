@@ -600,6 +600,29 @@ def masked_moe_forward_kernel(x: Tensor, w: DecodeWeights | moe.MoEWeights, k: i
     return DecodeOutput(combine_rows(y_rows, layout, weights), weights, experts, layout)
 
 
+def grouped_mm_forward(x: Tensor, w: DecodeWeights, k: int) -> Tensor:
+    """The decode layer as a torch user would write it on ``torch._grouped_mm``, with no host
+    synchronisation (so it too can be captured in a CUDA graph): the same router as
+    :func:`masked_moe_forward_kernel`, the (token, expert) pairs sorted by expert (a stable
+    argsort; the counts by ``scatter_add_``, not ``bincount``, which reads its size back), both
+    projections by ``torch._grouped_mm`` on the sorted rows, SwiGLU, and the weighted sum back
+    to the tokens by ``index_add_``. ``x (T, d)``; ``w``: :func:`prepare`'s. Returns ``y (T, d)``."""
+    tokens = x.shape[0]
+    E, two_n, d = w.w_gate_up.shape
+    acc = torch.promote_types(x.dtype, torch.float32)
+    weights, experts = moe.topk_softmax(moe.router_logits(x.to(acc), w.w_router.to(acc)), k, validate=False)
+    order = experts.reshape(-1).argsort(stable=True)  # pairs sorted by expert, in token order within one
+    token = order // k
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+        0, experts.reshape(-1), torch.ones(tokens * k, dtype=torch.int32, device=x.device))
+    offs = counts.cumsum(0, dtype=torch.int32)
+    h = torch._grouped_mm(x[token], w.w_gate_up.transpose(1, 2), offs=offs)  # (T k, 2n)
+    gate, up = h.to(acc).split(two_n // 2, dim=-1)
+    y = torch._grouped_mm((F.silu(gate) * up).to(x.dtype), w.w_down.transpose(1, 2), offs=offs)  # (T k, d)
+    out = torch.zeros(tokens, d, dtype=acc, device=x.device)
+    return out.index_add_(0, token, y.to(acc) * weights.reshape(-1)[order, None]).to(x.dtype)
+
+
 #: The record of benchmarks/bench_decode.py: 09_1 against torch._grouped_mm per shape, projection
 #: and step size.
 GEMM_KIND = "decode_gemm"
@@ -616,4 +639,24 @@ def gemm_table(data: dict) -> str:
                      f"{1e3 * ours['ms']:>10.1f}{ours['tbps']:>7.2f}{ours['of_copy']:>8.0%}"
                      f"{1e3 * theirs['ms']:>15.1f}{theirs['tbps']:>7.2f}{theirs['of_copy']:>8.0%}"
                      f"{theirs['ms'] / ours['ms']:>8.2f}x")
+    return "\n".join(lines)
+
+
+#: The record of bench_decode.py's layer part: the whole decode layer, 09_1's graph-replayed
+#: against the torch._grouped_mm layer, graph-replayed and eager.
+LAYER_KIND = "decode_layer"
+LAYER_CONTENDERS = ("09_1 layer, graph", "grouped_mm layer, graph", "grouped_mm layer, eager")
+LAYER_MINIMUM = 1.3  # issue 20: the graph-replayed course layer over the grouped_mm layer at 64 tokens
+
+
+def layer_table(data: dict) -> str:
+    """A "decode_layer" record's rows as text: µs and fraction of the device copy (over the
+    step's bytes, :func:`decode_step`'s "layer" with the active experts counted) per contender,
+    and the course layer's speed-up over the graph-replayed grouped_mm layer."""
+    lines = [f"{'shape':<16}{'T':>5}{'active':>7}" + "".join(f"{name + ' µs':>28}{'of copy':>8}"
+                                                            for name in LAYER_CONTENDERS) + f"{'speed-up':>9}"]
+    for row in data["rows"]:
+        cells = "".join(f"{1e3 * row[n]['ms']:>28.1f}{row[n]['of_copy']:>8.0%}" for n in LAYER_CONTENDERS)
+        speedup = row["grouped_mm layer, graph"]["ms"] / row["09_1 layer, graph"]["ms"]
+        lines.append(f"{row['shape']:<16}{row['tokens']:>5}{row['active']:>7}{cells}{speedup:>8.2f}x")
     return "\n".join(lines)

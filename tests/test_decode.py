@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moe_course import ceilings, configs, decode, moe
-from moe_course.checking import CheckFailed
+from moe_course.checking import CheckFailed, relative_error
 
 CASE_IDS = [c.name for c in decode.CHECK_CASES]
 
@@ -171,6 +171,20 @@ def test_the_layer_reads_nothing_back_and_runs_without_values():
     assert decode.runs_on_meta(decode.masked_moe_forward, x, w, case.K) is None
     meta = decode.masked_moe_forward(*(decode._to_meta(a) for a in (x, w)), case.K)
     assert meta.y.shape == x.shape and meta.y.device.type == "meta"
+
+
+UNCAPPED = [c for c in decode.CHECK_CASES if c.capacity is None]
+
+
+@pytest.mark.parametrize("case", UNCAPPED, ids=[c.name for c in UNCAPPED])
+def test_the_grouped_mm_layer_matches_chapter_01_and_reads_nothing_back(case):
+    """The torch._grouped_mm layer chapter 09 times 09_1's layer against: right, and as free of
+    host reads as the course's (else a CUDA graph could not hold it, and the race would be unfair)."""
+    x, w = decode.case_inputs(case, dtype=torch.float32)
+    with decode.host_reads() as found:
+        got = decode.grouped_mm_forward(x, decode.prepare(w, torch.float32), case.K)
+    assert found == []
+    assert relative_error(got, decode.reference_forward(x, w, case.K)) < 1e-5
 
 
 def test_the_detectors_catch_chapter_01s_layer():

@@ -87,8 +87,7 @@ def measure_layer(cfg, tokens: int, roof) -> dict:
     err = relative_error(ours_y.float(), theirs_y.float())
     if not err < 2e-2:
         raise SystemExit(f"the decode layers disagree on {cfg.name} at T={tokens}: relative error {err:.3g}")
-    experts = moe.topk_softmax(moe.router_logits(x.float(), wd.w_router.float()), cfg.K).experts
-    active = int(decode.active_experts(experts, cfg.E))
+    active = int(decode.active_experts(decode.route(x, wd.w_router, cfg.K)[1], cfg.E))
     step = decode.decode_step(cfg, tokens, "layer", active=active)
     m = interleaved({"09_1 layer, graph": ours_graph.replay, "grouped_mm layer, graph": theirs_graph.replay,
                      "grouped_mm layer, eager": lambda: decode.grouped_mm_forward(x, wd, cfg.K)},

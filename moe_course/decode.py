@@ -561,6 +561,14 @@ def kernel_capacity(tokens: int) -> int:
     return next((c for c in DECODE_SLOTS if c >= tokens), DECODE_SLOTS[-1])
 
 
+def route(x: Tensor, w_router: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The router of the decode layers on a GPU (09_1's and the ``torch._grouped_mm`` one, so both
+    route alike): logits in float32 at least (a small product), top-k softmax, no value read
+    back. Returns ``(weights, experts)``, each ``(T, k)``."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return moe.topk_softmax(moe.router_logits(x.to(acc), w_router.to(acc)), k, validate=False)
+
+
 def masked_moe_forward_kernel(x: Tensor, w: DecodeWeights | moe.MoEWeights, k: int, *,
                               capacity: int | None = None) -> DecodeOutput:
     """:func:`masked_moe_forward` with its expert products on 09_1: the router and the masked
@@ -578,9 +586,8 @@ def masked_moe_forward_kernel(x: Tensor, w: DecodeWeights | moe.MoEWeights, k: i
             TypeError)
     tokens = x.shape[0]
     E, two_n, d = w.w_gate_up.shape
-    acc = torch.promote_types(x.dtype, torch.float32)  # routers decide, and SwiGLU runs, in float32 at least
-    logits = moe.router_logits(x.to(acc), w.w_router.to(acc))  # (T, E): a small product, in float32
-    weights, experts = moe.topk_softmax(logits, k, validate=False)
+    acc = torch.promote_types(x.dtype, torch.float32)  # SwiGLU runs in float32 at least, as the router
+    weights, experts = route(x, w.w_router, k)
     layout = masked_layout(experts, E, kernel_capacity(tokens) if capacity is None else capacity)
     x_slots = torch.where(layout.valid[..., None], x[layout.slot_token], 0)  # (E, C, d): empty slots zero
     count = layout.counts.clamp(max=layout.capacity).to(torch.int32)
@@ -610,7 +617,7 @@ def grouped_mm_forward(x: Tensor, w: DecodeWeights, k: int) -> Tensor:
     tokens = x.shape[0]
     E, two_n, d = w.w_gate_up.shape
     acc = torch.promote_types(x.dtype, torch.float32)
-    weights, experts = moe.topk_softmax(moe.router_logits(x.to(acc), w.w_router.to(acc)), k, validate=False)
+    weights, experts = route(x, w.w_router, k)
     order = experts.reshape(-1).argsort(stable=True)  # pairs sorted by expert, in token order within one
     token = order // k
     counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(

@@ -477,8 +477,12 @@ def fake_quantize(x: Tensor, scheme: str, **options) -> Tensor:
     passed **straight through** (the straight-through estimator: the rounding counts as the
     identity in the backward pass). What training with an FP8 forward needs: the forward sees
     the FP8 values, the weights keep their full-precision copy and receive the whole gradient."""
-    back = quantize_scheme(x.detach(), scheme, **options).dequantize().to(x.dtype)
-    return x + (back - x).detach()
+    return _straight_through(x, quantize_scheme(x.detach(), scheme, **options).dequantize().to(x.dtype))
+
+
+def _straight_through(x: Tensor, rounded: Tensor) -> Tensor:
+    """``rounded``'s values with ``x``'s gradient: the straight-through estimator."""
+    return x + (rounded - x).detach()
 
 
 def fp8_expert_step(scheme: str = "DeepSeek-V3", straight_through: bool = False, **options) -> Callable[..., Tensor]:
@@ -525,9 +529,7 @@ def layer_errors(x: Tensor, weights: moe.MoEWeights, k: int, schemes=tuple(LAYER
 def bf16_expert_step(x_sorted: Tensor, offsets: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
     """The expert step with bf16 operands (rounded, the gradient straight through), products in
     float32: what a bf16 GEMM with float32 accumulation computes, differentiable."""
-    def bf16(t: Tensor) -> Tensor:
-        return t + (t.detach().bfloat16().to(t.dtype) - t.detach())
-
+    bf16 = lambda t: _straight_through(t, t.detach().bfloat16().to(t.dtype))
     ends = offsets[1:]
     project = lambda rows, w: _grouped_matmul_dequantized(bf16(rows), bf16(w.transpose(1, 2)), ends)
     return project(F.silu(project(x_sorted, w_gate)) * project(x_sorted, w_up), w_down).to(x_sorted.dtype)

@@ -50,19 +50,6 @@ def dense_rates() -> dict:
     return {name: r.tflops for name, r in m.items()}
 
 
-def quantize_experts(quantize, w):
-    """``quantize`` (an fp8 function of one ``(N, K)`` weight) applied expert by expert: the
-    float32 temporaries of all of DeepSeek-V3's experts at once would not fit in memory."""
-    import torch
-
-    q0, s0 = quantize(w[0])
-    q = torch.empty(w.shape, device=w.device, dtype=q0.dtype)
-    scales = torch.empty((w.shape[0], *s0.shape), device=w.device, dtype=s0.dtype)
-    for e in range(w.shape[0]):
-        q[e], scales[e] = quantize(w[e])
-    return q, scales
-
-
 def _reference(x_q, x_scales, w_q, w_scales, offs, rows):
     """float32 product of the dequantised operands for the experts owning ``rows`` (a sample)."""
     M = x_q.shape[0]
@@ -89,8 +76,8 @@ def measure_one(cfg, proj: str, dense: dict) -> dict:
     counts = expert_counts(cfg.T, cfg.E, cfg.K)
     p = make_problem(counts, d_in, d_out)
     x, w, offs = p.x, p.w, p.offs
-    w_q, w_scales = quantize_experts(fp8.quantize_blocks, w)  # offline: once per weight
-    w_rows_q, w_rows_scales = quantize_experts(fp8.quantize_per_row, w)  # torch's finest: a scale per output channel
+    w_q, w_scales = fp8.quantize_experts(fp8.quantize_blocks, w)  # offline: once per weight
+    w_rows_q, w_rows_scales = fp8.quantize_experts(fp8.quantize_per_row, w)  # torch's finest: a scale per output channel
     x_q, x_scales = launch.quantize_1x128(x)
     x_rows_q, x_rows_scales = fp8.quantize_per_row(x)
     M = x.shape[0]

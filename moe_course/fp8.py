@@ -265,6 +265,19 @@ def quantize_blocks(w: Tensor, block_size: int = 128, **options) -> tuple[Tensor
     return q.data, q.scales
 
 
+def quantize_experts(quantize: Callable[[Tensor], tuple[Tensor, Tensor]], w: Tensor) -> tuple[Tensor, Tensor]:
+    """``quantize`` (one of the functions above, of one ``(N, K)`` weight) applied to ``w (E, N, K)``
+    an expert at a time, stacked: the float32 temporaries of a whole DeepSeek-V3 layer's experts
+    at once would not fit in a GPU's memory."""
+    first_q, first_scales = quantize(w[0])
+    q = torch.empty(w.shape, device=w.device, dtype=first_q.dtype)
+    scales = torch.empty((w.shape[0], *first_scales.shape), device=w.device, dtype=first_scales.dtype)
+    q[0], scales[0] = first_q, first_scales
+    for e in range(1, w.shape[0]):
+        q[e], scales[e] = quantize(w[e])
+    return q, scales
+
+
 def _check_fp8(q, name: str) -> None:
     require(isinstance(q, Tensor) and q.dtype in _FP8_DTYPES,
             lambda: f"{name} must be an FP8 tensor ({', '.join(map(str, _FP8_DTYPES))}), got "

@@ -285,14 +285,8 @@ def prepare_fp8(kw: KernelWeights) -> Fp8Weights:
     temporaries of a whole DeepSeek-V3 layer would not fit)."""
     from . import fp8
 
-    def blocks(w):  # (E, N, K) -> e4m3 (E, N, K), scales (E, N / 128, K / 128)
-        q = torch.empty(w.shape, device=w.device, dtype=torch.float8_e4m3fn)
-        scales = torch.empty(w.shape[0], w.shape[1] // 128, w.shape[2] // 128, device=w.device)
-        for e in range(w.shape[0]):
-            q[e], scales[e] = fp8.quantize_blocks(w[e])
-        return q, scales
-
-    return Fp8Weights(kw.w_router, *blocks(kw.w_gate_up), *blocks(kw.w_down.transpose(1, 2).contiguous()))
+    return Fp8Weights(kw.w_router, *fp8.quantize_experts(fp8.quantize_blocks, kw.w_gate_up),
+                      *fp8.quantize_experts(fp8.quantize_blocks, kw.w_down.transpose(1, 2).contiguous()))
 
 
 def forward_fp8(x: torch.Tensor, fw: Fp8Weights, k: int) -> torch.Tensor:

@@ -24,7 +24,9 @@
 //      session 12, kernels/NOTES.md.)
 // The tile order, the ring, the roles and the epilogue (03_2's StagedStore) are the skeleton's.
 #define BN 128
+#ifndef STAGES  // 07_3 has larger slots and sets its own
 #define STAGES 5  // 5 x 32 KB + two 16 KB staging buffers
+#endif
 #include "03_2_warp_specialized.cu"
 
 #define FP8_BK 128  // e4m3 values of K per slice: one 128-byte swizzled row, like 64 bf16
@@ -67,6 +69,38 @@ __device__ __forceinline__ void wgmma_slice_fp8(float (&part)[64], const fp8_e4m
     wgmma_commit();
 }
 
+// The factors of a slice's products for a thread's two rows, x_scale[row] * w_scale, each loaded
+// from global memory (L2: the scales are small) one slice ahead, so that no load is waited for.
+// x: the transposed activation scales S[kt, row], ld floats a row (rows past the scales' width
+// are clamped: they are past M and never stored); w: the weight block's scales along K.
+struct SliceScales {
+    const float *x_lo, *x_hi, *w;
+    int ld, num_k;
+    float lo, hi, wk;  // the next slice's
+
+    __device__ SliceScales(const float* x, int ld_, int row, const float* w_, int num_k_)
+        : x_lo(x + min(row, ld_ - 1)), x_hi(x + min(row + 8, ld_ - 1)), w(w_), ld(ld_), num_k(num_k_),
+          lo(__ldg(x_lo)), hi(__ldg(x_hi)), wk(__ldg(w_)) {}
+
+    // slice kt's factors (rows r and r + 8), and slice kt + 1's loads issued
+    __device__ __forceinline__ void take(int kt, float& scale_lo, float& scale_hi) {
+        scale_lo = lo * wk, scale_hi = hi * wk;
+        if (kt + 1 < num_k) {
+            wk = __ldg(w + kt + 1);
+            lo = __ldg(x_lo + (size_t)(kt + 1) * ld);
+            hi = __ldg(x_hi + (size_t)(kt + 1) * ld);
+        }
+    }
+};
+
+// The promotion: acc += part * (x_scale[row] * w_scale), in true fp32 (wgmma's fragment layout:
+// accumulators v with (v & 2) set are the thread's second row, r + 8).
+__device__ __forceinline__ void promote(float (&acc)[64], const float (&part)[64], float scale_lo, float scale_hi) {
+#pragma unroll
+    for (int v = 0; v < 64; ++v) acc[v] = fmaf(part[v], (v & 2) ? scale_hi : scale_lo, acc[v]);
+}
+
+#if __INCLUDE_LEVEL__ == 0  // the kernel, only where this file is the one compiled (not in 07_3)
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ TmaDesc map_w,
                  const float* __restrict__ x_scales, int ld_scales, const float* __restrict__ w_scales,
@@ -120,18 +154,10 @@ fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ 
             float acc[BN / 2], part[BN / 2];
 #pragma unroll
             for (int v = 0; v < BN / 2; ++v) acc[v] = 0.0f;
-            // this thread's two rows' scales, S[kt, row] (rows past the scales' width: clamped,
-            // they are past M and never stored)
-            const float* x_lo = x_scales + min(job.row0 + r, ld_scales - 1);
-            const float* x_hi = x_scales + min(job.row0 + r + 8, ld_scales - 1);
-            float w_next = __ldg(w_scale), lo_next = __ldg(x_lo), hi_next = __ldg(x_hi);
+            SliceScales scales(x_scales, ld_scales, job.row0 + r, w_scale, num_k);
             for (int kt = 0; kt < num_k; ++kt) {
-                const float scale_lo = lo_next * w_next, scale_hi = hi_next * w_next;
-                if (kt + 1 < num_k) {  // the next slice's scales, in flight during this one
-                    w_next = __ldg(w_scale + kt + 1);
-                    lo_next = __ldg(x_lo + (size_t)(kt + 1) * ld_scales);
-                    hi_next = __ldg(x_hi + (size_t)(kt + 1) * ld_scales);
-                }
+                float scale_lo, scale_hi;
+                scales.take(kt, scale_lo, scale_hi);
                 if (kt) mbar_wait(&ring.full[s], parity);
                 if (has_rows) {
                     const Fp8Slot& slot = ring.slots[s];
@@ -140,13 +166,11 @@ fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ 
                     wgmma_fence_operands(part);
                 }
                 mbar_arrive(&ring.empty[s]);  // every read of the slot is done: free it
-                if (has_rows) {
-#pragma unroll
-                    for (int v = 0; v < BN / 2; ++v) acc[v] = fmaf(part[v], (v & 2) ? scale_hi : scale_lo, acc[v]);
-                }
+                if (has_rows) promote(acc, part, scale_lo, scale_hi);
                 if (++s == STAGES) s = 0, parity ^= 1;
             }
             if (has_rows) StagedStore{Y}.store(acc, ring.staging[c], c, p, r0, job.row_end, job.n);
         }
     }
 }
+#endif

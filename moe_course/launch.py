@@ -782,6 +782,13 @@ QUANTIZE = Step("07_1_quantize_1x128", "quantize_1x128", "to e4m3 in 1 x 128 gro
 FP8_GEMM = Step("07_2_fp8_grouped_gemm", "fp8_grouped_gemm", "block-scaled FP8 grouped GEMM, promoted every 128 of K",
                 WGMMA_BLOCK_M, FP8_GROUP, FP8_GROUP, threads=384, min_cc=HOPPER, persistent=True, tma=True,
                 smem_bytes=FP8_STAGES * FP8_SLOT_BYTES + 2 * STAGING_BYTES + 32 * FP8_STAGES + 8 + 1024)
+FP8_SWIGLU_STAGES = 4  # 07_3_fp8_swiglu_quantize.cu's STAGES
+FP8_SWIGLU_SLOT_BYTES = 40 * 1024  # its Fp8SwigluSlot: 64 + 256 rows of 128 bytes
+FP8_SWIGLU = Step("07_3_fp8_swiglu_quantize", "fp8_swiglu_quantize",
+                  "FP8 up-projection, SwiGLU and its e4m3 quantisation in the epilogue",
+                  64, 2 * FP8_GROUP, FP8_GROUP, threads=384, min_cc=HOPPER, persistent=True, tma=True,
+                  smem_bytes=FP8_SWIGLU_STAGES * FP8_SWIGLU_SLOT_BYTES + 2 * STAGING_BYTES + 32 * FP8_SWIGLU_STAGES
+                  + 8 + 1024)
 QUANTIZE_BLOCKS_PER_SM = 8  # 07_1: 64 resident warps an SM keep enough 16-byte loads in flight
 
 
@@ -834,21 +841,15 @@ def quantize_1x128(x, gather_idx=None, validate: bool = True):
     return q, scales
 
 
-@kernels.on_torch_stream
-def fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, out=None, validate: bool = True):
-    """``y[rows of e] = (x_q * x_scales)[rows of e] @ (w_q[e] * w_scales[e]).T`` in bf16
-    (``kernels/07_2_fp8_grouped_gemm.cu``): ``x_q [M, K]`` e4m3 with ``x_scales [K / 128, width]``
-    as :func:`quantize_1x128` gives them, ``w_q [E, N, K]`` e4m3 with ``w_scales [E, N / 128,
-    K / 128]`` as :func:`moe_course.fp8.quantize_blocks` gives them. N and K multiples of 128.
-    ``validate`` also checks the offsets and that every scale is positive and finite (a
-    synchronisation; benchmarks turn it off)."""
+def _check_fp8_gemm(step: Step, x_q, x_scales, w_q, w_scales, offs, validate: bool) -> tuple[int, int, int]:
+    """The inputs of 07_2 and 07_3 (one message per mistake), and (M, N, K)."""
     e4m3 = torch.float8_e4m3fn
     check_tensor_types({"x_q": (x_q, e4m3, 2), "x_scales": (x_scales, torch.float32, 2), "w_q": (w_q, e4m3, 3),
                         "w_scales": (w_scales, torch.float32, 3), "offs": (offs, torch.int32, 1)})
     M, K = x_q.shape
     E, N, Kw = w_q.shape
     require(Kw == K, lambda: f"x_q has K={K} columns but w_q is [E, N, K] = {tuple(w_q.shape)}: K differs")
-    check_tile_multiples(FP8_GEMM, N, K)
+    check_tile_multiples(step, N, K)
     groups = K // FP8_GROUP
     require(x_scales.shape[0] == groups and x_scales.shape[1] >= M and x_scales.shape[1] % FP8_SCALE_ALIGN == 0,
             lambda: f"x_scales must be [K / 128, width] = ({groups}, >= {M}, a multiple of {FP8_SCALE_ALIGN}) "
@@ -859,11 +860,24 @@ def fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, out=None, validate: boo
     require(offs.numel() == E, lambda: f"offs must hold one end row per expert: {E} values, got {offs.numel()}")
     require(E <= MAX_EXPERTS, lambda: f"at most {MAX_EXPERTS} experts, got {E}")
     check_on_gpu({"x_q": x_q, "x_scales": x_scales, "w_q": w_q, "w_scales": w_scales, "offs": offs})
-    check_gpu_at_least(HOPPER, lambda cc: f"07_2 needs a Hopper GPU (FP8 wgmma, TMA); this one is {cc[0]}.{cc[1]}")
+    check_gpu_at_least(HOPPER, lambda cc: f"{step.source} needs a Hopper GPU (FP8 wgmma, TMA); "
+                                          f"this one is {cc[0]}.{cc[1]}")
     if validate:
         check_offsets(offs, M)
         check_positive(x_scales[:, :M], "x_scales")
         check_positive(w_scales, "w_scales")
+    return M, N, K
+
+
+@kernels.on_torch_stream
+def fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, out=None, validate: bool = True):
+    """``y[rows of e] = (x_q * x_scales)[rows of e] @ (w_q[e] * w_scales[e]).T`` in bf16
+    (``kernels/07_2_fp8_grouped_gemm.cu``): ``x_q [M, K]`` e4m3 with ``x_scales [K / 128, width]``
+    as :func:`quantize_1x128` gives them, ``w_q [E, N, K]`` e4m3 with ``w_scales [E, N / 128,
+    K / 128]`` as :func:`moe_course.fp8.quantize_blocks` gives them. N and K multiples of 128.
+    ``validate`` also checks the offsets and that every scale is positive and finite (a
+    synchronisation; benchmarks turn it off)."""
+    M, N, K = _check_fp8_gemm(FP8_GEMM, x_q, x_scales, w_q, w_scales, offs, validate)
     if out is None:
         out = torch.empty(M, N, device=x_q.device, dtype=torch.bfloat16)
     else:
@@ -874,6 +888,27 @@ def fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, out=None, validate: boo
                 ptr(x_scales), np.int32(x_scales.shape[1]), ptr(w_scales), ptr(out))
         launch_persistent(FP8_GEMM, module, head, offs, M, K, (M, N, K))
     return out
+
+
+@kernels.on_torch_stream
+def fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs, validate: bool = True):
+    """The FP8 up-projection with SwiGLU, its output quantised for the down-projection
+    (``kernels/07_3_fp8_swiglu_quantize.cu``): ``h = (x_q * x_scales) @ (w_q[e] * w_scales[e]).T``
+    with ``w_q [E, 2n, K]``'s rows interleaved (gate_j, up_j), ``a = silu(gate) * up`` in fp32,
+    and ``(a_q [M, n] e4m3, a_scales [n / 128, width])``, what :func:`quantize_1x128` would give
+    for ``a`` (1 x 128 groups, transposed scales, the padding 1). Inputs as
+    :func:`fp8_grouped_gemm`'s; 2n a multiple of 256."""
+    M, N, K = _check_fp8_gemm(FP8_SWIGLU, x_q, x_scales, w_q, w_scales, offs, validate)
+    width = fp8_scales_width(M)
+    a_q = torch.empty(M, N // 2, device=x_q.device, dtype=torch.float8_e4m3fn)
+    a_scales = torch.empty(N // 2 // FP8_GROUP, width, device=x_q.device, dtype=torch.float32)
+    a_scales[:, M:] = 1.0  # the padding, as quantize_1x128 writes it
+    if M:
+        module = kernels.load(FP8_SWIGLU.source)
+        head = (tma.tensor_map_fp8(x_q, FP8_SWIGLU.block_m), tma.tensor_map_fp8(w_q, FP8_SWIGLU.block_n),
+                ptr(x_scales), np.int32(x_scales.shape[1]), ptr(w_scales), ptr(a_q), ptr(a_scales), np.int32(width))
+        launch_persistent(FP8_SWIGLU, module, head, offs, M, K, (M, N, K))
+    return a_q, a_scales
 
 
 # --------------------------------------------------------------------------------------------
@@ -896,4 +931,5 @@ KERNEL_FILES: dict[str, tuple[Step, object]] = {
     DECODE_STEPS[64].source: (DECODE_STEPS[64], decode_grouped_gemm),
     QUANTIZE.source: (QUANTIZE, quantize_1x128),
     FP8_GEMM.source: (FP8_GEMM, fp8_grouped_gemm),
+    FP8_SWIGLU.source: (FP8_SWIGLU, fp8_swiglu_quantize),
 }

@@ -140,9 +140,62 @@ def test_fp8_gemm_refuses_a_zero_scale_and_bad_offsets():
         launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, torch.tensor([100, 99], device="cuda").int())
 
 
+# --- 07_3: the up-projection with SwiGLU, its output quantised in the epilogue ---------------------
+
+def _swiglu_reference(x_q, x_scales, w_q, w_scales, offs):
+    """float64 SwiGLU of the dequantised product (gate and up rows interleaved)."""
+    h = _reference(x_q, x_scales, w_q, w_scales, offs)
+    return torch.nn.functional.silu(h[:, 0::2]) * h[:, 1::2]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(COUNT_CASES), ids=list(COUNT_CASES))
+@pytest.mark.parametrize("n, K", [(128, 128), (384, 640)])
+def test_fp8_swiglu_writes_the_activation_quantised_as_07_1_would(case, n, K):
+    counts = COUNT_CASES[case]
+    x, w, offs = _fp8_problem(counts, 2 * n, K, seed=len(counts) + n + K)
+    x_q, x_scales = launch.quantize_1x128(x)
+    w_q, w_scales = fp8.quantize_blocks(w.float())
+    M = x.shape[0]
+    poison(((M, n), E4M3), ((n // 128, launch.fp8_scales_width(M)), torch.float32))
+    a_q, a_scales = launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs)
+    a = _swiglu_reference(x_q, x_scales, w_q, w_scales, offs)
+    q_ref, scales_ref = fp8.quantize_groups(a.float().cpu())
+    assert a_q.shape == (M, n) and a_scales.shape == (n // 128, launch.fp8_scales_width(M))
+    assert (a_scales[:, M:] == 1).all()
+    # each scale is amax / 448 of its row's 128 outputs: fp32 sums against float64 ones
+    assert torch.allclose(a_scales[:, :M].T.cpu(), scales_ref, rtol=1e-4, atol=0)
+    # the values: as 07_1 would round them, but for the few that sit on a rounding boundary
+    same = (a_q.view(torch.uint8).cpu() == q_ref.view(torch.uint8)).float().mean()
+    assert same > 0.99
+    dequantised = a_q.float() * a_scales[:, :M].T.repeat_interleave(128, dim=1)
+    assert rel(dequantised, a) < 4e-2  # e4m3's rounding, 3 bits of mantissa
+
+
+@pytest.mark.gpu
+def test_fp8_swiglu_then_fp8_gemm_is_the_fp8_expert_ffn():
+    """07_3 then 07_2: the experts' FFN with both GEMMs in FP8 equals the float64 maths of the
+    dequantised operands within the activation's e4m3 rounding."""
+    counts, d, n = [0, 200, 57, 0, 300], 256, 384
+    x, w1, offs = _fp8_problem(counts, 2 * n, d, seed=7)
+    w2 = (torch.randn(len(counts), d, n, device="cuda") / n**0.5).bfloat16()
+    x_q, x_scales = launch.quantize_1x128(x)
+    w1_q, w1_scales = fp8.quantize_blocks(w1.float())
+    w2_q, w2_scales = fp8.quantize_blocks(w2.float())
+    y = launch.fp8_grouped_gemm(*launch.fp8_swiglu_quantize(x_q, x_scales, w1_q, w1_scales, offs), w2_q, w2_scales,
+                                offs)
+    a = _swiglu_reference(x_q, x_scales, w1_q, w1_scales, offs)
+    start, ref = 0, torch.zeros(x.shape[0], d, device="cuda", dtype=torch.float64)
+    for e, end in enumerate(offs.tolist()):
+        w = w2_q[e].double() * w2_scales[e].double().repeat_interleave(128, 0).repeat_interleave(128, 1)
+        ref[start:end] = a[start:end] @ w.T
+        start = end
+    assert rel(y, ref) < 4e-2
+
+
 # --- bad inputs, refused before any launch (on a CPU too) -----------------------------------------
 
-def _cpu_operands(M=8, N=128, K=256, E=2):
+def _cpu_operands(M=8, N=256, K=256, E=2):
     x_q = torch.zeros(M, K).to(E4M3)
     x_scales = torch.ones(K // 128, launch.fp8_scales_width(M))
     w_q = torch.zeros(E, N, K).to(E4M3)
@@ -155,7 +208,7 @@ def _cpu_operands(M=8, N=128, K=256, E=2):
     (lambda a: a.update(x_q=a["x_q"].float()), TypeError, "x_q must be torch.float8_e4m3fn"),
     (lambda a: a.update(w_q=a["w_q"].to(torch.float8_e5m2)), TypeError, "w_q must be torch.float8_e4m3fn"),
     (lambda a: a.update(x_scales=a["x_scales"].double()), TypeError, "x_scales must be torch.float32"),
-    (lambda a: a.update(w_q=torch.zeros(2, 192, 256).to(E4M3)), ValueError, "N % 128 == 0"),
+    (lambda a: a.update(w_q=torch.zeros(2, 192, 256).to(E4M3)), ValueError, r"N % (128|256) == 0"),
     (lambda a: a.update(x_q=torch.zeros(8, 320).to(E4M3), w_q=torch.zeros(2, 128, 320).to(E4M3)),
      ValueError, "K % 128 == 0"),
     (lambda a: a.update(x_scales=torch.ones(2, 8)[:, :6]), ValueError, "x_scales must be"),
@@ -164,11 +217,18 @@ def _cpu_operands(M=8, N=128, K=256, E=2):
     (lambda a: a.update(offs=torch.tensor([8], dtype=torch.int32)), ValueError, "one end row per expert"),
     (lambda a: None, ValueError, "is on cpu"),
 ])
-def test_fp8_gemm_refuses_bad_inputs_with_a_clear_message(change, error, message):
+@pytest.mark.parametrize("gemm", [launch.fp8_grouped_gemm, launch.fp8_swiglu_quantize])
+def test_fp8_gemm_refuses_bad_inputs_with_a_clear_message(gemm, change, error, message):
     args = dict(zip(("x_q", "x_scales", "w_q", "w_scales", "offs"), _cpu_operands()))
     change(args)
     with pytest.raises(error, match=message):
-        launch.fp8_grouped_gemm(**args)
+        gemm(**args)
+
+
+def test_fp8_swiglu_refuses_a_width_that_is_not_whole_groups_of_outputs():
+    args = dict(zip(("x_q", "x_scales", "w_q", "w_scales", "offs"), _cpu_operands(N=384)))
+    with pytest.raises(ValueError, match="N % 256 == 0"):
+        launch.fp8_swiglu_quantize(**args)
 
 
 @pytest.mark.parametrize("x, gather_idx, error, message", [
@@ -197,6 +257,7 @@ def test_the_fp8_layer_forward_matches_the_simulated_fp8_layer(T):
     got = layer.forward_fp8(x.cuda().bfloat16(), layer.prepare_fp8(kw), 2).float().cpu()
     simulated = moe.moe_forward(x, w, 2, expert_step=fp8.fp8_expert_step("DeepSeek-V3")).y
     exact = moe.moe_forward(x, w, 2).y
-    # the same quantisation as the simulation; the kernel path rounds h and a to bf16 on the way
+    # the same quantisation as the simulation (the kernels sum in a different order, and the
+    # simulation rounds h to bf16)
     assert rel(got, simulated) < 3e-2
     assert rel(got, exact) > 2e-2  # FP8 is ~6e-2 from float32 here; a bf16 forward by mistake, ~2e-3

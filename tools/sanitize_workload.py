@@ -219,7 +219,8 @@ def fp8_kernels() -> None:
     from moe_course import fp8, launch
 
     # chapter 07: 07_1 (gathered, with an index outside x) against the torch maths, then 07_2 on
-    # its output at the awkward counts, against the float32 product of the dequantised operands
+    # its output at the awkward counts, against the float32 product of the dequantised operands, and
+    # 07_3 (the same product, SwiGLU, quantised) against SwiGLU of that product
     x = torch.randn(300, 256, device="cuda").to(torch.bfloat16)
     gather_idx = torch.randint(0, 300, (333,), device="cuda", dtype=torch.int32)
     gather_idx[7] = 300
@@ -239,6 +240,9 @@ def fp8_kernels() -> None:
         launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, out=y)
         want = fp8.grouped_block_scaled_matmul(x_q, x_scales[:, :x.shape[0]].T.contiguous(), w_q, w_scales, offs)
         check(f"07_2, {what}", y, want, tol=1e-2)
+        a_q, a_scales = launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs)  # w's rows as (gate, up)
+        check(f"07_3, {what}", fp8.dequantize_groups(a_q, a_scales[:, :x.shape[0]].T.contiguous()),
+              torch.nn.functional.silu(want[:, 0::2].float()) * want[:, 1::2].float(), tol=5e-2)
 
 
 PARTS = {part.__name__: part for part in (first_kernel, grouped_gemms, token_rounding, layer, hf_experts,

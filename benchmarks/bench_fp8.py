@@ -146,9 +146,8 @@ def measure_layer(cfg) -> dict:
     from moe_course.checking import relative_error
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    w = moe.MoEWeights(torch.randn(cfg.d, cfg.E, device="cuda", generator=g) / cfg.d**0.5,
-                       *(torch.randn(cfg.E, a, b, device="cuda", generator=g).bfloat16() / a**0.5
-                         for a, b in ((cfg.d, cfg.n), (cfg.d, cfg.n), (cfg.n, cfg.d))))
+    w = moe.MoEWeights(*(torch.randn(*shape, device="cuda", generator=g).bfloat16() / shape[-2]**0.5
+                         for shape in ((cfg.d, cfg.E), (cfg.E, cfg.d, cfg.n), (cfg.E, cfg.d, cfg.n), (cfg.E, cfg.n, cfg.d))))
     kw = layer.prepare(w)
     del w
     fw = layer.prepare_fp8(kw)

@@ -76,7 +76,7 @@ fp8_swiglu_quantize(const __grid_constant__ TmaDesc map_x, const __grid_constant
                 break;
             }
             int m, n, expert, row0, row_end;
-            expert_tile_coords(t, p, m_tiles, n_tiles, m, n);
+            expert_tile_coords(t, p, m_tiles, n_tiles, m, n, BM_SWIGLU);
             tile_rows(p.tile_map, p.offs, M, m, BM_SWIGLU, expert, row0, row_end);
             for (int kt = 0; kt < num_k; ++kt) {
                 mbar_wait(&ring.empty[s], parity ^ 1);

@@ -80,11 +80,13 @@ __device__ __forceinline__ void tile_coords(int t, int m_tiles, int n_tiles, int
 // (A group of group_m M-tiles wherever the experts begin often holds the end of one expert and
 // the start of the next: the two halves of that expert run a group apart in time and read its
 // W twice; DeepSeek-V3 has 2-3 M-tiles an expert.)
-__device__ __forceinline__ void expert_tile_coords(int t, const Problem& p, int m_tiles, int n_tiles, int& m, int& n) {
+// (block_m: the rows of an M-tile, BM but in 07_3)
+__device__ __forceinline__ void expert_tile_coords(int t, const Problem& p, int m_tiles, int n_tiles, int& m, int& n,
+                                                   int block_m = BM) {
     const TileInfo one = p.tile_map[t / n_tiles];
     int start, end;
     expert_rows(p.offs, one.expert, p.M, start, end);
-    const int first = t / n_tiles - (one.row - start) / BM, count = ceil_div(end - start, BM);
+    const int first = t / n_tiles - (one.row - start) / block_m, count = ceil_div(end - start, block_m);
     tile_coords(t - first * n_tiles, count, n_tiles, p.group_m, m, n);
     m += first;
 }

@@ -163,11 +163,12 @@ def test_fp8_swiglu_writes_the_activation_quantised_as_07_1_would(case, n, K):
     q_ref, scales_ref = fp8.quantize_groups(a.float().cpu())
     assert a_q.shape == (M, n) and a_scales.shape == (n // 128, launch.fp8_scales_width(M))
     assert (a_scales[:, M:] == 1).all()
-    # each scale is amax / 448 of its row's 128 outputs: fp32 sums against float64 ones
-    assert torch.allclose(a_scales[:, :M].T.cpu(), scales_ref, rtol=1e-4, atol=0)
+    # each scale is amax / 448 of its row's 128 outputs: the tensor cores' sums of 128 products
+    # (~14 bits kept, section 3 of the notebook) against float64 ones
+    assert torch.allclose(a_scales[:, :M].T.cpu(), scales_ref, rtol=2e-3, atol=0)
     # the values: as 07_1 would round them, but for the few that sit on a rounding boundary
     same = (a_q.view(torch.uint8).cpu() == q_ref.view(torch.uint8)).float().mean()
-    assert same > 0.99
+    assert same > 0.98
     dequantised = a_q.float() * a_scales[:, :M].T.repeat_interleave(128, dim=1)
     assert rel(dequantised, a) < 4e-2  # e4m3's rounding, 3 bits of mantissa
 
@@ -247,17 +248,15 @@ def test_quantize_refuses_bad_inputs_with_a_clear_message(x, gather_idx, error, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 77, 600])
 def test_the_fp8_layer_forward_matches_the_simulated_fp8_layer(T):
-    from moe_course import layer, moe
+    from moe_course import layer, moe, variants
 
-    g = torch.Generator().manual_seed(T)
-    w = moe.random_weights(256, 256, 8, generator=g)
-    w = moe.MoEWeights(*(t.bfloat16().float() for t in w))
-    x = torch.randn(T, 256, generator=g).bfloat16().float()
-    kw = layer.prepare(moe.MoEWeights(*(t.cuda() for t in w)))
-    got = layer.forward_fp8(x.cuda().bfloat16(), layer.prepare_fp8(kw), 2).float().cpu()
+    g = torch.Generator(device="cuda").manual_seed(T)
+    w = moe.random_weights(256, 256, 8, dtype=torch.bfloat16, device="cuda", generator=g)
+    x = torch.randn(T, 256, device="cuda", generator=g).bfloat16()
+    got = layer.forward_fp8(x, layer.prepare_fp8(layer.prepare(w)), 2)
+    # the same routing (chapter 01's, on the same bf16 router) and the same quantisation, simulated
     simulated = moe.moe_forward(x, w, 2, expert_step=fp8.fp8_expert_step("DeepSeek-V3")).y
-    exact = moe.moe_forward(x, w, 2).y
-    # the same quantisation as the simulation (the kernels sum in a different order, and the
-    # simulation rounds h to bf16)
+    exact = variants.reference_forward(x, w, 2)
+    # the kernels sum in another order, and the simulation rounds h to bf16
     assert rel(got, simulated) < 3e-2
     assert rel(got, exact) > 2e-2  # FP8 is ~6e-2 from float32 here; a bf16 forward by mistake, ~2e-3

@@ -185,6 +185,10 @@ def main(argv=None) -> int:
             data["rows"].append(measure_one(cfg, proj, data["dense_tflops"]))
             torch.cuda.empty_cache()  # the last shape's operands, freed on return
             print("\n".join(fp8.gemm_table({**data, "rows": data["rows"][-1:]}).splitlines()[2:]), flush=True)
+        if not args.no_layer:
+            data["layers"].append(measure_layer(cfg))
+            torch.cuda.empty_cache()
+            print(fp8.gemm_table({**data, "rows": []}).splitlines()[-1], flush=True)
         if not args.no_save:  # after every shape: a run cut short keeps what it measured
             records.save(KIND, data)
     print(fp8.gemm_table(data))

@@ -30,6 +30,11 @@
 #include "03_2_warp_specialized.cu"
 
 #define FP8_BK 128  // e4m3 values of K per slice: one 128-byte swizzled row, like 64 bf16
+// The consumers are warpgroups 0 and 1, the producer warpgroup 2 (so that consumer c is simply
+// threadIdx.x / 128). The producer keeps 40 registers (TMA alone; 03_3's gather needed 64), the
+// consumers take 232: the two accumulators in turn (below) are 192 of them.
+#define PRODUCER_REGS 40
+#define CONSUMER_REGS 232  // 128 x 40 + 256 x 232 <= 65536
 typedef unsigned char fp8_e4m3;  // the bits; the tensor cores read them as e4m3
 
 struct __align__(1024) Fp8Slot {
@@ -100,6 +105,49 @@ __device__ __forceinline__ void promote(float (&acc)[64], const float (&part)[64
     for (int v = 0; v < 64; ++v) acc[v] = fmaf(part[v], (v & 2) ? scale_hi : scale_lo, acc[v]);
 }
 
+#ifndef FP8_PIPELINED
+#define FP8_PIPELINED 1
+#endif
+// The main loop with two fresh accumulators in turn: slice kt + 1 multiplies into one while slice
+// kt's, in the other, is promoted, so the tensor cores are never idle while this warpgroup does
+// its FMAs (with one accumulator, 07_2's first version, they waited for them: only the other
+// consumer's multiplies could fill that gap). 64 more registers a thread. s, parity: the ring
+// position of the tile's first slice (its full barrier already waited for); left after its last.
+// a_off, b_off: where this warpgroup's operands start in a slot (its rows of X, or of W).
+template <typename SlotT>
+__device__ __forceinline__ void fp8_mainloop_pipelined(float (&acc)[64], const Ring<SlotT>& ring, int& s, int& parity,
+                                                       SliceScales& scales, int num_k, int a_off, int b_off) {
+    float part[2][64];
+    float scale_lo[2], scale_hi[2];
+    int prev_s = s;
+    scales.take(0, scale_lo[0], scale_hi[0]);
+    wgmma_slice_fp8(part[0], ring.slots[s].a + a_off, ring.slots[s].b + b_off);
+    if (++s == STAGES) s = 0, parity ^= 1;
+    for (int kt = 1; kt < num_k; kt += 2) {  // two slices a turn: the accumulators' roles swap
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int k = kt + half;
+            if (k >= num_k) break;
+            float (&cur)[64] = part[(half + 1) % 2];  // slice k: into the free accumulator
+            float (&done)[64] = part[half % 2];       // slice k - 1: promoted meanwhile
+            scales.take(k, scale_lo[(half + 1) % 2], scale_hi[(half + 1) % 2]);
+            mbar_wait(&ring.full[s], parity);
+            wgmma_slice_fp8(cur, ring.slots[s].a + a_off, ring.slots[s].b + b_off);
+            wgmma_wait<1>();  // slice k - 1's batch is done, slice k's runs on
+            wgmma_fence_operands(done);
+            mbar_arrive(&ring.empty[prev_s]);
+            promote(acc, done, scale_lo[half % 2], scale_hi[half % 2]);
+            prev_s = s;
+            if (++s == STAGES) s = 0, parity ^= 1;
+        }
+    }
+    wgmma_wait<0>();
+    const int last = (num_k - 1) % 2;
+    wgmma_fence_operands(part[last]);
+    mbar_arrive(&ring.empty[prev_s]);
+    promote(acc, part[last], scale_lo[last], scale_hi[last]);
+}
+
 #if __INCLUDE_LEVEL__ == 0  // the kernel, only where this file is the one compiled (not in 07_3)
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ TmaDesc map_w,
@@ -109,13 +157,12 @@ fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ 
                  int M, int N, int K, int group_m) {
     const Problem p{offs, tile_map, num_tiles, M, N, K, group_m};
     const Ring<Fp8Slot> ring = make_ring<Fp8Slot>(1);  // thread 0's expect_tx: the two boxes' bytes
-    const int warpgroup = threadIdx.x / 128;
     const int n_tiles = N / BN, m_tiles = num_tiles[0], total = m_tiles * n_tiles, num_k = K / FP8_BK;
     constexpr u32 SLICE_BYTES = sizeof(Fp8Slot::a) + sizeof(Fp8Slot::b);
 
-    if (warpgroup == 0) {  // ------------------------------------------------ producer: thread 0
+    if (threadIdx.x >= 256) {  // -------------------------------------------- the producer: thread 256
         setmaxnreg_dec<PRODUCER_REGS>();
-        if (threadIdx.x != 0) return;
+        if (threadIdx.x != 256) return;
         int s = 0, parity = 0;
         for (int i = 0;; ++i) {
             const int t = take_tile<false>(p.num_tiles + 1, ring.taken, i);
@@ -140,7 +187,7 @@ fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ 
         }
     } else {  // ---------------------------------------------------------------- consumers
         setmaxnreg_inc<CONSUMER_REGS>();
-        const int c = warpgroup - 1, t = threadIdx.x % 128;
+        const int c = threadIdx.x / 128, t = threadIdx.x % 128;
         const int r = c * 64 + 16 * (t / 32) + (t % 32) / 4;  // this thread's rows of the tile: r and r + 8
         int s = 0, parity = 0;
         for (;;) {
@@ -151,10 +198,22 @@ fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ 
             const bool has_rows = r0 < job.row_end;  // as in the skeleton: an empty half skips
             // BN = 128 = the weights' scale block: one weight scale per slice of this tile
             const float* w_scale = w_scales + ((size_t)job.expert * n_tiles + job.n) * num_k;
-            float acc[BN / 2], part[BN / 2];
+            float acc[BN / 2];
 #pragma unroll
             for (int v = 0; v < BN / 2; ++v) acc[v] = 0.0f;
             SliceScales scales(x_scales, ld_scales, job.row0 + r, w_scale, num_k);
+#if FP8_PIPELINED
+            if (has_rows) {
+                fp8_mainloop_pipelined(acc, ring, s, parity, scales, num_k, c * 64 * FP8_BK, 0);
+            } else {
+                for (int kt = 0; kt < num_k; ++kt) {  // an empty half: free the slots, multiply nothing
+                    if (kt) mbar_wait(&ring.full[s], parity);
+                    mbar_arrive(&ring.empty[s]);
+                    if (++s == STAGES) s = 0, parity ^= 1;
+                }
+            }
+#else
+            float part[BN / 2];
             for (int kt = 0; kt < num_k; ++kt) {
                 float scale_lo, scale_hi;
                 scales.take(kt, scale_lo, scale_hi);
@@ -169,6 +228,7 @@ fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ 
                 if (has_rows) promote(acc, part, scale_lo, scale_hi);
                 if (++s == STAGES) s = 0, parity ^= 1;
             }
+#endif
             if (has_rows) StagedStore{Y}.store(acc, ring.staging[c], c, p, r0, job.row_end, job.n);
         }
     }

@@ -49,7 +49,7 @@ __device__ __forceinline__ fp8_e4m3 to_e4m3(float x) {  // nearest even, saturat
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(packed) : "f"(0.0f), "f"(x));
     return (fp8_e4m3)(packed & 0xff);
 }
-// bar.sync 4: the 256 consumer threads (1, 2: one warpgroup each; 3: take_tile)
+// bar.sync 4: the 256 consumer threads (1, 2: one warpgroup each, warpgroup_sync)
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 4, 256;\n" ::: "memory"); }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
@@ -60,12 +60,11 @@ fp8_swiglu_quantize(const __grid_constant__ TmaDesc map_x, const __grid_constant
                     int M, int N, int K, int group_m) {
     const Problem p{offs, tile_map, num_tiles, M, N, K, group_m};
     const Ring<Fp8SwigluSlot> ring = make_ring<Fp8SwigluSlot>(1);
-    const int warpgroup = threadIdx.x / 128;
     const int n_tiles = N / BN_SWIGLU, m_tiles = num_tiles[0], total = m_tiles * n_tiles, num_k = K / FP8_BK;
 
-    if (warpgroup == 0) {  // ------------------------------------------------ producer: 07_2's
+    if (threadIdx.x >= 256) {  // -------------------------------------------- the producer: thread 256
         setmaxnreg_dec<PRODUCER_REGS>();
-        if (threadIdx.x != 0) return;
+        if (threadIdx.x != 256) return;
         int s = 0, parity = 0;
         for (int i = 0;; ++i) {
             const int t = take_tile<false>(p.num_tiles + 1, ring.taken, i);
@@ -90,7 +89,7 @@ fp8_swiglu_quantize(const __grid_constant__ TmaDesc map_x, const __grid_constant
         }
     } else {  // ---------------------------------------------------------------- consumers
         setmaxnreg_inc<CONSUMER_REGS>();
-        const int c = warpgroup - 1, t = threadIdx.x % 128, quad_lane = t % 4;
+        const int c = threadIdx.x / 128, t = threadIdx.x % 128, quad_lane = t % 4;
         const int r = 16 * (t / 32) + (t % 32) / 4;  // this thread's rows of the tile: r and r + 8 (both consumers')
         QuantizedStage& mine = *reinterpret_cast<QuantizedStage*>(&ring.staging[c]);
         const QuantizedStage& theirs = *reinterpret_cast<const QuantizedStage*>(&ring.staging[1 - c]);
@@ -101,22 +100,11 @@ fp8_swiglu_quantize(const __grid_constant__ TmaDesc map_x, const __grid_constant
             if (job.row0 < 0) break;
             // consumer c's 128 columns are one 128 x 128 block of W's scales
             const float* w_scale = w_scales + ((size_t)job.expert * (N / W_BLOCK) + 2 * job.n + c) * num_k;
-            float acc[64], part[64];
+            float acc[64];
 #pragma unroll
             for (int v = 0; v < 64; ++v) acc[v] = 0.0f;
             SliceScales scales(x_scales, ld_scales, job.row0 + r, w_scale, num_k);
-            for (int kt = 0; kt < num_k; ++kt) {
-                float scale_lo, scale_hi;
-                scales.take(kt, scale_lo, scale_hi);
-                if (kt) mbar_wait(&ring.full[s], parity);
-                const Fp8SwigluSlot& slot = ring.slots[s];
-                wgmma_slice_fp8(part, slot.a, slot.b + c * 128 * FP8_BK);
-                wgmma_wait<0>();
-                wgmma_fence_operands(part);
-                mbar_arrive(&ring.empty[s]);
-                promote(acc, part, scale_lo, scale_hi);
-                if (++s == STAGES) s = 0, parity ^= 1;
-            }
+            fp8_mainloop_pipelined(acc, ring, s, parity, scales, num_k, 0, c * 128 * FP8_BK);  // 07_2's
 
             // SwiGLU in place: acc[v] (v even) becomes output j = 4 (v / 4) + quad_lane of this
             // consumer's 64, row r ((v & 2) == 0) or r + 8

@@ -45,8 +45,10 @@
 #define STAGES 4  // 4 x 48 KB
 #endif
 #define THREADS 384
+#ifndef PRODUCER_REGS  // chapter 07's kernels set their own
 #define PRODUCER_REGS 64  // 40 is enough for TMA alone; the gather's row list needs 64 not to spill (NVRTC 13.0)
 #define CONSUMER_REGS 216  // 128 x 64 + 256 x 216 <= 65536 registers of the SM
+#endif
 
 struct __align__(1024) Slot {
     bf16 a[BM * BK];  // 128 rows of X, 64 values along K each, 128B-swizzled

@@ -883,7 +883,7 @@ def fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, out=None, validate: boo
     else:
         check_out(out, M, N)
     if M:
-        module = kernels.load(FP8_GEMM.source)
+        module = kernels.load(FP8_GEMM.source, defines=FP8_GEMM.defines)
         head = (tma.tensor_map_fp8(x_q, FP8_GEMM.block_m), tma.tensor_map_fp8(w_q, FP8_GEMM.block_n),
                 ptr(x_scales), np.int32(x_scales.shape[1]), ptr(w_scales), ptr(out))
         launch_persistent(FP8_GEMM, module, head, offs, M, K, (M, N, K))
@@ -904,7 +904,7 @@ def fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs, validate: bool = Tru
     a_scales = torch.empty(N // 2 // FP8_GROUP, width, device=x_q.device, dtype=torch.float32)
     a_scales[:, M:] = 1.0  # the padding, as quantize_1x128 writes it
     if M:
-        module = kernels.load(FP8_SWIGLU.source)
+        module = kernels.load(FP8_SWIGLU.source, defines=FP8_SWIGLU.defines)
         head = (tma.tensor_map_fp8(x_q, FP8_SWIGLU.block_m), tma.tensor_map_fp8(w_q, FP8_SWIGLU.block_n),
                 ptr(x_scales), np.int32(x_scales.shape[1]), ptr(w_scales), ptr(a_q), ptr(a_scales), np.int32(width))
         launch_persistent(FP8_SWIGLU, module, head, offs, M, K, (M, N, K))

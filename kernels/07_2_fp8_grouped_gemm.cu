@@ -17,24 +17,25 @@
 //      the tensor core, everything longer in true fp32. The scales must be applied there anyway,
 //      since they change every 128 of K.
 //   3. So two accumulators live in registers: BN = 128 (64 + 64 fp32 a thread), not 256.
+//   5. The roles are numbered the other way round: consumers are warpgroups 0 and 1 (consumer c
+//      is threadIdx.x / 128), the producer warpgroup 2; the producer keeps 40 registers (TMA
+//      alone; 03_3's gather needed 64) and the consumers take 232 (kernels/NOTES.md, session 13:
+//      4-11% faster than with the skeleton's order and split, 64 / 216, in two runs on H100s).
 //   4. The scales come from global memory (L2; they are small), each loaded one slice ahead so
 //      that the load is never waited for: a thread's two row scales, and the block's weight scale
 //      (one float for all 128 threads of a warpgroup). (A third TMA box per slot for the row
 //      scales, a float32 map without swizzle, stopped the H100 with an illegal instruction;
 //      session 12, kernels/NOTES.md.)
-// The tile order, the ring, the roles and the epilogue (03_2's StagedStore) are the skeleton's.
+// The tile order, the ring and the epilogue (03_2's StagedStore) are the skeleton's.
 #define BN 128
+#define PRODUCER_REGS 40
+#define CONSUMER_REGS 232  // 128 x 40 + 256 x 232 <= 65536
 #ifndef STAGES  // 07_3 has larger slots and sets its own
 #define STAGES 5  // 5 x 32 KB + two 16 KB staging buffers
 #endif
 #include "03_2_warp_specialized.cu"
 
 #define FP8_BK 128  // e4m3 values of K per slice: one 128-byte swizzled row, like 64 bf16
-// The consumers are warpgroups 0 and 1, the producer warpgroup 2 (so that consumer c is simply
-// threadIdx.x / 128). The producer keeps 40 registers (TMA alone; 03_3's gather needed 64), the
-// consumers take 232: the two accumulators in turn (below) are 192 of them.
-#define PRODUCER_REGS 40
-#define CONSUMER_REGS 232  // 128 x 40 + 256 x 232 <= 65536
 typedef unsigned char fp8_e4m3;  // the bits; the tensor cores read them as e4m3
 
 struct __align__(1024) Fp8Slot {
@@ -105,47 +106,31 @@ __device__ __forceinline__ void promote(float (&acc)[64], const float (&part)[64
     for (int v = 0; v < 64; ++v) acc[v] = fmaf(part[v], (v & 2) ? scale_hi : scale_lo, acc[v]);
 }
 
-#ifndef FP8_PIPELINED
-#define FP8_PIPELINED 1
-#endif
-// The main loop with two fresh accumulators in turn: slice kt + 1 multiplies into one while slice
-// kt's, in the other, is promoted, so the tensor cores are never idle while this warpgroup does
-// its FMAs (with one accumulator, 07_2's first version, they waited for them: only the other
-// consumer's multiplies could fill that gap). 64 more registers a thread. s, parity: the ring
-// position of the tile's first slice (its full barrier already waited for); left after its last.
-// a_off, b_off: where this warpgroup's operands start in a slot (its rows of X, or of W).
+// A tile's main loop for one consumer warpgroup: per slice, a fresh sum of 128 products in
+// `part`, waited for, then promoted into acc. (The wait costs this warpgroup's tensor time while
+// it promotes; the other consumer's multiplies fill that gap. Two accumulators in turn, so that
+// slice k + 1 multiplies while slice k is promoted, need 64 more registers: the compiler then
+// spilled in this loop and the kernel ran 2.5-5x slower, session 13.) s, parity: the ring
+// position of the tile's first slice, whose full barrier the caller has already waited for;
+// left after its last. a_off, b_off: where this warpgroup's operands start in a slot.
+// has_rows false: the slots are freed and nothing is multiplied (an empty half of the tile).
 template <typename SlotT>
-__device__ __forceinline__ void fp8_mainloop_pipelined(float (&acc)[64], const Ring<SlotT>& ring, int& s, int& parity,
-                                                       SliceScales& scales, int num_k, int a_off, int b_off) {
-    float part[2][64];
-    float scale_lo[2], scale_hi[2];
-    int prev_s = s;
-    scales.take(0, scale_lo[0], scale_hi[0]);
-    wgmma_slice_fp8(part[0], ring.slots[s].a + a_off, ring.slots[s].b + b_off);
-    if (++s == STAGES) s = 0, parity ^= 1;
-    for (int kt = 1; kt < num_k; kt += 2) {  // two slices a turn: the accumulators' roles swap
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int k = kt + half;
-            if (k >= num_k) break;
-            float (&cur)[64] = part[(half + 1) % 2];  // slice k: into the free accumulator
-            float (&done)[64] = part[half % 2];       // slice k - 1: promoted meanwhile
-            scales.take(k, scale_lo[(half + 1) % 2], scale_hi[(half + 1) % 2]);
-            mbar_wait(&ring.full[s], parity);
-            wgmma_slice_fp8(cur, ring.slots[s].a + a_off, ring.slots[s].b + b_off);
-            wgmma_wait<1>();  // slice k - 1's batch is done, slice k's runs on
-            wgmma_fence_operands(done);
-            mbar_arrive(&ring.empty[prev_s]);
-            promote(acc, done, scale_lo[half % 2], scale_hi[half % 2]);
-            prev_s = s;
-            if (++s == STAGES) s = 0, parity ^= 1;
+__device__ __forceinline__ void fp8_mainloop(float (&acc)[64], const Ring<SlotT>& ring, int& s, int& parity,
+                                             SliceScales& scales, int num_k, int a_off, int b_off, bool has_rows) {
+    float part[64];
+    for (int kt = 0; kt < num_k; ++kt) {
+        float scale_lo, scale_hi;
+        scales.take(kt, scale_lo, scale_hi);
+        if (kt) mbar_wait(&ring.full[s], parity);
+        if (has_rows) {
+            wgmma_slice_fp8(part, ring.slots[s].a + a_off, ring.slots[s].b + b_off);
+            wgmma_wait<0>();
+            wgmma_fence_operands(part);
         }
+        mbar_arrive(&ring.empty[s]);  // every read of the slot is done: free it
+        if (has_rows) promote(acc, part, scale_lo, scale_hi);
+        if (++s == STAGES) s = 0, parity ^= 1;
     }
-    wgmma_wait<0>();
-    const int last = (num_k - 1) % 2;
-    wgmma_fence_operands(part[last]);
-    mbar_arrive(&ring.empty[prev_s]);
-    promote(acc, part[last], scale_lo[last], scale_hi[last]);
 }
 
 #if __INCLUDE_LEVEL__ == 0  // the kernel, only where this file is the one compiled (not in 07_3)
@@ -202,33 +187,7 @@ fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ 
 #pragma unroll
             for (int v = 0; v < BN / 2; ++v) acc[v] = 0.0f;
             SliceScales scales(x_scales, ld_scales, job.row0 + r, w_scale, num_k);
-#if FP8_PIPELINED
-            if (has_rows) {
-                fp8_mainloop_pipelined(acc, ring, s, parity, scales, num_k, c * 64 * FP8_BK, 0);
-            } else {
-                for (int kt = 0; kt < num_k; ++kt) {  // an empty half: free the slots, multiply nothing
-                    if (kt) mbar_wait(&ring.full[s], parity);
-                    mbar_arrive(&ring.empty[s]);
-                    if (++s == STAGES) s = 0, parity ^= 1;
-                }
-            }
-#else
-            float part[BN / 2];
-            for (int kt = 0; kt < num_k; ++kt) {
-                float scale_lo, scale_hi;
-                scales.take(kt, scale_lo, scale_hi);
-                if (kt) mbar_wait(&ring.full[s], parity);
-                if (has_rows) {
-                    const Fp8Slot& slot = ring.slots[s];
-                    wgmma_slice_fp8(part, slot.a + c * 64 * FP8_BK, slot.b);
-                    wgmma_wait<0>();
-                    wgmma_fence_operands(part);
-                }
-                mbar_arrive(&ring.empty[s]);  // every read of the slot is done: free it
-                if (has_rows) promote(acc, part, scale_lo, scale_hi);
-                if (++s == STAGES) s = 0, parity ^= 1;
-            }
-#endif
+            fp8_mainloop(acc, ring, s, parity, scales, num_k, c * 64 * FP8_BK, 0, has_rows);
             if (has_rows) StagedStore{Y}.store(acc, ring.staging[c], c, p, r0, job.row_end, job.n);
         }
     }

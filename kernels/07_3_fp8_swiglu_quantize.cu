@@ -104,7 +104,7 @@ fp8_swiglu_quantize(const __grid_constant__ TmaDesc map_x, const __grid_constant
 #pragma unroll
             for (int v = 0; v < 64; ++v) acc[v] = 0.0f;
             SliceScales scales(x_scales, ld_scales, job.row0 + r, w_scale, num_k);
-            fp8_mainloop_pipelined(acc, ring, s, parity, scales, num_k, 0, c * 128 * FP8_BK);  // 07_2's
+            fp8_mainloop(acc, ring, s, parity, scales, num_k, 0, c * 128 * FP8_BK, true);  // 07_2's
 
             // SwiGLU in place: acc[v] (v even) becomes output j = 4 (v / 4) + quad_lane of this
             // consumer's 64, row r ((v & 2) == 0) or r + 8

@@ -90,12 +90,15 @@ def measure_layer(cfg, tokens: int, roof) -> dict:
     for graph in (ours_graph, training_graph, theirs_graph):
         graph.replay()
     err = relative_error(ours_y.float(), theirs_y.float())
-    # (chapter 06's router computes its logits in bf16, the decode layers' in float32: a token
-    # whose two best experts nearly tie may go elsewhere, hence the looser bound)
-    err_06 = relative_error(training_y.float(), theirs_y.float())
-    if not (err < 2e-2 and err_06 < 5e-2):
+    # Chapter 06's router computes its logits in bf16, the decode layers' in float32: a token whose
+    # k-th and (k+1)-th experts nearly tie may go elsewhere (7B at 256 tokens: 7% apart over all
+    # tokens, H100). So 06's layer is checked on the tokens both routings send to the same experts.
+    alike = (layer.route(x, kw.w_router, cfg.K).experts.sort(dim=1).values
+             == decode.route(x, wd.w_router, cfg.K)[1].sort(dim=1).values).all(dim=1)
+    err_06 = relative_error(training_y[alike].float(), theirs_y[alike].float())
+    if not (err < 2e-2 and err_06 < 2e-2 and alike.float().mean() > 0.5):
         raise SystemExit(f"the decode layers disagree on {cfg.name} at T={tokens}: relative error {err:.3g} "
-                         f"(09_1), {err_06:.3g} (06)")
+                         f"(09_1), {err_06:.3g} (06, on the {int(alike.sum())} tokens routed alike)")
     active = int(decode.active_experts(decode.route(x, wd.w_router, cfg.K)[1], cfg.E))
     step = decode.decode_step(cfg, tokens, "layer", active=active)
     m = interleaved({"09_1 layer, graph": ours_graph.replay, "06 layer, graph": training_graph.replay,
@@ -103,7 +106,7 @@ def measure_layer(cfg, tokens: int, roof) -> dict:
                      "grouped_mm layer, eager": lambda: decode.grouped_mm_forward(x, wd, cfg.K)},
                     rounds=5, reps=20, bytes=step.bytes)
     return {"shape": cfg.name, "tokens": tokens, "active": active, "bytes": step.bytes, "relative_error": err,
-            "relative_error_06": err_06,
+            "relative_error_06": err_06, "routed_alike": float(alike.float().mean()),
             **{name: {**r.timing(), "tbps": r.tbps, "of_copy": r.tbps / roof.copy_tbps} for name, r in m.items()}}
 
 

@@ -38,11 +38,17 @@
 
 #define BM 128
 #define BK 64
-#define BN 256  // the host sizes shared memory for it (grouped_gemm._ws_smem)
+#ifndef BN  // chapter 07's FP8 kernel defines its own (128) before including this file
+#define BN 256  // the host sizes shared memory for it (launch.warp_specialized_smem)
+#endif
+#ifndef STAGES
 #define STAGES 4  // 4 x 48 KB
+#endif
 #define THREADS 384
+#ifndef PRODUCER_REGS  // chapter 07's kernels set their own
 #define PRODUCER_REGS 64  // 40 is enough for TMA alone; the gather's row list needs 64 not to spill (NVRTC 13.0)
 #define CONSUMER_REGS 216  // 128 x 64 + 256 x 216 <= 65536 registers of the SM
+#endif
 
 struct __align__(1024) Slot {
     bf16 a[BM * BK];  // 128 rows of X, 64 values along K each, 128B-swizzled
@@ -76,11 +82,13 @@ __device__ __forceinline__ void tile_coords(int t, int m_tiles, int n_tiles, int
 // (A group of group_m M-tiles wherever the experts begin often holds the end of one expert and
 // the start of the next: the two halves of that expert run a group apart in time and read its
 // W twice; DeepSeek-V3 has 2-3 M-tiles an expert.)
-__device__ __forceinline__ void expert_tile_coords(int t, const Problem& p, int m_tiles, int n_tiles, int& m, int& n) {
+// (block_m: the rows of an M-tile, BM but in 07_3)
+__device__ __forceinline__ void expert_tile_coords(int t, const Problem& p, int m_tiles, int n_tiles, int& m, int& n,
+                                                   int block_m = BM) {
     const TileInfo one = p.tile_map[t / n_tiles];
     int start, end;
     expert_rows(p.offs, one.expert, p.M, start, end);
-    const int first = t / n_tiles - (one.row - start) / BM, count = ceil_div(end - start, BM);
+    const int first = t / n_tiles - (one.row - start) / block_m, count = ceil_div(end - start, block_m);
     tile_coords(t - first * n_tiles, count, n_tiles, p.group_m, m, n);
     m += first;
 }
@@ -121,8 +129,9 @@ __device__ __forceinline__ void stage_accumulators(const float (&d)[NV], Staging
 // thread before the block's one __syncthreads), then which tile each slot's slice is of.
 // SlotT: what one slice holds (Slot here, another layout in 06_3).
 // ---------------------------------------------------------------------------------------------
-struct TileJob {  // what the consumers need of a tile: its rows [row0, row_end) and its N-tile
+struct TileJob {  // what the consumers need of a tile: its rows [row0, row_end), its N-tile, its expert
     int row0, row_end, n;
+    int expert;  // (07_2 reads the expert's weight scales; the others need only the rows)
 };
 
 template <typename SlotT>
@@ -223,7 +232,7 @@ __device__ __forceinline__ void warp_specialized_grouped_gemm(const Problem& p, 
             if (t >= total) {  // one more slot, holding no slice: the consumers stop there
                 mbar_wait(&empty[s], parity ^ 1);
                 if (threadIdx.x == 0) {
-                    ring.job[s] = TileJob{-1, 0, 0};
+                    ring.job[s] = TileJob{-1, 0, 0, 0};
                     mbar_arrive(&full[s]);
                 }
                 producer.finish(&full[s]);
@@ -237,7 +246,7 @@ __device__ __forceinline__ void warp_specialized_grouped_gemm(const Problem& p, 
                 mbar_wait(&empty[s], parity ^ 1);  // the consumers are done with this slot
                 if (threadIdx.x == 0) {
                     trace_event(0, slice);
-                    ring.job[s] = TileJob{row0, row_end, n};  // published by the arrive in issue (a release)
+                    ring.job[s] = TileJob{row0, row_end, n, expert};  // published by the arrive in issue (a release)
                     producer.issue(slots[s], &full[s], p, expert, n, row0, kt);
                 }
                 producer.copy(slots[s], &full[s], p, kt);

@@ -265,6 +265,19 @@ def quantize_blocks(w: Tensor, block_size: int = 128, **options) -> tuple[Tensor
     return q.data, q.scales
 
 
+def quantize_experts(quantize: Callable[[Tensor], tuple[Tensor, Tensor]], w: Tensor) -> tuple[Tensor, Tensor]:
+    """``quantize`` (one of the functions above, of one ``(N, K)`` weight) applied to ``w (E, N, K)``
+    an expert at a time, stacked: the float32 temporaries of a whole DeepSeek-V3 layer's experts
+    at once would not fit in a GPU's memory."""
+    first_q, first_scales = quantize(w[0])
+    q = torch.empty(w.shape, device=w.device, dtype=first_q.dtype)
+    scales = torch.empty((w.shape[0], *first_scales.shape), device=w.device, dtype=first_scales.dtype)
+    q[0], scales[0] = first_q, first_scales
+    for e in range(1, w.shape[0]):
+        q[e], scales[e] = quantize(w[e])
+    return q, scales
+
+
 def _check_fp8(q, name: str) -> None:
     require(isinstance(q, Tensor) and q.dtype in _FP8_DTYPES,
             lambda: f"{name} must be an FP8 tensor ({', '.join(map(str, _FP8_DTYPES))}), got "
@@ -598,3 +611,68 @@ def _train(forward, opt, batches, x_val, y_val, eval_every: int) -> list[tuple[i
             with torch.no_grad():
                 curve.append((step + 1, float(((forward(x_val) - y_val) ** 2).mean())))
     return curve
+
+
+# --------------------------------------------------------------------------------------------
+# 6. The kernels' measurements (benchmarks/bench_fp8.py records them; the notebook draws them)
+
+GEMM_KIND = "fp8_grouped_gemm"  # benchmarks/results/fp8_grouped_gemm__<gpu>.json
+#: What bench_fp8 times, in table order: the course's FP8 with its quantisation of X, the GEMM
+#: alone, the quantisation alone, the up-projection with SwiGLU and quantisation in its epilogue,
+#: the course's bf16 kernel, torch's bf16 and FP8 grouped GEMMs
+GEMM_CONTENDERS = ("07_1+07_2", "07_2", "07_1", "07_3", "03_2 bf16", "torch._grouped_mm", "torch._scaled_grouped_mm")
+MIN_OVER_BF16 = 1.4  # issue 21's minimum: the course's FP8 (with its quantisation) over its bf16 kernel
+MIN_OVER_TORCH_FP8 = 1.1  # ... and over torch._scaled_grouped_mm, or 85% of the dense FP8 rate if lower
+MIN_OF_DENSE_FP8 = 0.85
+
+
+def charged_contender(row: dict) -> str:
+    """What the minimum charges the course's FP8 with: the up-projection quantises the layer's
+    input first (07_1, then 07_2); the down-projection's input comes quantised out of 07_3's
+    epilogue, so it is 07_2 alone."""
+    return "07_2" if row.get("proj") == "down" else "07_1+07_2"
+
+
+def gemm_verdict(row: dict, dense: dict) -> dict:
+    """The minimum of issue 21 for one row: over bf16 03_2, and over torch's FP8 or of dense FP8."""
+    ours = row.get(charged_contender(row), {}).get("tflops")
+    bf16 = row.get("03_2 bf16", {}).get("tflops")
+    torch_fp8 = row.get("torch._scaled_grouped_mm", {}).get("tflops")
+    if not ours or not bf16:
+        return {}
+    need = MIN_OF_DENSE_FP8 * dense["fp8"]
+    if torch_fp8:
+        need = min(need, MIN_OVER_TORCH_FP8 * torch_fp8)
+    return {"over_bf16": ours / bf16, "over_torch_fp8": ours / torch_fp8 if torch_fp8 else None,
+            "of_dense_fp8": ours / dense["fp8"], "met": ours >= MIN_OVER_BF16 * bf16 and ours >= need}
+
+
+def gemm_table(data: dict) -> str:
+    dense = data["dense_tflops"]
+    out = [f"dense 8192^3: FP8 e4m3 (row-wise) {dense['fp8']:.0f} TFLOP/s, bf16 {dense['bf16']:.0f} TFLOP/s",
+           f"{'shape':<16}{'proj':<6}{'contender':<26}{'ms':>9}{'TFLOP/s':>9}{'% FP8':>7}"]
+    for row in data["rows"]:
+        if "error" in row:
+            out.append(f"{row['shape']:<16}{row['proj']:<6}{row['error']}")
+            continue
+        for name in GEMM_CONTENDERS:
+            r = row.get(name)
+            if r is None:
+                continue
+            if "error" in r:
+                out.append(f"{row['shape']:<16}{row['proj']:<6}{name:<26}  {r['error'][:80]}")
+                continue
+            rate = f"{r['tflops']:>9.0f}{100 * r['of_dense_fp8']:>6.0f}%" if r.get("tflops") else \
+                f"{r.get('tbps', 0):>7.2f} TB/s"
+            out.append(f"{row['shape']:<16}{row['proj']:<6}{name:<26}{r['ms']:>9.3f}{rate}")
+        v = gemm_verdict(row, dense)
+        if v:
+            torch_part = f", x{v['over_torch_fp8']:.2f} torch FP8" if v["over_torch_fp8"] else ""
+            out.append(f"{'':<22}{charged_contender(row)}: x{v['over_bf16']:.2f} bf16 03_2{torch_part}, "
+                       f"{100 * v['of_dense_fp8']:.0f}% of dense FP8: minimum {'met' if v['met'] else 'NOT met'}"
+                       f" (error {row['rel_err']:.1e} vs dequantised, {row['quantisation_err']:.1e} vs bf16)")
+    for layer in data.get("layers", []):
+        ratio = layer["bf16"]["ms"] / layer["FP8"]["ms"]
+        out.append(f"{layer['shape']:<16}layer forward, T={layer['T']}: bf16 {layer['bf16']['ms']:.3f} ms, FP8 "
+                   f"{layer['FP8']['ms']:.3f} ms (x{ratio:.2f}); FP8 output {layer['fp8_vs_bf16']:.1e} from bf16's")
+    return "\n".join(out)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import cuda_on_cpu, kernels, tma
-from .checks import check_gather_range, check_offsets, check_tensor_types, require
+from .checks import check_gather_range, check_offsets, check_positive, check_tensor_types, require
 from .kernels import ptr
 from .machine import info
 
@@ -114,9 +114,9 @@ def tma_ring_smem(block_m: int, block_n: int, stages: int) -> int:
 
 
 def warp_specialized_smem(block_m: int, block_n: int, stages: int) -> int:
-    """warp_specialized.cuh: the ring, two epilogue staging buffers, and each slot's tile (three
-    ints) and two ints to hand a tile round."""
-    return tma_ring_smem(block_m, block_n, stages) + 2 * STAGING_BYTES + 12 * stages + 8
+    """warp_specialized.cuh: the ring, two epilogue staging buffers, and each slot's tile (four
+    ints: TileJob) and two ints to hand a tile round."""
+    return tma_ring_smem(block_m, block_n, stages) + 2 * STAGING_BYTES + 16 * stages + 8
 
 
 def weight_grad_smem(rows: int, block_n: int, block_k: int, stages: int) -> int:
@@ -770,6 +770,148 @@ def combine(rows, pos, weights, validate: bool = True):
 
 
 # --------------------------------------------------------------------------------------------
+# 07_1, 07_2: FP8 (chapter 07): activations quantised in 1 x 128 groups, weights in 128 x 128
+# blocks (moe_course.fp8 is the maths, on any machine; these are its kernels)
+
+FP8_GROUP = 128  # values of K per scale (and rows of W per scale): DeepSeek-V3's blocks
+FP8_SCALE_ALIGN = 4  # the scales' rows are padded to 4 floats: TMA reads rows of 16-byte multiples
+FP8_STAGES = 5  # 07_2_fp8_grouped_gemm.cu's STAGES
+FP8_SLOT_BYTES = 32 * 1024  # its Fp8Slot: 128 + 128 rows of 128 bytes
+QUANTIZE = Step("07_1_quantize_1x128", "quantize_1x128", "to e4m3 in 1 x 128 groups, rows gathered",
+                threads=256, min_cc=(8, 9), k_multiple=FP8_GROUP)
+FP8_GEMM = Step("07_2_fp8_grouped_gemm", "fp8_grouped_gemm", "block-scaled FP8 grouped GEMM, promoted every 128 of K",
+                WGMMA_BLOCK_M, FP8_GROUP, FP8_GROUP, threads=384, min_cc=HOPPER, persistent=True, tma=True,
+                smem_bytes=FP8_STAGES * FP8_SLOT_BYTES + 2 * STAGING_BYTES + 32 * FP8_STAGES + 8 + 1024)
+FP8_SWIGLU_STAGES = 4  # 07_3_fp8_swiglu_quantize.cu's STAGES
+FP8_SWIGLU_SLOT_BYTES = 40 * 1024  # its Fp8SwigluSlot: 64 + 256 rows of 128 bytes
+FP8_SWIGLU = Step("07_3_fp8_swiglu_quantize", "fp8_swiglu_quantize",
+                  "FP8 up-projection, SwiGLU and its e4m3 quantisation in the epilogue",
+                  64, 2 * FP8_GROUP, FP8_GROUP, threads=384, min_cc=HOPPER, persistent=True, tma=True,
+                  smem_bytes=FP8_SWIGLU_STAGES * FP8_SWIGLU_SLOT_BYTES + 2 * STAGING_BYTES + 32 * FP8_SWIGLU_STAGES
+                  + 8 + 1024)
+QUANTIZE_BLOCKS_PER_SM = 8  # 07_1: 64 resident warps an SM keep enough 16-byte loads in flight
+
+
+def fp8_scales_width(rows: int) -> int:
+    """The row length of the transposed activation scales ``[K / 128, width]``: ``rows``,
+    padded to a multiple of FP8_SCALE_ALIGN."""
+    return -(-rows // FP8_SCALE_ALIGN) * FP8_SCALE_ALIGN
+
+
+@kernels.on_torch_stream
+def quantize_1x128(x, gather_idx=None, validate: bool = True):
+    """``x [T, K]`` bf16 (rows ``gather_idx`` of it, if given) to ``(q, scales)``: ``q [R, K]``
+    ``float8_e4m3fn`` and ``scales [K / 128, width]`` float32, **transposed** (``scales[g, r]``
+    is row r's scale for columns ``128 g .. 128 g + 127``; width padded by
+    :func:`fp8_scales_width`, the padding 1): bit for bit what
+    :func:`moe_course.fp8.quantize_groups` gives, whose scales are ``scales[:, :R].T``
+    (``kernels/07_1_quantize_1x128.cu``). ``validate`` reads back whether a row held an inf or
+    NaN (one synchronisation) and names it; an index of ``gather_idx`` outside ``x``: a zero row."""
+    check_tensor_types({"x": (x, torch.bfloat16, 2)})
+    T, K = x.shape
+    if gather_idx is not None:
+        check_tensor_types({"gather_idx": (gather_idx, torch.int32, 1)})
+    tensors = {"x": x} | ({"gather_idx": gather_idx} if gather_idx is not None else {})
+    check_on_gpu(tensors)
+    require(K % FP8_GROUP == 0, lambda: f"x has K={K} columns, not a multiple of {FP8_GROUP}: a group of 128 "
+                                        "must not straddle two rows (pad K)")
+    check_gpu_at_least(QUANTIZE.min_cc, lambda cc: f"the e4m3 conversion needs compute capability 8.9 or later; "
+                                                   f"this GPU is {cc[0]}.{cc[1]}")
+    R = T if gather_idx is None else gather_idx.numel()
+    require(R * (K // FP8_GROUP) < 2**30, lambda: f"{R} rows x {K // FP8_GROUP} groups: too many for one launch")
+    if validate and gather_idx is not None:
+        check_gather_range(gather_idx, T)
+    width = fp8_scales_width(R)
+    q = torch.empty(R, K, device=x.device, dtype=torch.float8_e4m3fn)
+    scales = torch.empty(K // FP8_GROUP, width, device=x.device, dtype=torch.float32)
+    scales[:, R:] = 1.0  # the padding: read for 07_2's rows past M, never used
+    first_bad = torch.full((1,), 2**31 - 1, device=x.device, dtype=torch.int32)
+    if R and K:
+        fn = kernels.load(QUANTIZE.source).get_function(QUANTIZE.kernel)
+        half_warps = R * (K // FP8_GROUP)
+        blocks = max(1, min(-(-half_warps // (QUANTIZE.threads // 16)), info().sm_count * QUANTIZE_BLOCKS_PER_SM))
+        fn((blocks,), (QUANTIZE.threads,), (ptr(x), ptr(gather_idx) if gather_idx is not None else np.uint64(0),
+                                             np.int32(R), np.int32(K), np.int32(T), ptr(q), ptr(scales),
+                                             np.int32(width), ptr(first_bad)))
+    if validate:
+        row = int(first_bad)
+        require(row >= R, lambda: f"x holds an inf or NaN in row {row if gather_idx is None else int(gather_idx[row])}"
+                                  f"{'' if gather_idx is None else f' (sorted row {row})'}: no scale fits it; check "
+                                  "what produced it")
+    return q, scales
+
+
+def _check_fp8_gemm(step: Step, x_q, x_scales, w_q, w_scales, offs, validate: bool) -> tuple[int, int, int]:
+    """The inputs of 07_2 and 07_3 (one message per mistake), and (M, N, K)."""
+    e4m3 = torch.float8_e4m3fn
+    check_tensor_types({"x_q": (x_q, e4m3, 2), "x_scales": (x_scales, torch.float32, 2), "w_q": (w_q, e4m3, 3),
+                        "w_scales": (w_scales, torch.float32, 3), "offs": (offs, torch.int32, 1)})
+    M, K = x_q.shape
+    E, N, Kw = w_q.shape
+    require(Kw == K, lambda: f"x_q has K={K} columns but w_q is [E, N, K] = {tuple(w_q.shape)}: K differs")
+    check_tile_multiples(step, N, K)
+    groups = K // FP8_GROUP
+    require(x_scales.shape[0] == groups and x_scales.shape[1] >= M and x_scales.shape[1] % FP8_SCALE_ALIGN == 0,
+            lambda: f"x_scales must be [K / 128, width] = ({groups}, >= {M}, a multiple of {FP8_SCALE_ALIGN}) "
+                    f"(transposed, as quantize_1x128 writes them), got {tuple(x_scales.shape)}")
+    require(tuple(w_scales.shape) == (E, N // FP8_GROUP, groups),
+            lambda: f"w_scales must be [E, N / 128, K / 128] = ({E}, {N // FP8_GROUP}, {groups}), "
+                    f"got {tuple(w_scales.shape)}")
+    require(offs.numel() == E, lambda: f"offs must hold one end row per expert: {E} values, got {offs.numel()}")
+    require(E <= MAX_EXPERTS, lambda: f"at most {MAX_EXPERTS} experts, got {E}")
+    check_on_gpu({"x_q": x_q, "x_scales": x_scales, "w_q": w_q, "w_scales": w_scales, "offs": offs})
+    check_gpu_at_least(HOPPER, lambda cc: f"{step.source} needs a Hopper GPU (FP8 wgmma, TMA); "
+                                          f"this one is {cc[0]}.{cc[1]}")
+    if validate:
+        check_offsets(offs, M)
+        check_positive(x_scales[:, :M], "x_scales")
+        check_positive(w_scales, "w_scales")
+    return M, N, K
+
+
+@kernels.on_torch_stream
+def fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, out=None, validate: bool = True):
+    """``y[rows of e] = (x_q * x_scales)[rows of e] @ (w_q[e] * w_scales[e]).T`` in bf16
+    (``kernels/07_2_fp8_grouped_gemm.cu``): ``x_q [M, K]`` e4m3 with ``x_scales [K / 128, width]``
+    as :func:`quantize_1x128` gives them, ``w_q [E, N, K]`` e4m3 with ``w_scales [E, N / 128,
+    K / 128]`` as :func:`moe_course.fp8.quantize_blocks` gives them. N and K multiples of 128.
+    ``validate`` also checks the offsets and that every scale is positive and finite (a
+    synchronisation; benchmarks turn it off)."""
+    M, N, K = _check_fp8_gemm(FP8_GEMM, x_q, x_scales, w_q, w_scales, offs, validate)
+    if out is None:
+        out = torch.empty(M, N, device=x_q.device, dtype=torch.bfloat16)
+    else:
+        check_out(out, M, N)
+    if M:
+        module = kernels.load(FP8_GEMM.source, defines=FP8_GEMM.defines)
+        head = (tma.tensor_map_fp8(x_q, FP8_GEMM.block_m), tma.tensor_map_fp8(w_q, FP8_GEMM.block_n),
+                ptr(x_scales), np.int32(x_scales.shape[1]), ptr(w_scales), ptr(out))
+        launch_persistent(FP8_GEMM, module, head, offs, M, K, (M, N, K))
+    return out
+
+
+@kernels.on_torch_stream
+def fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs, validate: bool = True):
+    """The FP8 up-projection with SwiGLU, its output quantised for the down-projection
+    (``kernels/07_3_fp8_swiglu_quantize.cu``): ``h = (x_q * x_scales) @ (w_q[e] * w_scales[e]).T``
+    with ``w_q [E, 2n, K]``'s rows interleaved (gate_j, up_j), ``a = silu(gate) * up`` in fp32,
+    and ``(a_q [M, n] e4m3, a_scales [n / 128, width])``, what :func:`quantize_1x128` would give
+    for ``a`` (1 x 128 groups, transposed scales, the padding 1). Inputs as
+    :func:`fp8_grouped_gemm`'s; 2n a multiple of 256."""
+    M, N, K = _check_fp8_gemm(FP8_SWIGLU, x_q, x_scales, w_q, w_scales, offs, validate)
+    width = fp8_scales_width(M)
+    a_q = torch.empty(M, N // 2, device=x_q.device, dtype=torch.float8_e4m3fn)
+    a_scales = torch.empty(N // 2 // FP8_GROUP, width, device=x_q.device, dtype=torch.float32)
+    a_scales[:, M:] = 1.0  # the padding, as quantize_1x128 writes it
+    if M:
+        module = kernels.load(FP8_SWIGLU.source, defines=FP8_SWIGLU.defines)
+        head = (tma.tensor_map_fp8(x_q, FP8_SWIGLU.block_m), tma.tensor_map_fp8(w_q, FP8_SWIGLU.block_n),
+                ptr(x_scales), np.int32(x_scales.shape[1]), ptr(w_scales), ptr(a_q), ptr(a_scales), np.int32(width))
+        launch_persistent(FP8_SWIGLU, module, head, offs, M, K, (M, N, K))
+    return a_q, a_scales
+
+
+# --------------------------------------------------------------------------------------------
 # The table: every kernel file, its Step and its launcher
 
 KERNEL_FILES: dict[str, tuple[Step, object]] = {
@@ -787,4 +929,7 @@ KERNEL_FILES: dict[str, tuple[Step, object]] = {
     HF_TRANSPOSED_B.source: (HF_TRANSPOSED_B, hf_transposed_b_grouped_gemm),
     HF_WEIGHT_GRAD.source: (HF_WEIGHT_GRAD, hf_weight_grad_gate_up),
     DECODE_STEPS[64].source: (DECODE_STEPS[64], decode_grouped_gemm),
+    QUANTIZE.source: (QUANTIZE, quantize_1x128),
+    FP8_GEMM.source: (FP8_GEMM, fp8_grouped_gemm),
+    FP8_SWIGLU.source: (FP8_SWIGLU, fp8_swiglu_quantize),
 }

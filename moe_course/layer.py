@@ -268,6 +268,39 @@ def forward(x: torch.Tensor, kw: KernelWeights, k: int) -> torch.Tensor:
     return KERNEL_OPS.combine(KERNEL_OPS.times_w(a, kw.w_down, r.offs), r.pos, r.weights)
 
 
+class Fp8Weights(NamedTuple):
+    """One layer's experts in FP8 for chapter 07's kernels, quantised once (offline): e4m3
+    weights, K-major, with one float32 scale per 128 x 128 block. ``gate_up (E, 2n, d)``
+    interleaved as :class:`KernelWeights`'s; ``down (E, d, n)``, the down-projection's weight
+    transposed (FP8 wgmma reads both operands K-major). The router stays as it is."""
+    w_router: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_scales: torch.Tensor
+    down: torch.Tensor
+    down_scales: torch.Tensor
+
+
+def prepare_fp8(kw: KernelWeights) -> Fp8Weights:
+    """:class:`KernelWeights` quantised to :class:`Fp8Weights`, an expert at a time (the float32
+    temporaries of a whole DeepSeek-V3 layer would not fit)."""
+    from . import fp8
+
+    return Fp8Weights(kw.w_router, *fp8.quantize_experts(fp8.quantize_blocks, kw.w_gate_up),
+                      *fp8.quantize_experts(fp8.quantize_blocks, kw.w_down.transpose(1, 2).contiguous()))
+
+
+def forward_fp8(x: torch.Tensor, fw: Fp8Weights, k: int) -> torch.Tensor:
+    """:func:`forward` with the experts in FP8 (chapter 07), inference only: the routing as
+    there; the token rows gathered and quantised (07_1); the up-projection with SwiGLU, its
+    output quantised in the epilogue (07_3); the down-projection (07_2); the weighted combine
+    (06_4). Four launches, no host synchronisation."""
+    r = route(x, fw.w_router, k)
+    a_q, a_scales = launch.fp8_swiglu_quantize(*launch.quantize_1x128(x, r.gather_idx, validate=False), fw.gate_up,
+                                               fw.gate_up_scales, r.offs, validate=False)
+    y = launch.fp8_grouped_gemm(a_q, a_scales, fw.down, fw.down_scales, r.offs, validate=False)
+    return KERNEL_OPS.combine(y, r.pos, r.weights)
+
+
 # --------------------------------------------------------------------------------------------
 # Training: forward and backward as one torch.autograd.Function (chapter 06)
 #

@@ -53,26 +53,44 @@ def tensor_map_gate_up(gate_up_proj, box_rows: int):
                    (BOX_COLS, 2, box_rows // 2, 1))
 
 
-def _check_tensor(tensor) -> None:
-    """What the copy engine needs of any tensor it reads: bf16 (these maps' type), contiguous on
+def tensor_map_fp8(tensor, box_rows: int):
+    """Chapter 07: the tensor map of a contiguous FP8 (e4m3) tensor seen as ``[rows, cols]``,
+    boxes of ``box_rows x 128`` values: one byte a value, so a row of the box is 128 bytes, the
+    same 128-byte swizzled layout as bf16's 64 (the tensor cores read it as e4m3)."""
+    _check_tensor(tensor, torch.float8_e4m3fn)
+    cols = tensor.shape[-1]
+    if not 0 < box_rows <= MAX_BOX_ROWS:
+        raise ValueError(f"box rows must be in 1..{MAX_BOX_ROWS}, got {box_rows}")
+    return _encode(tensor.data_ptr(), (cols, tensor.numel() // cols), (cols,), (FP8_BOX_COLS, box_rows), "uint8")
+
+
+FP8_BOX_COLS = 128  # 128 e4m3 values = 128 bytes: one row of the 128-byte swizzle pattern
+_ELEMENTS = {torch.bfloat16: ("bf16", 2), torch.float8_e4m3fn: ("FP8 e4m3", 1), torch.float32: ("float32", 4)}
+
+
+def _check_tensor(tensor, dtype=torch.bfloat16) -> None:
+    """What the copy engine needs of any tensor it reads: the map's element type, contiguous on
     the GPU, a 16-byte aligned base and rows (the last dimension) of a multiple of 16 bytes."""
-    if tensor.dtype != torch.bfloat16:
-        raise TypeError(f"tensor maps here are for bf16 tensors, got {tensor.dtype}")
+    name, size = _ELEMENTS[dtype]
+    if tensor.dtype != dtype:
+        raise TypeError(f"this tensor map is for {name} tensors, got {tensor.dtype}")
     if not tensor.is_cuda or not tensor.is_contiguous():
         raise ValueError("a tensor map needs a contiguous tensor on the GPU")
     if tensor.data_ptr() % 16:
         raise ValueError(f"TMA needs a 16-byte aligned base address; this tensor starts at "
                          f"{tensor.data_ptr():#x} (a slice at an odd offset? call .clone())")
     cols = tensor.shape[-1]
-    if (cols * 2) % 16:
-        raise ValueError(f"TMA needs rows of a multiple of 16 bytes: {cols} bf16 columns are {cols * 2} bytes")
+    if (cols * size) % 16:
+        raise ValueError(f"TMA needs rows of a multiple of 16 bytes: {cols} {name} columns are {cols * size} bytes")
 
 
 @functools.lru_cache(maxsize=256)
-def _encode(address: int, sizes: tuple, byte_strides: tuple, box: tuple):
-    """A bf16 tensor map: ``sizes`` and ``box`` innermost first, ``byte_strides`` of every
-    dimension but the innermost, 128-byte swizzle, zeros outside the tensor. The map holds only
-    these numbers, so maps are cached by them: re-encoding costs ~10 us a call."""
+def _encode(address: int, sizes: tuple, byte_strides: tuple, box: tuple, dtype: str = "bfloat16",
+            swizzle: bool = True):
+    """A tensor map of elements ``dtype`` (bfloat16, uint8 for FP8, float32): ``sizes`` and
+    ``box`` innermost first, ``byte_strides`` of every dimension but the innermost, 128-byte
+    swizzle (or none), zeros outside the tensor. The map holds only these numbers, so maps are
+    cached by them: re-encoding costs ~10 us a call."""
     from cuda.bindings import driver as cu
 
     (err,) = cu.cuInit(0)
@@ -80,7 +98,7 @@ def _encode(address: int, sizes: tuple, byte_strides: tuple, box: tuple):
         raise RuntimeError(f"cuInit failed: {err}")
     _make_context_current(cu)
     err, tmap = cu.cuTensorMapEncodeTiled(
-        cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        getattr(cu.CUtensorMapDataType, f"CU_TENSOR_MAP_DATA_TYPE_{dtype.upper()}"),
         len(sizes),
         address,
         [cu.cuuint64_t(n) for n in sizes],
@@ -88,12 +106,12 @@ def _encode(address: int, sizes: tuple, byte_strides: tuple, box: tuple):
         [cu.cuuint32_t(n) for n in box],
         [cu.cuuint32_t(1)] * len(sizes),
         cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
-        cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B if swizzle else cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE,
         cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
         cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
     )
     if err != cu.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err}) for a bf16 tensor of sizes {sizes} "
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err}) for a {dtype} tensor of sizes {sizes} "
                            f"(innermost first), byte strides {byte_strides}, box {box}")
     return np.array(tmap.opaque, dtype=np.uint64).view(np.dtype((np.void, 128)))[0]
 

@@ -348,3 +348,11 @@ def test_training_curves_start_alike_and_differ_by_the_rounding():
     assert abs(final["FP8, DeepSeek-V3 scales"] / final["float32"] - 1) < 0.05
     with pytest.raises(ValueError, match="variant"):
         fp8.training_curves(("fp4",))
+
+
+def test_quantize_experts_equals_quantising_the_stack_at_once():
+    w = torch.randn(3, 256, 384, generator=torch.Generator().manual_seed(0))
+    for quantize in (fp8.quantize_blocks, fp8.quantize_per_row):
+        q, scales = fp8.quantize_experts(quantize, w)
+        q_all, scales_all = quantize(w)
+        assert torch.equal(q.view(torch.uint8), q_all.view(torch.uint8)) and torch.equal(scales, scales_all)

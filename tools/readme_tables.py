@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from moe_course import RESULTS_DIR, ROOT, configs, grouped_gemm, hardware, launch, records
+from moe_course import RESULTS_DIR, ROOT, configs, decode, fp8, grouped_gemm, hardware, launch, records
 from moe_course.checks import existing_dir, existing_file
 from moe_course.records import Record
 
@@ -330,6 +330,38 @@ def _measured_on(rec: Record) -> str:
     return f"one {e['gpu']}, {e['date']} (torch {e['torch']}, CuPy {e['cupy']}, NVRTC {e['nvrtc']})"
 
 
+def ch07(rec: Records) -> str:
+    r = rec("fp8_grouped_gemm", H100)
+    dense = r.data["dense_tflops"]
+    rows = []
+    for row in r.data["rows"]:
+        if "error" in row:
+            rows.append([shape_label(row["shape"]), row["proj"], row["error"], "", "", "", ""])
+            continue
+        tf = lambda name: row.get(name, {}).get("tflops")
+        v = fp8.gemm_verdict(row, dense)
+        ours = fp8.charged_contender(row)
+        rows.append([shape_label(row["shape"]), row["proj"],
+                     " / ".join(f"{tf(n):.0f}" if tf(n) else "-"
+                                for n in (ours, "07_3", "torch._scaled_grouped_mm", "03_2 bf16", "torch._grouped_mm")),
+                     f"{v['of_dense_fp8']:.0%}", x(v["over_bf16"]),
+                     x(v["over_torch_fp8"]) if v["over_torch_fp8"] else "-", "met" if v["met"] else "not met"])
+    layers = [[shape_label(layer["shape"]), f"{layer['bf16']['ms']:.2f}", f"{layer['FP8']['ms']:.2f}",
+               x(layer["bf16"]["ms"] / layer["FP8"]["ms"]), f"{layer['fp8_vs_bf16']:.1e}"]
+              for layer in r.data.get("layers", [])]
+    return (table(["shape (T, d, n, E, K)", "proj", "TFLOP/s: course FP8 / 07_3 / torch FP8 / 03_2 bf16 / torch bf16",
+                   "of dense FP8", "over 03_2 bf16", "over torch FP8", "issue 21's minimum"], rows)
+            + f"\nCourse FP8: the up-projection with its quantisation of X (`07_1+07_2`), the down-projection "
+              f"`07_2` alone (07_3 writes its input in e4m3); `07_3` is the up-projection with SwiGLU and the "
+              f"activation's quantisation in its epilogue. torch's FP8 (`torch._scaled_grouped_mm`, row-wise "
+              f"scales) is given inputs already quantised. Dense 8192³ in the same run: FP8 e4m3 "
+              f"(`torch._scaled_mm`, row-wise) {dense['fp8']:.0f} TFLOP/s, bf16 {dense['bf16']:.0f}.\n\n"
+            + (table(["shape (T, d, n, E, K)", "layer forward, bf16 ms", "FP8 ms", "FP8 over bf16",
+                      "FP8 output from bf16's"], layers) + "\n" if layers else "")
+            + f"On {_measured_on(r)}.\n"
+            + source("fp8_grouped_gemm (H100)"))
+
+
 def ch09(rec: Records) -> str:
     r = rec("decode_gemm", H100)
     cells: dict[str, dict[tuple[str, int], dict]] = {}
@@ -343,7 +375,25 @@ def ch09(rec: Records) -> str:
             + f"\nEach cell: `09_1` / `torch._grouped_mm`, as a fraction of the measured device copy "
               f"({r.data['copy_tbps']:.2f} TB/s) over the bytes a step must move (the tokens, each active expert's "
               f"weights once, the outputs); the two interleaved, each checked first. On {_measured_on(r)}.\n"
-            + source("decode_gemm (H100)"))
+            + _decode_layer(rec)
+            + source("decode_gemm (H100)", "decode_layer (H100)"))
+
+
+def _decode_layer(rec: Records) -> str:
+    r = rec("decode_layer", H100)
+    by = {(row["shape"], row["tokens"]): row for row in r.data["rows"]}
+    names = [n for n in decode.LAYER_CONTENDERS if all(n in row for row in r.data["rows"])]
+    tokens = sorted({t for _, t in by})
+    rows = [[shape_label(shape)] + [" / ".join(f"{1e3 * by[shape, t][n]['ms']:.0f}" for n in names) for t in tokens]
+            + [x(by[shape, 64]["grouped_mm layer, graph"]["ms"] / decode.course_layer_ms(by[shape, 64]))]
+            for shape in dict.fromkeys(s for s, _ in by)]
+    return ("\nThe whole decode layer (routing, up with SwiGLU, down, combine), µs: " + " / ".join(names)
+            + " (`06`: chapter 06's kernels; `grouped_mm`: the sync-free `torch._grouped_mm` layer); the last "
+            "column is issue 20's ratio at 64 tokens, the course's faster layer over the grouped_mm graph (its "
+            "minimum: 1.3x):\n\n"
+            + table(["shape (T, d, n, E, K)"] + [f"{t} token{'s' * (t > 1)}" for t in tokens] + ["09_1 over grouped_mm, 64"],
+                    rows)
+            + f"\nOn {_measured_on(r)}.\n")
 
 
 def ch10(rec: Records) -> str:
@@ -372,7 +422,7 @@ def ch10(rec: Records) -> str:
 
 BLOCKS: dict[str, Callable[[Records], str]] = {
     "environment": environment, "ch00": ch00, "ch01": ch01, "ch02": ch02, "ch03": ch03, "ch04": ch04,
-    "ch05": ch05, "ch06": ch06, "ch09": ch09, "ch10": ch10,
+    "ch05": ch05, "ch06": ch06, "ch07": ch07, "ch09": ch09, "ch10": ch10,
 }
 
 

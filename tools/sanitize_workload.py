@@ -213,8 +213,40 @@ def decode_step() -> None:
         check(f"decode layer, {tokens} tokens", got.float().cpu(), moe.moe_forward(x, w, 4).y)
 
 
+def fp8_kernels() -> None:
+    import torch
+
+    from moe_course import fp8, launch
+
+    # chapter 07: 07_1 (gathered, with an index outside x) against the torch maths, then 07_2 on
+    # its output at the awkward counts, against the float32 product of the dequantised operands, and
+    # 07_3 (the same product, SwiGLU, quantised) against SwiGLU of that product
+    x = torch.randn(300, 256, device="cuda").to(torch.bfloat16)
+    gather_idx = torch.randint(0, 300, (333,), device="cuda", dtype=torch.int32)
+    gather_idx[7] = 300
+    q, scales = launch.quantize_1x128(x, gather_idx, validate=False)
+    rows = torch.where((gather_idx < 300)[:, None], x[gather_idx.clamp(max=299).long()], 0).float()
+    q_ref, scales_ref = (t.cuda() for t in fp8.quantize_groups(rows.cpu()))  # IEEE division, as 07_1
+    check("07_1 (gathered)", fp8.dequantize_groups(q, scales[:, :333].T.contiguous()),
+          fp8.dequantize_groups(q_ref, scales_ref), tol=0.0)
+    for what, counts in COUNTS.items():
+        E = len(counts)
+        offs = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+        x = torch.randn(sum(counts), 384, device="cuda").to(torch.bfloat16)
+        w = (torch.randn(E, 256, 384, device="cuda") / 20).to(torch.bfloat16)
+        x_q, x_scales = launch.quantize_1x128(x)
+        w_q, w_scales = fp8.quantize_blocks(w)
+        y = torch.full((x.shape[0], 256), float("nan"), device="cuda", dtype=torch.bfloat16)
+        launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, out=y)
+        want = fp8.grouped_block_scaled_matmul(x_q, x_scales[:, :x.shape[0]].T.contiguous(), w_q, w_scales, offs)
+        check(f"07_2, {what}", y, want, tol=1e-2)
+        a_q, a_scales = launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs)  # w's rows as (gate, up)
+        check(f"07_3, {what}", fp8.dequantize_groups(a_q, a_scales[:, :x.shape[0]].T.contiguous()),
+              torch.nn.functional.silu(want[:, 0::2].float()) * want[:, 1::2].float(), tol=5e-2)
+
+
 PARTS = {part.__name__: part for part in (first_kernel, grouped_gemms, token_rounding, layer, hf_experts,
-                                          decode_step)}
+                                          decode_step, fp8_kernels)}
 
 
 def main(argv: list[str] | None = None) -> int:

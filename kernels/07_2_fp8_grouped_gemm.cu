@@ -1,0 +1,195 @@
+// 07_2_fp8_grouped_gemm.cu: chapter 07, step 2: the block-scaled FP8 grouped GEMM (DeepSeek-V3's
+// scheme, as DeepGEMM computes it), on chapter 03's warp-specialised ring.
+//
+//   Y[rows of e] = (Xq * x_scale) @ (Wq[e] * w_scale)^T,   Y bf16, sums in fp32
+//   Xq [M, K] e4m3, one scale per row and 128 of K (07_1 writes them, transposed: S[K/128, ld]);
+//   Wq [E, N, K] e4m3, one scale per 128 x 128 block (w_scales [E, N/128, K/128]).
+//
+// What changes from 03_2, and why:
+//   1. The slice is 128 values of K, not 64: an e4m3 value is one byte, so a row of the slice is
+//      still 128 bytes, and TMA writes the same 128-byte swizzled layout; wgmma takes k = 32 for
+//      FP8 (both operands K-major: no transposed FP8 operand on Hopper).
+//   2. The accumulator is promoted. Hopper's FP8 wgmma adds its products into the fp32
+//      accumulator with only ~14 bits kept (chapter 07 measured it: one accumulator over K = 4096
+//      of same-sign terms is 7% off). So each slice multiplies into a fresh accumulator `part`
+//      (the first wgmma with scale-d = 0), and after it the consumer adds part, times the row's
+//      and the block's scales, into the fp32 `acc` with ordinary FMAs: 128 products at a time in
+//      the tensor core, everything longer in true fp32. The scales must be applied there anyway,
+//      since they change every 128 of K.
+//   3. So two accumulators live in registers: BN = 128 (64 + 64 fp32 a thread), not 256.
+//   5. The roles are numbered the other way round: consumers are warpgroups 0 and 1 (consumer c
+//      is threadIdx.x / 128), the producer warpgroup 2; the producer keeps 40 registers (TMA
+//      alone; 03_3's gather needed 64) and the consumers take 232 (kernels/NOTES.md, session 13:
+//      4-11% faster than with the skeleton's order and split, 64 / 216, in two runs on H100s).
+//   4. The scales come from global memory (L2; they are small), each loaded one slice ahead so
+//      that the load is never waited for: a thread's two row scales, and the block's weight scale
+//      (one float for all 128 threads of a warpgroup). (A third TMA box per slot for the row
+//      scales, a float32 map without swizzle, stopped the H100 with an illegal instruction;
+//      session 12, kernels/NOTES.md.)
+// The tile order, the ring and the epilogue (03_2's StagedStore) are the skeleton's.
+#define BN 128
+#define PRODUCER_REGS 40
+#define CONSUMER_REGS 232  // 128 x 40 + 256 x 232 <= 65536
+#ifndef STAGES  // 07_3 has larger slots and sets its own
+#define STAGES 5  // 5 x 32 KB + two 16 KB staging buffers
+#endif
+#include "03_2_warp_specialized.cu"
+
+#define FP8_BK 128  // e4m3 values of K per slice: one 128-byte swizzled row, like 64 bf16
+typedef unsigned char fp8_e4m3;  // the bits; the tensor cores read them as e4m3
+
+struct __align__(1024) Fp8Slot {
+    fp8_e4m3 a[BM * FP8_BK];  // 128 rows of Xq, 128-byte swizzled
+    fp8_e4m3 b[BN * FP8_BK];  // BN rows of Wq[e]
+};
+
+// D[64 x 128] (+)= A[64 x 32] * B[128 x 32]^T in e4m3, fp32 accumulator; accumulate = 0 ignores D
+// (scale-d: the first k32 of a slice starts a fresh sum without zeroing 64 registers).
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], u64 desc_a, u64 desc_b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// One slice, a fresh sum: 4 x k32 (+32 bytes along each 128-byte row per step), fenced, committed.
+__device__ __forceinline__ void wgmma_slice_fp8(float (&part)[64], const fp8_e4m3* a, const fp8_e4m3* b) {
+    wgmma_fence();
+    wgmma_fence_operands(part);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_m64n128k32_e4m3(part, wgmma_desc(a + 32 * kk), wgmma_desc(b + 32 * kk), kk);
+    wgmma_commit();
+}
+
+// The factors of a slice's products for a thread's two rows, x_scale[row] * w_scale, each loaded
+// from global memory (L2: the scales are small) one slice ahead, so that no load is waited for.
+// x: the transposed activation scales S[kt, row], ld floats a row (rows past the scales' width
+// are clamped: they are past M and never stored); w: the weight block's scales along K.
+struct SliceScales {
+    const float *x_lo, *x_hi, *w;
+    int ld, num_k;
+    float lo, hi, wk;  // the next slice's
+
+    __device__ SliceScales(const float* x, int ld_, int row, const float* w_, int num_k_)
+        : x_lo(x + min(row, ld_ - 1)), x_hi(x + min(row + 8, ld_ - 1)), w(w_), ld(ld_), num_k(num_k_),
+          lo(__ldg(x_lo)), hi(__ldg(x_hi)), wk(__ldg(w_)) {}
+
+    // slice kt's factors (rows r and r + 8), and slice kt + 1's loads issued
+    __device__ __forceinline__ void take(int kt, float& scale_lo, float& scale_hi) {
+        scale_lo = lo * wk, scale_hi = hi * wk;
+        if (kt + 1 < num_k) {
+            wk = __ldg(w + kt + 1);
+            lo = __ldg(x_lo + (size_t)(kt + 1) * ld);
+            hi = __ldg(x_hi + (size_t)(kt + 1) * ld);
+        }
+    }
+};
+
+// The promotion: acc += part * (x_scale[row] * w_scale), in true fp32 (wgmma's fragment layout:
+// accumulators v with (v & 2) set are the thread's second row, r + 8).
+__device__ __forceinline__ void promote(float (&acc)[64], const float (&part)[64], float scale_lo, float scale_hi) {
+#pragma unroll
+    for (int v = 0; v < 64; ++v) acc[v] = fmaf(part[v], (v & 2) ? scale_hi : scale_lo, acc[v]);
+}
+
+// A tile's main loop for one consumer warpgroup: per slice, a fresh sum of 128 products in
+// `part`, waited for, then promoted into acc. (The wait costs this warpgroup's tensor time while
+// it promotes; the other consumer's multiplies fill that gap. Two accumulators in turn, so that
+// slice k + 1 multiplies while slice k is promoted, need 64 more registers: the compiler then
+// spilled in this loop and the kernel ran 2.5-5x slower, session 13.) s, parity: the ring
+// position of the tile's first slice, whose full barrier the caller has already waited for;
+// left after its last. a_off, b_off: where this warpgroup's operands start in a slot.
+// has_rows false: the slots are freed and nothing is multiplied (an empty half of the tile).
+template <typename SlotT>
+__device__ __forceinline__ void fp8_mainloop(float (&acc)[64], const Ring<SlotT>& ring, int& s, int& parity,
+                                             SliceScales& scales, int num_k, int a_off, int b_off, bool has_rows) {
+    float part[64];
+    for (int kt = 0; kt < num_k; ++kt) {
+        float scale_lo, scale_hi;
+        scales.take(kt, scale_lo, scale_hi);
+        if (kt) mbar_wait(&ring.full[s], parity);
+        if (has_rows) {
+            wgmma_slice_fp8(part, ring.slots[s].a + a_off, ring.slots[s].b + b_off);
+            wgmma_wait<0>();
+            wgmma_fence_operands(part);
+        }
+        mbar_arrive(&ring.empty[s]);  // every read of the slot is done: free it
+        if (has_rows) promote(acc, part, scale_lo, scale_hi);
+        if (++s == STAGES) s = 0, parity ^= 1;
+    }
+}
+
+#if __INCLUDE_LEVEL__ == 0  // the kernel, only where this file is the one compiled (not in 07_3)
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ TmaDesc map_w,
+                 const float* __restrict__ x_scales, int ld_scales, const float* __restrict__ w_scales,
+                 bf16* __restrict__ Y,
+                 const int* __restrict__ offs, const TileInfo* __restrict__ tile_map, int* __restrict__ num_tiles,
+                 int M, int N, int K, int group_m) {
+    const Problem p{offs, tile_map, num_tiles, M, N, K, group_m};
+    const Ring<Fp8Slot> ring = make_ring<Fp8Slot>(1);  // thread 0's expect_tx: the two boxes' bytes
+    const int n_tiles = N / BN, m_tiles = num_tiles[0], total = m_tiles * n_tiles, num_k = K / FP8_BK;
+    constexpr u32 SLICE_BYTES = sizeof(Fp8Slot::a) + sizeof(Fp8Slot::b);
+
+    if (threadIdx.x >= 256) {  // -------------------------------------------- the producer: thread 256
+        setmaxnreg_dec<PRODUCER_REGS>();
+        if (threadIdx.x != 256) return;
+        int s = 0, parity = 0;
+        for (int i = 0;; ++i) {
+            const int t = take_tile<false>(p.num_tiles + 1, ring.taken, i);
+            if (t >= total) {  // the consumers stop at a slot with no rows
+                mbar_wait(&ring.empty[s], parity ^ 1);
+                ring.job[s] = TileJob{-1, 0, 0, 0};
+                mbar_arrive(&ring.full[s]);
+                break;
+            }
+            int m, n, expert, row0, row_end;
+            expert_tile_coords(t, p, m_tiles, n_tiles, m, n);
+            tile_rows(p.tile_map, p.offs, M, m, BM, expert, row0, row_end);
+            for (int kt = 0; kt < num_k; ++kt) {
+                mbar_wait(&ring.empty[s], parity ^ 1);
+                ring.job[s] = TileJob{row0, row_end, n, expert};  // published by the arrive below
+                Fp8Slot& slot = ring.slots[s];
+                mbar_arrive_expect_tx(&ring.full[s], SLICE_BYTES);
+                tma_load_2d(slot.a, map_x, kt * FP8_BK, row0, &ring.full[s]);
+                tma_load_2d(slot.b, map_w, kt * FP8_BK, expert * N + n * BN, &ring.full[s]);
+                if (++s == STAGES) s = 0, parity ^= 1;
+            }
+        }
+    } else {  // ---------------------------------------------------------------- consumers
+        setmaxnreg_inc<CONSUMER_REGS>();
+        const int c = threadIdx.x / 128, t = threadIdx.x % 128;
+        const int r = c * 64 + 16 * (t / 32) + (t % 32) / 4;  // this thread's rows of the tile: r and r + 8
+        int s = 0, parity = 0;
+        for (;;) {
+            mbar_wait(&ring.full[s], parity);  // the tile's first slice, or the end
+            const TileJob job = ring.job[s];
+            if (job.row0 < 0) break;
+            const int r0 = job.row0 + c * 64;
+            const bool has_rows = r0 < job.row_end;  // as in the skeleton: an empty half skips
+            // BN = 128 = the weights' scale block: one weight scale per slice of this tile
+            const float* w_scale = w_scales + ((size_t)job.expert * n_tiles + job.n) * num_k;
+            float acc[BN / 2];
+#pragma unroll
+            for (int v = 0; v < BN / 2; ++v) acc[v] = 0.0f;
+            SliceScales scales(x_scales, ld_scales, job.row0 + r, w_scale, num_k);
+            fp8_mainloop(acc, ring, s, parity, scales, num_k, c * 64 * FP8_BK, 0, has_rows);
+            if (has_rows) StagedStore{Y}.store(acc, ring.staging[c], c, p, r0, job.row_end, job.n);
+        }
+    }
+}
+#endif

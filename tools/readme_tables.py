@@ -338,12 +338,10 @@ def ch07(rec: Records) -> str:
         if "error" in row:
             rows.append([shape_label(row["shape"]), row["proj"], row["error"], "", "", "", ""])
             continue
-        tf = lambda name: row.get(name, {}).get("tflops")
         v = fp8.gemm_verdict(row, dense)
-        ours = fp8.charged_contender(row)
-        rows.append([shape_label(row["shape"]), row["proj"],
-                     " / ".join(f"{tf(n):.0f}" if tf(n) else "-"
-                                for n in (ours, "07_3", "torch._scaled_grouped_mm", "03_2 bf16", "torch._grouped_mm")),
+        names = (fp8.charged_contender(row), "07_3", "torch._scaled_grouped_mm", "03_2 bf16", "torch._grouped_mm")
+        rates = [row.get(name, {}).get("tflops") for name in names]
+        rows.append([shape_label(row["shape"]), row["proj"], " / ".join(f"{r:.0f}" if r else "-" for r in rates),
                      f"{v['of_dense_fp8']:.0%}", x(v["over_bf16"]),
                      x(v["over_torch_fp8"]) if v["over_torch_fp8"] else "-", "met" if v["met"] else "not met"])
     layers = [[shape_label(layer["shape"]), f"{layer['bf16']['ms']:.2f}", f"{layer['FP8']['ms']:.2f}",

@@ -676,3 +676,20 @@ def gemm_table(data: dict) -> str:
         out.append(f"{layer['shape']:<16}layer forward, T={layer['T']}: bf16 {layer['bf16']['ms']:.3f} ms, FP8 "
                    f"{layer['FP8']['ms']:.3f} ms (x{ratio:.2f}); FP8 output {layer['fp8_vs_bf16']:.1e} from bf16's")
     return "\n".join(out)
+
+
+def quantisation_share(data: dict) -> str:
+    """Where an FP8 layer's time goes, from a "fp8_grouped_gemm" record: per shape, the
+    up-projection's quantisation of X (07_1) against its FP8 GEMM (07_2) and the bf16 GEMM it
+    replaces (03_2), and the whole layer's forward in FP8 over bf16."""
+    layers = {layer["shape"]: layer for layer in data.get("layers", [])}
+    out = [f"{'shape':<16}{'07_1 ms':>9}{'07_2 ms':>9}{'03_2 bf16 ms':>14}{'07_1 share':>12}{'layer FP8 over bf16':>21}"]
+    for row in data["rows"]:
+        if row.get("proj") != "up" or "error" in row:
+            continue
+        quantise, gemm, bf16 = (row[name]["ms"] for name in ("07_1", "07_2", "03_2 bf16"))
+        layer = layers.get(row["shape"])
+        ratio = f"{layer['bf16']['ms'] / layer['FP8']['ms']:>20.2f}x" if layer else f"{'-':>21}"
+        out.append(f"{row['shape']:<16}{quantise:>9.3f}{gemm:>9.3f}{bf16:>14.3f}{quantise / (quantise + gemm):>12.0%}{ratio}")
+    return "\n".join(out)
+

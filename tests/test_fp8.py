@@ -356,3 +356,14 @@ def test_quantize_experts_equals_quantising_the_stack_at_once():
         q, scales = fp8.quantize_experts(quantize, w)
         q_all, scales_all = quantize(w)
         assert torch.equal(q.view(torch.uint8), q_all.view(torch.uint8)) and torch.equal(scales, scales_all)
+
+
+def test_quantisation_share_reads_the_up_projections_and_the_layers_of_a_record():
+    ms = lambda v: {"ms": v}
+    data = {"rows": [{"shape": "a", "proj": "up", "07_1": ms(1.0), "07_2": ms(3.0), "03_2 bf16": ms(4.0)},
+                     {"shape": "a", "proj": "down", "07_1": ms(9.0), "07_2": ms(9.0), "03_2 bf16": ms(9.0)},
+                     {"shape": "b", "proj": "up", "error": "07_2 is wrong"}],
+            "layers": [{"shape": "a", "bf16": ms(5.0), "FP8": ms(4.0)}]}
+    lines = fp8.quantisation_share(data).splitlines()
+    assert len(lines) == 2  # the header and shape a's up-projection: no down row, no failed row
+    assert lines[1].split() == ["a", "1.000", "3.000", "4.000", "25%", "1.25x"]

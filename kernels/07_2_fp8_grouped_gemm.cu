@@ -106,6 +106,40 @@ __device__ __forceinline__ void promote(float (&acc)[64], const float (&part)[64
     for (int v = 0; v < 64; ++v) acc[v] = fmaf(part[v], (v & 2) ? scale_hi : scale_lo, acc[v]);
 }
 
+// The producer of 07_2 and 07_3 (thread 256; the rest of its warpgroup returns at once): the
+// tiles in order (take_tile), and for each slice of K, block_m rows of Xq and block_n rows of
+// Wq[e] by TMA into the next free slot; at the end, a job with no rows that stops the consumers.
+template <typename SlotT>
+__device__ __forceinline__ void fp8_producer(const Ring<SlotT>& ring, const Problem& p, const TmaDesc& map_x,
+                                             const TmaDesc& map_w, int m_tiles, int n_tiles, int num_k,
+                                             int block_m, int block_n) {
+    setmaxnreg_dec<PRODUCER_REGS>();
+    if (threadIdx.x != 256) return;
+    const int total = m_tiles * n_tiles;
+    int s = 0, parity = 0;
+    for (int i = 0;; ++i) {
+        const int t = take_tile<false>(p.num_tiles + 1, ring.taken, i);
+        if (t >= total) {  // the consumers stop at a slot with no rows
+            mbar_wait(&ring.empty[s], parity ^ 1);
+            ring.job[s] = TileJob{-1, 0, 0, 0};
+            mbar_arrive(&ring.full[s]);
+            return;
+        }
+        int m, n, expert, row0, row_end;
+        expert_tile_coords(t, p, m_tiles, n_tiles, m, n, block_m);
+        tile_rows(p.tile_map, p.offs, p.M, m, block_m, expert, row0, row_end);
+        for (int kt = 0; kt < num_k; ++kt) {
+            mbar_wait(&ring.empty[s], parity ^ 1);
+            ring.job[s] = TileJob{row0, row_end, n, expert};  // published by the arrive below
+            SlotT& slot = ring.slots[s];
+            mbar_arrive_expect_tx(&ring.full[s], sizeof(SlotT));
+            tma_load_2d(slot.a, map_x, kt * FP8_BK, row0, &ring.full[s]);
+            tma_load_2d(slot.b, map_w, kt * FP8_BK, expert * p.N + n * block_n, &ring.full[s]);
+            if (++s == STAGES) s = 0, parity ^= 1;
+        }
+    }
+}
+
 // A tile's main loop for one consumer warpgroup: per slice, a fresh sum of 128 products in
 // `part`, waited for, then promoted into acc. (The wait costs this warpgroup's tensor time while
 // it promotes; the other consumer's multiplies fill that gap. Two accumulators in turn, so that
@@ -142,34 +176,10 @@ fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ 
                  int M, int N, int K, int group_m) {
     const Problem p{offs, tile_map, num_tiles, M, N, K, group_m};
     const Ring<Fp8Slot> ring = make_ring<Fp8Slot>(1);  // thread 0's expect_tx: the two boxes' bytes
-    const int n_tiles = N / BN, m_tiles = num_tiles[0], total = m_tiles * n_tiles, num_k = K / FP8_BK;
-    constexpr u32 SLICE_BYTES = sizeof(Fp8Slot::a) + sizeof(Fp8Slot::b);
+    const int n_tiles = N / BN, m_tiles = num_tiles[0], num_k = K / FP8_BK;
 
     if (threadIdx.x >= 256) {  // -------------------------------------------- the producer: thread 256
-        setmaxnreg_dec<PRODUCER_REGS>();
-        if (threadIdx.x != 256) return;
-        int s = 0, parity = 0;
-        for (int i = 0;; ++i) {
-            const int t = take_tile<false>(p.num_tiles + 1, ring.taken, i);
-            if (t >= total) {  // the consumers stop at a slot with no rows
-                mbar_wait(&ring.empty[s], parity ^ 1);
-                ring.job[s] = TileJob{-1, 0, 0, 0};
-                mbar_arrive(&ring.full[s]);
-                break;
-            }
-            int m, n, expert, row0, row_end;
-            expert_tile_coords(t, p, m_tiles, n_tiles, m, n);
-            tile_rows(p.tile_map, p.offs, M, m, BM, expert, row0, row_end);
-            for (int kt = 0; kt < num_k; ++kt) {
-                mbar_wait(&ring.empty[s], parity ^ 1);
-                ring.job[s] = TileJob{row0, row_end, n, expert};  // published by the arrive below
-                Fp8Slot& slot = ring.slots[s];
-                mbar_arrive_expect_tx(&ring.full[s], SLICE_BYTES);
-                tma_load_2d(slot.a, map_x, kt * FP8_BK, row0, &ring.full[s]);
-                tma_load_2d(slot.b, map_w, kt * FP8_BK, expert * N + n * BN, &ring.full[s]);
-                if (++s == STAGES) s = 0, parity ^= 1;
-            }
-        }
+        fp8_producer(ring, p, map_x, map_w, m_tiles, n_tiles, num_k, BM, BN);
     } else {  // ---------------------------------------------------------------- consumers
         setmaxnreg_inc<CONSUMER_REGS>();
         const int c = threadIdx.x / 128, t = threadIdx.x % 128;

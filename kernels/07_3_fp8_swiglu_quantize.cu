@@ -60,33 +60,10 @@ fp8_swiglu_quantize(const __grid_constant__ TmaDesc map_x, const __grid_constant
                     int M, int N, int K, int group_m) {
     const Problem p{offs, tile_map, num_tiles, M, N, K, group_m};
     const Ring<Fp8SwigluSlot> ring = make_ring<Fp8SwigluSlot>(1);
-    const int n_tiles = N / BN_SWIGLU, m_tiles = num_tiles[0], total = m_tiles * n_tiles, num_k = K / FP8_BK;
+    const int n_tiles = N / BN_SWIGLU, m_tiles = num_tiles[0], num_k = K / FP8_BK;
 
-    if (threadIdx.x >= 256) {  // -------------------------------------------- the producer: thread 256
-        setmaxnreg_dec<PRODUCER_REGS>();
-        if (threadIdx.x != 256) return;
-        int s = 0, parity = 0;
-        for (int i = 0;; ++i) {
-            const int t = take_tile<false>(p.num_tiles + 1, ring.taken, i);
-            if (t >= total) {
-                mbar_wait(&ring.empty[s], parity ^ 1);
-                ring.job[s] = TileJob{-1, 0, 0, 0};
-                mbar_arrive(&ring.full[s]);
-                break;
-            }
-            int m, n, expert, row0, row_end;
-            expert_tile_coords(t, p, m_tiles, n_tiles, m, n, BM_SWIGLU);
-            tile_rows(p.tile_map, p.offs, M, m, BM_SWIGLU, expert, row0, row_end);
-            for (int kt = 0; kt < num_k; ++kt) {
-                mbar_wait(&ring.empty[s], parity ^ 1);
-                ring.job[s] = TileJob{row0, row_end, n, expert};
-                Fp8SwigluSlot& slot = ring.slots[s];
-                mbar_arrive_expect_tx(&ring.full[s], sizeof(Fp8SwigluSlot));
-                tma_load_2d(slot.a, map_x, kt * FP8_BK, row0, &ring.full[s]);
-                tma_load_2d(slot.b, map_w, kt * FP8_BK, expert * N + n * BN_SWIGLU, &ring.full[s]);
-                if (++s == STAGES) s = 0, parity ^= 1;
-            }
-        }
+    if (threadIdx.x >= 256) {  // ----------------------------------------------------- the producer: 07_2's
+        fp8_producer(ring, p, map_x, map_w, m_tiles, n_tiles, num_k, BM_SWIGLU, BN_SWIGLU);
     } else {  // ---------------------------------------------------------------- consumers
         setmaxnreg_inc<CONSUMER_REGS>();
         const int c = threadIdx.x / 128, t = threadIdx.x % 128, quad_lane = t % 4;

@@ -28,8 +28,10 @@
 //      session 12, kernels/NOTES.md.)
 // The tile order, the ring and the epilogue (03_2's StagedStore) are the skeleton's.
 #define BN 128
+#ifndef PRODUCER_REGS  // 07_4's producer copies rows itself and keeps more
 #define PRODUCER_REGS 40
 #define CONSUMER_REGS 232  // 128 x 40 + 256 x 232 <= 65536
+#endif
 #ifndef STAGES  // 07_3 has larger slots and sets its own
 #define STAGES 5  // 5 x 32 KB + two 16 KB staging buffers
 #endif
@@ -77,15 +79,17 @@ __device__ __forceinline__ void wgmma_slice_fp8(float (&part)[64], const fp8_e4m
 
 // The factors of a slice's products for a thread's two rows, x_scale[row] * w_scale, each loaded
 // from global memory (L2: the scales are small) one slice ahead, so that no load is waited for.
-// x: the transposed activation scales S[kt, row], ld floats a row (rows past the scales' width
-// are clamped: they are past M and never stored); w: the weight block's scales along K.
+// x: the transposed activation scales S[kt, row], ld floats a row; row_lo, row_hi: the scales'
+// rows of the thread's two rows (r and r + 8 of the tile, or their tokens where rows are
+// gathered; past the scales' width: clamped, such rows are never stored); w: the weight block's
+// scales along K.
 struct SliceScales {
     const float *x_lo, *x_hi, *w;
     int ld, num_k;
     float lo, hi, wk;  // the next slice's
 
-    __device__ SliceScales(const float* x, int ld_, int row, const float* w_, int num_k_)
-        : x_lo(x + min(row, ld_ - 1)), x_hi(x + min(row + 8, ld_ - 1)), w(w_), ld(ld_), num_k(num_k_),
+    __device__ SliceScales(const float* x, int ld_, int row_lo, int row_hi, const float* w_, int num_k_)
+        : x_lo(x + min(row_lo, ld_ - 1)), x_hi(x + min(row_hi, ld_ - 1)), w(w_), ld(ld_), num_k(num_k_),
           lo(__ldg(x_lo)), hi(__ldg(x_hi)), wk(__ldg(w_)) {}
 
     // slice kt's factors (rows r and r + 8), and slice kt + 1's loads issued
@@ -148,7 +152,9 @@ __device__ __forceinline__ void fp8_producer(const Ring<SlotT>& ring, const Prob
 // position of the tile's first slice, whose full barrier the caller has already waited for;
 // left after its last. a_off, b_off: where this warpgroup's operands start in a slot.
 // has_rows false: the slots are freed and nothing is multiplied (an empty half of the tile).
-template <typename SlotT>
+// GATHERED: the slot's X rows were copied by ordinary (cp.async) stores, which the tensor cores'
+// async proxy must be fenced against before reading (03_3).
+template <bool GATHERED = false, typename SlotT>
 __device__ __forceinline__ void fp8_mainloop(float (&acc)[64], const Ring<SlotT>& ring, int& s, int& parity,
                                              SliceScales& scales, int num_k, int a_off, int b_off, bool has_rows) {
     float part[64];
@@ -157,6 +163,7 @@ __device__ __forceinline__ void fp8_mainloop(float (&acc)[64], const Ring<SlotT>
         scales.take(kt, scale_lo, scale_hi);
         if (kt) mbar_wait(&ring.full[s], parity);
         if (has_rows) {
+            if (GATHERED) fence_proxy_async();
             wgmma_slice_fp8(part, ring.slots[s].a + a_off, ring.slots[s].b + b_off);
             wgmma_wait<0>();
             wgmma_fence_operands(part);
@@ -196,7 +203,7 @@ fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ 
             float acc[BN / 2];
 #pragma unroll
             for (int v = 0; v < BN / 2; ++v) acc[v] = 0.0f;
-            SliceScales scales(x_scales, ld_scales, job.row0 + r, w_scale, num_k);
+            SliceScales scales(x_scales, ld_scales, job.row0 + r, job.row0 + r + 8, w_scale, num_k);
             fp8_mainloop(acc, ring, s, parity, scales, num_k, c * 64 * FP8_BK, 0, has_rows);
             if (has_rows) StagedStore{Y}.store(acc, ring.staging[c], c, p, r0, job.row_end, job.n);
         }

@@ -291,12 +291,13 @@ def prepare_fp8(kw: KernelWeights) -> Fp8Weights:
 
 def forward_fp8(x: torch.Tensor, fw: Fp8Weights, k: int) -> torch.Tensor:
     """:func:`forward` with the experts in FP8 (chapter 07), inference only: the routing as
-    there; the token rows gathered and quantised (07_1); the up-projection with SwiGLU, its
-    output quantised in the epilogue (07_3); the down-projection (07_2); the weighted combine
-    (06_4). Four launches, no host synchronisation."""
+    there; the token rows quantised once (07_1); the up-projection on them, gathered in its load,
+    with SwiGLU and its output quantised in the epilogue (07_4); the down-projection (07_2); the
+    weighted combine (06_4). Four launches, no host synchronisation."""
     r = route(x, fw.w_router, k)
-    a_q, a_scales = launch.fp8_swiglu_quantize(*launch.quantize_1x128(x, r.gather_idx, validate=False), fw.gate_up,
-                                               fw.gate_up_scales, r.offs, validate=False)
+    x_q, x_scales = launch.quantize_1x128(x, validate=False)  # the T token rows, once
+    a_q, a_scales = launch.fp8_gather_swiglu_quantize(x_q, x_scales, r.gather_idx, fw.gate_up, fw.gate_up_scales,
+                                                      r.offs, validate=False)
     y = launch.fp8_grouped_gemm(a_q, a_scales, fw.down, fw.down_scales, r.offs, validate=False)
     return KERNEL_OPS.combine(y, r.pos, r.weights)
 

@@ -15,6 +15,11 @@ On the four shapes of chapter 02 (uniform top-K routing, rows sorted by expert),
 - ``torch._scaled_grouped_mm``: torch's FP8 grouped GEMM, row-wise scales (the finest it takes),
   on inputs already quantised (its quantisation is not charged to it).
 
+Not a contender: DeepGEMM's m-grouped FP8 GEMM. ``deep-gemm`` on PyPI (1.0.0, the only
+release) is a 19 KB source archive without the CUDA headers its JIT compiles (deep_gemm/include
+and CUTLASS's cute are not in it), so it cannot run; DeepGEMM from its repository compiles each
+kernel with nvcc at run time (kernels/NOTES.md, session 13).
+
 Every FP8 result is checked first against the float32 product of the dequantised operands (and
 its distance from the bf16 product reported: the quantisation error); a wrong one is reported,
 never timed. Dense rates measured in the same run (8192^3: ``torch._scaled_mm`` e4m3 row-wise,

@@ -93,13 +93,13 @@ def measure_layer(cfg, tokens: int, roof) -> dict:
     # Chapter 06's router computes its logits in bf16, the decode layers' in float32: a token whose
     # k-th and (k+1)-th experts nearly tie may go elsewhere (7B at 256 tokens: 7% apart over all
     # tokens, H100). So 06's layer is checked on the tokens both routings send to the same experts.
-    alike = (layer.route(x, kw.w_router, cfg.K).experts.sort(dim=1).values
-             == decode.route(x, wd.w_router, cfg.K)[1].sort(dim=1).values).all(dim=1)
+    experts = decode.route(x, wd.w_router, cfg.K)[1]  # the decode layers' routing (both route alike)
+    alike = (layer.route(x, kw.w_router, cfg.K).experts.sort(dim=1).values == experts.sort(dim=1).values).all(dim=1)
     err_06 = relative_error(training_y[alike].float(), theirs_y[alike].float())
     if not (err < 2e-2 and err_06 < 2e-2 and alike.float().mean() > 0.5):
         raise SystemExit(f"the decode layers disagree on {cfg.name} at T={tokens}: relative error {err:.3g} "
                          f"(09_1), {err_06:.3g} (06, on the {int(alike.sum())} tokens routed alike)")
-    active = int(decode.active_experts(decode.route(x, wd.w_router, cfg.K)[1], cfg.E))
+    active = int(decode.active_experts(experts, cfg.E))
     step = decode.decode_step(cfg, tokens, "layer", active=active)
     m = interleaved({"09_1 layer, graph": ours_graph.replay, "06 layer, graph": training_graph.replay,
                      "grouped_mm layer, graph": theirs_graph.replay,

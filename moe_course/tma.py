@@ -65,7 +65,7 @@ def tensor_map_fp8(tensor, box_rows: int):
 
 
 FP8_BOX_COLS = 128  # 128 e4m3 values = 128 bytes: one row of the 128-byte swizzle pattern
-_ELEMENTS = {torch.bfloat16: ("bf16", 2), torch.float8_e4m3fn: ("FP8 e4m3", 1), torch.float32: ("float32", 4)}
+_ELEMENTS = {torch.bfloat16: ("bf16", 2), torch.float8_e4m3fn: ("FP8 e4m3", 1)}
 
 
 def _check_tensor(tensor, dtype=torch.bfloat16) -> None:
@@ -85,11 +85,10 @@ def _check_tensor(tensor, dtype=torch.bfloat16) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _encode(address: int, sizes: tuple, byte_strides: tuple, box: tuple, dtype: str = "bfloat16",
-            swizzle: bool = True):
-    """A tensor map of elements ``dtype`` (bfloat16, uint8 for FP8, float32): ``sizes`` and
-    ``box`` innermost first, ``byte_strides`` of every dimension but the innermost, 128-byte
-    swizzle (or none), zeros outside the tensor. The map holds only these numbers, so maps are
+def _encode(address: int, sizes: tuple, byte_strides: tuple, box: tuple, dtype: str = "bfloat16"):
+    """A tensor map of elements ``dtype`` (bfloat16, or uint8 for FP8): ``sizes`` and ``box``
+    innermost first, ``byte_strides`` of every dimension but the innermost, 128-byte swizzle,
+    zeros outside the tensor. The map holds only these numbers, so maps are
     cached by them: re-encoding costs ~10 us a call."""
     from cuda.bindings import driver as cu
 
@@ -106,7 +105,7 @@ def _encode(address: int, sizes: tuple, byte_strides: tuple, box: tuple, dtype: 
         [cu.cuuint32_t(n) for n in box],
         [cu.cuuint32_t(1)] * len(sizes),
         cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
-        cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B if swizzle else cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE,
+        cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
         cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
         cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
     )

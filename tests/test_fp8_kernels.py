@@ -290,15 +290,16 @@ def test_quantize_refuses_bad_inputs_with_a_clear_message(x, gather_idx, error, 
 # --- the layer's forward with FP8 experts ---------------------------------------------------------
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gather", [False, True], ids=["07_3", "07_4"])
 @pytest.mark.parametrize("T", [1, 77, 600])
-def test_the_fp8_layer_forward_matches_its_maths_on_the_same_fp8_weights(T):
+def test_the_fp8_layer_forward_matches_its_maths_on_the_same_fp8_weights(T, gather):
     from moe_course import layer, moe, variants
 
     g = torch.Generator(device="cuda").manual_seed(T)
     w = moe.random_weights(256, 256, 8, dtype=torch.bfloat16, device="cuda", generator=g)
     x = torch.randn(T, 256, device="cuda", generator=g).bfloat16()
     fw = layer.prepare_fp8(layer.prepare(w))
-    got = layer.forward_fp8(x, fw, 2)
+    got = layer.forward_fp8(x, fw, 2, gather=gather)
 
     def fp8_experts(x_sorted, offsets, *_):  # the kernels' maths in float32, on fw's quantised weights
         ends = offsets[1:]

@@ -345,16 +345,17 @@ def ch07(rec: Records) -> str:
                      f"{v['of_dense_fp8']:.0%}", x(v["over_bf16"]),
                      x(v["over_torch_fp8"]) if v["over_torch_fp8"] else "-", "met" if v["met"] else "not met"])
     layers = [[shape_label(layer["shape"]), f"{layer['bf16']['ms']:.2f}", f"{layer['FP8']['ms']:.2f}",
-               x(layer["bf16"]["ms"] / layer["FP8"]["ms"]), f"{layer['fp8_vs_bf16']:.1e}"]
+               layer.get("fp8_up", "07_3"), x(layer["bf16"]["ms"] / layer["FP8"]["ms"]), f"{layer['fp8_vs_bf16']:.1e}"]
               for layer in r.data.get("layers", [])]
     return (table(["shape (T, d, n, E, K)", "proj", "TFLOP/s: course FP8 / 07_3 / torch FP8 / 03_2 bf16 / torch bf16",
                    "of dense FP8", "over 03_2 bf16", "over torch FP8", "issue 21's minimum"], rows)
-            + f"\nCourse FP8: the up-projection with its quantisation of X (`07_1+07_2`), the down-projection "
+            + f"\nCourse FP8: the up-projection with its quantisation of X, the faster of `07_1+07_2` (the gathered "
+              f"rows quantised) and `07_1+07_4` (the tokens quantised once, gathered in 07_4's load); the down-projection "
               f"`07_2` alone (07_3 writes its input in e4m3); `07_3` is the up-projection with SwiGLU and the "
               f"activation's quantisation in its epilogue. torch's FP8 (`torch._scaled_grouped_mm`, row-wise "
               f"scales) is given inputs already quantised. Dense 8192³ in the same run: FP8 e4m3 "
               f"(`torch._scaled_mm`, row-wise) {dense['fp8']:.0f} TFLOP/s, bf16 {dense['bf16']:.0f}.\n\n"
-            + (table(["shape (T, d, n, E, K)", "layer forward, bf16 ms", "FP8 ms", "FP8 over bf16",
+            + (table(["shape (T, d, n, E, K)", "layer forward, bf16 ms", "FP8 ms", "FP8 up-projection", "FP8 over bf16",
                       "FP8 output from bf16's"], layers) + "\n" if layers else "")
             + f"On {_measured_on(r)}.\n"
             + source("fp8_grouped_gemm (H100)"))

@@ -390,7 +390,7 @@ def _decode_layer(rec: Records) -> str:
             + " (`06`: chapter 06's kernels; `grouped_mm`: the sync-free `torch._grouped_mm` layer); the last "
             "column is issue 20's ratio at 64 tokens, the course's faster layer over the grouped_mm graph (its "
             "minimum: 1.3x):\n\n"
-            + table(["shape (T, d, n, E, K)"] + [f"{t} token{'s' * (t > 1)}" for t in tokens] + ["09_1 over grouped_mm, 64"],
+            + table(["shape (T, d, n, E, K)"] + [f"{t} token{'s' * (t > 1)}" for t in tokens] + ["course over grouped_mm, 64"],
                     rows)
             + f"\nOn {_measured_on(r)}.\n")
 

@@ -321,7 +321,7 @@ def ch06(rec: Records) -> str:
             + source("moe_layer_training", "moe_variants", "layer_kernels", "memory_analysis"))
 
 
-#: The records of chapters 09 and 10, so far measured on an H100 only (an H200 run replaces them).
+#: The records of chapter 10, so far measured on an H100 only (an H200 run replaces them).
 H100 = "nvidia-h100-80gb-hbm3"
 
 
@@ -331,7 +331,7 @@ def _measured_on(rec: Record) -> str:
 
 
 def ch07(rec: Records) -> str:
-    r = rec("fp8_grouped_gemm", H100)
+    r = rec("fp8_grouped_gemm")
     dense = r.data["dense_tflops"]
     rows = []
     for row in r.data["rows"]:
@@ -358,11 +358,11 @@ def ch07(rec: Records) -> str:
             + (table(["shape (T, d, n, E, K)", "layer forward, bf16 ms", "FP8 ms", "FP8 up-projection", "FP8 over bf16",
                       "FP8 output from bf16's"], layers) + "\n" if layers else "")
             + f"On {_measured_on(r)}.\n"
-            + source("fp8_grouped_gemm (H100)"))
+            + source("fp8_grouped_gemm"))
 
 
 def ch09(rec: Records) -> str:
-    r = rec("decode_gemm", H100)
+    r = rec("decode_gemm")
     cells: dict[str, dict[tuple[str, int], dict]] = {}
     for row in r.data["rows"]:
         cells.setdefault(row["shape"], {})[row["proj"], row["tokens"]] = row
@@ -375,11 +375,11 @@ def ch09(rec: Records) -> str:
               f"({r.data['copy_tbps']:.2f} TB/s) over the bytes a step must move (the tokens, each active expert's "
               f"weights once, the outputs); the two interleaved, each checked first. On {_measured_on(r)}.\n"
             + _decode_layer(rec)
-            + source("decode_gemm (H100)", "decode_layer (H100)"))
+            + source("decode_gemm", "decode_layer"))
 
 
 def _decode_layer(rec: Records) -> str:
-    r = rec("decode_layer", H100)
+    r = rec("decode_layer")
     by = {(row["shape"], row["tokens"]): row for row in r.data["rows"]}
     names = [n for n in decode.LAYER_CONTENDERS if all(n in row for row in r.data["rows"])]
     tokens = sorted({t for _, t in by})

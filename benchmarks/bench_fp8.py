@@ -9,6 +9,8 @@ On the four shapes of chapter 02 (uniform top-K routing, rows sorted by expert),
 - ``07_2``: the GEMM alone, on X already quantised; ``07_1``: the quantisation alone;
 - ``07_3`` (up-projections): the same GEMM with SwiGLU and the activation's quantisation in its
   epilogue, what the FP8 layer runs in place of 07_2 + SwiGLU + 07_1 (same FLOPs counted);
+- ``07_1+07_4`` (up-projections): the layer's T tokens quantised once, then 07_3 with those rows
+  gathered in its load (T k rows, as the others'): what the FP8 layer runs;
 - ``03_2 bf16``: the course's bf16 kernel (chapter 03), and ``torch._grouped_mm`` (bf16, CUTLASS);
 - ``torch._scaled_grouped_mm``: torch's FP8 grouped GEMM, row-wise scales (the finest it takes),
   on inputs already quantised (its quantisation is not charged to it).
@@ -100,6 +102,9 @@ def measure_one(cfg, proj: str, dense: dict) -> dict:
     if not row["rel_err"] < 1e-2:
         row["error"] = f"07_2 is wrong: relative error {row['rel_err']:.3g} against the dequantised product"
         return row
+    if proj == "up":  # the layer's T tokens, whose rows 07_4 gathers (T k rows, as x's)
+        tokens = torch.randn(cfg.T, d_in, device="cuda").bfloat16()
+        gather_idx = torch.randint(0, cfg.T, (M,), device="cuda", dtype=torch.int32)
     if proj == "up":  # 07_3's activation, dequantised, against SwiGLU of 07_2's sums (in float32)
         a_q, a_scales = launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs)
         a = a_q.float() * a_scales[:, :M].T.repeat_interleave(128, dim=1)
@@ -118,7 +123,9 @@ def measure_one(cfg, proj: str, dense: dict) -> dict:
                                                           offs, validate=False),
            "07_2": lambda: launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, validate=False),
            "07_1": lambda: launch.quantize_1x128(x, validate=False),
-           **({"07_3": lambda: launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs, validate=False)}
+           **({"07_3": lambda: launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs, validate=False),
+               "07_1+07_4": lambda: launch.fp8_gather_swiglu_quantize(*launch.quantize_1x128(tokens, validate=False),
+                                                                      gather_idx, w_q, w_scales, offs, validate=False)}
               if proj == "up" else {}),
            "03_2 bf16": lambda: launch.grouped_gemm(x, w, offs, validate=False),
            "torch._grouped_mm": lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offs)}
@@ -158,13 +165,17 @@ def measure_layer(cfg) -> dict:
     fw = layer.prepare_fp8(kw)
     x = torch.randn(cfg.T, cfg.d, device="cuda", generator=g).bfloat16()
     bf16 = layer.forward(x, kw, cfg.K)
-    row = {"shape": cfg.name, "T": cfg.T, "fp8_vs_bf16": relative_error(layer.forward_fp8(x, fw, cfg.K).float(),
-                                                                         bf16.float())}
+    paths = {"FP8 via 07_3": False, "FP8 via 07_4": True}  # the up-projection's two ways (layer.forward_fp8)
+    row = {"shape": cfg.name, "T": cfg.T, "fp8_up": "07_4" if layer.gathers_in_kernel(fw) else "07_3"}
+    row["fp8_vs_bf16"] = max(relative_error(layer.forward_fp8(x, fw, cfg.K, gather=g).float(), bf16.float())
+                             for g in paths.values())
     flops = 2.0 * cfg.T * cfg.K * 3 * cfg.d * cfg.n
-    m = interleaved({"bf16": lambda: layer.forward(x, kw, cfg.K), "FP8": lambda: layer.forward_fp8(x, fw, cfg.K)},
+    m = interleaved({"bf16": lambda: layer.forward(x, kw, cfg.K),
+                     **{name: (lambda g=g: layer.forward_fp8(x, fw, cfg.K, gather=g)) for name, g in paths.items()}},
                     rounds=5, reps=10, flops=flops)
     for name, r in m.items():
         row[name] = {**r.timing(), "tflops": r.tflops}
+    row["FP8"] = row[f"FP8 via {row['fp8_up']}"]  # what layer.forward_fp8 chooses
     return row
 
 

@@ -28,8 +28,10 @@
 //      session 12, kernels/NOTES.md.)
 // The tile order, the ring and the epilogue (03_2's StagedStore) are the skeleton's.
 #define BN 128
+#ifndef PRODUCER_REGS  // 07_4's producer copies rows itself and keeps more
 #define PRODUCER_REGS 40
 #define CONSUMER_REGS 232  // 128 x 40 + 256 x 232 <= 65536
+#endif
 #ifndef STAGES  // 07_3 has larger slots and sets its own
 #define STAGES 5  // 5 x 32 KB + two 16 KB staging buffers
 #endif
@@ -77,15 +79,17 @@ __device__ __forceinline__ void wgmma_slice_fp8(float (&part)[64], const fp8_e4m
 
 // The factors of a slice's products for a thread's two rows, x_scale[row] * w_scale, each loaded
 // from global memory (L2: the scales are small) one slice ahead, so that no load is waited for.
-// x: the transposed activation scales S[kt, row], ld floats a row (rows past the scales' width
-// are clamped: they are past M and never stored); w: the weight block's scales along K.
+// x: the transposed activation scales S[kt, row], ld floats a row; row_lo, row_hi: the scales'
+// rows of the thread's two rows (r and r + 8 of the tile, or their tokens where rows are
+// gathered; past the scales' width: clamped, such rows are never stored); w: the weight block's
+// scales along K.
 struct SliceScales {
     const float *x_lo, *x_hi, *w;
     int ld, num_k;
     float lo, hi, wk;  // the next slice's
 
-    __device__ SliceScales(const float* x, int ld_, int row, const float* w_, int num_k_)
-        : x_lo(x + min(row, ld_ - 1)), x_hi(x + min(row + 8, ld_ - 1)), w(w_), ld(ld_), num_k(num_k_),
+    __device__ SliceScales(const float* x, int ld_, int row_lo, int row_hi, const float* w_, int num_k_)
+        : x_lo(x + min(row_lo, ld_ - 1)), x_hi(x + min(row_hi, ld_ - 1)), w(w_), ld(ld_), num_k(num_k_),
           lo(__ldg(x_lo)), hi(__ldg(x_hi)), wk(__ldg(w_)) {}
 
     // slice kt's factors (rows r and r + 8), and slice kt + 1's loads issued
@@ -106,6 +110,40 @@ __device__ __forceinline__ void promote(float (&acc)[64], const float (&part)[64
     for (int v = 0; v < 64; ++v) acc[v] = fmaf(part[v], (v & 2) ? scale_hi : scale_lo, acc[v]);
 }
 
+// The producer of 07_2 and 07_3 (thread 256; the rest of its warpgroup returns at once): the
+// tiles in order (take_tile), and for each slice of K, block_m rows of Xq and block_n rows of
+// Wq[e] by TMA into the next free slot; at the end, a job with no rows that stops the consumers.
+template <typename SlotT>
+__device__ __forceinline__ void fp8_producer(const Ring<SlotT>& ring, const Problem& p, const TmaDesc& map_x,
+                                             const TmaDesc& map_w, int m_tiles, int n_tiles, int num_k,
+                                             int block_m, int block_n) {
+    setmaxnreg_dec<PRODUCER_REGS>();
+    if (threadIdx.x != 256) return;
+    const int total = m_tiles * n_tiles;
+    int s = 0, parity = 0;
+    for (int i = 0;; ++i) {
+        const int t = take_tile<false>(p.num_tiles + 1, ring.taken, i);
+        if (t >= total) {  // the consumers stop at a slot with no rows
+            mbar_wait(&ring.empty[s], parity ^ 1);
+            ring.job[s] = TileJob{-1, 0, 0, 0};
+            mbar_arrive(&ring.full[s]);
+            return;
+        }
+        int m, n, expert, row0, row_end;
+        expert_tile_coords(t, p, m_tiles, n_tiles, m, n, block_m);
+        tile_rows(p.tile_map, p.offs, p.M, m, block_m, expert, row0, row_end);
+        for (int kt = 0; kt < num_k; ++kt) {
+            mbar_wait(&ring.empty[s], parity ^ 1);
+            ring.job[s] = TileJob{row0, row_end, n, expert};  // published by the arrive below
+            SlotT& slot = ring.slots[s];
+            mbar_arrive_expect_tx(&ring.full[s], sizeof(SlotT));
+            tma_load_2d(slot.a, map_x, kt * FP8_BK, row0, &ring.full[s]);
+            tma_load_2d(slot.b, map_w, kt * FP8_BK, expert * p.N + n * block_n, &ring.full[s]);
+            if (++s == STAGES) s = 0, parity ^= 1;
+        }
+    }
+}
+
 // A tile's main loop for one consumer warpgroup: per slice, a fresh sum of 128 products in
 // `part`, waited for, then promoted into acc. (The wait costs this warpgroup's tensor time while
 // it promotes; the other consumer's multiplies fill that gap. Two accumulators in turn, so that
@@ -114,7 +152,9 @@ __device__ __forceinline__ void promote(float (&acc)[64], const float (&part)[64
 // position of the tile's first slice, whose full barrier the caller has already waited for;
 // left after its last. a_off, b_off: where this warpgroup's operands start in a slot.
 // has_rows false: the slots are freed and nothing is multiplied (an empty half of the tile).
-template <typename SlotT>
+// GATHERED: the slot's X rows were copied by ordinary (cp.async) stores, which the tensor cores'
+// async proxy must be fenced against before reading (03_3).
+template <bool GATHERED = false, typename SlotT>
 __device__ __forceinline__ void fp8_mainloop(float (&acc)[64], const Ring<SlotT>& ring, int& s, int& parity,
                                              SliceScales& scales, int num_k, int a_off, int b_off, bool has_rows) {
     float part[64];
@@ -123,6 +163,7 @@ __device__ __forceinline__ void fp8_mainloop(float (&acc)[64], const Ring<SlotT>
         scales.take(kt, scale_lo, scale_hi);
         if (kt) mbar_wait(&ring.full[s], parity);
         if (has_rows) {
+            if (GATHERED) fence_proxy_async();
             wgmma_slice_fp8(part, ring.slots[s].a + a_off, ring.slots[s].b + b_off);
             wgmma_wait<0>();
             wgmma_fence_operands(part);
@@ -142,34 +183,10 @@ fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ 
                  int M, int N, int K, int group_m) {
     const Problem p{offs, tile_map, num_tiles, M, N, K, group_m};
     const Ring<Fp8Slot> ring = make_ring<Fp8Slot>(1);  // thread 0's expect_tx: the two boxes' bytes
-    const int n_tiles = N / BN, m_tiles = num_tiles[0], total = m_tiles * n_tiles, num_k = K / FP8_BK;
-    constexpr u32 SLICE_BYTES = sizeof(Fp8Slot::a) + sizeof(Fp8Slot::b);
+    const int n_tiles = N / BN, m_tiles = num_tiles[0], num_k = K / FP8_BK;
 
     if (threadIdx.x >= 256) {  // -------------------------------------------- the producer: thread 256
-        setmaxnreg_dec<PRODUCER_REGS>();
-        if (threadIdx.x != 256) return;
-        int s = 0, parity = 0;
-        for (int i = 0;; ++i) {
-            const int t = take_tile<false>(p.num_tiles + 1, ring.taken, i);
-            if (t >= total) {  // the consumers stop at a slot with no rows
-                mbar_wait(&ring.empty[s], parity ^ 1);
-                ring.job[s] = TileJob{-1, 0, 0, 0};
-                mbar_arrive(&ring.full[s]);
-                break;
-            }
-            int m, n, expert, row0, row_end;
-            expert_tile_coords(t, p, m_tiles, n_tiles, m, n);
-            tile_rows(p.tile_map, p.offs, M, m, BM, expert, row0, row_end);
-            for (int kt = 0; kt < num_k; ++kt) {
-                mbar_wait(&ring.empty[s], parity ^ 1);
-                ring.job[s] = TileJob{row0, row_end, n, expert};  // published by the arrive below
-                Fp8Slot& slot = ring.slots[s];
-                mbar_arrive_expect_tx(&ring.full[s], SLICE_BYTES);
-                tma_load_2d(slot.a, map_x, kt * FP8_BK, row0, &ring.full[s]);
-                tma_load_2d(slot.b, map_w, kt * FP8_BK, expert * N + n * BN, &ring.full[s]);
-                if (++s == STAGES) s = 0, parity ^= 1;
-            }
-        }
+        fp8_producer(ring, p, map_x, map_w, m_tiles, n_tiles, num_k, BM, BN);
     } else {  // ---------------------------------------------------------------- consumers
         setmaxnreg_inc<CONSUMER_REGS>();
         const int c = threadIdx.x / 128, t = threadIdx.x % 128;
@@ -186,7 +203,7 @@ fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ 
             float acc[BN / 2];
 #pragma unroll
             for (int v = 0; v < BN / 2; ++v) acc[v] = 0.0f;
-            SliceScales scales(x_scales, ld_scales, job.row0 + r, w_scale, num_k);
+            SliceScales scales(x_scales, ld_scales, job.row0 + r, job.row0 + r + 8, w_scale, num_k);
             fp8_mainloop(acc, ring, s, parity, scales, num_k, c * 64 * FP8_BK, 0, has_rows);
             if (has_rows) StagedStore{Y}.store(acc, ring.staging[c], c, p, r0, job.row_end, job.n);
         }

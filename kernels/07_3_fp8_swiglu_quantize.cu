@@ -52,41 +52,32 @@ __device__ __forceinline__ fp8_e4m3 to_e4m3(float x) {  // nearest even, saturat
 // bar.sync 4: the 256 consumer threads (1, 2: one warpgroup each, warpgroup_sync)
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 4, 256;\n" ::: "memory"); }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
-fp8_swiglu_quantize(const __grid_constant__ TmaDesc map_x, const __grid_constant__ TmaDesc map_w,
-                    const float* __restrict__ x_scales, int ld_scales, const float* __restrict__ w_scales,
-                    fp8_e4m3* __restrict__ Aq, float* __restrict__ a_scales, int ld_a_scales,
-                    const int* __restrict__ offs, const TileInfo* __restrict__ tile_map, int* __restrict__ num_tiles,
-                    int M, int N, int K, int group_m) {
-    const Problem p{offs, tile_map, num_tiles, M, N, K, group_m};
-    const Ring<Fp8SwigluSlot> ring = make_ring<Fp8SwigluSlot>(1);
-    const int n_tiles = N / BN_SWIGLU, m_tiles = num_tiles[0], total = m_tiles * n_tiles, num_k = K / FP8_BK;
+// Where a tile's rows of X come from. Here (07_3) rows row0 .. of Xq, by TMA: 07_2's producer,
+// and each row's scales are that row's. 07_4 gathers token rows instead.
+struct Fp8TmaRows {
+    const TmaDesc& map_x;
+    const TmaDesc& map_w;
+    static constexpr bool gathered = false;  // TMA's copies: counted in bytes on the full barrier
+    static constexpr int full_arrivals = 1;  // the producer thread's expect_tx
 
-    if (threadIdx.x >= 256) {  // -------------------------------------------- the producer: thread 256
-        setmaxnreg_dec<PRODUCER_REGS>();
-        if (threadIdx.x != 256) return;
-        int s = 0, parity = 0;
-        for (int i = 0;; ++i) {
-            const int t = take_tile<false>(p.num_tiles + 1, ring.taken, i);
-            if (t >= total) {
-                mbar_wait(&ring.empty[s], parity ^ 1);
-                ring.job[s] = TileJob{-1, 0, 0, 0};
-                mbar_arrive(&ring.full[s]);
-                break;
-            }
-            int m, n, expert, row0, row_end;
-            expert_tile_coords(t, p, m_tiles, n_tiles, m, n, BM_SWIGLU);
-            tile_rows(p.tile_map, p.offs, M, m, BM_SWIGLU, expert, row0, row_end);
-            for (int kt = 0; kt < num_k; ++kt) {
-                mbar_wait(&ring.empty[s], parity ^ 1);
-                ring.job[s] = TileJob{row0, row_end, n, expert};
-                Fp8SwigluSlot& slot = ring.slots[s];
-                mbar_arrive_expect_tx(&ring.full[s], sizeof(Fp8SwigluSlot));
-                tma_load_2d(slot.a, map_x, kt * FP8_BK, row0, &ring.full[s]);
-                tma_load_2d(slot.b, map_w, kt * FP8_BK, expert * N + n * BN_SWIGLU, &ring.full[s]);
-                if (++s == STAGES) s = 0, parity ^= 1;
-            }
-        }
+    __device__ void produce(const Ring<Fp8SwigluSlot>& ring, const Problem& p, int m_tiles, int n_tiles,
+                            int num_k) const {
+        fp8_producer(ring, p, map_x, map_w, m_tiles, n_tiles, num_k, BM_SWIGLU, BN_SWIGLU);
+    }
+    __device__ int scale_row(int row, int) const { return row; }  // the scales' row of a tile row
+};
+
+// The kernel's body, whatever the rows come from (Rows: Fp8TmaRows, or 07_4's gathered rows).
+template <typename Rows>
+__device__ __forceinline__ void fp8_swiglu_quantize_tiles(const Rows& rows, const float* __restrict__ x_scales,
+                                                          int ld_scales, const float* __restrict__ w_scales,
+                                                          fp8_e4m3* __restrict__ Aq, float* __restrict__ a_scales,
+                                                          int ld_a_scales, const Problem& p) {
+    const Ring<Fp8SwigluSlot> ring = make_ring<Fp8SwigluSlot>(Rows::full_arrivals);
+    const int N = p.N, n_tiles = N / BN_SWIGLU, m_tiles = p.num_tiles[0], num_k = p.K / FP8_BK;
+
+    if (threadIdx.x >= 256) {  // ---------------------------------------------------------- the producer
+        rows.produce(ring, p, m_tiles, n_tiles, num_k);
     } else {  // ---------------------------------------------------------------- consumers
         setmaxnreg_inc<CONSUMER_REGS>();
         const int c = threadIdx.x / 128, t = threadIdx.x % 128, quad_lane = t % 4;
@@ -103,8 +94,9 @@ fp8_swiglu_quantize(const __grid_constant__ TmaDesc map_x, const __grid_constant
             float acc[64];
 #pragma unroll
             for (int v = 0; v < 64; ++v) acc[v] = 0.0f;
-            SliceScales scales(x_scales, ld_scales, job.row0 + r, w_scale, num_k);
-            fp8_mainloop(acc, ring, s, parity, scales, num_k, 0, c * 128 * FP8_BK, true);  // 07_2's
+            SliceScales scales(x_scales, ld_scales, rows.scale_row(job.row0 + r, job.row_end),
+                               rows.scale_row(job.row0 + r + 8, job.row_end), w_scale, num_k);
+            fp8_mainloop<Rows::gathered>(acc, ring, s, parity, scales, num_k, 0, c * 128 * FP8_BK, true);  // 07_2's
 
             // SwiGLU in place: acc[v] (v even) becomes output j = 4 (v / 4) + quad_lane of this
             // consumer's 64, row r ((v & 2) == 0) or r + 8
@@ -150,3 +142,15 @@ fp8_swiglu_quantize(const __grid_constant__ TmaDesc map_x, const __grid_constant
         }
     }
 }
+
+#if __INCLUDE_LEVEL__ == 0  // the kernel, only where this file is the one compiled (not in 07_4)
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+fp8_swiglu_quantize(const __grid_constant__ TmaDesc map_x, const __grid_constant__ TmaDesc map_w,
+                    const float* __restrict__ x_scales, int ld_scales, const float* __restrict__ w_scales,
+                    fp8_e4m3* __restrict__ Aq, float* __restrict__ a_scales, int ld_a_scales,
+                    const int* __restrict__ offs, const TileInfo* __restrict__ tile_map, int* __restrict__ num_tiles,
+                    int M, int N, int K, int group_m) {
+    const Problem p{offs, tile_map, num_tiles, M, N, K, group_m};
+    fp8_swiglu_quantize_tiles(Fp8TmaRows{map_x, map_w}, x_scales, ld_scales, w_scales, Aq, a_scales, ld_a_scales, p);
+}
+#endif

@@ -789,6 +789,9 @@ FP8_SWIGLU = Step("07_3_fp8_swiglu_quantize", "fp8_swiglu_quantize",
                   64, 2 * FP8_GROUP, FP8_GROUP, threads=384, min_cc=HOPPER, persistent=True, tma=True,
                   smem_bytes=FP8_SWIGLU_STAGES * FP8_SWIGLU_SLOT_BYTES + 2 * STAGING_BYTES + 32 * FP8_SWIGLU_STAGES
                   + 8 + 1024)
+FP8_GATHER = Step("07_4_fp8_gather", "fp8_gather_swiglu_quantize", "07_3 with the token rows gathered in the load",
+                  64, 2 * FP8_GROUP, FP8_GROUP, threads=384, min_cc=HOPPER, persistent=True, tma=True,
+                  smem_bytes=FP8_SWIGLU.smem_bytes)
 QUANTIZE_BLOCKS_PER_SM = 8  # 07_1: 64 resident warps an SM keep enough 16-byte loads in flight
 
 
@@ -841,8 +844,10 @@ def quantize_1x128(x, gather_idx=None, validate: bool = True):
     return q, scales
 
 
-def _check_fp8_gemm(step: Step, x_q, x_scales, w_q, w_scales, offs, validate: bool) -> tuple[int, int, int]:
-    """The inputs of 07_2 and 07_3 (one message per mistake), and (M, N, K)."""
+def _check_fp8_gemm(step: Step, x_q, x_scales, w_q, w_scales, offs, validate: bool,
+                    rows: int | None = None) -> tuple[int, int, int]:
+    """The inputs of 07_2 to 07_4 (one message per mistake), and (M, N, K): M the GEMM's rows,
+    ``rows`` where they are gathered from x_q's (07_4), else x_q's."""
     e4m3 = torch.float8_e4m3fn
     check_tensor_types({"x_q": (x_q, e4m3, 2), "x_scales": (x_scales, torch.float32, 2), "w_q": (w_q, e4m3, 3),
                         "w_scales": (w_scales, torch.float32, 3), "offs": (offs, torch.int32, 1)})
@@ -863,10 +868,10 @@ def _check_fp8_gemm(step: Step, x_q, x_scales, w_q, w_scales, offs, validate: bo
     check_gpu_at_least(HOPPER, lambda cc: f"{step.source} needs a Hopper GPU (FP8 wgmma, TMA); "
                                           f"this one is {cc[0]}.{cc[1]}")
     if validate:
-        check_offsets(offs, M)
+        check_offsets(offs, M if rows is None else rows)
         check_positive(x_scales[:, :M], "x_scales")
         check_positive(w_scales, "w_scales")
-    return M, N, K
+    return (M if rows is None else rows), N, K
 
 
 @kernels.on_torch_stream
@@ -911,6 +916,32 @@ def fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs, validate: bool = Tru
     return a_q, a_scales
 
 
+@kernels.on_torch_stream
+def fp8_gather_swiglu_quantize(x_q, x_scales, gather_idx, w_q, w_scales, offs, validate: bool = True):
+    """:func:`fp8_swiglu_quantize` on rows ``gather_idx`` of ``x_q [T, K]`` (the layer's tokens,
+    quantised once by :func:`quantize_1x128` without a gather: ``x_scales [K / 128, width(T)]``),
+    read inside the kernel (``kernels/07_4_fp8_gather.cu``): the same ``(a_q [M, n], a_scales)``
+    for ``M = len(gather_idx)`` sorted rows, bit for bit, without the gathered copy. An index
+    outside ``x_q``: a zero row (``validate`` names it instead)."""
+    check_tensor_types({"gather_idx": (gather_idx, torch.int32, 1)})
+    M = gather_idx.numel()
+    _, N, K = _check_fp8_gemm(FP8_GATHER, x_q, x_scales, w_q, w_scales, offs, validate, rows=M)
+    check_on_gpu({"gather_idx": gather_idx})
+    T = x_q.shape[0]
+    if validate:
+        check_gather_range(gather_idx, T)
+    width = fp8_scales_width(M)
+    a_q = torch.empty(M, N // 2, device=x_q.device, dtype=torch.float8_e4m3fn)
+    a_scales = torch.empty(N // 2 // FP8_GROUP, width, device=x_q.device, dtype=torch.float32)
+    a_scales[:, M:] = 1.0
+    if M:
+        module = kernels.load(FP8_GATHER.source, defines=FP8_GATHER.defines)
+        head = (tma.tensor_map_fp8(w_q, FP8_GATHER.block_n), ptr(x_q), ptr(gather_idx), np.int32(T), ptr(x_scales),
+                np.int32(x_scales.shape[1]), ptr(w_scales), ptr(a_q), ptr(a_scales), np.int32(width))
+        launch_persistent(FP8_GATHER, module, head, offs, M, K, (M, N, K))
+    return a_q, a_scales
+
+
 # --------------------------------------------------------------------------------------------
 # The table: every kernel file, its Step and its launcher
 
@@ -932,4 +963,5 @@ KERNEL_FILES: dict[str, tuple[Step, object]] = {
     QUANTIZE.source: (QUANTIZE, quantize_1x128),
     FP8_GEMM.source: (FP8_GEMM, fp8_grouped_gemm),
     FP8_SWIGLU.source: (FP8_SWIGLU, fp8_swiglu_quantize),
+    FP8_GATHER.source: (FP8_GATHER, fp8_gather_swiglu_quantize),
 }

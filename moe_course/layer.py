@@ -289,14 +289,38 @@ def prepare_fp8(kw: KernelWeights) -> Fp8Weights:
                       *fp8.quantize_experts(fp8.quantize_blocks, kw.w_down.transpose(1, 2).contiguous()))
 
 
-def forward_fp8(x: torch.Tensor, fw: Fp8Weights, k: int) -> torch.Tensor:
+# 07_4 gathers its token rows with cp.async from 128 producer threads instead of one TMA copy,
+# and its mainloop runs up to a quarter slower than 07_3's where the GEMM is long (H100,
+# record fp8_grouped_gemm: Mixtral and DeepSeek-V3 +23-25%, Qwen3 +3%, 7B -4%). What it saves
+# is 07_1's pass over T k rows instead of T, a share of the up-projection that falls as 1 / 2n:
+# 83% of 07_3's time on 7B (2n = 512), 34% on Qwen3 (1536), 12% on DeepSeek-V3 (4096).
+FP8_GATHER_MAX_WIDTH = 2048
+
+
+def gathers_in_kernel(fw: Fp8Weights) -> bool:
+    """Whether :func:`forward_fp8` gathers the token rows inside the up-projection (07_4) rather
+    than quantising the gathered rows first (07_1 on T k rows, then 07_3): where the experts are
+    narrow (2n <= :data:`FP8_GATHER_MAX_WIDTH`), so the saved quantisation pass outweighs 07_4's
+    slower loads."""
+    return fw.gate_up.shape[1] <= FP8_GATHER_MAX_WIDTH
+
+
+def forward_fp8(x: torch.Tensor, fw: Fp8Weights, k: int, gather: bool | None = None) -> torch.Tensor:
     """:func:`forward` with the experts in FP8 (chapter 07), inference only: the routing as
-    there; the token rows gathered and quantised (07_1); the up-projection with SwiGLU, its
-    output quantised in the epilogue (07_3); the down-projection (07_2); the weighted combine
-    (06_4). Four launches, no host synchronisation."""
+    there; the up-projection with SwiGLU and its output quantised in the epilogue; the
+    down-projection (07_2); the weighted combine (06_4). Four launches, no host synchronisation.
+    The up-projection either gathers the token rows in its load, quantised once (07_1 on the T
+    rows, then 07_4: ``gather=True``), or takes the rows gathered and quantised (07_1 on T k
+    rows, then 07_3: ``gather=False``); ``None`` chooses by :func:`gathers_in_kernel`."""
     r = route(x, fw.w_router, k)
-    a_q, a_scales = launch.fp8_swiglu_quantize(*launch.quantize_1x128(x, r.gather_idx, validate=False), fw.gate_up,
-                                               fw.gate_up_scales, r.offs, validate=False)
+    if gathers_in_kernel(fw) if gather is None else gather:
+        x_q, x_scales = launch.quantize_1x128(x, validate=False)  # the T token rows, once
+        a_q, a_scales = launch.fp8_gather_swiglu_quantize(x_q, x_scales, r.gather_idx, fw.gate_up,
+                                                          fw.gate_up_scales, r.offs, validate=False)
+    else:
+        x_q, x_scales = launch.quantize_1x128(x, r.gather_idx, validate=False)  # T k rows, gathered
+        a_q, a_scales = launch.fp8_swiglu_quantize(x_q, x_scales, fw.gate_up, fw.gate_up_scales, r.offs,
+                                                   validate=False)
     y = launch.fp8_grouped_gemm(a_q, a_scales, fw.down, fw.down_scales, r.offs, validate=False)
     return KERNEL_OPS.combine(y, r.pos, r.weights)
 

@@ -358,6 +358,24 @@ def test_quantize_experts_equals_quantising_the_stack_at_once():
         assert torch.equal(q.view(torch.uint8), q_all.view(torch.uint8)) and torch.equal(scales, scales_all)
 
 
+def test_the_minimum_charges_the_faster_of_the_two_up_projection_paths():
+    ms = lambda v: {"ms": v}
+    assert fp8.charged_contender({"proj": "up", "07_1+07_2": ms(2.0), "07_1+07_4": ms(1.0)}) == "07_1+07_4"
+    assert fp8.charged_contender({"proj": "up", "07_1+07_2": ms(1.0), "07_1+07_4": ms(2.0)}) == "07_1+07_2"
+    assert fp8.charged_contender({"proj": "up", "07_1+07_2": ms(1.0)}) == "07_1+07_2"  # a record before 07_4
+    assert fp8.charged_contender({"proj": "down", "07_1+07_2": ms(9.0), "07_2": ms(1.0)}) == "07_2"
+
+
+def test_the_fp8_layer_gathers_in_its_up_projection_only_on_narrow_experts():
+    from moe_course import layer
+
+    def weights(two_n):
+        return layer.Fp8Weights(None, torch.empty(4, two_n, 256), None, None, None)
+
+    assert layer.gathers_in_kernel(weights(512)) and layer.gathers_in_kernel(weights(layer.FP8_GATHER_MAX_WIDTH))
+    assert not layer.gathers_in_kernel(weights(4096))  # DeepSeek-V3: 07_4's slower loads cost more
+
+
 def test_quantisation_share_reads_the_up_projections_and_the_layers_of_a_record():
     ms = lambda v: {"ms": v}
     data = {"rows": [{"shape": "a", "proj": "up", "07_1": ms(1.0), "07_2": ms(3.0), "03_2 bf16": ms(4.0)},

@@ -194,6 +194,50 @@ def test_fp8_swiglu_then_fp8_gemm_is_the_fp8_expert_ffn():
     assert rel(y, ref) < 4e-2
 
 
+# --- 07_4: 07_3 with the token rows gathered in the load ------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(COUNT_CASES), ids=list(COUNT_CASES))
+def test_fp8_gather_equals_07_3_on_the_gathered_rows_bit_for_bit(case):
+    counts, n, K = COUNT_CASES[case], 384, 640
+    M = sum(counts)
+    g = torch.Generator(device="cuda").manual_seed(M)
+    tokens = max(1, M // 3)
+    x = torch.randn(tokens, K, device="cuda", generator=g).bfloat16()
+    gather_idx = torch.randint(0, tokens, (M,), device="cuda", generator=g, dtype=torch.int32)
+    if M > 5:
+        gather_idx[5] = tokens  # outside x: a zero row, as 07_1's gather reads it
+    w = (torch.randn(len(counts), 2 * n, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    offs = torch.tensor(counts, device="cuda").cumsum(0).int()
+    w_q, w_scales = fp8.quantize_blocks(w.float())
+    x_q, x_scales = launch.quantize_1x128(x)  # the tokens' rows, once
+    poison(((M, n), E4M3))
+    got_q, got_scales = launch.fp8_gather_swiglu_quantize(x_q, x_scales, gather_idx, w_q, w_scales, offs,
+                                                          validate=False)
+    want_q, want_scales = launch.fp8_swiglu_quantize(*launch.quantize_1x128(x, gather_idx, validate=False), w_q,
+                                                     w_scales, offs)
+    assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(got_scales, want_scales)
+
+
+@pytest.mark.gpu
+def test_fp8_gather_names_an_index_outside_x():
+    x_q, x_scales = launch.quantize_1x128(torch.randn(10, 256, device="cuda").bfloat16())
+    w_q, w_scales = fp8.quantize_blocks(torch.randn(2, 256, 256, device="cuda"))
+    offs = torch.tensor([3, 6], device="cuda", dtype=torch.int32)
+    gather_idx = torch.tensor([0, 1, 2, 9, 10, 4], device="cuda", dtype=torch.int32)
+    with pytest.raises(ValueError, match="gather_idx"):
+        launch.fp8_gather_swiglu_quantize(x_q, x_scales, gather_idx, w_q, w_scales, offs)
+
+
+def test_fp8_gather_refuses_bad_inputs_with_a_clear_message():
+    x_q, x_scales, w_q, w_scales, offs = _cpu_operands()
+    with pytest.raises(TypeError, match="gather_idx must be torch.int32"):
+        launch.fp8_gather_swiglu_quantize(x_q, x_scales, torch.zeros(8, dtype=torch.int64), w_q, w_scales, offs)
+    with pytest.raises(ValueError, match="is on cpu"):
+        launch.fp8_gather_swiglu_quantize(x_q, x_scales, torch.zeros(8, dtype=torch.int32), w_q, w_scales, offs)
+
+
 # --- bad inputs, refused before any launch (on a CPU too) -----------------------------------------
 
 def _cpu_operands(M=8, N=256, K=256, E=2):
@@ -246,15 +290,16 @@ def test_quantize_refuses_bad_inputs_with_a_clear_message(x, gather_idx, error, 
 # --- the layer's forward with FP8 experts ---------------------------------------------------------
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gather", [False, True], ids=["07_3", "07_4"])
 @pytest.mark.parametrize("T", [1, 77, 600])
-def test_the_fp8_layer_forward_matches_its_maths_on_the_same_fp8_weights(T):
+def test_the_fp8_layer_forward_matches_its_maths_on_the_same_fp8_weights(T, gather):
     from moe_course import layer, moe, variants
 
     g = torch.Generator(device="cuda").manual_seed(T)
     w = moe.random_weights(256, 256, 8, dtype=torch.bfloat16, device="cuda", generator=g)
     x = torch.randn(T, 256, device="cuda", generator=g).bfloat16()
     fw = layer.prepare_fp8(layer.prepare(w))
-    got = layer.forward_fp8(x, fw, 2)
+    got = layer.forward_fp8(x, fw, 2, gather=gather)
 
     def fp8_experts(x_sorted, offsets, *_):  # the kernels' maths in float32, on fw's quantised weights
         ends = offsets[1:]

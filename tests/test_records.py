@@ -26,6 +26,14 @@ def test_load_prefers_the_newest_record(tmp_path):
     assert records.load("demo", gpu="GPU A", results_dir=tmp_path).gpu == "GPU A"
 
 
+@pytest.mark.skipif(machine.has_gpu(), reason="with a GPU, load() prefers this machine's own record")
+def test_of_two_records_from_one_day_the_reference_cards_is_shown(tmp_path):
+    for gpu in ("NVIDIA H100 80GB HBM3", records.REFERENCE_GPU, "NVIDIA Z9"):  # files sort H100 first
+        path = tmp_path / f"demo__{gpu.replace(' ', '-').lower()}.json"
+        path.write_text(json.dumps({"kind": "demo", "environment": {"gpu": gpu, "date": "2026-12-06"}, "data": {}}))
+    assert records.load("demo", results_dir=tmp_path).gpu == records.REFERENCE_GPU
+
+
 def test_label_names_gpu_date_and_versions():
     rec = records.Record("k", {"gpu": "NVIDIA H200", "date": "2026-11-29", "torch": "2.11.0",
                                "cupy": "14.2.0", "cuda_runtime": "13.0"}, {})

@@ -28,11 +28,33 @@ OUTPUT = """========= COMPUTE-SANITIZER
 
 def test_only_the_course_kernels_and_unfiltered_notices_count():
     course = kernels.entry_points()
-    assert "ws_grouped_gemm" in course and "build_tile_map" in course and len(course) == 27
+    assert "ws_grouped_gemm" in course and "build_tile_map" in course and len(course) == 28
     ours, others = sanitize.findings(OUTPUT.splitlines(), course)
     assert [sanitize.kernel_of(r) for r in ours] == ["ws_grouped_gemm", None]  # the hazard; an unfiltered API error
     assert "Read Thread (159,0,0)" in ours[0][1] and "cuMemAlloc" in ours[1][0]
     assert others == ["nvjet_sm90_tst_64x32_64x16_1x4_h_bz_splitK_NTT"]
+
+
+TORCH_COPY = """========= Uninitialized __global__ memory read of size 2 bytes
+=========     at void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase &)::[lambda() (instance 3)]::operator ()() const::[lambda(float) (instance 1)], std::array<char *, (unsigned long)2>, (int)4>(int, T1, T2, T4, T5, T6, T7)+0x830
+=========     by thread (64,0,0) in block (0,0,0)
+=========     Address 0x7f085d7fec80
+=========     Saved host backtrace up to driver entry point at kernel launch time
+=========         Host Frame:  [0x1376c] in libcudart.so.13
+=========         Host Frame: at::_ops::mm::call(at::Tensor const&, at::Tensor const&) [0x2d26240] in libtorch_cpu.so
+=========         Host Frame: router_logits in layer.py:89
+=========         Host Frame: forward in layer.py:120
+========= ERROR SUMMARY: 1 error
+"""
+
+
+def test_a_cpp_kernel_is_named_and_listed_with_where_python_launched_it():
+    """torch's copy kernel, reported by initcheck on an H100 (session 14): its name is a C++
+    template, which a plain identifier pattern took for no kernel at all, an API error."""
+    ours, others = sanitize.findings(TORCH_COPY.splitlines(), kernels.entry_points())
+    assert ours == [] and others == ["at::native::unrolled_elementwise_kernel (from router_logits in layer.py:89)"]
+    report = sanitize.reports(TORCH_COPY.splitlines())[0]
+    assert sanitize.python_frames(report) == ["router_logits in layer.py:89", "forward in layer.py:120"]
 
 
 def test_one_report_per_access():

@@ -321,7 +321,7 @@ def ch06(rec: Records) -> str:
             + source("moe_layer_training", "moe_variants", "layer_kernels", "memory_analysis"))
 
 
-#: The records of chapters 09 and 10, so far measured on an H100 only (an H200 run replaces them).
+#: The records of chapter 10, so far measured on an H100 only (an H200 run replaces them).
 H100 = "nvidia-h100-80gb-hbm3"
 
 
@@ -331,7 +331,7 @@ def _measured_on(rec: Record) -> str:
 
 
 def ch07(rec: Records) -> str:
-    r = rec("fp8_grouped_gemm", H100)
+    r = rec("fp8_grouped_gemm")
     dense = r.data["dense_tflops"]
     rows = []
     for row in r.data["rows"]:
@@ -345,23 +345,24 @@ def ch07(rec: Records) -> str:
                      f"{v['of_dense_fp8']:.0%}", x(v["over_bf16"]),
                      x(v["over_torch_fp8"]) if v["over_torch_fp8"] else "-", "met" if v["met"] else "not met"])
     layers = [[shape_label(layer["shape"]), f"{layer['bf16']['ms']:.2f}", f"{layer['FP8']['ms']:.2f}",
-               x(layer["bf16"]["ms"] / layer["FP8"]["ms"]), f"{layer['fp8_vs_bf16']:.1e}"]
+               layer.get("fp8_up", "07_3"), x(layer["bf16"]["ms"] / layer["FP8"]["ms"]), f"{layer['fp8_vs_bf16']:.1e}"]
               for layer in r.data.get("layers", [])]
     return (table(["shape (T, d, n, E, K)", "proj", "TFLOP/s: course FP8 / 07_3 / torch FP8 / 03_2 bf16 / torch bf16",
                    "of dense FP8", "over 03_2 bf16", "over torch FP8", "issue 21's minimum"], rows)
-            + f"\nCourse FP8: the up-projection with its quantisation of X (`07_1+07_2`), the down-projection "
+            + f"\nCourse FP8: the up-projection with its quantisation of X, the faster of `07_1+07_2` (the gathered "
+              f"rows quantised) and `07_1+07_4` (the tokens quantised once, gathered in 07_4's load); the down-projection "
               f"`07_2` alone (07_3 writes its input in e4m3); `07_3` is the up-projection with SwiGLU and the "
               f"activation's quantisation in its epilogue. torch's FP8 (`torch._scaled_grouped_mm`, row-wise "
               f"scales) is given inputs already quantised. Dense 8192³ in the same run: FP8 e4m3 "
               f"(`torch._scaled_mm`, row-wise) {dense['fp8']:.0f} TFLOP/s, bf16 {dense['bf16']:.0f}.\n\n"
-            + (table(["shape (T, d, n, E, K)", "layer forward, bf16 ms", "FP8 ms", "FP8 over bf16",
+            + (table(["shape (T, d, n, E, K)", "layer forward, bf16 ms", "FP8 ms", "FP8 up-projection", "FP8 over bf16",
                       "FP8 output from bf16's"], layers) + "\n" if layers else "")
             + f"On {_measured_on(r)}.\n"
-            + source("fp8_grouped_gemm (H100)"))
+            + source("fp8_grouped_gemm"))
 
 
 def ch09(rec: Records) -> str:
-    r = rec("decode_gemm", H100)
+    r = rec("decode_gemm")
     cells: dict[str, dict[tuple[str, int], dict]] = {}
     for row in r.data["rows"]:
         cells.setdefault(row["shape"], {})[row["proj"], row["tokens"]] = row
@@ -374,11 +375,11 @@ def ch09(rec: Records) -> str:
               f"({r.data['copy_tbps']:.2f} TB/s) over the bytes a step must move (the tokens, each active expert's "
               f"weights once, the outputs); the two interleaved, each checked first. On {_measured_on(r)}.\n"
             + _decode_layer(rec)
-            + source("decode_gemm (H100)", "decode_layer (H100)"))
+            + source("decode_gemm", "decode_layer"))
 
 
 def _decode_layer(rec: Records) -> str:
-    r = rec("decode_layer", H100)
+    r = rec("decode_layer")
     by = {(row["shape"], row["tokens"]): row for row in r.data["rows"]}
     names = [n for n in decode.LAYER_CONTENDERS if all(n in row for row in r.data["rows"])]
     tokens = sorted({t for _, t in by})
@@ -389,7 +390,7 @@ def _decode_layer(rec: Records) -> str:
             + " (`06`: chapter 06's kernels; `grouped_mm`: the sync-free `torch._grouped_mm` layer); the last "
             "column is issue 20's ratio at 64 tokens, the course's faster layer over the grouped_mm graph (its "
             "minimum: 1.3x):\n\n"
-            + table(["shape (T, d, n, E, K)"] + [f"{t} token{'s' * (t > 1)}" for t in tokens] + ["09_1 over grouped_mm, 64"],
+            + table(["shape (T, d, n, E, K)"] + [f"{t} token{'s' * (t > 1)}" for t in tokens] + ["course over grouped_mm, 64"],
                     rows)
             + f"\nOn {_measured_on(r)}.\n")
 

@@ -87,19 +87,35 @@ def reports(lines: list[str]) -> list[list[str]]:
 
 
 def kernel_of(report: list[str]) -> str | None:
-    """The kernel a report is about ("at NAME+0x..." in its lines), or None (an API notice)."""
+    """The kernel a report is about ("at NAME+0x..." in its lines), or None (an API notice). A
+    C++ kernel is named by its qualified name without template arguments or parameters (torch's
+    "void at::native::unrolled_elementwise_kernel<...>(int, ...)+0x830": its copy kernel)."""
     for line in report:
-        if m := re.search(r"\b(?:at|in) (\w+)\+0x", line):
-            return m[1]
+        if m := re.search(r"\b(?:at|in) (.+?)\+0x[0-9a-f]+", line):
+            return re.split(r"[<(]", m[1].removeprefix("void ").strip(), maxsplit=1)[0]
     return None
+
+
+PYTHON_FRAME = re.compile(r"Host Frame: (\w+) in ([\w.]+\.py:\d+)")
+
+
+def python_frames(report: list[str], most: int = 3) -> list[str]:
+    """Where in Python the reported kernel was launched: its backtrace's innermost Python frames,
+    e.g. "router_logits in layer.py:89" (compute-sanitizer lists them among the host frames)."""
+    return [f"{m[1]} in {m[2]}" for line in report if (m := PYTHON_FRAME.search(line))][:most]
 
 
 def findings(lines: list[str], course_kernels: set[str]) -> tuple[list[list[str]], list[str]]:
     """(the reports that count: on a course kernel, or on no kernel (an API error); the other
-    kernels reported on, e.g. cuBLAS's under torch's reference matmuls: listed, not counted)."""
+    kernels reported on, e.g. cuBLAS's under torch's reference matmuls, each with where Python
+    launched it: listed, not counted)."""
     found = reports([ln for ln in lines if ln.strip() not in IGNORED])
     ours = [r for r in found if kernel_of(r) in course_kernels or kernel_of(r) is None]
-    return ours, sorted({k for r in found if (k := kernel_of(r)) and k not in course_kernels})
+    others = {}
+    for r in found:
+        if (k := kernel_of(r)) and k not in course_kernels:
+            others.setdefault(k, set()).update(python_frames(r, most=1))
+    return ours, sorted(k + (f" (from {', '.join(sorted(where))})" if where else "") for k, where in others.items())
 
 
 def same_access_once(found: list[list[str]]) -> list[list[str]]:
@@ -149,7 +165,8 @@ def run_tool(exe: str, tool: str, timeout: float, workload: list[str], course_ke
     launched = next((ln for ln in lines if "kernels launched" in ln or ln.startswith('{"ok": true')), "")
     wrong = next((ln for ln in lines if ln.startswith('{"ok": false')), "")
     return {"tool": tool, "exit_code": code, "errors": len(ours) + bool(wrong), "seconds": round(seconds, 1),
-            "launched": launched, "report": [wrong] * bool(wrong) + ["\n".join(r[:6]) for r in ours[:50]],
+            "launched": launched, "report": [wrong] * bool(wrong) + ["\n".join(r[:5] + python_frames(r) + r[-1:] * r[-1].endswith("of this access)"))
+                                                           for r in ours[:50]],
             "not_the_course": others, "finished": code is not None and bool(launched or wrong),
             "tail": "\n".join(lines[-30:])}
 

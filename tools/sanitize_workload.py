@@ -243,6 +243,12 @@ def fp8_kernels() -> None:
         a_q, a_scales = launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs)  # w's rows as (gate, up)
         check(f"07_3, {what}", fp8.dequantize_groups(a_q, a_scales[:, :x.shape[0]].T.contiguous()),
               torch.nn.functional.silu(want[:, 0::2].float()) * want[:, 1::2].float(), tol=5e-2)
+        tokens = torch.randn(max(1, x.shape[0] // 2), 384, device="cuda").to(torch.bfloat16)
+        gather_idx = torch.randint(0, tokens.shape[0], (x.shape[0],), device="cuda", dtype=torch.int32)
+        t_q, t_scales = launch.quantize_1x128(tokens)
+        got = launch.fp8_gather_swiglu_quantize(t_q, t_scales, gather_idx, w_q, w_scales, offs)
+        want_q, _ = launch.fp8_swiglu_quantize(*launch.quantize_1x128(tokens, gather_idx), w_q, w_scales, offs)
+        check(f"07_4, {what}", got[0].float(), want_q.float(), tol=0.0)  # the same bytes as 07_3 on gathered rows
 
 
 PARTS = {part.__name__: part for part in (first_kernel, grouped_gemms, token_rounding, layer, hf_experts,

@@ -7,6 +7,15 @@ down-projection (N = d):
   token slots as wgmma's N, idle experts never read, no host sync);
 - ``grouped_mm``: ``torch._grouped_mm`` on the pairs sorted by expert (CUTLASS).
 
+Not contenders, though issue 20 asks for one serving library's fused MoE kernel: none can be
+installed on the GPU machine, which has no package registry and takes at most 64 MiB of carried
+files (PyPI, 2026-12-06). vLLM's ``fused_moe`` is a Triton kernel, but its routing alignment is a
+compiled op of the wheel (``_moe_C``): the release built for the machine's torch 2.11.0 is vLLM
+0.24.0, a 266 MiB wheel (the newest, 0.34.0, pins torch 2.14.0: another ABI). SGLang's kernels
+come in sgl-kernel, 510 MiB. FlashInfer 0.7.4 is a 97 MiB wheel of sources that it compiles with
+nvcc at first use. The nearest to running is vLLM 0.24.0's fused-MoE part alone (``_moe_C`` and
+the Triton kernel's modules, unpacked and xz-packed): kernels/NOTES.md, session 14.
+
 Each result is checked against float32 first; then both are timed in turns (CUDA events, median)
 and shown as TB/s over the bytes a step must move (the tokens, every active expert's weights
 once, the outputs) and as a fraction of the measured device copy. Without a GPU it prints the

@@ -165,13 +165,13 @@ def measure_layer(cfg) -> dict:
     fw = layer.prepare_fp8(kw)
     x = torch.randn(cfg.T, cfg.d, device="cuda", generator=g).bfloat16()
     bf16 = layer.forward(x, kw, cfg.K)
-    paths = {"FP8 via 07_3": False, "FP8 via 07_4": True}  # the up-projection's two ways (layer.forward_fp8)
     row = {"shape": cfg.name, "T": cfg.T, "fp8_up": "07_4" if layer.gathers_in_kernel(fw) else "07_3"}
     row["fp8_vs_bf16"] = max(relative_error(layer.forward_fp8(x, fw, cfg.K, gather=g).float(), bf16.float())
-                             for g in paths.values())
+                             for g in fp8.LAYER_WAYS.values())
     flops = 2.0 * cfg.T * cfg.K * 3 * cfg.d * cfg.n
     m = interleaved({"bf16": lambda: layer.forward(x, kw, cfg.K),
-                     **{name: (lambda g=g: layer.forward_fp8(x, fw, cfg.K, gather=g)) for name, g in paths.items()}},
+                     **{name: (lambda g=g: layer.forward_fp8(x, fw, cfg.K, gather=g))
+                        for name, g in fp8.LAYER_WAYS.items()}},
                     rounds=5, reps=10, flops=flops)
     for name, r in m.items():
         row[name] = {**r.timing(), "tflops": r.tflops}

@@ -312,8 +312,10 @@ def forward_fp8(x: torch.Tensor, fw: Fp8Weights, k: int, gather: bool | None = N
     The up-projection either gathers the token rows in its load, quantised once (07_1 on the T
     rows, then 07_4: ``gather=True``), or takes the rows gathered and quantised (07_1 on T k
     rows, then 07_3: ``gather=False``); ``None`` chooses by :func:`gathers_in_kernel`."""
+    if gather is None:
+        gather = gathers_in_kernel(fw)
     r = route(x, fw.w_router, k)
-    if gathers_in_kernel(fw) if gather is None else gather:
+    if gather:
         x_q, x_scales = launch.quantize_1x128(x, validate=False)  # the T token rows, once
         a_q, a_scales = launch.fp8_gather_swiglu_quantize(x_q, x_scales, r.gather_idx, fw.gate_up,
                                                           fw.gate_up_scales, r.offs, validate=False)

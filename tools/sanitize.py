@@ -109,11 +109,12 @@ def findings(lines: list[str], course_kernels: set[str]) -> tuple[list[list[str]
     """(the reports that count: on a course kernel, or on no kernel (an API error); the other
     kernels reported on, e.g. cuBLAS's under torch's reference matmuls, each with where Python
     launched it: listed, not counted)."""
-    found = reports([ln for ln in lines if ln.strip() not in IGNORED])
-    ours = [r for r in found if kernel_of(r) in course_kernels or kernel_of(r) is None]
-    others = {}
-    for r in found:
-        if (k := kernel_of(r)) and k not in course_kernels:
+    ours, others = [], {}
+    for r in reports([ln for ln in lines if ln.strip() not in IGNORED]):
+        k = kernel_of(r)
+        if k is None or k in course_kernels:
+            ours.append(r)
+        else:
             others.setdefault(k, set()).update(python_frames(r, most=1))
     return ours, sorted(k + (f" (from {', '.join(sorted(where))})" if where else "") for k, where in others.items())
 
@@ -125,8 +126,17 @@ def same_access_once(found: list[list[str]]) -> list[list[str]]:
     kept: dict[str, list[str]] = {}
     for report in found:
         kept.setdefault(report[0], report)
-    return [r + [f"========= ({count[first]} reports of this access)"] * (count[first] > 1)
-            for first, r in kept.items()]
+    return [r + [f"========= ({count[first]} {SAME_ACCESS})"] * (count[first] > 1) for first, r in kept.items()]
+
+
+SAME_ACCESS = "reports of this access"  # the line same_access_once adds, last in its report
+
+
+def excerpt(report: list[str]) -> str:
+    """What the record keeps of a report: its first lines, where Python launched the kernel, and
+    how many reports of the same access it stands for."""
+    count = report[-1:] if report[-1].endswith(f"{SAME_ACCESS})") else []
+    return "\n".join(report[:5] + python_frames(report) + count)
 
 
 def exercise_source(number: str) -> str:
@@ -165,8 +175,7 @@ def run_tool(exe: str, tool: str, timeout: float, workload: list[str], course_ke
     launched = next((ln for ln in lines if "kernels launched" in ln or ln.startswith('{"ok": true')), "")
     wrong = next((ln for ln in lines if ln.startswith('{"ok": false')), "")
     return {"tool": tool, "exit_code": code, "errors": len(ours) + bool(wrong), "seconds": round(seconds, 1),
-            "launched": launched, "report": [wrong] * bool(wrong) + ["\n".join(r[:5] + python_frames(r) + r[-1:] * r[-1].endswith("of this access)"))
-                                                           for r in ours[:50]],
+            "launched": launched, "report": [wrong] * bool(wrong) + [excerpt(r) for r in ours[:50]],
             "not_the_course": others, "finished": code is not None and bool(launched or wrong),
             "tail": "\n".join(lines[-30:])}
 

@@ -80,8 +80,10 @@ class Sizes:
 def sizes_here() -> Sizes:
     """Real widths in bf16 on a GPU; narrowed, in float32, on a CPU."""
     if moe.device() == "cuda":
-        return Sizes(1, None, 2, 4, 512, torch.bfloat16, "cuda",
-                     "GPU: the real widths, expert counts, top-K and vocabularies, 2 blocks, bf16")
+        # 8192 tokens a step, training's size (issue 30: "8-16k"): at 2048 the experts call is
+        # launch-bound (session 14: the host, not the GPU, set its time on an H200)
+        return Sizes(1, None, 2, 16, 512, torch.bfloat16, "cuda",
+                     "GPU: the real widths, expert counts, top-K and vocabularies, 2 blocks, 16 x 512 tokens, bf16")
     return Sizes(32, 1024, 2, 2, 16, torch.float32, "cpu",
                  f"no GPU ({info().why_no_gpu}): d, n and the attention heads divided by 32, a 1024-token "
                  "vocabulary, 2 blocks, 2 sequences of 16 tokens, float32; the expert counts and top-K are "

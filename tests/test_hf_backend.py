@@ -274,6 +274,25 @@ def test_an_expert_id_out_of_range_is_refused():
         hf.experts_forward(experts(), torch.randn(2, 64), torch.tensor([[0, 1], [2, 1]]), torch.ones(2, 3))
 
 
+def test_an_id_outside_0_to_E_adds_nothing_until_its_check_arrives():
+    """On a GPU the id check arrives one call late (no host sync); meanwhile a negative id or one
+    past E must count as "no expert" in both paths: weighted zero, no row of another expert."""
+    ids = torch.tensor([[0, -1], [7, 2], [6, 1]])  # E = 6: -1 and 7 are wrong, 6 is "no expert"
+    gather_idx, offs, pos, order = hf.kernel_routing(ids, 6)
+    assert int(offs[-1]) == ids.numel() and sorted(pos.flatten().tolist()) == list(range(ids.numel()))
+    wrong = torch.tensor([[False, True], [True, False], [True, False]])
+    assert torch.equal(hf.kept_weights(ids, torch.ones(3, 2), 6), (~wrong).float())
+    for e in range(5):  # no wrong pair among the rows of experts 0..4 (the last expert's rows hold them)
+        start = 0 if e == 0 else int(offs[e - 1])
+        assert not any(start <= int(pos[t, j]) < int(offs[e]) for t, j in wrong.nonzero().tolist())
+    module = experts()
+    x = torch.randn(3, 64)
+    got = hf.experts_torch(x, ids, torch.ones(3, 2), module.gate_up_proj, module.down_proj, layer.TORCH_OPS)
+    want = hf.experts_torch(x, ids.where(~wrong, 6), torch.ones(3, 2), module.gate_up_proj, module.down_proj,
+                            layer.TORCH_OPS)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_the_kernels_routing_is_chapter_01s_dispatch(routing):
     """The kernels' routing (no host sync) against moe.dispatch: the same sorted order, the same
@@ -349,6 +368,27 @@ def test_the_kernel_path_around_the_kernels_is_the_maths(routing, monkeypatch):
 
 # --------------------------------------------------------------------------------------------
 # On a GPU
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_a_wrong_id_is_refused_one_call_later_without_a_host_sync():
+    module = experts(256, 256, dtype=torch.bfloat16).cuda()
+    x, weights = torch.randn(2, 256).bfloat16().cuda(), torch.ones(2, 2).cuda()
+    ids = torch.tensor([[0, 9], [2, 1]]).cuda()  # 9 > E = 6
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation in the call raises
+    try:
+        with torch.no_grad():
+            hf.experts_forward(module, x, ids, weights)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(ValueError, match=r"values 0..6; got 0..9 \(an earlier experts call"):
+        hf.raise_id_errors(wait=True)
+    hf.raise_id_errors(wait=True)  # said once
+    with torch.no_grad():
+        hf.experts_forward(module, x, torch.tensor([[0, -2], [2, 1]]).cuda(), weights)
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match=r"got -2..2"):  # the next call refuses the last one's ids
+        hf.experts_forward(module, x, torch.tensor([[0, 1], [2, 1]]).cuda(), weights)
 
 
 @pytest.mark.gpu

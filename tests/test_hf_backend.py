@@ -6,6 +6,7 @@ these comparisons. CPU, seconds."""
 import dataclasses
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -594,3 +595,22 @@ def test_the_experts_share_is_timed_alone_on_the_models_own_inputs():
         assert t["forward"]["ms"] > 0 and t["forward+backward"]["ms"] > 0 and t["kept_MiB"] is None  # no GPU: not measured
     table = hm.timing_table({"models": {}, "experts": {"olmoe": timed}})
     assert "experts call" in table and "OLMoE-1B-7B     moe_course" in table
+
+
+def test_sonicmoe_is_a_contender_only_where_its_package_is_installed(monkeypatch):
+    """transformers' "sonicmoe" backend downloads SonicMoE from the hub on first use; offline the
+    installed PyPI package takes its place, or the backend is left out with the reason said."""
+    from transformers.integrations import sonicmoe as backend
+
+    if hm.moe.device() != "cuda":
+        assert hm.SONICMOE not in hm.backends_here() and "sonicmoe" in hm.sonicmoe_here()
+    fake = types.ModuleType("sonicmoe")
+    fake.enums = types.SimpleNamespace(ActivationType=object())
+    fake.moe_general_routing_inputs = lambda *args, **kwargs: None
+    monkeypatch.setitem(sys.modules, "sonicmoe", fake)
+    monkeypatch.setattr(hm.variants, "sonicmoe_unavailable", lambda device: None)
+    monkeypatch.setattr(backend, "_SONICMOE", None)
+    assert hm.sonicmoe_here() is None and hm.backends_here()[-1] == hm.SONICMOE
+    loaded = backend.load_sonicmoe_kernel()  # what transformers' own forward asks for: no download
+    assert loaded.moe_general_routing_inputs is fake.moe_general_routing_inputs
+    assert loaded.activation_type_enum is fake.enums.ActivationType

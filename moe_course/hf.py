@@ -182,8 +182,8 @@ def ids_checked(top_k_index: torch.Tensor, E: int) -> None:
     if not top_k_index.is_cuda:
         check_ids_in_range(top_k_index, E + 1, "top_k_index", f"experts (0..{E - 1}), or {E} for no expert")
         return
-    if top_k_index.numel() == 0:
-        return
+    if top_k_index.numel() == 0 or torch.cuda.is_current_stream_capturing():
+        return  # a CUDA graph's capture: nothing may be read back, even later (the ids still add zero)
     lo_hi = torch.stack(torch.aminmax(top_k_index)).long()
     pinned = torch.empty(2, dtype=torch.long, pin_memory=True)
     pinned.copy_(lo_hi, non_blocking=True)
@@ -195,7 +195,7 @@ def ids_checked(top_k_index: torch.Tensor, E: int) -> None:
 def raise_id_errors(wait: bool = False) -> None:
     """Refuse, with their values, the ids of earlier calls found outside ``0..E`` (ValueError):
     those whose copy has arrived, or (``wait``) all of them."""
-    while _ID_CHECKS:
+    while _ID_CHECKS and not torch.cuda.is_current_stream_capturing():
         pinned, done, E = _ID_CHECKS[0]
         if not wait and not done.query():
             return

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import configs, hf, moe, plotting, records
+from . import configs, hf, moe, plotting, records, variants
 from .bench import interleaved
 from .checking import relative_error
 from .machine import info, one_thread
@@ -29,6 +29,35 @@ from .machine import info, one_thread
 #: ``torch._grouped_mm`` path, and the course's (:data:`moe_course.hf.NAME`).
 BACKENDS = ("eager", "grouped_mm", hf.NAME)
 REFERENCE = "eager"
+#: transformers' own backend for SonicMoE's kernels (``transformers.integrations.sonicmoe``),
+#: a fourth contender where the ``sonic-moe`` package is installed (:func:`sonicmoe_here`)
+SONICMOE = "sonicmoe"
+
+
+def sonicmoe_here() -> str | None:
+    """Why transformers' "sonicmoe" backend cannot run here, or None after readying it.
+
+    That backend fetches SonicMoE from the Hugging Face hub (``kernels-community/sonic-moe``,
+    through the ``kernels`` package) on first use, which a machine without a network cannot. The
+    release on PyPI (``sonic-moe``, the course's offline bundle: ``.sonic/README.txt``) exposes the
+    same two entry points the backend calls (``moe_general_routing_inputs`` and
+    ``enums.ActivationType``), so where it is installed it is handed to transformers in place of
+    the download: transformers' own ``sonicmoe_experts_forward`` then runs, unchanged, on it."""
+    why = variants.sonicmoe_unavailable(moe.device())
+    if why:
+        return why
+    import sonicmoe
+    from transformers.integrations import sonicmoe as backend
+
+    if backend._SONICMOE is None:  # what its loader would set after the hub download
+        backend._SONICMOE = backend.SonicMoE(activation_type_enum=sonicmoe.enums.ActivationType,
+                                             moe_general_routing_inputs=sonicmoe.moe_general_routing_inputs)
+    return None
+
+
+def backends_here() -> tuple[str, ...]:
+    """:data:`BACKENDS`, and SonicMoE's where it runs (:func:`sonicmoe_here`)."""
+    return BACKENDS + ((SONICMOE,) if sonicmoe_here() is None else ())
 
 
 @dataclass(frozen=True)
@@ -80,8 +109,10 @@ class Sizes:
 def sizes_here() -> Sizes:
     """Real widths in bf16 on a GPU; narrowed, in float32, on a CPU."""
     if moe.device() == "cuda":
-        return Sizes(1, None, 2, 4, 512, torch.bfloat16, "cuda",
-                     "GPU: the real widths, expert counts, top-K and vocabularies, 2 blocks, bf16")
+        # 8192 tokens a step, training's size (issue 30: "8-16k"): at 2048 the experts call is
+        # launch-bound (session 14: the host, not the GPU, set its time on an H200)
+        return Sizes(1, None, 2, 16, 512, torch.bfloat16, "cuda",
+                     "GPU: the real widths, expert counts, top-K and vocabularies, 2 blocks, 16 x 512 tokens, bf16")
     return Sizes(32, 1024, 2, 2, 16, torch.float32, "cpu",
                  f"no GPU ({info().why_no_gpu}): d, n and the attention heads divided by 32, a 1024-token "
                  "vocabulary, 2 blocks, 2 sequences of 16 tokens, float32; the expert counts and top-K are "

@@ -6,6 +6,7 @@ these comparisons. CPU, seconds."""
 import dataclasses
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -274,6 +275,25 @@ def test_an_expert_id_out_of_range_is_refused():
         hf.experts_forward(experts(), torch.randn(2, 64), torch.tensor([[0, 1], [2, 1]]), torch.ones(2, 3))
 
 
+def test_an_id_outside_0_to_E_adds_nothing_until_its_check_arrives():
+    """On a GPU the id check arrives one call late (no host sync); meanwhile a negative id or one
+    past E must count as "no expert" in both paths: weighted zero, no row of another expert."""
+    ids = torch.tensor([[0, -1], [7, 2], [6, 1]])  # E = 6: -1 and 7 are wrong, 6 is "no expert"
+    gather_idx, offs, pos, order = hf.kernel_routing(ids, 6)
+    assert int(offs[-1]) == ids.numel() and sorted(pos.flatten().tolist()) == list(range(ids.numel()))
+    wrong = torch.tensor([[False, True], [True, False], [True, False]])
+    assert torch.equal(hf.kept_weights(ids, torch.ones(3, 2), 6), (~wrong).float())
+    for e in range(5):  # no wrong pair among the rows of experts 0..4 (the last expert's rows hold them)
+        start = 0 if e == 0 else int(offs[e - 1])
+        assert not any(start <= int(pos[t, j]) < int(offs[e]) for t, j in wrong.nonzero().tolist())
+    module = experts()
+    x = torch.randn(3, 64)
+    got = hf.experts_torch(x, ids, torch.ones(3, 2), module.gate_up_proj, module.down_proj, layer.TORCH_OPS)
+    want = hf.experts_torch(x, ids.where(~wrong, 6), torch.ones(3, 2), module.gate_up_proj, module.down_proj,
+                            layer.TORCH_OPS)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_the_kernels_routing_is_chapter_01s_dispatch(routing):
     """The kernels' routing (no host sync) against moe.dispatch: the same sorted order, the same
@@ -349,6 +369,27 @@ def test_the_kernel_path_around_the_kernels_is_the_maths(routing, monkeypatch):
 
 # --------------------------------------------------------------------------------------------
 # On a GPU
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_a_wrong_id_is_refused_one_call_later_without_a_host_sync():
+    module = experts(256, 256, dtype=torch.bfloat16).cuda()
+    x, weights = torch.randn(2, 256).bfloat16().cuda(), torch.ones(2, 2).cuda()
+    ids = torch.tensor([[0, 9], [2, 1]]).cuda()  # 9 > E = 6
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation in the call raises
+    try:
+        with torch.no_grad():
+            hf.experts_forward(module, x, ids, weights)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(ValueError, match=r"values 0..6; got 0..9 \(an earlier experts call"):
+        hf.raise_id_errors(wait=True)
+    hf.raise_id_errors(wait=True)  # said once
+    with torch.no_grad():
+        hf.experts_forward(module, x, torch.tensor([[0, -2], [2, 1]]).cuda(), weights)
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match=r"got -2..2"):  # the next call refuses the last one's ids
+        hf.experts_forward(module, x, torch.tensor([[0, 1], [2, 1]]).cuda(), weights)
 
 
 @pytest.mark.gpu
@@ -554,3 +595,22 @@ def test_the_experts_share_is_timed_alone_on_the_models_own_inputs():
         assert t["forward"]["ms"] > 0 and t["forward+backward"]["ms"] > 0 and t["kept_MiB"] is None  # no GPU: not measured
     table = hm.timing_table({"models": {}, "experts": {"olmoe": timed}})
     assert "experts call" in table and "OLMoE-1B-7B     moe_course" in table
+
+
+def test_sonicmoe_is_a_contender_only_where_its_package_is_installed(monkeypatch):
+    """transformers' "sonicmoe" backend downloads SonicMoE from the hub on first use; offline the
+    installed PyPI package takes its place, or the backend is left out with the reason said."""
+    from transformers.integrations import sonicmoe as backend
+
+    if hm.moe.device() != "cuda":
+        assert hm.SONICMOE not in hm.backends_here() and "sonicmoe" in hm.sonicmoe_here()
+    fake = types.ModuleType("sonicmoe")
+    fake.enums = types.SimpleNamespace(ActivationType=object())
+    fake.moe_general_routing_inputs = lambda *args, **kwargs: None
+    monkeypatch.setitem(sys.modules, "sonicmoe", fake)
+    monkeypatch.setattr(hm.variants, "sonicmoe_unavailable", lambda device: None)
+    monkeypatch.setattr(backend, "_SONICMOE", None)
+    assert hm.sonicmoe_here() is None and hm.backends_here()[-1] == hm.SONICMOE
+    loaded = backend.load_sonicmoe_kernel()  # what transformers' own forward asks for: no download
+    assert loaded.moe_general_routing_inputs is fake.moe_general_routing_inputs
+    assert loaded.activation_type_enum is fake.enums.ActivationType

@@ -36,14 +36,20 @@ def test_unknown_kernel_name_lists_the_known_ones():
         kernels.read_source("no_such_kernel")
 
 
-def test_an_edited_kernel_file_is_read_again(tmp_path):
-    """Sources are cached by modification time and size: a learner's edit must still show."""
+def test_an_edited_kernel_file_is_read_again(tmp_path, monkeypatch):
+    """Sources are cached by modification time and size, and the file is looked at again at
+    most every SOURCE_RECHECK_SECONDS: a learner's edit must still show, a hot loop not stat."""
+    now = [0.0]
+    monkeypatch.setattr(kernels, "_clock", lambda: now[0])
     f = tmp_path / "mine.cu"
     f.write_text("// one")
     assert kernels.read_source(f).code == "// one"
     f.write_text("// two, longer")
+    assert kernels.read_source(f).code == "// one"  # within the window: not looked at
+    now[0] += kernels.SOURCE_RECHECK_SECONDS
     assert kernels.read_source(f).code == "// two, longer"
     f.unlink()
+    now[0] += kernels.SOURCE_RECHECK_SECONDS
     with pytest.raises(FileNotFoundError, match="no kernel source"):
         kernels.read_source(f)
 

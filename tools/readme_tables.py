@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from moe_course import RESULTS_DIR, ROOT, configs, decode, fp8, grouped_gemm, hardware, launch, records
+from moe_course import RESULTS_DIR, ROOT, configs, decode, fp8, grouped_gemm, hardware, hf_models, launch, records
 from moe_course.checks import existing_dir, existing_file
 from moe_course.records import Record
 
@@ -396,27 +396,33 @@ def _decode_layer(rec: Records) -> str:
 
 
 def ch10(rec: Records) -> str:
-    r = rec("hf_backends", H100)
+    r = rec("hf_backends")
     rows = []
     for arch, v in r.data["experts"].items():
         b = v["backends"]
         ms = {name: (t["forward"]["ms"], t["forward+backward"]["ms"]) for name, t in b.items()}
+        names = [n for n in ("eager", "grouped_mm", "moe_course", "sonicmoe") if n in ms]
         model = r.data["models"][arch]
         rows.append([f"{arch} ({v['tokens']} tokens, top-{v['top_k']})",
-                     " / ".join(f"{ms[n][0]:.2f}" for n in ("eager", "grouped_mm", "moe_course")),
-                     " / ".join(f"{ms[n][1]:.2f}" for n in ("eager", "grouped_mm", "moe_course")),
+                     " / ".join(f"{ms[n][0]:.2f}" for n in names),
+                     " / ".join(f"{ms[n][1]:.2f}" for n in names),
                      x(ms["grouped_mm"][1] / ms["moe_course"][1]),
                      f"{b['moe_course']['kept_MiB']:.0f} vs {b['grouped_mm']['kept_MiB']:.0f}",
                      x(model["grouped_mm"]["forward+backward"]["ms"] / model["moe_course"]["forward+backward"]["ms"])])
     sizes = r.data["sizes"]
-    return (table(["model", "experts forward ms (eager / grouped_mm / moe_course)", "experts fwd+bwd ms",
+    sonic = any("sonicmoe" in v["backends"] for v in r.data["experts"].values())
+    order = "eager / grouped_mm / moe_course" + (" / sonicmoe" if sonic else "")
+    missing = [a for a in hf_models.ARCHITECTURES if a not in r.data["experts"]]
+    return (table(["model", f"experts forward ms ({order})", "experts fwd+bwd ms",
                    "moe_course over grouped_mm, fwd+bwd", "kept for the backward, MiB (moe_course vs grouped_mm)",
                    "whole model fwd+bwd, over grouped_mm"], rows)
             + f"\nThe first MoE block's experts call on the inputs the model hands it, and the whole model "
               f"({sizes['layers']} blocks, batch {sizes['batch']} x {sizes['seq']} tokens, real widths, random "
-              f"weights), transformers' backends timed in turns after the three agree. On {_measured_on(r)}; "
-              f"DeepSeek-V3 does not fit that card with its gradients.\n"
-            + source("hf_backends (H100)"))
+              f"weights), transformers' backends timed in turns after they agree. On {_measured_on(r)}"
+              + (f"; {', '.join(missing)} did not fit that card with its gradients" if missing else "")
+              + ("" if sonic else f". SonicMoE did not run in this record: {r.data.get('sonicmoe', 'not measured')}")
+              + ".\n"
+            + source("hf_backends"))
 
 
 BLOCKS: dict[str, Callable[[Records], str]] = {

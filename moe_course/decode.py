@@ -561,6 +561,22 @@ def kernel_capacity(tokens: int) -> int:
     return next((c for c in DECODE_SLOTS if c >= tokens), DECODE_SLOTS[-1])
 
 
+#: Rows an active expert gets on average from which 09_1 beats 09_2: with experts that full, 09_2's
+#: chunks of 32 run the tensor cores at a narrow N where 09_1 runs one wide wgmma, and the step is
+#: near the ridge (Mixtral at 512 tokens, 128 rows an expert: 09_1 660 µs, 09_2 906 µs, H200).
+FULL_EXPERT_ROWS = 64
+
+
+def gemm_step(tokens: int, capacity: int, num_experts: int, k: int) -> int:
+    """The decode GEMM a step uses (1: 09_1, 2: 09_2), from numbers the host has (no read back):
+    09_2 where the capacity holds more than one chunk of slots and an active expert gets fewer
+    than :data:`FULL_EXPERT_ROWS` rows on average (``T K / E``), else 09_1 (at one chunk the two
+    are the same maths)."""
+    from .launch import DECODE_CHUNK
+
+    return 2 if capacity > DECODE_CHUNK and tokens * k < FULL_EXPERT_ROWS * num_experts else 1
+
+
 def route(x: Tensor, w_router: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The router of the decode layers on a GPU (09_2's and the ``torch._grouped_mm`` one, so both
     route alike): logits in float32 at least (a small product), top-k softmax, no value read
@@ -570,8 +586,9 @@ def route(x: Tensor, w_router: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def masked_moe_forward_kernel(x: Tensor, w: DecodeWeights | moe.MoEWeights, k: int, *,
-                              capacity: int | None = None, step: int = 2) -> DecodeOutput:
-    """:func:`masked_moe_forward` with its expert products on 09_2 (``step=1``: 09_1): the router and the masked
+                              capacity: int | None = None, step: int | None = None) -> DecodeOutput:
+    """:func:`masked_moe_forward` with its expert products on 09_1 or 09_2 (``step``; default
+    :func:`gemm_step`'s choice): the router and the masked
     layout in torch (no value read back), the up-projection ``[gate; up]`` in one launch, SwiGLU
     in torch, the down-projection in a second launch, the combine in torch. Each launch reads the
     experts' counts on the device: an idle expert's weights are never read, and the whole step
@@ -580,7 +597,8 @@ def masked_moe_forward_kernel(x: Tensor, w: DecodeWeights | moe.MoEWeights, k: i
     :data:`moe_course.launch.DECODE_SLOTS` (default :func:`kernel_capacity`)."""
     from . import launch
 
-    require(step in launch.DECODE_GEMMS, lambda: f"step must be one of {tuple(launch.DECODE_GEMMS)}, got {step!r}")
+    require(step is None or step in launch.DECODE_GEMMS,
+            lambda: f"step must be one of {tuple(launch.DECODE_GEMMS)} or None, got {step!r}")
 
     if isinstance(w, moe.MoEWeights):
         w = prepare(w, x.dtype)
@@ -593,6 +611,7 @@ def masked_moe_forward_kernel(x: Tensor, w: DecodeWeights | moe.MoEWeights, k: i
     layout = masked_layout(experts, E, kernel_capacity(tokens) if capacity is None else capacity)
     x_slots = torch.where(layout.valid[..., None], x[layout.slot_token], 0)  # (E, C, d): empty slots zero
     count = layout.counts.clamp(max=layout.capacity).to(torch.int32)
+    step = gemm_step(tokens, layout.capacity, E, k) if step is None else step
     # (E, C, 2n). The kernel writes a busy expert's filled slots only, and SwiGLU below runs on every
     # slot (cheaper than gathering the filled ones), so the slots it does not write start at zero:
     # reading memory no kernel wrote is an error (compute-sanitizer's initcheck reported it, H100,
@@ -644,7 +663,13 @@ GEMM_CONTENDERS = ("09_2, graph", "09_1, graph", "grouped_mm, graph", "09_2", "0
 
 
 def course_gemm(row: dict) -> str:
-    """The course's contender to show in a "decode_gemm" row: the fastest 09_* of the row."""
+    """The course's contender in a "decode_gemm" row: the graph of the kernel :func:`gemm_step`
+    picks for that step (what the layer runs), where both were measured; else the fastest 09_*."""
+    if "09_1, graph" in row and "09_2, graph" in row:
+        from .configs import by_name
+
+        cfg = by_name(row["shape"])
+        return f"09_{gemm_step(row['tokens'], row['capacity'], cfg.E, cfg.K)}, graph"
     return min((n for n in GEMM_CONTENDERS if n.startswith("09_") and n in row), key=lambda n: row[n]["ms"])
 
 
@@ -656,11 +681,10 @@ def torch_gemm(row: dict) -> str:
 
 def gemm_table(data: dict) -> str:
     """A "decode_gemm" record's rows as text: µs and fraction of the device copy for each
-    contender measured, and the course's fastest over torch's (:func:`course_gemm`,
-    :func:`torch_gemm`)."""
+    contender measured, and the course's (:func:`course_gemm`) over torch's (:func:`torch_gemm`)."""
     names = [n for n in GEMM_CONTENDERS if any(n in row for row in data["rows"])]
     lines = [f"{'shape':<16}{'proj':>5}{'T':>5}{'active':>7}" + "".join(f"{n + ' µs':>22}{'of copy':>8}" for n in names)
-             + f"{'best':>14}{'speed-up':>9}"]
+             + f"{'course':>14}{'speed-up':>9}"]
     for row in data["rows"]:
         cells = "".join(f"{1e3 * row[n]['ms']:>22.1f}{row[n]['of_copy']:>8.0%}" if n in row else f"{'-':>30}"
                         for n in names)

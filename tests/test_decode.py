@@ -367,12 +367,25 @@ def test_the_decode_gemm_table_reads_a_record_of_session_14():
     assert line.split()[:4] == ["mixtral-8x7b", "up", "64", "8"] and line.endswith("1.50x") and "91%" in line
 
 
-def test_the_decode_gemm_table_sets_the_fastest_course_graph_against_torchs_graph():
-    row = {"shape": "qwen3-30b-a3b", "proj": "down", "tokens": 512, "active": 128,
+def test_the_decode_gemm_table_sets_the_layers_kernel_against_torchs_graph():
+    row = {"shape": "qwen3-30b-a3b", "proj": "down", "tokens": 512, "active": 128, "capacity": 256,
            "09_2, graph": _timing(0.2, 3.0), "09_1, graph": _timing(0.3, 2.0), "grouped_mm, graph": _timing(0.5, 1.2),
            "09_2": _timing(0.25, 2.4), "grouped_mm": _timing(0.45, 1.3)}
     assert decode.course_gemm(row) == "09_2, graph" and decode.torch_gemm(row) == "grouped_mm, graph"
     line = decode.gemm_table({"rows": [row]}).splitlines()[1]
     assert line.endswith("2.50x") and "09_2, graph" in line  # 0.5 / 0.2, torch's graph, not its eager 0.45
-    row["09_1, graph"] = _timing(0.1, 6.0)  # 09_1 faster: it is the one shown
-    assert decode.course_gemm(row) == "09_1, graph" and decode.gemm_table({"rows": [row]}).endswith("5.00x")
+    row["09_1, graph"] = _timing(0.1, 6.0)  # the layer runs 09_2 here, so 09_2 is shown, not the faster 09_1
+    assert decode.course_gemm(row) == "09_2, graph" and decode.gemm_table({"rows": [row]}).endswith("2.50x")
+    mixtral = dict(row, shape="mixtral-8x7b", active=8)  # 512 x 2 / 8 = 128 rows an expert: 09_1
+    assert decode.course_gemm(mixtral) == "09_1, graph"
+
+
+def test_the_decode_gemm_step_follows_the_rows_per_expert():
+    from moe_course import launch
+
+    E, K = 8, 2  # Mixtral
+    assert decode.gemm_step(512, 256, E, K) == 1  # 128 rows an expert: full, 09_1
+    assert decode.gemm_step(255, 256, E, K) == 2  # just under 64 rows an expert
+    assert decode.gemm_step(1, 8, E, K) == 1  # one chunk: the same maths, 09_1
+    assert decode.gemm_step(512, launch.DECODE_CHUNK, 256, 8) == 1
+    assert decode.gemm_step(512, 256, 256, 8) == 2  # DeepSeek-V3: 16 rows an expert

@@ -374,7 +374,7 @@ def ch09(rec: Records) -> str:
     first = r.data["rows"][0]
     graphs = "09_2, graph" in first
     return (table(head, rows)
-            + f"\nEach cell: the course's decode GEMM ({'`09_2`, or `09_1` where marked' if graphs else '`09_1`'}) / "
+            + f"\nEach cell: the course's decode GEMM ({'the one the layer picks, `decode.gemm_step`: `09_2`, or `09_1` where marked' if graphs else '`09_1`'}) / "
               f"`torch._grouped_mm`{', each replayed from a CUDA graph' if graphs else ''}, as a fraction of the "
               f"measured device copy ({r.data['copy_tbps']:.2f} TB/s) over the bytes a step must move (the tokens, each "
               f"active expert's weights once, the outputs); the contenders interleaved, each checked first. "

@@ -5,7 +5,14 @@ down-projection (N = d):
 
 - ``09_1``: the course's decode kernel on the masked layout (kernels/09_1_decode_swap_ab.cu: the
   token slots as wgmma's N, idle experts never read, no host sync);
+- ``09_2``: 09_1 loading and multiplying only the chunks of 32 slots that hold a token
+  (kernels/09_2_decode_slot_chunks.cu);
 - ``grouped_mm``: ``torch._grouped_mm`` on the pairs sorted by expert (CUTLASS).
+
+Each is timed replayed from a CUDA graph (``, graph``: how a serving engine runs a step, the
+host's launch cost paid once at capture), and 09_2 and grouped_mm eager too, where each call
+pays the host's launch cost (a course launch ~80 µs, torch's ~23 µs, H200 session 14: below
+those, an eager time measures the host).
 
 Not contenders, though issue 20 asks for one serving library's fused MoE kernel: none can be
 installed on the GPU machine, which has no package registry and takes at most 64 MiB of carried
@@ -55,25 +62,30 @@ def measure_one(cfg, tokens: int, proj: str, roof) -> dict:
     count = layout.counts.clamp(max=capacity).to(torch.int32)
     d = moe.dispatch(experts, cfg.E)
     x_sorted, offs = x[d.token_of], d.offsets[1:].to(torch.int32)
-    ours = lambda: launch.decode_grouped_gemm(x_slots, w, count)
-    theirs = lambda: torch._grouped_mm(x_sorted, w.transpose(1, 2), offs=offs)
-    y = ours()  # checked first: every filled slot against float32
-    want = torch.einsum("eck,enk->ecn", x_slots.float(), w.float())
+    eager = {"09_1": lambda: launch.decode_grouped_gemm(x_slots, w, count, step=1),
+             "09_2": lambda: launch.decode_grouped_gemm(x_slots, w, count, step=2),
+             "grouped_mm": lambda: torch._grouped_mm(x_sorted, w.transpose(1, 2), offs=offs)}
+    want = torch.einsum("eck,enk->ecn", x_slots.float(), w.float())  # checked first, against float32
     filled = layout.valid & (torch.arange(capacity, device="cuda") < count[:, None])
-    err = relative_error(y[filled].float(), want[filled])
-    if not err < 1e-2:
-        raise SystemExit(f"09_1 is wrong on {cfg.name} {proj} at T={tokens}: relative error {err:.3g}")
+    errors = {}
+    for name in ("09_1", "09_2"):
+        errors[name] = relative_error(eager[name]()[filled].float(), want[filled])
+        if not errors[name] < 1e-2:
+            raise SystemExit(f"{name} is wrong on {cfg.name} {proj} at T={tokens}: relative error {errors[name]:.3g}")
+    graphs = {f"{name}, graph": decode.graphed(fn)[0].replay for name, fn in eager.items()}
     active = int(decode.active_experts(experts, cfg.E))
     nbytes = 2 * (tokens * k_in + active * n_out * k_in + tokens * cfg.K * n_out)
     flops = 2 * tokens * cfg.K * n_out * k_in
-    m = interleaved({"09_1": ours, "grouped_mm": theirs}, rounds=5, reps=20, flops=flops, bytes=nbytes)
+    contenders = graphs | {name: eager[name] for name in ("09_2", "grouped_mm")}
+    m = interleaved({name: contenders[name] for name in decode.GEMM_CONTENDERS if name in contenders},
+                    rounds=5, reps=20, flops=flops, bytes=nbytes)
     return {"shape": cfg.name, "proj": proj, "tokens": tokens, "active": active, "capacity": capacity,
-            "bytes": nbytes, "relative_error": err,
+            "bytes": nbytes, "relative_error": errors["09_2"], "relative_error_09_1": errors["09_1"],
             **{name: {**r.timing(), "tbps": r.tbps, "of_copy": r.tbps / roof.copy_tbps} for name, r in m.items()}}
 
 
 def measure_layer(cfg, tokens: int, roof) -> dict:
-    """The whole decode layer (router, up with SwiGLU, down, combine) on 09_1 and on chapter 06's
+    """The whole decode layer (router, up with SwiGLU, down, combine) on 09_2 and on chapter 06's
     kernels (layer.forward), each captured in a CUDA graph, against the same layer on
     torch._grouped_mm (decode.grouped_mm_forward), graph-replayed and eager; checked against each
     other first."""
@@ -107,10 +119,10 @@ def measure_layer(cfg, tokens: int, roof) -> dict:
     err_06 = relative_error(training_y[alike].float(), theirs_y[alike].float())
     if not (err < 2e-2 and err_06 < 2e-2 and alike.float().mean() > 0.5):
         raise SystemExit(f"the decode layers disagree on {cfg.name} at T={tokens}: relative error {err:.3g} "
-                         f"(09_1), {err_06:.3g} (06, on the {int(alike.sum())} tokens routed alike)")
+                         f"(09_2), {err_06:.3g} (06, on the {int(alike.sum())} tokens routed alike)")
     active = int(decode.active_experts(experts, cfg.E))
     step = decode.decode_step(cfg, tokens, "layer", active=active)
-    m = interleaved({"09_1 layer, graph": ours_graph.replay, "06 layer, graph": training_graph.replay,
+    m = interleaved({"09_2 layer, graph": ours_graph.replay, "06 layer, graph": training_graph.replay,
                      "grouped_mm layer, graph": theirs_graph.replay,
                      "grouped_mm layer, eager": lambda: decode.grouped_mm_forward(x, wd, cfg.K)},
                     rounds=5, reps=20, bytes=step.bytes)

@@ -139,6 +139,7 @@ struct __align__(1024) DecodeSlot {
 };
 constexpr u32 SLOT_BYTES = sizeof(DecodeSlot);
 
+#if __INCLUDE_LEVEL__ == 0  // the kernel, only where this file is the one compiled (not in 09_2)
 extern "C" __global__ void __launch_bounds__(256)
 decode_grouped_gemm(const __grid_constant__ TmaDesc map_w,  // W as [E * N, K], boxes of 128 rows
                     const __grid_constant__ TmaDesc map_x,  // X as [E * SLOTS, K], boxes of SLOTS rows
@@ -205,3 +206,4 @@ decode_grouped_gemm(const __grid_constant__ TmaDesc map_w,  // W as [E * N, K], 
         if (c < rows) Y[((size_t)expert * SLOTS + c) * N + n0 + warpgroup * 64 + r] = __float2bfloat16_rn(acc[v]);
     }
 }
+#endif

@@ -530,11 +530,11 @@ def check_against_chapter01(case: Case, layer: Callable = masked_moe_forward, dt
 
 
 # --------------------------------------------------------------------------------------------
-# 6. The step on the course's decode kernel (kernels/09_1_decode_swap_ab.cu), a Hopper GPU
+# 6. The step on the course's decode kernels (kernels/09_1_decode_swap_ab.cu, 09_2), a Hopper GPU
 
 
 class DecodeWeights(NamedTuple):
-    """A layer's weights as 09_1 reads them (both projections ``[E, N, K]``, K contiguous), made
+    """A layer's weights as 09_1 and 09_2 read them (both projections ``[E, N, K]``, K contiguous), made
     once: serving does not change them between steps. ``w_router (d, E)``; ``w_gate_up (E, 2n,
     d)``: each expert's n gate rows, then its n up rows; ``w_down (E, d, n)``."""
     w_router: Tensor
@@ -544,14 +544,14 @@ class DecodeWeights(NamedTuple):
 
 def prepare(w: moe.MoEWeights, dtype=torch.bfloat16) -> DecodeWeights:
     """Chapter 01's weights (``w_gate``, ``w_up`` ``(E, d, n)``, ``w_down`` ``(E, n, d)``) in
-    09_1's layout and ``dtype``: one copy, before the first step."""
+    09_1's and 09_2's layout and ``dtype``: one copy, before the first step."""
     gate_up = torch.cat((w.w_gate.transpose(1, 2), w.w_up.transpose(1, 2)), dim=1)
     return DecodeWeights(w.w_router.to(dtype), gate_up.to(dtype).contiguous(),
                          w.w_down.transpose(1, 2).to(dtype).contiguous())
 
 
 def kernel_capacity(tokens: int) -> int:
-    """The token slots per expert 09_1 is built for (its wgmma N): the smallest of
+    """The token slots per expert 09_1 and 09_2 are built for: the smallest of
     :data:`moe_course.launch.DECODE_SLOTS` that holds ``tokens`` (an expert gets at most one pair
     per token, so nothing can drop), or the largest, 256, past it (a step of more tokens then
     drops what an expert gets past 256: :func:`check_no_overflow` says so, outside the step)."""
@@ -561,8 +561,24 @@ def kernel_capacity(tokens: int) -> int:
     return next((c for c in DECODE_SLOTS if c >= tokens), DECODE_SLOTS[-1])
 
 
+#: Rows an active expert gets on average from which 09_1 beats 09_2: with experts that full, 09_2's
+#: chunks of 32 run the tensor cores at a narrow N where 09_1 runs one wide wgmma, and the step is
+#: near the ridge (Mixtral at 512 tokens, 128 rows an expert: 09_1 660 µs, 09_2 906 µs, H200).
+FULL_EXPERT_ROWS = 64
+
+
+def gemm_step(tokens: int, capacity: int, num_experts: int, k: int) -> int:
+    """The decode GEMM a step uses (1: 09_1, 2: 09_2), from numbers the host has (no read back):
+    09_2 where the capacity holds more than one chunk of slots and an active expert gets fewer
+    than :data:`FULL_EXPERT_ROWS` rows on average (``T K / E``), else 09_1 (at one chunk the two
+    are the same maths)."""
+    from .launch import DECODE_CHUNK
+
+    return 2 if capacity > DECODE_CHUNK and tokens * k < FULL_EXPERT_ROWS * num_experts else 1
+
+
 def route(x: Tensor, w_router: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The router of the decode layers on a GPU (09_1's and the ``torch._grouped_mm`` one, so both
+    """The router of the decode layers on a GPU (09_2's and the ``torch._grouped_mm`` one, so both
     route alike): logits in float32 at least (a small product), top-k softmax, no value read
     back. Returns ``(weights, experts)``, each ``(T, k)``."""
     acc = torch.promote_types(x.dtype, torch.float32)
@@ -570,8 +586,9 @@ def route(x: Tensor, w_router: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def masked_moe_forward_kernel(x: Tensor, w: DecodeWeights | moe.MoEWeights, k: int, *,
-                              capacity: int | None = None) -> DecodeOutput:
-    """:func:`masked_moe_forward` with its expert products on 09_1: the router and the masked
+                              capacity: int | None = None, step: int | None = None) -> DecodeOutput:
+    """:func:`masked_moe_forward` with its expert products on 09_1 or 09_2 (``step``; default
+    :func:`gemm_step`'s choice): the router and the masked
     layout in torch (no value read back), the up-projection ``[gate; up]`` in one launch, SwiGLU
     in torch, the down-projection in a second launch, the combine in torch. Each launch reads the
     experts' counts on the device: an idle expert's weights are never read, and the whole step
@@ -579,6 +596,9 @@ def masked_moe_forward_kernel(x: Tensor, w: DecodeWeights | moe.MoEWeights, k: i
     :func:`prepare`'s (or chapter 01's, prepared on each call); ``capacity``: one of
     :data:`moe_course.launch.DECODE_SLOTS` (default :func:`kernel_capacity`)."""
     from . import launch
+
+    require(step is None or step in launch.DECODE_GEMMS,
+            lambda: f"step must be one of {tuple(launch.DECODE_GEMMS)} or None, got {step!r}")
 
     if isinstance(w, moe.MoEWeights):
         w = prepare(w, x.dtype)
@@ -591,19 +611,21 @@ def masked_moe_forward_kernel(x: Tensor, w: DecodeWeights | moe.MoEWeights, k: i
     layout = masked_layout(experts, E, kernel_capacity(tokens) if capacity is None else capacity)
     x_slots = torch.where(layout.valid[..., None], x[layout.slot_token], 0)  # (E, C, d): empty slots zero
     count = layout.counts.clamp(max=layout.capacity).to(torch.int32)
-    # (E, C, 2n). 09_1 writes a busy expert's filled slots only, and SwiGLU below runs on every
+    step = gemm_step(tokens, layout.capacity, E, k) if step is None else step
+    # (E, C, 2n). The kernel writes a busy expert's filled slots only, and SwiGLU below runs on every
     # slot (cheaper than gathering the filled ones), so the slots it does not write start at zero:
     # reading memory no kernel wrote is an error (compute-sanitizer's initcheck reported it, H100,
     # session 11), whatever is done with the values. A SwiGLU epilogue in the kernel, as 03_4 has
     # for training, would read and write the filled slots alone: the next step.
-    h = launch.decode_grouped_gemm(x_slots, w.w_gate_up, count, out=x_slots.new_zeros(E, layout.capacity, two_n))
+    h = launch.decode_grouped_gemm(x_slots, w.w_gate_up, count, out=x_slots.new_zeros(E, layout.capacity, two_n),
+                                   step=step)
     gate, up = h.to(acc).split(two_n // 2, dim=-1)
     a = (F.silu(gate) * up).to(x.dtype)  # (E, C, n)
     # (E * C + 1, d): the slots' rows and the spare one a dropped pair reads, all zero but the
-    # filled slots 09_1 writes (the combine gathers those alone; a copy of every slot, as
+    # filled slots the kernel writes (the combine gathers those alone; a copy of every slot, as
     # masked_combine's, would read slots no kernel wrote)
     y_rows = x_slots.new_zeros(E * layout.capacity + 1, d)
-    launch.decode_grouped_gemm(a, w.w_down, count, out=y_rows[:-1].view(E, layout.capacity, d))
+    launch.decode_grouped_gemm(a, w.w_down, count, out=y_rows[:-1].view(E, layout.capacity, d), step=step)
     return DecodeOutput(combine_rows(y_rows, layout, weights), weights, experts, layout)
 
 
@@ -630,51 +652,77 @@ def grouped_mm_forward(x: Tensor, w: DecodeWeights, k: int) -> Tensor:
     return out.index_add_(0, token, y.to(acc) * weights.reshape(-1)[order, None]).to(x.dtype)
 
 
-#: The record of benchmarks/bench_decode.py: 09_1 against torch._grouped_mm per shape, projection
-#: and step size.
+#: The record of benchmarks/bench_decode.py: the course's decode GEMMs against torch._grouped_mm
+#: per shape, projection and step size.
 GEMM_KIND = "decode_gemm"
+#: Its contenders, as bench_decode.py names them: each replayed from a CUDA graph (as a serving
+#: engine runs a step: the host's launch cost paid once), and the two fastest eager too (where
+#: the host's cost per launch shows: ~80 µs for a course launch, ~23 for torch's, H200). Records
+#: of session 14 and before hold "09_1" and "grouped_mm" eager only.
+GEMM_CONTENDERS = ("09_2, graph", "09_1, graph", "grouped_mm, graph", "09_2", "09_1", "grouped_mm")
+
+
+def course_gemm(row: dict) -> str:
+    """The course's contender in a "decode_gemm" row: the graph of the kernel :func:`gemm_step`
+    picks for that step (what the layer runs), where both were measured; else the fastest 09_*."""
+    if "09_1, graph" in row and "09_2, graph" in row:
+        from .configs import by_name
+
+        cfg = by_name(row["shape"])
+        return f"09_{gemm_step(row['tokens'], row['capacity'], cfg.E, cfg.K)}, graph"
+    return min((n for n in GEMM_CONTENDERS if n.startswith("09_") and n in row), key=lambda n: row[n]["ms"])
+
+
+def torch_gemm(row: dict) -> str:
+    """torch's contender in a "decode_gemm" row: its graph-replayed time where measured (the
+    course's best is a graph too), else the eager one."""
+    return "grouped_mm, graph" if "grouped_mm, graph" in row else "grouped_mm"
 
 
 def gemm_table(data: dict) -> str:
-    """A "decode_gemm" record's rows as text: time, TB/s and fraction of the device copy for 09_1
-    and ``torch._grouped_mm``, and 09_1's speed-up."""
-    lines = [f"{'shape':<16}{'proj':>5}{'T':>5}{'active':>7}{'09_1 µs':>10}{'TB/s':>7}{'of copy':>8}"
-             f"{'grouped_mm µs':>15}{'TB/s':>7}{'of copy':>8}{'speed-up':>9}"]
+    """A "decode_gemm" record's rows as text: µs and fraction of the device copy for each
+    contender measured, and the course's (:func:`course_gemm`) over torch's (:func:`torch_gemm`)."""
+    names = [n for n in GEMM_CONTENDERS if any(n in row for row in data["rows"])]
+    lines = [f"{'shape':<16}{'proj':>5}{'T':>5}{'active':>7}" + "".join(f"{n + ' µs':>22}{'of copy':>8}" for n in names)
+             + f"{'course':>14}{'speed-up':>9}"]
     for row in data["rows"]:
-        ours, theirs = row["09_1"], row["grouped_mm"]
-        lines.append(f"{row['shape']:<16}{row['proj']:>5}{row['tokens']:>5}{row['active']:>7}"
-                     f"{1e3 * ours['ms']:>10.1f}{ours['tbps']:>7.2f}{ours['of_copy']:>8.0%}"
-                     f"{1e3 * theirs['ms']:>15.1f}{theirs['tbps']:>7.2f}{theirs['of_copy']:>8.0%}"
-                     f"{theirs['ms'] / ours['ms']:>8.2f}x")
+        cells = "".join(f"{1e3 * row[n]['ms']:>22.1f}{row[n]['of_copy']:>8.0%}" if n in row else f"{'-':>30}"
+                        for n in names)
+        ours, theirs = course_gemm(row), torch_gemm(row)
+        lines.append(f"{row['shape']:<16}{row['proj']:>5}{row['tokens']:>5}{row['active']:>7}{cells}"
+                     f"{ours:>14}{row[theirs]['ms'] / row[ours]['ms']:>8.2f}x")
     return "\n".join(lines)
 
 
-#: The record of bench_decode.py's layer part: the whole decode layer, 09_1's graph-replayed
+#: The record of bench_decode.py's layer part: the whole decode layer, the course's graph-replayed
 #: against the torch._grouped_mm layer, graph-replayed and eager.
 LAYER_KIND = "decode_layer"
-#: The whole decode layer, timed: on 09_1 (masked slots), on chapter 06's training kernels (the
+#: The whole decode layer, timed: on 09_2 (masked slots; records of session 14 and before: 09_1),
+#: on chapter 06's training kernels (the
 #: same launches as :func:`moe_course.layer.forward`: rows sorted by expert, 03_4's gathered
 #: up-projection with SwiGLU, 03_2, 06_4's combine), both graph-replayed; the torch._grouped_mm
 #: layer graph-replayed and eager.
-LAYER_CONTENDERS = ("09_1 layer, graph", "06 layer, graph", "grouped_mm layer, graph", "grouped_mm layer, eager")
-COURSE_LAYERS = ("09_1 layer, graph", "06 layer, graph")
+LAYER_CONTENDERS = ("09_2 layer, graph", "09_1 layer, graph", "06 layer, graph", "grouped_mm layer, graph",
+                    "grouped_mm layer, eager")
+COURSE_LAYERS = ("09_2 layer, graph", "09_1 layer, graph", "06 layer, graph")
 LAYER_MINIMUM = 1.3  # issue 20: the graph-replayed course layer over the grouped_mm layer at 64 tokens
 
 
 def course_layer_ms(row: dict) -> float:
-    """The course's decode layer in a "decode_layer" row: the faster of its two, where measured."""
+    """The course's decode layer in a "decode_layer" row: the fastest of those measured."""
     return min(row[n]["ms"] for n in COURSE_LAYERS if n in row)
 
 
 def layer_table(data: dict) -> str:
     """A "decode_layer" record's rows as text: µs and fraction of the device copy (over the
     step's bytes, :func:`decode_step`'s "layer" with the active experts counted) per contender,
-    and the course layer's speed-up (the faster of its two) over the graph-replayed grouped_mm layer."""
+    and the course layer's speed-up (the fastest of its own) over the graph-replayed grouped_mm layer."""
+    names = [n for n in LAYER_CONTENDERS if any(n in row for row in data["rows"])]
     lines = [f"{'shape':<16}{'T':>5}{'active':>7}" + "".join(f"{name + ' µs':>28}{'of copy':>8}"
-                                                            for name in LAYER_CONTENDERS) + f"{'speed-up':>9}"]
+                                                            for name in names) + f"{'speed-up':>9}"]
     for row in data["rows"]:
         cells = "".join(f"{1e3 * row[n]['ms']:>28.1f}{row[n]['of_copy']:>8.0%}" if n in row else f"{'-':>36}"
-                        for n in LAYER_CONTENDERS)
+                        for n in names)
         speedup = row["grouped_mm layer, graph"]["ms"] / course_layer_ms(row)
         lines.append(f"{row['shape']:<16}{row['tokens']:>5}{row['active']:>7}{cells}{speedup:>8.2f}x")
     return "\n".join(lines)

@@ -242,6 +242,24 @@ DECODE_STEPS = {c: Step("09_1_decode_swap_ab", "decode_grouped_gemm", f"decode, 
                         DECODE_ROWS, c, SLICE_K, threads=256, min_cc=HOPPER, smem_bytes=decode_smem(c), tma=True,
                         defines={} if c == 64 else {"SLOTS": c})
                 for c in DECODE_SLOTS}
+#: 09_2's chunk of token slots (its wgmma N per chain): the slots of a capacity come in chunks of
+#: this many, and only the chunks holding a token are loaded and multiplied
+DECODE_CHUNK = 32
+
+
+def decode_chunk(slots: int) -> int:
+    """09_2's chunk for a capacity of ``slots``: :data:`DECODE_CHUNK`, or the capacity where that
+    is smaller (one chunk: 09_1's maths)."""
+    return min(slots, DECODE_CHUNK)
+
+
+DECODE_CHUNKED_STEPS = {c: Step("09_2_decode_slot_chunks", "decode_grouped_gemm_chunked",
+                                f"decode, swap AB, {c} token slots in chunks of {decode_chunk(c)}",
+                                DECODE_ROWS, c, SLICE_K, threads=256, min_cc=HOPPER, smem_bytes=decode_smem(c),
+                                tma=True, defines={} if c == 64 else {"SLOTS": c})
+                        for c in DECODE_SLOTS}
+#: The decode GEMMs by chapter-09 step: 1 multiplies every slot, 2 only the chunks holding a token
+DECODE_GEMMS = {1: DECODE_STEPS, 2: DECODE_CHUNKED_STEPS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -721,13 +739,15 @@ def hf_weight_grad_gate_up(dh, x, gather_idx, offs, validate: bool = True):
 
 
 @kernels.on_torch_stream
-def decode_grouped_gemm(x_slots, w, count, out=None):
-    """``y[e, s] = x_slots[e, s] @ w[e].T`` for the filled slots ``s < count[e]`` of each expert
-    (``kernels/09_1_decode_swap_ab.cu``): ``x_slots [E, C, K]`` (the masked layout; ``C`` one of
-    :data:`DECODE_SLOTS`), ``w [E, N, K]``, ``count [E]`` int32 on the GPU, read there (no host
-    sync: the launch can be captured in a CUDA graph). Returns ``y [E, C, N]`` bf16; rows past an
-    expert's count are not written, and an expert with no tokens is not read. N a multiple of
-    128, K of 64."""
+def decode_grouped_gemm(x_slots, w, count, out=None, step: int = 2):
+    """``y[e, s] = x_slots[e, s] @ w[e].T`` for the filled slots ``s < count[e]`` of each expert:
+    ``x_slots [E, C, K]`` (the masked layout; ``C`` one of :data:`DECODE_SLOTS`), ``w [E, N, K]``,
+    ``count [E]`` int32 on the GPU, read there (no host sync: the launch can be captured in a CUDA
+    graph). Returns ``y [E, C, N]`` bf16; rows past an expert's count are not written, and an
+    expert with no tokens is not read. N a multiple of 128, K of 64. ``step``: 2
+    (``kernels/09_2_decode_slot_chunks.cu``, only the chunks of slots that hold a token are
+    multiplied) or 1 (``kernels/09_1_decode_swap_ab.cu``, every slot)."""
+    require(step in DECODE_GEMMS, lambda: f"step must be one of {tuple(DECODE_GEMMS)} (09_1, 09_2), got {step!r}")
     check_hopper_inputs({"x_slots": x_slots, "w": w, "count": count}, {"x_slots": 3, "w": 3, "count": 1},
                         {"count": torch.int32})
     E, C, K = x_slots.shape
@@ -736,16 +756,17 @@ def decode_grouped_gemm(x_slots, w, count, out=None):
                                          f"{tuple(w.shape)}: E or K differs")
     require(count.numel() == E, lambda: f"count must hold one number per expert: {E}, got {count.numel()}")
     require(C in DECODE_SLOTS, lambda: f"the token slots per expert (C) must be one of {DECODE_SLOTS}, got {C}")
-    step = DECODE_STEPS[C]
+    kernel = DECODE_GEMMS[step][C]
     require(N % DECODE_ROWS == 0 and K % SLICE_K == 0,
-            lambda: f"{step.name} needs N % {DECODE_ROWS} == 0 and K % {SLICE_K} == 0; got N={N}, K={K}")
+            lambda: f"{kernel.name} needs N % {DECODE_ROWS} == 0 and K % {SLICE_K} == 0; got N={N}, K={K}")
     y = torch.empty(E, C, N, device=w.device, dtype=torch.bfloat16) if out is None else out
     check_out(y.view(E * C, N), E * C, N)
-    fn = kernels.load(step.source, defines=step.defines).get_function(step.kernel)
-    fn.max_dynamic_shared_size_bytes = step.smem_bytes
-    fn((N // DECODE_ROWS, E), (step.threads,),
-       (tma.tensor_map_2d(w, DECODE_ROWS), tma.tensor_map_2d(x_slots, C), ptr(y), ptr(count), np.int32(N),
-        np.int32(K)), shared_mem=step.smem_bytes)
+    fn = kernels.load(kernel.source, defines=kernel.defines).get_function(kernel.kernel)
+    fn.max_dynamic_shared_size_bytes = kernel.smem_bytes
+    x_box = C if step == 1 else decode_chunk(C)  # 09_2 loads a chunk of slots per copy
+    fn((N // DECODE_ROWS, E), (kernel.threads,),
+       (tma.tensor_map_2d(w, DECODE_ROWS), tma.tensor_map_2d(x_slots, x_box), ptr(y), ptr(count), np.int32(N),
+        np.int32(K)), shared_mem=kernel.smem_bytes)
     return y
 
 
@@ -960,6 +981,7 @@ KERNEL_FILES: dict[str, tuple[Step, object]] = {
     HF_TRANSPOSED_B.source: (HF_TRANSPOSED_B, hf_transposed_b_grouped_gemm),
     HF_WEIGHT_GRAD.source: (HF_WEIGHT_GRAD, hf_weight_grad_gate_up),
     DECODE_STEPS[64].source: (DECODE_STEPS[64], decode_grouped_gemm),
+    DECODE_CHUNKED_STEPS[256].source: (DECODE_CHUNKED_STEPS[256], decode_grouped_gemm),
     QUANTIZE.source: (QUANTIZE, quantize_1x128),
     FP8_GEMM.source: (FP8_GEMM, fp8_grouped_gemm),
     FP8_SWIGLU.source: (FP8_SWIGLU, fp8_swiglu_quantize),

@@ -243,8 +243,8 @@ def test_the_graph_replayed_layer_equals_the_eager_one(dtype):
 # The step on 09_1 (kernels/09_1_decode_swap_ab.cu)
 
 
-def kernel_stand_in(x_slots, w, count, out=None):
-    """09_1's contract in torch: the filled slots' products; every other row of ``out`` left as
+def kernel_stand_in(x_slots, w, count, out=None, step=2):
+    """09_1's and 09_2's contract in torch: the filled slots' products; every other row of ``out`` left as
     it was, or, without ``out``, NaN, as the kernel leaves them unwritten (a layer that read one
     would turn NaN)."""
     y = torch.einsum("eck,enk->ecn", x_slots.double(), w.double()).to(x_slots.dtype)
@@ -279,14 +279,19 @@ def decode_problem(counts, C, N, K, seed=0):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("step", [1, 2])
 @pytest.mark.parametrize("C", [8, 16, 32, 64, 128, 256])
-def test_09_1_computes_the_filled_slots_and_nothing_else(C):
+def test_the_decode_gemm_computes_the_filled_slots_and_nothing_else(C, step):
+    """09_1 and 09_2: every filled slot right, nothing past an expert's count written. The counts
+    straddle 09_2's chunks of 32 (31, 32, 33, C - 1), so a chunk skipped or loaded from the wrong
+    rows shows."""
     from moe_course import launch
 
-    counts = [0, 1, C, C // 2 + 1, 0, 3]  # idle experts, one token, a full expert, partial ones
+    # idle experts, one token, a full expert, partial ones, counts either side of a chunk's end
+    counts = [0, 1, C, C // 2 + 1, 0, 3] + [c for c in (31, 32, 33, C - 1) if c <= C]
     x, w, count = decode_problem(counts, C, 256, 192, seed=C)
     y = torch.full((len(counts), C, 256), float("nan"), device="cuda", dtype=torch.bfloat16)
-    launch.decode_grouped_gemm(x, w, count, out=y)
+    launch.decode_grouped_gemm(x, w, count, out=y, step=step)
     want = torch.einsum("eck,enk->ecn", x.float(), w.float())
     for e, c in enumerate(counts):
         assert torch.isfinite(y[e, :c]).all(), f"expert {e}: a filled slot was not written"
@@ -297,9 +302,12 @@ def test_09_1_computes_the_filled_slots_and_nothing_else(C):
 
 
 @pytest.mark.gpu
-def test_09_1_refuses_what_it_cannot_take():
+def test_the_decode_gemm_refuses_what_it_cannot_take():
     from moe_course import launch
 
+    x, w, count = decode_problem([1, 2], 16, 256, 192)
+    with pytest.raises(ValueError, match="step must be one of"):
+        launch.decode_grouped_gemm(x, w, count, step=3)
     x, w, count = decode_problem([1, 2], 24, 256, 192)  # 24 slots: not a width it is built for
     with pytest.raises(ValueError, match=r"token slots per expert \(C\) must be one of"):
         launch.decode_grouped_gemm(x, w, count)
@@ -312,16 +320,17 @@ KERNEL_CASES = [decode.Case(c.name, c.tokens, 256, 256, c.E, c.K, c.routing, c.c
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("step", [1, 2])
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=CASE_IDS)
-def test_the_kernel_layer_matches_chapter_01_on_the_gpu(case):
-    """bf16 on 09_1 against chapter 01's layer in float32 on the same bf16-rounded inputs."""
+def test_the_kernel_layer_matches_chapter_01_on_the_gpu(case, step):
+    """bf16 on 09_1 or 09_2 against chapter 01's layer in float32 on the same bf16-rounded inputs."""
     from moe_course.checking import relative_error
 
     x, w = decode.case_inputs(case, torch.float32)
     x, w = x.bfloat16().float(), moe.MoEWeights(*(t.bfloat16().float() for t in w))
     want = decode.reference_forward(x, w, case.K, case.capacity)
     got = decode.masked_moe_forward_kernel(x.cuda().bfloat16(), decode.prepare(moe.MoEWeights(*(t.cuda() for t in w))),
-                                           case.K, capacity=case.capacity).y.float().cpu()
+                                           case.K, capacity=case.capacity, step=step).y.float().cpu()
     assert torch.isfinite(got).all() and relative_error(got, want) < 1e-2, relative_error(got, want)
 
 
@@ -347,10 +356,36 @@ def test_the_graph_replayed_kernel_layer_equals_the_eager_one():
         assert torch.equal(y, decode.masked_moe_forward_kernel(fresh, w, K).y), f"replay {seed} differs from eager"
 
 
-def test_the_decode_gemm_table_reads_a_record():
-    timing = lambda ms, tbps: {"ms": ms, "ms_p10": ms, "ms_p90": ms, "reps": 20, "tflops": 1.0, "tbps": tbps,
-                               "of_copy": tbps / 3.3}
-    row = {"shape": "mixtral-8x7b", "proj": "up", "tokens": 64, "active": 8, "09_1": timing(0.6, 3.0),
-           "grouped_mm": timing(0.9, 2.0)}
+def _timing(ms, tbps):
+    return {"ms": ms, "ms_p10": ms, "ms_p90": ms, "reps": 20, "tflops": 1.0, "tbps": tbps, "of_copy": tbps / 3.3}
+
+
+def test_the_decode_gemm_table_reads_a_record_of_session_14():
+    row = {"shape": "mixtral-8x7b", "proj": "up", "tokens": 64, "active": 8, "09_1": _timing(0.6, 3.0),
+           "grouped_mm": _timing(0.9, 2.0)}
     line = decode.gemm_table({"rows": [row]}).splitlines()[1]
     assert line.split()[:4] == ["mixtral-8x7b", "up", "64", "8"] and line.endswith("1.50x") and "91%" in line
+
+
+def test_the_decode_gemm_table_sets_the_layers_kernel_against_torchs_graph():
+    row = {"shape": "qwen3-30b-a3b", "proj": "down", "tokens": 512, "active": 128, "capacity": 256,
+           "09_2, graph": _timing(0.2, 3.0), "09_1, graph": _timing(0.3, 2.0), "grouped_mm, graph": _timing(0.5, 1.2),
+           "09_2": _timing(0.25, 2.4), "grouped_mm": _timing(0.45, 1.3)}
+    assert decode.course_gemm(row) == "09_2, graph" and decode.torch_gemm(row) == "grouped_mm, graph"
+    line = decode.gemm_table({"rows": [row]}).splitlines()[1]
+    assert line.endswith("2.50x") and "09_2, graph" in line  # 0.5 / 0.2, torch's graph, not its eager 0.45
+    row["09_1, graph"] = _timing(0.1, 6.0)  # the layer runs 09_2 here, so 09_2 is shown, not the faster 09_1
+    assert decode.course_gemm(row) == "09_2, graph" and decode.gemm_table({"rows": [row]}).endswith("2.50x")
+    mixtral = dict(row, shape="mixtral-8x7b", active=8)  # 512 x 2 / 8 = 128 rows an expert: 09_1
+    assert decode.course_gemm(mixtral) == "09_1, graph"
+
+
+def test_the_decode_gemm_step_follows_the_rows_per_expert():
+    from moe_course import launch
+
+    E, K = 8, 2  # Mixtral
+    assert decode.gemm_step(512, 256, E, K) == 1  # 128 rows an expert: full, 09_1
+    assert decode.gemm_step(255, 256, E, K) == 2  # just under 64 rows an expert
+    assert decode.gemm_step(1, 8, E, K) == 1  # one chunk: the same maths, 09_1
+    assert decode.gemm_step(512, launch.DECODE_CHUNK, 256, 8) == 1
+    assert decode.gemm_step(512, 256, 256, 8) == 2  # DeepSeek-V3: 16 rows an expert

@@ -53,6 +53,7 @@ VARIANTS: dict[str, list[dict]] = {
     "03_1_tma": [{"STAGES": s} for s in (1, 2, 3, 4)] + [{"STAGES": s, "TRACE": TRACE_SLICES} for s in (1, 2, 3, 4)],
     "03_2_warp_specialized": [{"TRACE": TRACE_SLICES}],
     "09_1_decode_swap_ab": [{"SLOTS": c} for c in (8, 16, 32, 128, 256)],  # the file's own: 64
+    "09_2_decode_slot_chunks": [{"SLOTS": c} for c in (8, 16, 32, 128, 256)],  # the file's own: 64
 }
 CUPY_ADDS = ("-ftz=true", "--device-as-default-execution-space")  # cupy.cuda.compiler, NVRTC path
 # (CuPy also appends -arch=sm_90 after the course's -arch=sm_90a; NVRTC keeps the first: same bytes.)

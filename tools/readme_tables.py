@@ -367,13 +367,18 @@ def ch09(rec: Records) -> str:
     for row in r.data["rows"]:
         cells.setdefault(row["shape"], {})[row["proj"], row["tokens"]] = row
     head = ["shape (T, d, n, E, K)"] + [f"{proj}, {t} token{'s' * (t > 1)}" for proj in ("up", "down") for t in (1, 64, 512)]
-    rows = [[shape_label(shape)] + [f"{by[proj, t]['09_1']['of_copy']:.0%} / {by[proj, t]['grouped_mm']['of_copy']:.0%}"
-                                    for proj in ("up", "down") for t in (1, 64, 512)]
+    pair = lambda row: (f"{row[decode.course_gemm(row)]['of_copy']:.0%} / {row[decode.torch_gemm(row)]['of_copy']:.0%}"
+                        + (" (`09_1`)" if decode.course_gemm(row).startswith("09_1") and "09_2, graph" in row else ""))
+    rows = [[shape_label(shape)] + [pair(by[proj, t]) for proj in ("up", "down") for t in (1, 64, 512)]
             for shape, by in cells.items()]
+    first = r.data["rows"][0]
+    graphs = "09_2, graph" in first
     return (table(head, rows)
-            + f"\nEach cell: `09_1` / `torch._grouped_mm`, as a fraction of the measured device copy "
-              f"({r.data['copy_tbps']:.2f} TB/s) over the bytes a step must move (the tokens, each active expert's "
-              f"weights once, the outputs); the two interleaved, each checked first. On {_measured_on(r)}.\n"
+            + f"\nEach cell: the course's decode GEMM ({'the one the layer picks, `decode.gemm_step`: `09_2`, or `09_1` where marked' if graphs else '`09_1`'}) / "
+              f"`torch._grouped_mm`{', each replayed from a CUDA graph' if graphs else ''}, as a fraction of the "
+              f"measured device copy ({r.data['copy_tbps']:.2f} TB/s) over the bytes a step must move (the tokens, each "
+              f"active expert's weights once, the outputs); the contenders interleaved, each checked first. "
+              f"On {_measured_on(r)}.\n"
             + _decode_layer(rec)
             + source("decode_gemm", "decode_layer"))
 

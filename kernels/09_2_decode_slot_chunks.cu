@@ -1,0 +1,104 @@
+// 09_2_decode_slot_chunks.cu: chapter 09, step 2: 09_1 multiplying only the token slots that
+// hold a token.
+//
+// 09_1's wgmma N is the whole capacity, SLOTS, whatever an expert's count. At 512 tokens SLOTS is
+// 256, yet an expert of DeepSeek-V3 holds about 16 tokens (512 x 8 / 256): each block loads and
+// multiplies 16x the slots the step needs, and a step that should wait on memory waits on the
+// tensor cores instead (09_1 measured 47-68% of the copy rate at 512 tokens, H200).
+//
+// Here the slots come in chunks of CHUNK, each chunk its own wgmma N and its own accumulator.
+// A block counts the chunks that hold a filled slot, ceil(count / CHUNK), and for each slice of
+// K loads its 128 rows of W once and those chunks of X only, then runs one chain of wgmmas per
+// such chunk. The count is the same for every thread of the block (a uniform branch: the
+// warpgroups never diverge), and the loop over chunks is unrolled, so each accumulator stays in
+// registers. With SLOTS <= CHUNK there is one chunk and this is 09_1.
+#include "09_1_decode_swap_ab.cu"
+
+#ifndef CHUNK
+#define CHUNK (SLOTS < 32 ? SLOTS : 32)  // token slots per chunk: the wgmma N of one chain
+#endif
+static_assert(SLOTS % CHUNK == 0 && CHUNK >= 8, "CHUNK: a wgmma N (8, 16, 32, ...) that divides SLOTS");
+constexpr int CHUNKS = SLOTS / CHUNK;
+
+extern "C" __global__ void __launch_bounds__(256)
+decode_grouped_gemm_chunked(const __grid_constant__ TmaDesc map_w,  // W as [E * N, K], boxes of 128 rows
+                            const __grid_constant__ TmaDesc map_x,  // X as [E * SLOTS, K], boxes of CHUNK rows
+                            bf16* __restrict__ Y,                   // [E, SLOTS, N]
+                            const int* __restrict__ count,          // [E]: filled slots per expert
+                            int N, int K) {
+    const int expert = blockIdx.y, n0 = blockIdx.x * BW;
+    const int rows = min(count[expert], SLOTS);
+    if (rows <= 0) return;                        // an idle expert: W[e] is never read
+    const int chunks = (rows + CHUNK - 1) / CHUNK;  // the chunks that hold a filled slot
+
+    extern __shared__ unsigned char smem[];
+    const u32 pad = (1024 - (smem_addr(smem) & 1023)) & 1023;
+    DecodeSlot* slots = reinterpret_cast<DecodeSlot*>(smem + pad);
+    u64* full = reinterpret_cast<u64*>(slots + STAGES);
+    u64* empty = full + STAGES;
+    const int num_k = K / BK;
+    const int warpgroup = threadIdx.x / 128, lane = threadIdx.x % 32;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], 8);
+        }
+        fence_proxy_async();
+    }
+    __syncthreads();
+
+    // W's 128 rows and the filled chunks' rows: the slot's bytes this block waits for
+    const u32 slot_bytes = (BW + chunks * CHUNK) * BK * sizeof(bf16);
+    auto load = [&](int kt) {  // thread 0 only, as in 09_1
+        const int s = kt % STAGES;
+        if (kt >= STAGES) mbar_wait(&empty[s], (kt / STAGES - 1) & 1);
+        mbar_arrive_expect_tx(&full[s], slot_bytes);
+        tma_load_2d(slots[s].w, map_w, kt * BK, expert * N + n0, &full[s]);
+        for (int c = 0; c < chunks; ++c)  // chunk c's rows start 1024-byte aligned (CHUNK x 128 B)
+            tma_load_2d(slots[s].x + c * CHUNK * BK, map_x, kt * BK, expert * SLOTS + c * CHUNK, &full[s]);
+    };
+    if (threadIdx.x == 0)
+        for (int kt = 0; kt < STAGES && kt < num_k; ++kt) load(kt);
+
+    float acc[CHUNKS][CHUNK / 2];
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c)
+#pragma unroll
+        for (int v = 0; v < CHUNK / 2; ++v) acc[c][v] = 0.0f;
+    for (int kt = 0; kt < num_k; ++kt) {
+        const int s = kt % STAGES;
+        mbar_wait(&full[s], (kt / STAGES) & 1);
+        const bf16* w = slots[s].w + warpgroup * 64 * BK;
+        wgmma_fence();
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) {
+            if (c >= chunks) break;  // uniform across the block
+            wgmma_fence_operands(acc[c]);
+            const bf16* x = slots[s].x + c * CHUNK * BK;
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk)
+                wgmma_m64k16_swapped<CHUNK>(acc[c], wgmma_desc(w + kk * 16), wgmma_desc(x + kk * 16));
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) wgmma_fence_operands(acc[c]);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[s]);
+        if (threadIdx.x == 0 && kt + STAGES < num_k) load(kt + STAGES);
+    }
+    // 09_1's epilogue, chunk by chunk: accumulator v of chunk c holds token slot c * CHUNK + col
+    const int t = threadIdx.x % 128;
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+        if (c >= chunks) break;
+#pragma unroll
+        for (int v = 0; v < CHUNK / 2; ++v) {
+            const int r = 16 * (t / 32) + (t % 32) / 4 + 8 * ((v / 2) % 2);
+            const int col = c * CHUNK + 8 * (v / 4) + 2 * (t % 4) + v % 2;
+            if (col < rows)
+                Y[((size_t)expert * SLOTS + col) * N + n0 + warpgroup * 64 + r] = __float2bfloat16_rn(acc[c][v]);
+        }
+    }
+}

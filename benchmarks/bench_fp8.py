@@ -114,6 +114,15 @@ def measure_one(cfg, proj: str, dense: dict) -> dict:
             row["error"] = f"07_3 is wrong: relative error {row['swiglu_rel_err']:.3g} against SwiGLU of the product"
             return row
 
+    wide = launch.FP8_GEMM_WIDE  # the 128 x 256 experiment: checked against 07_2, bit for bit expected
+    if d_out % wide.block_n == 0:
+        y_wide = launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, step=wide)
+        row["wide_equals_07_2"] = bool(torch.equal(y_wide, y))
+        row["wide_rel_err"] = max(relative_error(y_wide[s:e].float(), r) for s, e, r in ref.values())
+        if not row["wide_rel_err"] < 1e-2:
+            row["error"] = f"07_2 wide is wrong: relative error {row['wide_rel_err']:.3g} against the dequantised product"
+            return row
+
     def scaled_grouped_mm():
         return torch._scaled_grouped_mm(x_rows_q, w_rows_q.transpose(1, 2), x_rows_scales.view(-1),
                                         w_rows_scales.view(cfg.E, -1), offs=offs, out_dtype=torch.bfloat16,
@@ -123,6 +132,8 @@ def measure_one(cfg, proj: str, dense: dict) -> dict:
                                                           offs, validate=False),
            "07_2": lambda: launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, validate=False),
            "07_1": lambda: launch.quantize_1x128(x, validate=False),
+           **({"07_2 wide": lambda: launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, validate=False,
+                                                           step=wide)} if d_out % wide.block_n == 0 else {}),
            **({"07_3": lambda: launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs, validate=False),
                "07_1+07_4": lambda: launch.fp8_gather_swiglu_quantize(*launch.quantize_1x128(tokens, validate=False),
                                                                       gather_idx, w_q, w_scales, offs, validate=False)}

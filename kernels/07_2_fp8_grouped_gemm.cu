@@ -27,13 +27,19 @@
 //      scales, a float32 map without swizzle, stopped the H100 with an illegal instruction;
 //      session 12, kernels/NOTES.md.)
 // The tile order, the ring and the epilogue (03_2's StagedStore) are the skeleton's.
+#ifndef BN  // 256: the FP8_WIDE experiment (session 14), 128 x 256 tiles, two m64n128 halves
 #define BN 128
+#endif
 #ifndef PRODUCER_REGS  // 07_4's producer copies rows itself and keeps more
 #define PRODUCER_REGS 40
 #define CONSUMER_REGS 232  // 128 x 40 + 256 x 232 <= 65536
 #endif
 #ifndef STAGES  // 07_3 has larger slots and sets its own
+#if BN == 256
+#define STAGES 4  // 4 x 48 KB + two 16 KB staging buffers, as 03_2
+#else
 #define STAGES 5  // 5 x 32 KB + two 16 KB staging buffers
+#endif
 #endif
 #include "03_2_warp_specialized.cu"
 
@@ -174,6 +180,42 @@ __device__ __forceinline__ void fp8_mainloop(float (&acc)[64], const Ring<SlotT>
     }
 }
 
+#if BN == 256
+// The wide tile's main loop (FP8_WIDE, an experiment): per slice, the two 128-column halves in
+// turn through one `part`, each promoted with its own weight block's scale. 128 + 64 registers of
+// arrays where two accumulators of the full width would need 256; a tile reads W's slice once for
+// 128 rows, and its X slice once for 256 columns: 48 KB from L2 per 8.4 MFLOP, where 128 x 128
+// tiles read 32 KB per 4.2 (the prediction: 07_2 is bound by L2's bandwidth at 128 x 128).
+// half h of the accumulator (columns 128 h ..) is acc[64 h ..]: the fragment runs over the
+// columns in groups of 8, four values a group.
+template <typename SlotT>
+__device__ __forceinline__ void fp8_mainloop_wide(float (&acc)[128], const Ring<SlotT>& ring, int& s, int& parity,
+                                                  SliceScales (&scales)[2], int num_k, int a_off, bool has_rows) {
+    float part[64];
+    for (int kt = 0; kt < num_k; ++kt) {
+        float scale_lo[2], scale_hi[2];
+        scales[0].take(kt, scale_lo[0], scale_hi[0]);
+        scales[1].take(kt, scale_lo[1], scale_hi[1]);
+        if (kt) mbar_wait(&ring.full[s], parity);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            if (has_rows) {
+                wgmma_slice_fp8(part, ring.slots[s].a + a_off, ring.slots[s].b + half * 128 * FP8_BK);
+                wgmma_wait<0>();
+                wgmma_fence_operands(part);
+            }
+            if (half == 1) mbar_arrive(&ring.empty[s]);  // every read of the slot is done: free it
+            if (has_rows) {
+#pragma unroll
+                for (int v = 0; v < 64; ++v)
+                    acc[64 * half + v] = fmaf(part[v], (v & 2) ? scale_hi[half] : scale_lo[half], acc[64 * half + v]);
+            }
+        }
+        if (++s == STAGES) s = 0, parity ^= 1;
+    }
+}
+#endif
+
 #if __INCLUDE_LEVEL__ == 0  // the kernel, only where this file is the one compiled (not in 07_3)
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ TmaDesc map_w,
@@ -198,6 +240,16 @@ fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ 
             if (job.row0 < 0) break;
             const int r0 = job.row0 + c * 64;
             const bool has_rows = r0 < job.row_end;  // as in the skeleton: an empty half skips
+#if BN == 256  // two weight blocks across the tile: w_scales [E, N / 128, K / 128]
+            const float* w_scale = w_scales + ((size_t)job.expert * (2 * n_tiles) + 2 * job.n) * num_k;
+            float acc[BN / 2];
+#pragma unroll
+            for (int v = 0; v < BN / 2; ++v) acc[v] = 0.0f;
+            SliceScales scales[2] = {
+                SliceScales(x_scales, ld_scales, job.row0 + r, job.row0 + r + 8, w_scale, num_k),
+                SliceScales(x_scales, ld_scales, job.row0 + r, job.row0 + r + 8, w_scale + num_k, num_k)};
+            fp8_mainloop_wide(acc, ring, s, parity, scales, num_k, c * 64 * FP8_BK, has_rows);
+#else
             // BN = 128 = the weights' scale block: one weight scale per slice of this tile
             const float* w_scale = w_scales + ((size_t)job.expert * n_tiles + job.n) * num_k;
             float acc[BN / 2];
@@ -205,6 +257,7 @@ fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ 
             for (int v = 0; v < BN / 2; ++v) acc[v] = 0.0f;
             SliceScales scales(x_scales, ld_scales, job.row0 + r, job.row0 + r + 8, w_scale, num_k);
             fp8_mainloop(acc, ring, s, parity, scales, num_k, c * 64 * FP8_BK, 0, has_rows);
+#endif
             if (has_rows) StagedStore{Y}.store(acc, ring.staging[c], c, p, r0, job.row_end, job.n);
         }
     }

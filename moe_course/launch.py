@@ -803,6 +803,14 @@ QUANTIZE = Step("07_1_quantize_1x128", "quantize_1x128", "to e4m3 in 1 x 128 gro
 FP8_GEMM = Step("07_2_fp8_grouped_gemm", "fp8_grouped_gemm", "block-scaled FP8 grouped GEMM, promoted every 128 of K",
                 WGMMA_BLOCK_M, FP8_GROUP, FP8_GROUP, threads=384, min_cc=HOPPER, persistent=True, tma=True,
                 smem_bytes=FP8_STAGES * FP8_SLOT_BYTES + 2 * STAGING_BYTES + 32 * FP8_STAGES + 8 + 1024)
+#: An experiment (session 14, not yet run on a GPU): 07_2 with 128 x 256 tiles, each consumer
+#: running two m64n128 halves through one accumulator, so a tile reads W's slice once for 128 rows
+#: and X's once for 256 columns (kernels/NOTES.md: is 07_2 bound by L2 at 128 x 128?).
+FP8_WIDE_STAGES = 4
+FP8_GEMM_WIDE = Step("07_2_fp8_grouped_gemm", "fp8_grouped_gemm", "07_2 with 128 x 256 tiles (an experiment)",
+                     WGMMA_BLOCK_M, 2 * FP8_GROUP, FP8_GROUP, threads=384, min_cc=HOPPER, persistent=True, tma=True,
+                     smem_bytes=FP8_WIDE_STAGES * 48 * 1024 + 2 * STAGING_BYTES + 32 * FP8_WIDE_STAGES + 8 + 1024,
+                     defines={"BN": 256})
 FP8_SWIGLU_STAGES = 4  # 07_3_fp8_swiglu_quantize.cu's STAGES
 FP8_SWIGLU_SLOT_BYTES = 40 * 1024  # its Fp8SwigluSlot: 64 + 256 rows of 128 bytes
 FP8_SWIGLU = Step("07_3_fp8_swiglu_quantize", "fp8_swiglu_quantize",
@@ -896,23 +904,24 @@ def _check_fp8_gemm(step: Step, x_q, x_scales, w_q, w_scales, offs, validate: bo
 
 
 @kernels.on_torch_stream
-def fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, out=None, validate: bool = True):
+def fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, out=None, validate: bool = True, step: Step | None = None):
     """``y[rows of e] = (x_q * x_scales)[rows of e] @ (w_q[e] * w_scales[e]).T`` in bf16
     (``kernels/07_2_fp8_grouped_gemm.cu``): ``x_q [M, K]`` e4m3 with ``x_scales [K / 128, width]``
     as :func:`quantize_1x128` gives them, ``w_q [E, N, K]`` e4m3 with ``w_scales [E, N / 128,
     K / 128]`` as :func:`moe_course.fp8.quantize_blocks` gives them. N and K multiples of 128.
     ``validate`` also checks the offsets and that every scale is positive and finite (a
     synchronisation; benchmarks turn it off)."""
-    M, N, K = _check_fp8_gemm(FP8_GEMM, x_q, x_scales, w_q, w_scales, offs, validate)
+    step = step or FP8_GEMM  # FP8_GEMM_WIDE: the 128 x 256 experiment
+    M, N, K = _check_fp8_gemm(step, x_q, x_scales, w_q, w_scales, offs, validate)
     if out is None:
         out = torch.empty(M, N, device=x_q.device, dtype=torch.bfloat16)
     else:
         check_out(out, M, N)
     if M:
-        module = kernels.load(FP8_GEMM.source, defines=FP8_GEMM.defines)
-        head = (tma.tensor_map_fp8(x_q, FP8_GEMM.block_m), tma.tensor_map_fp8(w_q, FP8_GEMM.block_n),
+        module = kernels.load(step.source, defines=step.defines)
+        head = (tma.tensor_map_fp8(x_q, step.block_m), tma.tensor_map_fp8(w_q, step.block_n),
                 ptr(x_scales), np.int32(x_scales.shape[1]), ptr(w_scales), ptr(out))
-        launch_persistent(FP8_GEMM, module, head, offs, M, K, (M, N, K))
+        launch_persistent(step, module, head, offs, M, K, (M, N, K))
     return out
 
 

@@ -114,6 +114,20 @@ def test_fp8_gemm_matches_the_dequantised_product(case, N, K):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", list(COUNT_CASES), ids=list(COUNT_CASES))
+def test_the_wide_experiment_gives_07_2s_bytes(case):
+    """FP8_GEMM_WIDE (128 x 256 tiles, two halves through one accumulator): the same wgmma on the
+    same slices, promoted in the same order, so 07_2's result bit for bit, unwritten rows aside."""
+    counts = COUNT_CASES[case]
+    x, w, offs = _fp8_problem(counts, 512, 640, seed=len(counts) + 7)
+    x_q, x_scales = launch.quantize_1x128(x)
+    w_q, w_scales = fp8.quantize_blocks(w.float())
+    poison(((x.shape[0], 512), torch.bfloat16))
+    wide = launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, step=launch.FP8_GEMM_WIDE)
+    assert torch.equal(wide, launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs))
+
+
+@pytest.mark.gpu
 def test_fp8_gemm_accumulates_long_k_in_float32():
     """Same-sign terms over K = 8192: one FP8 accumulator would be ~5% off (chapter 07's probe);
     promoted every 128, the error stays at the bf16 output's rounding."""

@@ -115,7 +115,8 @@ def measure_one(cfg, proj: str, dense: dict) -> dict:
             return row
 
     wide = launch.FP8_GEMM_WIDE  # the 128 x 256 experiment: checked against 07_2, bit for bit expected
-    if d_out % wide.block_n == 0:
+    has_wide = d_out % wide.block_n == 0
+    if has_wide:
         y_wide = launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, step=wide)
         row["wide_equals_07_2"] = bool(torch.equal(y_wide, y))
         row["wide_rel_err"] = max(relative_error(y_wide[s:e].float(), r) for s, e, r in ref.values())
@@ -133,7 +134,7 @@ def measure_one(cfg, proj: str, dense: dict) -> dict:
            "07_2": lambda: launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, validate=False),
            "07_1": lambda: launch.quantize_1x128(x, validate=False),
            **({"07_2 wide": lambda: launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, validate=False,
-                                                           step=wide)} if d_out % wide.block_n == 0 else {}),
+                                                           step=wide)} if has_wide else {}),
            **({"07_3": lambda: launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs, validate=False),
                "07_1+07_4": lambda: launch.fp8_gather_swiglu_quantize(*launch.quantize_1x128(tokens, validate=False),
                                                                       gather_idx, w_q, w_scales, offs, validate=False)}

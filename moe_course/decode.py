@@ -597,9 +597,6 @@ def masked_moe_forward_kernel(x: Tensor, w: DecodeWeights | moe.MoEWeights, k: i
     :data:`moe_course.launch.DECODE_SLOTS` (default :func:`kernel_capacity`)."""
     from . import launch
 
-    require(step is None or step in launch.DECODE_GEMMS,
-            lambda: f"step must be one of {tuple(launch.DECODE_GEMMS)} or None, got {step!r}")
-
     if isinstance(w, moe.MoEWeights):
         w = prepare(w, x.dtype)
     require(isinstance(w, DecodeWeights), lambda: f"w must be DecodeWeights or moe.MoEWeights, got {type(w).__name__}",

@@ -269,7 +269,7 @@ def experts_torch(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_
     next call; meanwhile an id outside ``0..E`` adds zero, as ``E`` does).
     """
     E = gate_up_proj.shape[0]
-    routed = (top_k_index >= 0) & (top_k_index < E)  # an id outside 0..E: refused by ids_checked
+    routed = routed_pairs(top_k_index, E)
     d = moe.dispatch(top_k_index.where(routed, 0), E, keep=routed, validate=False)
     if d.kept == 0:  # every pair went to another GPU's experts: nothing to add here
         return torch.zeros_like(hidden_states)
@@ -310,11 +310,16 @@ def kernel_routing(top_k_index: torch.Tensor, num_experts: int):
     return gather_idx, offs, pos.to(i32).view(T, K), order
 
 
+def routed_pairs(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The pairs routed to an expert (id in ``0..E-1``): not those sent to no expert (``E``), nor,
+    until :func:`ids_checked` refuses them one call later, those with an id outside ``0..E``."""
+    return (top_k_index >= 0) & (top_k_index < num_experts)
+
+
 def kept_weights(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
     """The routing weights the kernels combine with, in float32: zero for a pair routed to no
     expert (its row is computed, :func:`kernel_routing`, and must add nothing)."""
-    routed = (top_k_index >= 0) & (top_k_index < num_experts)
-    return top_k_weights.float().where(routed, 0.0).contiguous()
+    return top_k_weights.float().where(routed_pairs(top_k_index, num_experts), 0.0).contiguous()
 
 
 def experts_kernels(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
@@ -377,8 +382,8 @@ class KernelExperts(torch.autograd.Function):
                             validate=False)
         d_gate_up = launch.hf_weight_grad_gate_up(dh, x, gather_idx, offs, validate=False)
         raise_id_errors()  # the forward's ids, where their check has arrived
-        routed = (top_k_index >= 0) & (top_k_index < gate_up_proj.shape[0])  # no expert: its weight is no parameter
-        d_weights = torch.where(routed, ds[pos.long()], 0.0).to(ctx.dtype)
+        # a pair routed to no expert: its weight is no parameter
+        d_weights = torch.where(routed_pairs(top_k_index, gate_up_proj.shape[0]), ds[pos.long()], 0.0).to(ctx.dtype)
         return dx.to(x.dtype), None, d_weights, d_gate_up, d_down
 
 

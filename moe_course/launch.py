@@ -803,7 +803,8 @@ QUANTIZE = Step("07_1_quantize_1x128", "quantize_1x128", "to e4m3 in 1 x 128 gro
 FP8_GEMM = Step("07_2_fp8_grouped_gemm", "fp8_grouped_gemm", "block-scaled FP8 grouped GEMM, promoted every 128 of K",
                 WGMMA_BLOCK_M, FP8_GROUP, FP8_GROUP, threads=384, min_cc=HOPPER, persistent=True, tma=True,
                 smem_bytes=FP8_STAGES * FP8_SLOT_BYTES + 2 * STAGING_BYTES + 32 * FP8_STAGES + 8 + 1024)
-#: An experiment (session 14, not yet run on a GPU): 07_2 with 128 x 256 tiles, each consumer
+#: An experiment (session 14; measured in session 15, H200: 07_2's bytes, 11-17% faster on the
+#: four shapes, a bench contender, not yet the default): 07_2 with 128 x 256 tiles, each consumer
 #: running two m64n128 halves through one accumulator, so a tile reads W's slice once for 128 rows
 #: and X's once for 256 columns (kernels/NOTES.md: is 07_2 bound by L2 at 128 x 128?).
 FP8_WIDE_STAGES = 4

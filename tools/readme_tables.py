@@ -367,12 +367,14 @@ def ch09(rec: Records) -> str:
     for row in r.data["rows"]:
         cells.setdefault(row["shape"], {})[row["proj"], row["tokens"]] = row
     head = ["shape (T, d, n, E, K)"] + [f"{proj}, {t} token{'s' * (t > 1)}" for proj in ("up", "down") for t in (1, 64, 512)]
-    pair = lambda row: (f"{row[decode.course_gemm(row)]['of_copy']:.0%} / {row[decode.torch_gemm(row)]['of_copy']:.0%}"
-                        + (" (`09_1`)" if decode.course_gemm(row).startswith("09_1") and "09_2, graph" in row else ""))
+    def pair(row):
+        ours = decode.course_gemm(row)
+        mark = " (`09_1`)" if ours.startswith("09_1") and "09_2, graph" in row else ""
+        return f"{row[ours]['of_copy']:.0%} / {row[decode.torch_gemm(row)]['of_copy']:.0%}{mark}"
+
     rows = [[shape_label(shape)] + [pair(by[proj, t]) for proj in ("up", "down") for t in (1, 64, 512)]
             for shape, by in cells.items()]
-    first = r.data["rows"][0]
-    graphs = "09_2, graph" in first
+    graphs = "09_2, graph" in r.data["rows"][0]
     return (table(head, rows)
             + f"\nEach cell: the course's decode GEMM ({'the one the layer picks, `decode.gemm_step`: `09_2`, or `09_1` where marked' if graphs else '`09_1`'}) / "
               f"`torch._grouped_mm`{', each replayed from a CUDA graph' if graphs else ''}, as a fraction of the "

@@ -15,6 +15,11 @@ a GPU it prints the recorded results. A model that cannot fit the card is skippe
 
     python benchmarks/bench_hf_backends.py
     python benchmarks/bench_hf_backends.py --models qwen3_moe mixtral --no-save
+    python benchmarks/bench_hf_backends.py --models olmoe --merge   # one model per run, one record
+
+``--merge`` keeps the other models of this GPU's record (measured at the same sizes) and replaces
+those measured now: a run too long for one sitting (SonicMoE compiles for each shape) goes model
+by model into one record, which names the date each model was measured.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", choices=list(hm.ARCHITECTURES), default=list(hm.ARCHITECTURES),
                     help="which architectures (default: all four)")
     ap.add_argument("--no-save", action="store_true", help="do not write the record")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other models of this GPU's record (same sizes), replace those measured now")
     args = ap.parse_args(argv)
     if not info().has_gpu:
         rec = records.recorded_instead(hm.KIND)
@@ -59,10 +66,37 @@ def main(argv=None) -> int:
 
     data = hm.measure(sizes, tuple(args.models), work=checked_then_timed)
     data["sonicmoe"] = why_no_sonicmoe or "ran"
+    if args.merge:
+        data = merged(data, records.load(hm.KIND, gpu=info().gpu))
     if not args.no_save:
         records.save(hm.KIND, data)
     print(hm.timing_table(data))
     return 0
+
+
+def merged(data: dict, earlier) -> dict:
+    """``data`` with the models of ``earlier`` (this GPU's record) it did not measure, where both
+    were measured at the same sizes; ``measured_on`` says which date each model's numbers are from
+    (the record's own date is the newest run's), ``sonicmoe`` which models SonicMoE ran on."""
+    today = records.environment()["date"]
+    data["measured_on"] = {arch: today for arch in data["models"]}
+    ran_now = set(data["models"]) if data["sonicmoe"] == "ran" else set()
+    if earlier is None or earlier.data.get("sizes") != data["sizes"]:
+        print("--merge: no record of this GPU at these sizes; writing these models alone")
+        data["sonicmoe_models"] = sorted(ran_now)
+        return data
+    kept = [arch for arch in earlier.data["models"] if arch not in data["models"]]
+    before = earlier.data.get("measured_on", {})
+    ran_before = set(earlier.data.get("sonicmoe_models", earlier.data["models"] if earlier.data.get("sonicmoe") == "ran"
+                                      else ()))
+    for arch in kept:
+        data["models"][arch] = earlier.data["models"][arch]
+        if arch in earlier.data.get("experts", {}):
+            data["experts"][arch] = earlier.data["experts"][arch]
+        data["measured_on"][arch] = before.get(arch, earlier.environment.get("date", "?"))
+    data["sonicmoe_models"] = sorted(ran_now | (ran_before & set(kept)))
+    print(f"--merge: kept {', '.join(kept) or 'no other model'} from {earlier.where()}")
+    return data
 
 
 if __name__ == "__main__":

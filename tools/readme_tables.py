@@ -404,30 +404,37 @@ def _decode_layer(rec: Records) -> str:
 
 def ch10(rec: Records) -> str:
     r = rec("hf_backends")
+    experts = r.data["experts"]
+    sonic = any("sonicmoe" in v["backends"] for v in experts.values())
+    names = ("eager", "grouped_mm", "moe_course") + (("sonicmoe",) if sonic else ())
     rows = []
-    for arch, v in r.data["experts"].items():
+    for arch, v in experts.items():
         b = v["backends"]
         ms = {name: (t["forward"]["ms"], t["forward+backward"]["ms"]) for name, t in b.items()}
-        names = [n for n in ("eager", "grouped_mm", "moe_course", "sonicmoe") if n in ms]
         model = r.data["models"][arch]
         rows.append([f"{arch} ({v['tokens']} tokens, top-{v['top_k']})",
-                     " / ".join(f"{ms[n][0]:.2f}" for n in names),
-                     " / ".join(f"{ms[n][1]:.2f}" for n in names),
+                     " / ".join(f"{ms[n][0]:.2f}" if n in ms else "-" for n in names),
+                     " / ".join(f"{ms[n][1]:.2f}" if n in ms else "-" for n in names),
                      x(ms["grouped_mm"][1] / ms["moe_course"][1]),
-                     f"{b['moe_course']['kept_MiB']:.0f} vs {b['grouped_mm']['kept_MiB']:.0f}",
+                     *([x(ms["sonicmoe"][1] / ms["moe_course"][1]) if "sonicmoe" in ms else "-"] if sonic else []),
+                     f"{b['moe_course']['kept_MiB']:.0f} vs {b['grouped_mm']['kept_MiB']:.0f}"
+                     + (f" vs {b['sonicmoe']['kept_MiB']:.0f}" if "sonicmoe" in b else ""),
                      x(model["grouped_mm"]["forward+backward"]["ms"] / model["moe_course"]["forward+backward"]["ms"])])
     sizes = r.data["sizes"]
-    sonic = any("sonicmoe" in v["backends"] for v in r.data["experts"].values())
-    order = "eager / grouped_mm / moe_course" + (" / sonicmoe" if sonic else "")
-    missing = [a for a in hf_models.ARCHITECTURES if a not in r.data["experts"]]
-    return (table(["model", f"experts forward ms ({order})", "experts fwd+bwd ms",
-                   "moe_course over grouped_mm, fwd+bwd", "kept for the backward, MiB (moe_course vs grouped_mm)",
+    missing = [a for a in hf_models.ARCHITECTURES if a not in experts]
+    dates = sorted(set(r.data.get("measured_on", {}).values()))
+    no_sonic = [a for a, v in experts.items() if "sonicmoe" not in v["backends"]]
+    return (table(["model", f"experts forward ms ({' / '.join(names)})", "experts fwd+bwd ms",
+                   "moe_course over grouped_mm, fwd+bwd", *(["moe_course over sonicmoe, fwd+bwd"] if sonic else []),
+                   f"kept for the backward, MiB (moe_course vs grouped_mm{' vs sonicmoe' if sonic else ''})",
                    "whole model fwd+bwd, over grouped_mm"], rows)
             + f"\nThe first MoE block's experts call on the inputs the model hands it, and the whole model "
               f"({sizes['layers']} blocks, batch {sizes['batch']} x {sizes['seq']} tokens, real widths, random "
               f"weights), transformers' backends timed in turns after they agree. On {_measured_on(r)}"
+              + (f" (the models measured one a run, on {' and '.join(dates)})" if len(dates) > 1 else "")
               + (f"; {', '.join(missing)} did not fit that card with its gradients" if missing else "")
               + ("" if sonic else f". SonicMoE did not run in this record: {r.data.get('sonicmoe', 'not measured')}")
+              + (f". SonicMoE not measured on {', '.join(no_sonic)}" if sonic and no_sonic else "")
               + ".\n"
             + source("hf_backends"))
 

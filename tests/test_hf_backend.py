@@ -614,3 +614,31 @@ def test_sonicmoe_is_a_contender_only_where_its_package_is_installed(monkeypatch
     loaded = backend.load_sonicmoe_kernel()  # what transformers' own forward asks for: no download
     assert loaded.moe_general_routing_inputs is fake.moe_general_routing_inputs
     assert loaded.activation_type_enum is fake.enums.ActivationType
+
+
+def test_bench_hf_backends_merges_one_model_a_run_into_one_record():
+    """--merge: the models measured now replace theirs, the others are kept with their dates, and
+    SonicMoE is said to have run only where it did; a record at other sizes is not mixed in."""
+    from benchmark_scripts import load
+
+    bench = load("bench_hf_backends")
+    sizes = {"shrink": 1, "vocab": 64, "layers": 2, "batch": 16, "seq": 512, "dtype": "bfloat16"}
+
+    def timed(tag):
+        return {"backends": {"moe_course": {"ms": tag}}}
+
+    records = hm.records
+    earlier = records.Record("hf_backends", {"gpu": "NVIDIA H200", "date": "2026-12-06"},
+                             {"sizes": sizes, "sonicmoe": "`import sonicmoe` fails",
+                              "models": {"olmoe": timed(1), "mixtral": timed(2)},
+                              "experts": {"olmoe": timed(1), "mixtral": timed(2)}})
+    now = {"sizes": dict(sizes), "sonicmoe": "ran", "models": {"olmoe": timed(3)}, "experts": {"olmoe": timed(3)}}
+    data = bench.merged(now, earlier)
+    assert data["models"] == {"olmoe": timed(3), "mixtral": timed(2)} and data["experts"]["mixtral"] == timed(2)
+    assert data["measured_on"]["mixtral"] == "2026-12-06" and data["measured_on"]["olmoe"] == records.environment()["date"]
+    assert data["sonicmoe_models"] == ["olmoe"]
+    then = {"sizes": dict(sizes), "sonicmoe": "ran", "models": {"mixtral": timed(4)}, "experts": {"mixtral": timed(4)}}
+    again = bench.merged(then, records.Record("hf_backends", {"gpu": "NVIDIA H200", "date": "2026-12-07"}, data))
+    assert again["sonicmoe_models"] == ["mixtral", "olmoe"] and again["measured_on"]["olmoe"] == data["measured_on"]["olmoe"]
+    other = {"sizes": {**sizes, "batch": 8}, "sonicmoe": "ran", "models": {"olmoe": timed(5)}, "experts": {"olmoe": timed(5)}}
+    assert set(bench.merged(other, earlier)["models"]) == {"olmoe"}

@@ -522,11 +522,39 @@ def experts_inputs(model, input_ids) -> tuple:
     return (module, *caught["args"][:3])
 
 
+#: An "hf_backends" experts row's key for the time of grouped_mm's six GEMMs alone
+PRODUCTS = "grouped_mm_products"
+
+
+def grouped_mm_products(module, hidden, index):
+    """A function running the six products transformers' "grouped_mm" backend runs in one experts
+    call's forward and backward, alone: the up- and down-projection, and for each the gradient of
+    its input and of its weight, ``torch._grouped_mm`` through autograd on the module's own weights
+    (no gradient accumulated into them), the ``T K`` rows of ``index``'s routing sorted by
+    expert, random activations. No gather, activation or combine: timed, it is the GEMMs' part of
+    that backend's call (the share that decides which minimum of issue 30 applies)."""
+    w_up, w_down = module.gate_up_proj.detach(), module.down_proj.detach()  # (E, 2n, d), (E, d, n)
+    E, d, n = w_down.shape[0], w_down.shape[1], w_down.shape[2]
+    offs = torch.bincount(index.flatten(), minlength=E).cumsum(0).to(torch.int32)
+    g = torch.Generator(device=hidden.device).manual_seed(5)
+    rand = lambda *shape: torch.randn(*shape, device=hidden.device, dtype=hidden.dtype, generator=g)
+    M = index.numel()
+    x, a = rand(M, d).requires_grad_(), rand(M, n).requires_grad_()
+    dh, dy = rand(M, 2 * n), rand(M, d)
+    w_up, w_down = w_up.requires_grad_(), w_down.requires_grad_()
+
+    def products():
+        torch.autograd.grad(torch._grouped_mm(x, w_up.transpose(1, 2), offs=offs), (x, w_up), dh)
+        torch.autograd.grad(torch._grouped_mm(a, w_down.transpose(1, 2), offs=offs), (a, w_down), dy)
+    return products
+
+
 def time_experts(model, input_ids, backends=BACKENDS, *, rounds: int = 3, reps: int = 5) -> dict:
     """The experts' share alone: ``{backend: {"forward": timing, "forward+backward": timing,
     "kept_MiB": ...}}`` for the first MoE block's experts call on the inputs the model hands it
     (:func:`experts_inputs`), the backends interleaved. ``kept_MiB``: what the call leaves
-    allocated for its backward (activation memory; None without a GPU)."""
+    allocated for its backward (activation memory; None without a GPU). :data:`PRODUCTS`: the
+    time of grouped_mm's six GEMMs alone (:func:`grouped_mm_products`), where it runs."""
     module, hidden, index, weights = experts_inputs(model, input_ids)
     grad_out = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(3)).to(hidden.device, hidden.dtype)
 
@@ -551,15 +579,48 @@ def time_experts(model, input_ids, backends=BACKENDS, *, rounds: int = 3, reps: 
         del out
         return kept / 2**20
 
-    switch = lambda backend: use(model, backend)
+    switch = lambda name: use(model, name) if name in backends else None
+    # grouped_mm's GEMMs alone, timed in the same turns as the backends' forward + backward
+    alone = ({PRODUCTS: grouped_mm_products(module, hidden, index)}
+             if "grouped_mm" in backends and variants.grouped_mm_unavailable(hidden.device.type, hidden.dtype) is None
+             else {})
     with threads_for(model):
         fwd = interleaved({b: forward for b in backends}, rounds=rounds, reps=reps, warmup=2, before=switch)
-        both = interleaved({b: forward_backward for b in backends}, rounds=rounds, reps=reps, warmup=2, before=switch)
+        both = interleaved({**{b: forward_backward for b in backends}, **alone}, rounds=rounds, reps=reps, warmup=2,
+                           before=switch)
         kept = {b: kept_mib(b) for b in backends}
     T, K = index.shape
     return {"tokens": T, "top_k": K,
             "backends": {b: {"forward": fwd[b].timing(), "forward+backward": both[b].timing(), "kept_MiB": kept[b]}
-                         for b in backends}}
+                         for b in backends},
+            **({PRODUCTS: both[PRODUCTS].timing()} if alone else {})}
+
+
+#: Issue 30's minimum, per model, forward + backward of the experts call: "moe_course" at least
+#: this much faster than "grouped_mm" wherever the GEMMs are under GEMM_BOUND of grouped_mm's
+#: experts time (else simply faster), at least SonicMoE's speed where it ran, and the whole model
+#: faster than with "grouped_mm".
+MIN_OVER_GROUPED_MM = 1.25
+GEMM_BOUND = 0.8
+
+
+def minimum(data: dict, arch: str) -> dict:
+    """Issue 30's minimum for one model of an "hf_backends" record: the GEMMs' share of grouped_mm's
+    experts call (None where the record did not time them: then the 1.25x applies), the speed-ups
+    it asks for, and whether each part and all are met."""
+    e, whole = data["experts"][arch], data["models"][arch]
+    ms = {b: t["forward+backward"]["ms"] for b, t in e["backends"].items()}
+    products = e.get(PRODUCTS)
+    share = products["ms"] / ms["grouped_mm"] if products else None
+    need = 1.0 if share is not None and share >= GEMM_BOUND else MIN_OVER_GROUPED_MM
+    over_grouped = ms["grouped_mm"] / ms[hf.NAME]
+    over_sonic = ms[SONICMOE] / ms[hf.NAME] if SONICMOE in ms else None
+    whole_over = whole["grouped_mm"]["forward+backward"]["ms"] / whole[hf.NAME]["forward+backward"]["ms"]
+    parts = {"over_grouped_mm": over_grouped > 1.0 and over_grouped >= need,
+             "over_sonicmoe": None if over_sonic is None else over_sonic >= 1.0, "whole_model": whole_over > 1.0}
+    return {"gemm_share": share, "need_over_grouped_mm": need, "over_grouped_mm": over_grouped,
+            "over_sonicmoe": over_sonic, "whole_model_over_grouped_mm": whole_over, "parts": parts,
+            "met": all(v is not False for v in parts.values())}  # over_sonicmoe None: SonicMoE did not run
 
 
 def measure(sizes: Sizes, archs=tuple(ARCHITECTURES), backends=BACKENDS, work=None) -> dict:
@@ -611,7 +672,19 @@ def timing_table(data: dict) -> str:
                 kept = "" if t.get("kept_MiB") is None else f"{t['kept_MiB']:9.0f}"
                 lines.append(f"{ARCHITECTURES[arch].record.title:<15} {backend:<11} {t['forward']['ms']:11.2f} "
                              f"{both:11.2f} " + (f"{grouped / both:13.2f}x" if grouped else " " * 14) + f" {kept}")
+            if grouped and hf.NAME in e["backends"] and arch in data["models"]:
+                lines.append(f"{'':<15} {minimum_line(minimum(data, arch))}")
     return "\n".join(lines)
+
+
+def minimum_line(m: dict) -> str:
+    """:func:`minimum`'s verdict in one line."""
+    share = ("grouped_mm's GEMMs not timed alone" if m["gemm_share"] is None
+             else f"grouped_mm's GEMMs {m['gemm_share']:.0%} of its call")
+    need = "faster" if m["need_over_grouped_mm"] == 1.0 else f">= {m['need_over_grouped_mm']:.2f}x"
+    sonic = ("SonicMoE not run" if m["over_sonicmoe"] is None else f"x{m['over_sonicmoe']:.2f} SonicMoE")
+    return (f"issue 30: {share}, so {need} asked: x{m['over_grouped_mm']:.2f} grouped_mm, {sonic}, whole model "
+            f"x{m['whole_model_over_grouped_mm']:.2f}: minimum {'met' if m['met'] else 'NOT met'}")
 
 
 def plot_times(record, live: bool, step: str = "forward+backward", ax=None):

@@ -595,6 +595,44 @@ def test_the_experts_share_is_timed_alone_on_the_models_own_inputs():
         assert t["forward"]["ms"] > 0 and t["forward+backward"]["ms"] > 0 and t["kept_MiB"] is None  # no GPU: not measured
     table = hm.timing_table({"models": {}, "experts": {"olmoe": timed}})
     assert "experts call" in table and "OLMoE-1B-7B     moe_course" in table
+    if hm.variants.grouped_mm_unavailable("cpu", hidden.dtype) is None:  # grouped_mm's GEMMs alone, timed beside
+        assert timed[hm.PRODUCTS]["ms"] > 0
+
+
+@pytest.mark.skipif(hm.variants.grouped_mm_unavailable("cpu", torch.float32) is not None,
+                    reason="this torch's _grouped_mm does not run on the CPU in float32")
+def test_grouped_mm_products_are_the_six_gemms_of_the_experts_call(monkeypatch):
+    """Each of the six products, the right shapes on the module's own weights, which it leaves
+    without a gradient."""
+    model, ids = tiny("olmoe")
+    module, hidden, index, _ = hm.experts_inputs(model, ids)
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs: calls.append((a.shape, b.shape)) or real(a, b, offs=offs))
+    hm.grouped_mm_products(module, hidden, index)()
+    E, two_n, d = module.gate_up_proj.shape
+    M = index.numel()
+    assert calls == [((M, d), (E, d, two_n)), ((M, two_n // 2), (E, two_n // 2, d))]  # autograd runs the other four
+    assert module.gate_up_proj.grad is None and module.down_proj.grad is None
+
+
+def test_issue_30s_minimum_asks_125x_where_the_gemms_are_under_80_percent():
+    t = lambda ms: {"forward": {"ms": ms}, "forward+backward": {"ms": ms}}
+    whole = {"grouped_mm": t(10.0), "moe_course": t(9.0)}
+
+    def data(course, share=None, sonic=None):
+        backends = {"grouped_mm": t(10.0), "moe_course": t(course), **({"sonicmoe": t(sonic)} if sonic else {})}
+        row = {"backends": backends, **({hm.PRODUCTS: {"ms": 10.0 * share}} if share else {})}
+        return {"experts": {"mixtral": row}, "models": {"mixtral": whole}}
+
+    assert hm.minimum(data(9.0, share=0.85), "mixtral")["met"]  # GEMM-bound: faster is enough
+    assert not hm.minimum(data(9.0, share=0.5), "mixtral")["met"]  # 1.11x where 1.25x is asked
+    assert not hm.minimum(data(9.0), "mixtral")["met"]  # GEMMs not timed: the 1.25x applies
+    assert hm.minimum(data(7.9, share=0.5), "mixtral")["met"]
+    assert not hm.minimum(data(10.0, share=0.9), "mixtral")["met"]  # a tie is not faster
+    behind = hm.minimum(data(7.9, share=0.5, sonic=7.5), "mixtral")
+    assert not behind["met"] and behind["parts"]["over_sonicmoe"] is False
+    assert hm.minimum(data(7.9, share=0.5, sonic=8.0), "mixtral")["parts"]["over_sonicmoe"]
 
 
 def test_sonicmoe_is_a_contender_only_where_its_package_is_installed(monkeypatch):

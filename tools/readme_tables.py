@@ -402,6 +402,14 @@ def _decode_layer(rec: Records) -> str:
             + f"\nOn {_measured_on(r)}.\n")
 
 
+def issue30(m: dict) -> str:
+    """hf_models.minimum's verdict in a cell: met or not, and why that bar (the GEMMs' share)."""
+    share = "GEMMs not timed alone" if m["gemm_share"] is None else f"grouped_mm's GEMMs {m['gemm_share']:.0%}"
+    asked = "faster" if m["need_over_grouped_mm"] == 1.0 else f"{m['need_over_grouped_mm']:.2f}x"
+    sonic = "" if m["over_sonicmoe"] is not None else ", SonicMoE not run"
+    return f"{'met' if m['met'] else 'NOT met'} ({share}: {asked} asked{sonic})"
+
+
 def ch10(rec: Records) -> str:
     r = rec("hf_backends")
     experts = r.data["experts"]
@@ -419,7 +427,8 @@ def ch10(rec: Records) -> str:
                      *([x(ms["sonicmoe"][1] / ms["moe_course"][1]) if "sonicmoe" in ms else "-"] if sonic else []),
                      f"{b['moe_course']['kept_MiB']:.0f} vs {b['grouped_mm']['kept_MiB']:.0f}"
                      + (f" vs {b['sonicmoe']['kept_MiB']:.0f}" if "sonicmoe" in b else ""),
-                     x(model["grouped_mm"]["forward+backward"]["ms"] / model["moe_course"]["forward+backward"]["ms"])])
+                     x(model["grouped_mm"]["forward+backward"]["ms"] / model["moe_course"]["forward+backward"]["ms"]),
+                     issue30(hf_models.minimum(r.data, arch))])
     sizes = r.data["sizes"]
     missing = [a for a in hf_models.ARCHITECTURES if a not in experts]
     dates = sorted(set(r.data.get("measured_on", {}).values()))
@@ -427,7 +436,7 @@ def ch10(rec: Records) -> str:
     return (table(["model", f"experts forward ms ({' / '.join(names)})", "experts fwd+bwd ms",
                    "moe_course over grouped_mm, fwd+bwd", *(["moe_course over sonicmoe, fwd+bwd"] if sonic else []),
                    f"kept for the backward, MiB (moe_course vs grouped_mm{' vs sonicmoe' if sonic else ''})",
-                   "whole model fwd+bwd, over grouped_mm"], rows)
+                   "whole model fwd+bwd, over grouped_mm", "issue 30's minimum"], rows)
             + f"\nThe first MoE block's experts call on the inputs the model hands it, and the whole model "
               f"({sizes['layers']} blocks, batch {sizes['batch']} x {sizes['seq']} tokens, real widths, random "
               f"weights), transformers' backends timed in turns after they agree. On {_measured_on(r)}"

@@ -6,7 +6,10 @@ down-projection (N = d):
 - ``09_1``: the course's decode kernel on the masked layout (kernels/09_1_decode_swap_ab.cu: the
   token slots as wgmma's N, idle experts never read, no host sync);
 - ``09_2``: 09_1 loading and multiplying only the chunks of 32 slots that hold a token
-  (kernels/09_2_decode_slot_chunks.cu);
+  (kernels/09_2_decode_slot_chunks.cu); ``09_2/64``: the same file built with chunks of 64 slots,
+  at 128 and 256 slots (an experiment: fewer, wider wgmma chains for experts of 32-128 tokens);
+- ``09_3``: 09_2 as a persistent kernel, each resident block walking (expert, n-tile) items with
+  one ring running on across them (kernels/09_3_decode_persistent.cu);
 - ``grouped_mm``: ``torch._grouped_mm`` on the pairs sorted by expert (CUTLASS).
 
 Each is timed replayed from a CUDA graph (``, graph``: how a serving engine runs a step, the
@@ -64,11 +67,14 @@ def measure_one(cfg, tokens: int, proj: str, roof) -> dict:
     x_sorted, offs = x[d.token_of], d.offsets[1:].to(torch.int32)
     eager = {"09_1": lambda: launch.decode_grouped_gemm(x_slots, w, count, step=1),
              "09_2": lambda: launch.decode_grouped_gemm(x_slots, w, count, step=2),
+             "09_3": lambda: launch.decode_grouped_gemm(x_slots, w, count, step=3),
              "grouped_mm": lambda: torch._grouped_mm(x_sorted, w.transpose(1, 2), offs=offs)}
+    if capacity in launch.DECODE_WIDE_CHUNK_STEPS:  # the experiment: 09_2 in chunks of 64 slots
+        eager["09_2/64"] = lambda: launch.decode_grouped_gemm(x_slots, w, count, chunk=launch.DECODE_WIDE_CHUNK)
     want = torch.einsum("eck,enk->ecn", x_slots.float(), w.float())  # checked first, against float32
     filled = layout.valid & (torch.arange(capacity, device="cuda") < count[:, None])
     errors = {}
-    for name in ("09_1", "09_2"):
+    for name in [n for n in eager if n.startswith("09_")]:
         errors[name] = relative_error(eager[name]()[filled].float(), want[filled])
         if not errors[name] < 1e-2:
             raise SystemExit(f"{name} is wrong on {cfg.name} {proj} at T={tokens}: relative error {errors[name]:.3g}")
@@ -81,6 +87,7 @@ def measure_one(cfg, tokens: int, proj: str, roof) -> dict:
                     rounds=5, reps=20, flops=flops, bytes=nbytes)
     return {"shape": cfg.name, "proj": proj, "tokens": tokens, "active": active, "capacity": capacity,
             "bytes": nbytes, "relative_error": errors["09_2"], "relative_error_09_1": errors["09_1"],
+            **({"relative_error_09_2/64": errors["09_2/64"]} if "09_2/64" in errors else {}),
             **{name: {**r.timing(), "tbps": r.tbps, "of_copy": r.tbps / roof.copy_tbps} for name, r in m.items()}}
 
 

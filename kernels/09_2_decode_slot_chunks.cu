@@ -20,6 +20,7 @@
 static_assert(SLOTS % CHUNK == 0 && CHUNK >= 8, "CHUNK: a wgmma N (8, 16, 32, ...) that divides SLOTS");
 constexpr int CHUNKS = SLOTS / CHUNK;
 
+#if __INCLUDE_LEVEL__ == 0  // the kernel, only where this file is the one compiled (not in 09_3)
 extern "C" __global__ void __launch_bounds__(256)
 decode_grouped_gemm_chunked(const __grid_constant__ TmaDesc map_w,  // W as [E * N, K], boxes of 128 rows
                             const __grid_constant__ TmaDesc map_x,  // X as [E * SLOTS, K], boxes of CHUNK rows
@@ -102,3 +103,4 @@ decode_grouped_gemm_chunked(const __grid_constant__ TmaDesc map_w,  // W as [E *
         }
     }
 }
+#endif

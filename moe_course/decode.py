@@ -655,8 +655,10 @@ GEMM_KIND = "decode_gemm"
 #: Its contenders, as bench_decode.py names them: each replayed from a CUDA graph (as a serving
 #: engine runs a step: the host's launch cost paid once), and the two fastest eager too (where
 #: the host's cost per launch shows: ~80 µs for a course launch, ~23 for torch's, H200). Records
-#: of session 14 and before hold "09_1" and "grouped_mm" eager only.
-GEMM_CONTENDERS = ("09_2, graph", "09_1, graph", "grouped_mm, graph", "09_2", "09_1", "grouped_mm")
+#: of session 14 and before hold "09_1" and "grouped_mm" eager only. "09_2/64": 09_2 in chunks of 64
+#: slots (an experiment, at 128 and 256 slots: ``launch.DECODE_WIDE_CHUNK_STEPS``); "09_3": 09_2
+#: persistent (kernels/09_3_decode_persistent.cu).
+GEMM_CONTENDERS = ("09_2, graph", "09_3, graph", "09_2/64, graph", "09_1, graph", "grouped_mm, graph", "09_2", "09_1", "grouped_mm")
 
 
 def course_gemm(row: dict) -> str:

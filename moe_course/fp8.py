@@ -621,7 +621,7 @@ GEMM_KIND = "fp8_grouped_gemm"  # benchmarks/results/fp8_grouped_gemm__<gpu>.jso
 #: alone, the quantisation alone, the up-projection with SwiGLU and quantisation in its epilogue,
 #: the tokens quantised once and that up-projection gathering their rows (07_4), the course's bf16
 #: kernel, torch's bf16 and FP8 grouped GEMMs
-GEMM_CONTENDERS = ("07_1+07_2", "07_2", "07_2 wide", "07_1", "07_3", "07_1+07_4", "03_2 bf16", "torch._grouped_mm",
+GEMM_CONTENDERS = ("07_1+07_2", "07_2", "07_2 at 128x128", "07_1", "07_3", "07_1+07_4", "03_2 bf16", "torch._grouped_mm",
                    "torch._scaled_grouped_mm")
 #: The FP8 layer's two up-projections (``layer.forward_fp8(..., gather=)``) as bench_fp8 times
 #: them: the record's name of each, and whether it gathers the token rows in its load

@@ -258,8 +258,22 @@ DECODE_CHUNKED_STEPS = {c: Step("09_2_decode_slot_chunks", "decode_grouped_gemm_
                                 DECODE_ROWS, c, SLICE_K, threads=256, min_cc=HOPPER, smem_bytes=decode_smem(c),
                                 tma=True, defines={} if c == 64 else {"SLOTS": c})
                         for c in DECODE_SLOTS}
-#: The decode GEMMs by chapter-09 step: 1 multiplies every slot, 2 only the chunks holding a token
-DECODE_GEMMS = {1: DECODE_STEPS, 2: DECODE_CHUNKED_STEPS}
+#: 09_2 with chunks of 64 slots (an experiment, at 128 and 256 slots): for experts holding 32-128
+#: tokens, fewer and wider wgmma chains than chunks of 32, and still not 09_1's whole capacity
+DECODE_WIDE_CHUNK = 64
+DECODE_WIDE_CHUNK_STEPS = {c: Step("09_2_decode_slot_chunks", "decode_grouped_gemm_chunked",
+                                   f"decode, swap AB, {c} token slots in chunks of {DECODE_WIDE_CHUNK}",
+                                   DECODE_ROWS, c, SLICE_K, threads=256, min_cc=HOPPER, smem_bytes=decode_smem(c),
+                                   tma=True, defines={"SLOTS": c, "CHUNK": DECODE_WIDE_CHUNK})
+                           for c in DECODE_SLOTS if c > DECODE_WIDE_CHUNK}
+DECODE_PERSISTENT_STEPS = {c: Step("09_3_decode_persistent", "decode_grouped_gemm_persistent",
+                                   f"decode, swap AB, {c} token slots in chunks of {decode_chunk(c)}, persistent",
+                                   DECODE_ROWS, c, SLICE_K, threads=256, min_cc=HOPPER, smem_bytes=decode_smem(c),
+                                   tma=True, defines={} if c == 64 else {"SLOTS": c})
+                           for c in DECODE_SLOTS}
+#: The decode GEMMs by chapter-09 step: 1 multiplies every slot, 2 only the chunks holding a token,
+#: 3 is 2 with one block per resident slot walking the (expert, n-tile) items, its ring running on
+DECODE_GEMMS = {1: DECODE_STEPS, 2: DECODE_CHUNKED_STEPS, 3: DECODE_PERSISTENT_STEPS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -739,15 +753,19 @@ def hf_weight_grad_gate_up(dh, x, gather_idx, offs, validate: bool = True):
 
 
 @kernels.on_torch_stream
-def decode_grouped_gemm(x_slots, w, count, out=None, step: int = 2):
+def decode_grouped_gemm(x_slots, w, count, out=None, step: int = 2, chunk: int | None = None):
     """``y[e, s] = x_slots[e, s] @ w[e].T`` for the filled slots ``s < count[e]`` of each expert:
     ``x_slots [E, C, K]`` (the masked layout; ``C`` one of :data:`DECODE_SLOTS`), ``w [E, N, K]``,
     ``count [E]`` int32 on the GPU, read there (no host sync: the launch can be captured in a CUDA
     graph). Returns ``y [E, C, N]`` bf16; rows past an expert's count are not written, and an
     expert with no tokens is not read. N a multiple of 128, K of 64. ``step``: 2
     (``kernels/09_2_decode_slot_chunks.cu``, only the chunks of slots that hold a token are
-    multiplied) or 1 (``kernels/09_1_decode_swap_ab.cu``, every slot)."""
-    require(step in DECODE_GEMMS, lambda: f"step must be one of {tuple(DECODE_GEMMS)} (09_1, 09_2), got {step!r}")
+    multiplied), 1 (``kernels/09_1_decode_swap_ab.cu``, every slot) or 3
+    (``kernels/09_3_decode_persistent.cu``, 09_2 persistent). ``chunk``: 09_2's chunk of
+    slots, :data:`DECODE_CHUNK` (default) or :data:`DECODE_WIDE_CHUNK` (at more slots than that)."""
+    require(step in DECODE_GEMMS, lambda: f"step must be one of {tuple(DECODE_GEMMS)} (09_1 to 09_3), got {step!r}")
+    require(chunk in (None, DECODE_CHUNK, DECODE_WIDE_CHUNK) and (chunk is None or step == 2),
+            lambda: f"chunk is 09_2's (step=2): {DECODE_CHUNK} or {DECODE_WIDE_CHUNK}, got {chunk!r} at step {step}")
     check_hopper_inputs({"x_slots": x_slots, "w": w, "count": count}, {"x_slots": 3, "w": 3, "count": 1},
                         {"count": torch.int32})
     E, C, K = x_slots.shape
@@ -756,18 +774,38 @@ def decode_grouped_gemm(x_slots, w, count, out=None, step: int = 2):
                                          f"{tuple(w.shape)}: E or K differs")
     require(count.numel() == E, lambda: f"count must hold one number per expert: {E}, got {count.numel()}")
     require(C in DECODE_SLOTS, lambda: f"the token slots per expert (C) must be one of {DECODE_SLOTS}, got {C}")
-    kernel = DECODE_GEMMS[step][C]
+    wide = chunk == DECODE_WIDE_CHUNK
+    require(not wide or C in DECODE_WIDE_CHUNK_STEPS,
+            lambda: f"chunks of {DECODE_WIDE_CHUNK} need more token slots than that (C > {DECODE_WIDE_CHUNK}); "
+                    f"got C={C}")
+    kernel = DECODE_WIDE_CHUNK_STEPS[C] if wide else DECODE_GEMMS[step][C]
     require(N % DECODE_ROWS == 0 and K % SLICE_K == 0,
             lambda: f"{kernel.name} needs N % {DECODE_ROWS} == 0 and K % {SLICE_K} == 0; got N={N}, K={K}")
     y = torch.empty(E, C, N, device=w.device, dtype=torch.bfloat16) if out is None else out
     check_out(y.view(E * C, N), E * C, N)
     fn = kernels.load(kernel.source, defines=kernel.defines).get_function(kernel.kernel)
     fn.max_dynamic_shared_size_bytes = kernel.smem_bytes
-    x_box = C if step == 1 else decode_chunk(C)  # 09_2 loads a chunk of slots per copy
-    fn((N // DECODE_ROWS, E), (kernel.threads,),
-       (tma.tensor_map_2d(w, DECODE_ROWS), tma.tensor_map_2d(x_slots, x_box), ptr(y), ptr(count), np.int32(N),
-        np.int32(K)), shared_mem=kernel.smem_bytes)
+    x_box = C if step == 1 else DECODE_WIDE_CHUNK if wide else decode_chunk(C)  # 09_2: a chunk per copy
+    maps = (tma.tensor_map_2d(w, DECODE_ROWS), tma.tensor_map_2d(x_slots, x_box), ptr(y), ptr(count), np.int32(N),
+            np.int32(K))
+    if step == 3:  # as many blocks as are resident at once, each walking its share of the items
+        items = E * (N // DECODE_ROWS)
+        fn((min(items, resident_blocks(fn, kernel.threads, kernel.smem_bytes)),), (kernel.threads,),
+           maps + (np.int32(E),), shared_mem=kernel.smem_bytes)
+    else:
+        fn((N // DECODE_ROWS, E), (kernel.threads,), maps, shared_mem=kernel.smem_bytes)
     return y
+
+
+def resident_blocks(fn, threads: int, smem_bytes: int) -> int:
+    """How many blocks of ``fn`` the GPU holds at once (its occupancy, from the driver, times the
+    SMs): a persistent kernel's grid."""
+    from cuda.bindings import driver as cu
+
+    err, per_sm = cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(cu.CUfunction(fn.ptr), threads, smem_bytes)
+    require(err == cu.CUresult.CUDA_SUCCESS, lambda: f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed: {err}",
+            RuntimeError)
+    return max(1, per_sm) * info().sm_count
 
 
 @kernels.on_torch_stream
@@ -803,12 +841,12 @@ QUANTIZE = Step("07_1_quantize_1x128", "quantize_1x128", "to e4m3 in 1 x 128 gro
 FP8_GEMM = Step("07_2_fp8_grouped_gemm", "fp8_grouped_gemm", "block-scaled FP8 grouped GEMM, promoted every 128 of K",
                 WGMMA_BLOCK_M, FP8_GROUP, FP8_GROUP, threads=384, min_cc=HOPPER, persistent=True, tma=True,
                 smem_bytes=FP8_STAGES * FP8_SLOT_BYTES + 2 * STAGING_BYTES + 32 * FP8_STAGES + 8 + 1024)
-#: An experiment (session 14; measured in session 15, H200: 07_2's bytes, 11-17% faster on the
-#: four shapes, a bench contender, not yet the default): 07_2 with 128 x 256 tiles, each consumer
-#: running two m64n128 halves through one accumulator, so a tile reads W's slice once for 128 rows
-#: and X's once for 256 columns (kernels/NOTES.md: is 07_2 bound by L2 at 128 x 128?).
+#: 07_2 with 128 x 256 tiles, each consumer running two m64n128 halves through one accumulator,
+#: so a tile reads W's slice once for 128 rows and X's once for 256 columns: the same bytes out,
+#: 11-17% faster on the four shapes (H200, session 15; kernels/NOTES.md). The default wherever N
+#: divides by 256 (:func:`fp8_gemm_step`).
 FP8_WIDE_STAGES = 4
-FP8_GEMM_WIDE = Step("07_2_fp8_grouped_gemm", "fp8_grouped_gemm", "07_2 with 128 x 256 tiles (an experiment)",
+FP8_GEMM_WIDE = Step("07_2_fp8_grouped_gemm", "fp8_grouped_gemm", "07_2 with 128 x 256 tiles",
                      WGMMA_BLOCK_M, 2 * FP8_GROUP, FP8_GROUP, threads=384, min_cc=HOPPER, persistent=True, tma=True,
                      smem_bytes=FP8_WIDE_STAGES * 48 * 1024 + 2 * STAGING_BYTES + 32 * FP8_WIDE_STAGES + 8 + 1024,
                      defines={"BN": 256})
@@ -904,6 +942,12 @@ def _check_fp8_gemm(step: Step, x_q, x_scales, w_q, w_scales, offs, validate: bo
     return (M if rows is None else rows), N, K
 
 
+def fp8_gemm_step(n: int) -> Step:
+    """07_2's build for an output ``n`` wide: 128 x 256 tiles where ``n`` divides by 256, else
+    128 x 128."""
+    return FP8_GEMM_WIDE if n % FP8_GEMM_WIDE.block_n == 0 else FP8_GEMM
+
+
 @kernels.on_torch_stream
 def fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, out=None, validate: bool = True, step: Step | None = None):
     """``y[rows of e] = (x_q * x_scales)[rows of e] @ (w_q[e] * w_scales[e]).T`` in bf16
@@ -911,9 +955,9 @@ def fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, out=None, validate: boo
     as :func:`quantize_1x128` gives them, ``w_q [E, N, K]`` e4m3 with ``w_scales [E, N / 128,
     K / 128]`` as :func:`moe_course.fp8.quantize_blocks` gives them. N and K multiples of 128.
     ``validate`` also checks the offsets and that every scale is positive and finite (a
-    synchronisation; benchmarks turn it off)."""
-    step = step or FP8_GEMM  # FP8_GEMM_WIDE: the 128 x 256 experiment
-    M, N, K = _check_fp8_gemm(step, x_q, x_scales, w_q, w_scales, offs, validate)
+    synchronisation; benchmarks turn it off). ``step``: 07_2's build, :func:`fp8_gemm_step` by default."""
+    M, N, K = _check_fp8_gemm(step or FP8_GEMM, x_q, x_scales, w_q, w_scales, offs, validate)
+    step = step or fp8_gemm_step(N)
     if out is None:
         out = torch.empty(M, N, device=x_q.device, dtype=torch.bfloat16)
     else:
@@ -992,6 +1036,7 @@ KERNEL_FILES: dict[str, tuple[Step, object]] = {
     HF_WEIGHT_GRAD.source: (HF_WEIGHT_GRAD, hf_weight_grad_gate_up),
     DECODE_STEPS[64].source: (DECODE_STEPS[64], decode_grouped_gemm),
     DECODE_CHUNKED_STEPS[256].source: (DECODE_CHUNKED_STEPS[256], decode_grouped_gemm),
+    DECODE_PERSISTENT_STEPS[256].source: (DECODE_PERSISTENT_STEPS[256], decode_grouped_gemm),
     QUANTIZE.source: (QUANTIZE, quantize_1x128),
     FP8_GEMM.source: (FP8_GEMM, fp8_grouped_gemm),
     FP8_SWIGLU.source: (FP8_SWIGLU, fp8_swiglu_quantize),

@@ -279,12 +279,12 @@ def decode_problem(counts, C, N, K, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("step", [1, 2])
+@pytest.mark.parametrize("step", [1, 2, 3])
 @pytest.mark.parametrize("C", [8, 16, 32, 64, 128, 256])
 def test_the_decode_gemm_computes_the_filled_slots_and_nothing_else(C, step):
-    """09_1 and 09_2: every filled slot right, nothing past an expert's count written. The counts
+    """09_1 to 09_3: every filled slot right, nothing past an expert's count written. The counts
     straddle 09_2's chunks of 32 (31, 32, 33, C - 1), so a chunk skipped or loaded from the wrong
-    rows shows."""
+    rows shows; 09_3's blocks each walk several (expert, tile) items, idle experts among them."""
     from moe_course import launch
 
     # idle experts, one token, a full expert, partial ones, counts either side of a chunk's end
@@ -302,12 +302,34 @@ def test_the_decode_gemm_computes_the_filled_slots_and_nothing_else(C, step):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("C", [128, 256])
+def test_09_2_in_chunks_of_64_computes_the_filled_slots_and_nothing_else(C):
+    """09_2 built with chunks of 64 slots: the counts straddle its chunks (63, 64, 65, 127, 129)."""
+    from moe_course import launch
+
+    counts = [0, 1, C, 63, 64, 65, 0, 127] + ([129, 192, 193] if C > 128 else [])
+    x, w, count = decode_problem(counts, C, 384, 192, seed=C + 1)
+    y = torch.full((len(counts), C, 384), float("nan"), device="cuda", dtype=torch.bfloat16)
+    launch.decode_grouped_gemm(x, w, count, out=y, chunk=launch.DECODE_WIDE_CHUNK)
+    want = torch.einsum("eck,enk->ecn", x.float(), w.float())
+    for e, c in enumerate(counts):
+        if c:
+            err = float((y[e, :c].float() - want[e, :c]).norm() / want[e, :c].norm())
+            assert err < 1e-2, (e, err)
+        assert torch.isnan(y[e, c:]).all(), f"expert {e}: a slot past its {c} tokens was written"
+
+
+@pytest.mark.gpu
 def test_the_decode_gemm_refuses_what_it_cannot_take():
     from moe_course import launch
 
     x, w, count = decode_problem([1, 2], 16, 256, 192)
     with pytest.raises(ValueError, match="step must be one of"):
-        launch.decode_grouped_gemm(x, w, count, step=3)
+        launch.decode_grouped_gemm(x, w, count, step=4)
+    with pytest.raises(ValueError, match="chunks of 64 need more token slots"):
+        launch.decode_grouped_gemm(x, w, count, chunk=64)
+    with pytest.raises(ValueError, match="chunk is 09_2's"):
+        launch.decode_grouped_gemm(x, w, count, step=1, chunk=32)
     x, w, count = decode_problem([1, 2], 24, 256, 192)  # 24 slots: not a width it is built for
     with pytest.raises(ValueError, match=r"token slots per expert \(C\) must be one of"):
         launch.decode_grouped_gemm(x, w, count)

@@ -115,16 +115,23 @@ def test_fp8_gemm_matches_the_dequantised_product(case, N, K):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", list(COUNT_CASES), ids=list(COUNT_CASES))
-def test_the_wide_experiment_gives_07_2s_bytes(case):
-    """FP8_GEMM_WIDE (128 x 256 tiles, two halves through one accumulator): the same wgmma on the
-    same slices, promoted in the same order, so 07_2's result bit for bit, unwritten rows aside."""
+def test_07_2s_wide_tiles_give_its_narrow_tiles_bytes(case):
+    """FP8_GEMM_WIDE (128 x 256 tiles, two halves through one accumulator, the default where N
+    divides by 256): the same wgmma on the same slices, promoted in the same order, so the
+    128 x 128 build's result bit for bit, unwritten rows aside."""
     counts = COUNT_CASES[case]
     x, w, offs = _fp8_problem(counts, 512, 640, seed=len(counts) + 7)
     x_q, x_scales = launch.quantize_1x128(x)
     w_q, w_scales = fp8.quantize_blocks(w.float())
     poison(((x.shape[0], 512), torch.bfloat16))
     wide = launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, step=launch.FP8_GEMM_WIDE)
-    assert torch.equal(wide, launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs))
+    assert torch.equal(wide, launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, step=launch.FP8_GEMM))
+
+
+def test_07_2_takes_wide_tiles_where_n_divides_by_256():
+    assert launch.fp8_gemm_step(512) is launch.FP8_GEMM_WIDE
+    assert launch.fp8_gemm_step(384) is launch.FP8_GEMM
+    assert launch.fp8_gemm_step(128) is launch.FP8_GEMM
 
 
 @pytest.mark.gpu

@@ -193,11 +193,11 @@ def decode_step() -> None:
 
     from moe_course import decode, launch, moe
 
-    # chapter 09: 09_1 and 09_2 at every width they are built for (idle experts, a full one,
-    # partial ones, counts either side of 09_2's chunk of 32), then the decode layer on 09_2 at 1,
+    # chapter 09: 09_1 to 09_3 at every width they are built for, 09_2 in chunks of 64 too (idle
+    # experts, a full one, partial ones, counts either side of a chunk), then the decode layer at 1,
     # 64 and 511 tokens, against chapter 01's layer
     for slots in launch.DECODE_SLOTS:
-        counts = torch.tensor([0, 1, slots, slots // 2 + 1, 0, 3] + [c for c in (31, 33) if c <= slots],
+        counts = torch.tensor([0, 1, slots, slots // 2 + 1, 0, 3] + [c for c in (31, 33, 63, 65) if c <= slots],
                               device="cuda", dtype=torch.int32)
         x = torch.randn(len(counts), slots, 192, device="cuda").to(torch.bfloat16)
         w = (torch.randn(len(counts), 256, 192, device="cuda") / 14).to(torch.bfloat16)
@@ -207,6 +207,11 @@ def decode_step() -> None:
             for e, c in enumerate(counts.tolist()):
                 if c:
                     check(f"09_{step}, {slots} slots, expert {e} ({c} tokens)", y[e, :c], want[e, :c])
+        if slots in launch.DECODE_WIDE_CHUNK_STEPS:
+            y = launch.decode_grouped_gemm(x, w, counts, chunk=launch.DECODE_WIDE_CHUNK)
+            for e, c in enumerate(counts.tolist()):
+                if c:
+                    check(f"09_2/64, {slots} slots, expert {e} ({c} tokens)", y[e, :c], want[e, :c])
     for tokens in (1, 64, 511):
         g = torch.Generator().manual_seed(tokens)
         w = moe.random_weights(256, 256, 16, generator=g)

@@ -860,7 +860,8 @@ FP8_SWIGLU = Step("07_3_fp8_swiglu_quantize", "fp8_swiglu_quantize",
 FP8_GATHER = Step("07_4_fp8_gather", "fp8_gather_swiglu_quantize", "07_3 with the token rows gathered in the load",
                   64, 2 * FP8_GROUP, FP8_GROUP, threads=384, min_cc=HOPPER, persistent=True, tma=True,
                   smem_bytes=FP8_SWIGLU.smem_bytes)
-QUANTIZE_BLOCKS_PER_SM = 8  # 07_1: 64 resident warps an SM keep enough 16-byte loads in flight
+QUANTIZE_BLOCKS_PER_SM = 8  # 07_1: 64 resident warps an SM ...
+QUANTIZE_UNITS = 4  # ... each half-warp with the 16-byte loads of 4 groups in flight (07_1's UNITS)
 
 
 def fp8_scales_width(rows: int) -> int:
@@ -900,7 +901,8 @@ def quantize_1x128(x, gather_idx=None, validate: bool = True):
     if R and K:
         fn = kernels.load(QUANTIZE.source).get_function(QUANTIZE.kernel)
         half_warps = R * (K // FP8_GROUP)
-        blocks = max(1, min(-(-half_warps // (QUANTIZE.threads // 16)), info().sm_count * QUANTIZE_BLOCKS_PER_SM))
+        per_block = QUANTIZE.threads // 16 * QUANTIZE_UNITS  # groups a block takes an iteration
+        blocks = max(1, min(-(-half_warps // per_block), info().sm_count * QUANTIZE_BLOCKS_PER_SM))
         fn((blocks,), (QUANTIZE.threads,), (ptr(x), ptr(gather_idx) if gather_idx is not None else np.uint64(0),
                                              np.int32(R), np.int32(K), np.int32(T), ptr(q), ptr(scales),
                                              np.int32(width), ptr(first_bad)))

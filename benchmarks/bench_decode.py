@@ -7,9 +7,7 @@ down-projection (N = d):
   token slots as wgmma's N, idle experts never read, no host sync);
 - ``09_2``: 09_1 loading and multiplying only the chunks of 32 slots that hold a token
   (kernels/09_2_decode_slot_chunks.cu); ``09_2/64``: the same file built with chunks of 64 slots,
-  at 128 and 256 slots (an experiment: fewer, wider wgmma chains for experts of 32-128 tokens);
-- ``09_3``: 09_2 as a persistent kernel, each resident block walking (expert, n-tile) items with
-  one ring running on across them (kernels/09_3_decode_persistent.cu);
+  at 128 and 256 slots (fewer, wider wgmma chains: what the layer runs for full experts);
 - ``grouped_mm``: ``torch._grouped_mm`` on the pairs sorted by expert (CUTLASS).
 
 Each is timed replayed from a CUDA graph (``, graph``: how a serving engine runs a step, the
@@ -67,7 +65,6 @@ def measure_one(cfg, tokens: int, proj: str, roof) -> dict:
     x_sorted, offs = x[d.token_of], d.offsets[1:].to(torch.int32)
     eager = {"09_1": lambda: launch.decode_grouped_gemm(x_slots, w, count, step=1),
              "09_2": lambda: launch.decode_grouped_gemm(x_slots, w, count, step=2),
-             "09_3": lambda: launch.decode_grouped_gemm(x_slots, w, count, step=3),
              "grouped_mm": lambda: torch._grouped_mm(x_sorted, w.transpose(1, 2), offs=offs)}
     if capacity in launch.DECODE_WIDE_CHUNK_STEPS:  # the experiment: 09_2 in chunks of 64 slots
         eager["09_2/64"] = lambda: launch.decode_grouped_gemm(x_slots, w, count, chunk=launch.DECODE_WIDE_CHUNK)

@@ -15,19 +15,11 @@
 // quantises one group: each of its 16 lanes loads 8 values (one 16-byte load), the group's
 // amax is a max over the half-warp by shuffles, each lane stores its 8 bytes. The gather costs
 // nothing more: a row's groups are read from the token's row wherever it is.
-//
-// Bytes in flight are what a bandwidth kernel lives on (Little's law: ~4 TB/s x ~1 us of DRAM
-// latency is ~30 KB an SM). One load a thread at a time, waited for before the next, kept the
-// first version of this file at 1.7-2.0 TB/s (H200). So each half-warp takes UNITS groups an
-// iteration and issues all their loads before it waits on any.
 #include "grouped_gemm.cuh"
 
 #define GROUP 128          // values per scale along K
 #define E4M3_MAX 448.0f    // the largest finite e4m3 value
 #define LANES_PER_GROUP 16
-#ifndef UNITS
-#define UNITS 4            // groups a half-warp loads before it quantises any
-#endif
 
 // Two floats to two e4m3 bytes (lo in the low byte), rounded to nearest even, saturated at 448.
 __device__ __forceinline__ unsigned short e4m3x2(float lo, float hi) {
@@ -51,36 +43,27 @@ quantize_1x128(const bf16* __restrict__ X, const int* __restrict__ gather_idx, i
     const int half_warp = (blockIdx.x * blockDim.x + threadIdx.x) / LANES_PER_GROUP;
     const int half_warps = gridDim.x * blockDim.x / LANES_PER_GROUP;
     // The loop runs while the warp's first half has work, so both halves reach every shuffle.
-    for (int base = half_warp; base - (half_warp & 1) < units; base += UNITS * half_warps) {
-        uint4 bits[UNITS];  // a row outside X, or no unit: zeros
+    for (int u = half_warp; u - (half_warp & 1) < units; u += half_warps) {
+        const bool active = u < units;
+        const int row = active ? u / groups : 0, g = active ? u % groups : 0;
+        const int src = !active ? -1 : gather_idx ? gather_idx[row] : row;
+        uint4 bits = make_uint4(0, 0, 0, 0);  // a row outside X: zeros
+        if (0 <= src && src < tokens)
+            bits = *reinterpret_cast<const uint4*>(X + (size_t)src * K + g * GROUP + lane * 8);
+        const bf16* x8 = reinterpret_cast<const bf16*>(&bits);
+        float v[8], amax = 0.0f;
 #pragma unroll
-        for (int j = 0; j < UNITS; ++j) {  // every load first
-            const int u = base + j * half_warps;
-            const int row = u < units ? u / groups : 0, g = u < units ? u % groups : 0;
-            const int src = u >= units ? -1 : gather_idx ? gather_idx[row] : row;
-            bits[j] = make_uint4(0, 0, 0, 0);
-            if (0 <= src && src < tokens)
-                bits[j] = *reinterpret_cast<const uint4*>(X + (size_t)src * K + g * GROUP + lane * 8);
-        }
+        for (int i = 0; i < 8; ++i) v[i] = __bfloat162float(x8[i]), amax = max_keep_nan(amax, fabsf(v[i]));
 #pragma unroll
-        for (int j = 0; j < UNITS; ++j) {
-            const int u = base + j * half_warps;
-            const bf16* x8 = reinterpret_cast<const bf16*>(&bits[j]);
-            float v[8], amax = 0.0f;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) v[i] = __bfloat162float(x8[i]), amax = max_keep_nan(amax, fabsf(v[i]));
-#pragma unroll
-            for (int offset = LANES_PER_GROUP / 2; offset; offset /= 2)  // within the half-warp
-                amax = max_keep_nan(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-            if (u >= units) continue;
-            const int row = u / groups, g = u % groups;
-            if (!(amax <= 3.4e38f) && lane == 0) atomicMin(first_bad_row, row);  // inf or NaN
-            const float scale = amax > 0.0f ? amax / E4M3_MAX : 1.0f;
-            uint2 q;
-            q.x = e4m3x2(v[0] / scale, v[1] / scale) | (u32)e4m3x2(v[2] / scale, v[3] / scale) << 16;
-            q.y = e4m3x2(v[4] / scale, v[5] / scale) | (u32)e4m3x2(v[6] / scale, v[7] / scale) << 16;
-            *reinterpret_cast<uint2*>(Q + (size_t)row * K + g * GROUP + lane * 8) = q;
-            if (lane == 0) S[(size_t)g * ld_scales + row] = scale;
-        }
+        for (int offset = LANES_PER_GROUP / 2; offset; offset /= 2)  // within the half-warp
+            amax = max_keep_nan(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+        if (!active) continue;
+        if (!(amax <= 3.4e38f) && lane == 0) atomicMin(first_bad_row, row);  // inf or NaN
+        const float scale = amax > 0.0f ? amax / E4M3_MAX : 1.0f;
+        uint2 q;
+        q.x = e4m3x2(v[0] / scale, v[1] / scale) | (u32)e4m3x2(v[2] / scale, v[3] / scale) << 16;
+        q.y = e4m3x2(v[4] / scale, v[5] / scale) | (u32)e4m3x2(v[6] / scale, v[7] / scale) << 16;
+        *reinterpret_cast<uint2*>(Q + (size_t)row * K + g * GROUP + lane * 8) = q;
+        if (lane == 0) S[(size_t)g * ld_scales + row] = scale;
     }
 }

@@ -14,13 +14,12 @@
 // registers. With SLOTS <= CHUNK there is one chunk and this is 09_1.
 #include "09_1_decode_swap_ab.cu"
 
-#ifndef CHUNK
+#ifndef CHUNK  // the launcher also builds CHUNK=64, for full experts (decode.gemm_chunk)
 #define CHUNK (SLOTS < 32 ? SLOTS : 32)  // token slots per chunk: the wgmma N of one chain
 #endif
 static_assert(SLOTS % CHUNK == 0 && CHUNK >= 8, "CHUNK: a wgmma N (8, 16, 32, ...) that divides SLOTS");
 constexpr int CHUNKS = SLOTS / CHUNK;
 
-#if __INCLUDE_LEVEL__ == 0  // the kernel, only where this file is the one compiled (not in 09_3)
 extern "C" __global__ void __launch_bounds__(256)
 decode_grouped_gemm_chunked(const __grid_constant__ TmaDesc map_w,  // W as [E * N, K], boxes of 128 rows
                             const __grid_constant__ TmaDesc map_x,  // X as [E * SLOTS, K], boxes of CHUNK rows
@@ -103,4 +102,3 @@ decode_grouped_gemm_chunked(const __grid_constant__ TmaDesc map_w,  // W as [E *
         }
     }
 }
-#endif

@@ -561,20 +561,22 @@ def kernel_capacity(tokens: int) -> int:
     return next((c for c in DECODE_SLOTS if c >= tokens), DECODE_SLOTS[-1])
 
 
-#: Rows an active expert gets on average from which 09_1 beats 09_2: with experts that full, 09_2's
-#: chunks of 32 run the tensor cores at a narrow N where 09_1 runs one wide wgmma, and the step is
-#: near the ridge (Mixtral at 512 tokens, 128 rows an expert: 09_1 660 µs, 09_2 906 µs, H200).
+#: Rows an active expert gets on average from which 09_2 takes chunks of 64 slots: with experts
+#: that full, chunks of 32 run many narrow wgmma chains on a step near the ridge (Mixtral at 512
+#: tokens, 128 rows an expert, H100: chunks of 32 74% of the copy rate, 09_1's one chain of 256
+#: 84%, chunks of 64 89%); below it, chunks of 32 skip more empty slots (7B at 512 tokens, 32
+#: rows an expert: 80% against 78%, 09_1 55%).
 FULL_EXPERT_ROWS = 64
 
 
-def gemm_step(tokens: int, capacity: int, num_experts: int, k: int) -> int:
-    """The decode GEMM a step uses (1: 09_1, 2: 09_2), from numbers the host has (no read back):
-    09_2 where the capacity holds more than one chunk of slots and an active expert gets fewer
-    than :data:`FULL_EXPERT_ROWS` rows on average (``T K / E``), else 09_1 (at one chunk the two
-    are the same maths)."""
-    from .launch import DECODE_CHUNK
+def gemm_chunk(tokens: int, capacity: int, num_experts: int, k: int) -> int:
+    """09_2's chunk of token slots for a step, from numbers the host has (no read back): 64 where
+    the capacity holds more than 64 slots and an active expert gets :data:`FULL_EXPERT_ROWS` rows
+    or more on average (``T K / E``), else 32 (at 32 slots or fewer one chunk: 09_1's maths)."""
+    from .launch import DECODE_CHUNK, DECODE_WIDE_CHUNK, DECODE_WIDE_CHUNK_STEPS
 
-    return 2 if capacity > DECODE_CHUNK and tokens * k < FULL_EXPERT_ROWS * num_experts else 1
+    full = capacity in DECODE_WIDE_CHUNK_STEPS and tokens * k >= FULL_EXPERT_ROWS * num_experts
+    return DECODE_WIDE_CHUNK if full else DECODE_CHUNK
 
 
 def route(x: Tensor, w_router: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -586,9 +588,9 @@ def route(x: Tensor, w_router: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def masked_moe_forward_kernel(x: Tensor, w: DecodeWeights | moe.MoEWeights, k: int, *,
-                              capacity: int | None = None, step: int | None = None) -> DecodeOutput:
-    """:func:`masked_moe_forward` with its expert products on 09_1 or 09_2 (``step``; default
-    :func:`gemm_step`'s choice): the router and the masked
+                              capacity: int | None = None, step: int = 2, chunk: int | None = None) -> DecodeOutput:
+    """:func:`masked_moe_forward` with its expert products on 09_2 (``step`` 1: 09_1), in chunks of
+    ``chunk`` slots (default :func:`gemm_chunk`'s): the router and the masked
     layout in torch (no value read back), the up-projection ``[gate; up]`` in one launch, SwiGLU
     in torch, the down-projection in a second launch, the combine in torch. Each launch reads the
     experts' counts on the device: an idle expert's weights are never read, and the whole step
@@ -608,21 +610,23 @@ def masked_moe_forward_kernel(x: Tensor, w: DecodeWeights | moe.MoEWeights, k: i
     layout = masked_layout(experts, E, kernel_capacity(tokens) if capacity is None else capacity)
     x_slots = torch.where(layout.valid[..., None], x[layout.slot_token], 0)  # (E, C, d): empty slots zero
     count = layout.counts.clamp(max=layout.capacity).to(torch.int32)
-    step = gemm_step(tokens, layout.capacity, E, k) if step is None else step
+    if step == 2 and chunk is None:
+        chunk = gemm_chunk(tokens, layout.capacity, E, k)
     # (E, C, 2n). The kernel writes a busy expert's filled slots only, and SwiGLU below runs on every
     # slot (cheaper than gathering the filled ones), so the slots it does not write start at zero:
     # reading memory no kernel wrote is an error (compute-sanitizer's initcheck reported it, H100,
     # session 11), whatever is done with the values. A SwiGLU epilogue in the kernel, as 03_4 has
     # for training, would read and write the filled slots alone: the next step.
     h = launch.decode_grouped_gemm(x_slots, w.w_gate_up, count, out=x_slots.new_zeros(E, layout.capacity, two_n),
-                                   step=step)
+                                   step=step, chunk=chunk)
     gate, up = h.to(acc).split(two_n // 2, dim=-1)
     a = (F.silu(gate) * up).to(x.dtype)  # (E, C, n)
     # (E * C + 1, d): the slots' rows and the spare one a dropped pair reads, all zero but the
     # filled slots the kernel writes (the combine gathers those alone; a copy of every slot, as
     # masked_combine's, would read slots no kernel wrote)
     y_rows = x_slots.new_zeros(E * layout.capacity + 1, d)
-    launch.decode_grouped_gemm(a, w.w_down, count, out=y_rows[:-1].view(E, layout.capacity, d), step=step)
+    launch.decode_grouped_gemm(a, w.w_down, count, out=y_rows[:-1].view(E, layout.capacity, d), step=step,
+                               chunk=chunk)
     return DecodeOutput(combine_rows(y_rows, layout, weights), weights, experts, layout)
 
 
@@ -656,19 +660,22 @@ GEMM_KIND = "decode_gemm"
 #: engine runs a step: the host's launch cost paid once), and the two fastest eager too (where
 #: the host's cost per launch shows: ~80 µs for a course launch, ~23 for torch's, H200). Records
 #: of session 14 and before hold "09_1" and "grouped_mm" eager only. "09_2/64": 09_2 in chunks of 64
-#: slots (an experiment, at 128 and 256 slots: ``launch.DECODE_WIDE_CHUNK_STEPS``); "09_3": 09_2
-#: persistent (kernels/09_3_decode_persistent.cu).
-GEMM_CONTENDERS = ("09_2, graph", "09_3, graph", "09_2/64, graph", "09_1, graph", "grouped_mm, graph", "09_2", "09_1", "grouped_mm")
+#: slots (at 128 and 256 slots: ``launch.DECODE_WIDE_CHUNK_STEPS``), what the layer runs for full experts.
+GEMM_CONTENDERS = ("09_2, graph", "09_2/64, graph", "09_1, graph", "grouped_mm, graph", "09_2", "09_1", "grouped_mm")
 
 
 def course_gemm(row: dict) -> str:
-    """The course's contender in a "decode_gemm" row: the graph of the kernel :func:`gemm_step`
-    picks for that step (what the layer runs), where both were measured; else the fastest 09_*."""
+    """The course's contender in a "decode_gemm" row: the graph of the kernel the layer runs at that
+    step (09_2 in :func:`gemm_chunk`'s chunks; in records before chunks of 64 were timed, 09_1 for
+    full experts, as the layer then ran), where those were measured; else the fastest 09_*."""
     if "09_1, graph" in row and "09_2, graph" in row:
         from .configs import by_name
+        from .launch import DECODE_WIDE_CHUNK
 
         cfg = by_name(row["shape"])
-        return f"09_{gemm_step(row['tokens'], row['capacity'], cfg.E, cfg.K)}, graph"
+        if gemm_chunk(row["tokens"], row["capacity"], cfg.E, cfg.K) == DECODE_WIDE_CHUNK:
+            return "09_2/64, graph" if "09_2/64, graph" in row else "09_1, graph"
+        return "09_2, graph"
     return min((n for n in GEMM_CONTENDERS if n.startswith("09_") and n in row), key=lambda n: row[n]["ms"])
 
 

@@ -258,22 +258,16 @@ DECODE_CHUNKED_STEPS = {c: Step("09_2_decode_slot_chunks", "decode_grouped_gemm_
                                 DECODE_ROWS, c, SLICE_K, threads=256, min_cc=HOPPER, smem_bytes=decode_smem(c),
                                 tma=True, defines={} if c == 64 else {"SLOTS": c})
                         for c in DECODE_SLOTS}
-#: 09_2 with chunks of 64 slots (an experiment, at 128 and 256 slots): for experts holding 32-128
-#: tokens, fewer and wider wgmma chains than chunks of 32, and still not 09_1's whole capacity
+#: 09_2 with chunks of 64 slots (at 128 and 256 slots): for full experts (decode.gemm_chunk), fewer
+#: and wider wgmma chains than chunks of 32, and still not 09_1's whole capacity
 DECODE_WIDE_CHUNK = 64
 DECODE_WIDE_CHUNK_STEPS = {c: Step("09_2_decode_slot_chunks", "decode_grouped_gemm_chunked",
                                    f"decode, swap AB, {c} token slots in chunks of {DECODE_WIDE_CHUNK}",
                                    DECODE_ROWS, c, SLICE_K, threads=256, min_cc=HOPPER, smem_bytes=decode_smem(c),
                                    tma=True, defines={"SLOTS": c, "CHUNK": DECODE_WIDE_CHUNK})
                            for c in DECODE_SLOTS if c > DECODE_WIDE_CHUNK}
-DECODE_PERSISTENT_STEPS = {c: Step("09_3_decode_persistent", "decode_grouped_gemm_persistent",
-                                   f"decode, swap AB, {c} token slots in chunks of {decode_chunk(c)}, persistent",
-                                   DECODE_ROWS, c, SLICE_K, threads=256, min_cc=HOPPER, smem_bytes=decode_smem(c),
-                                   tma=True, defines={} if c == 64 else {"SLOTS": c})
-                           for c in DECODE_SLOTS}
-#: The decode GEMMs by chapter-09 step: 1 multiplies every slot, 2 only the chunks holding a token,
-#: 3 is 2 with one block per resident slot walking the (expert, n-tile) items, its ring running on
-DECODE_GEMMS = {1: DECODE_STEPS, 2: DECODE_CHUNKED_STEPS, 3: DECODE_PERSISTENT_STEPS}
+#: The decode GEMMs by chapter-09 step: 1 multiplies every slot, 2 only the chunks holding a token
+DECODE_GEMMS = {1: DECODE_STEPS, 2: DECODE_CHUNKED_STEPS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -760,10 +754,9 @@ def decode_grouped_gemm(x_slots, w, count, out=None, step: int = 2, chunk: int |
     graph). Returns ``y [E, C, N]`` bf16; rows past an expert's count are not written, and an
     expert with no tokens is not read. N a multiple of 128, K of 64. ``step``: 2
     (``kernels/09_2_decode_slot_chunks.cu``, only the chunks of slots that hold a token are
-    multiplied), 1 (``kernels/09_1_decode_swap_ab.cu``, every slot) or 3
-    (``kernels/09_3_decode_persistent.cu``, 09_2 persistent). ``chunk``: 09_2's chunk of
+    multiplied) or 1 (``kernels/09_1_decode_swap_ab.cu``, every slot). ``chunk``: 09_2's chunk of
     slots, :data:`DECODE_CHUNK` (default) or :data:`DECODE_WIDE_CHUNK` (at more slots than that)."""
-    require(step in DECODE_GEMMS, lambda: f"step must be one of {tuple(DECODE_GEMMS)} (09_1 to 09_3), got {step!r}")
+    require(step in DECODE_GEMMS, lambda: f"step must be one of {tuple(DECODE_GEMMS)} (09_1, 09_2), got {step!r}")
     require(chunk in (None, DECODE_CHUNK, DECODE_WIDE_CHUNK) and (chunk is None or step == 2),
             lambda: f"chunk is 09_2's (step=2): {DECODE_CHUNK} or {DECODE_WIDE_CHUNK}, got {chunk!r} at step {step}")
     check_hopper_inputs({"x_slots": x_slots, "w": w, "count": count}, {"x_slots": 3, "w": 3, "count": 1},
@@ -786,26 +779,10 @@ def decode_grouped_gemm(x_slots, w, count, out=None, step: int = 2, chunk: int |
     fn = kernels.load(kernel.source, defines=kernel.defines).get_function(kernel.kernel)
     fn.max_dynamic_shared_size_bytes = kernel.smem_bytes
     x_box = C if step == 1 else DECODE_WIDE_CHUNK if wide else decode_chunk(C)  # 09_2: a chunk per copy
-    maps = (tma.tensor_map_2d(w, DECODE_ROWS), tma.tensor_map_2d(x_slots, x_box), ptr(y), ptr(count), np.int32(N),
-            np.int32(K))
-    if step == 3:  # as many blocks as are resident at once, each walking its share of the items
-        items = E * (N // DECODE_ROWS)
-        fn((min(items, resident_blocks(fn, kernel.threads, kernel.smem_bytes)),), (kernel.threads,),
-           maps + (np.int32(E),), shared_mem=kernel.smem_bytes)
-    else:
-        fn((N // DECODE_ROWS, E), (kernel.threads,), maps, shared_mem=kernel.smem_bytes)
+    fn((N // DECODE_ROWS, E), (kernel.threads,),
+       (tma.tensor_map_2d(w, DECODE_ROWS), tma.tensor_map_2d(x_slots, x_box), ptr(y), ptr(count), np.int32(N),
+        np.int32(K)), shared_mem=kernel.smem_bytes)
     return y
-
-
-def resident_blocks(fn, threads: int, smem_bytes: int) -> int:
-    """How many blocks of ``fn`` the GPU holds at once (its occupancy, from the driver, times the
-    SMs): a persistent kernel's grid."""
-    from cuda.bindings import driver as cu
-
-    err, per_sm = cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(cu.CUfunction(fn.ptr), threads, smem_bytes)
-    require(err == cu.CUresult.CUDA_SUCCESS, lambda: f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed: {err}",
-            RuntimeError)
-    return max(1, per_sm) * info().sm_count
 
 
 @kernels.on_torch_stream
@@ -860,8 +837,7 @@ FP8_SWIGLU = Step("07_3_fp8_swiglu_quantize", "fp8_swiglu_quantize",
 FP8_GATHER = Step("07_4_fp8_gather", "fp8_gather_swiglu_quantize", "07_3 with the token rows gathered in the load",
                   64, 2 * FP8_GROUP, FP8_GROUP, threads=384, min_cc=HOPPER, persistent=True, tma=True,
                   smem_bytes=FP8_SWIGLU.smem_bytes)
-QUANTIZE_BLOCKS_PER_SM = 8  # 07_1: 64 resident warps an SM ...
-QUANTIZE_UNITS = 4  # ... each half-warp with the 16-byte loads of 4 groups in flight (07_1's UNITS)
+QUANTIZE_BLOCKS_PER_SM = 8  # 07_1: 64 resident warps an SM keep enough 16-byte loads in flight
 
 
 def fp8_scales_width(rows: int) -> int:
@@ -901,8 +877,7 @@ def quantize_1x128(x, gather_idx=None, validate: bool = True):
     if R and K:
         fn = kernels.load(QUANTIZE.source).get_function(QUANTIZE.kernel)
         half_warps = R * (K // FP8_GROUP)
-        per_block = QUANTIZE.threads // 16 * QUANTIZE_UNITS  # groups a block takes an iteration
-        blocks = max(1, min(-(-half_warps // per_block), info().sm_count * QUANTIZE_BLOCKS_PER_SM))
+        blocks = max(1, min(-(-half_warps // (QUANTIZE.threads // 16)), info().sm_count * QUANTIZE_BLOCKS_PER_SM))
         fn((blocks,), (QUANTIZE.threads,), (ptr(x), ptr(gather_idx) if gather_idx is not None else np.uint64(0),
                                              np.int32(R), np.int32(K), np.int32(T), ptr(q), ptr(scales),
                                              np.int32(width), ptr(first_bad)))
@@ -1038,7 +1013,6 @@ KERNEL_FILES: dict[str, tuple[Step, object]] = {
     HF_WEIGHT_GRAD.source: (HF_WEIGHT_GRAD, hf_weight_grad_gate_up),
     DECODE_STEPS[64].source: (DECODE_STEPS[64], decode_grouped_gemm),
     DECODE_CHUNKED_STEPS[256].source: (DECODE_CHUNKED_STEPS[256], decode_grouped_gemm),
-    DECODE_PERSISTENT_STEPS[256].source: (DECODE_PERSISTENT_STEPS[256], decode_grouped_gemm),
     QUANTIZE.source: (QUANTIZE, quantize_1x128),
     FP8_GEMM.source: (FP8_GEMM, fp8_grouped_gemm),
     FP8_SWIGLU.source: (FP8_SWIGLU, fp8_swiglu_quantize),

@@ -243,7 +243,7 @@ def test_the_graph_replayed_layer_equals_the_eager_one(dtype):
 # The step on 09_1 (kernels/09_1_decode_swap_ab.cu)
 
 
-def kernel_stand_in(x_slots, w, count, out=None, step=2):
+def kernel_stand_in(x_slots, w, count, out=None, step=2, chunk=None):
     """09_1's and 09_2's contract in torch: the filled slots' products; every other row of ``out`` left as
     it was, or, without ``out``, NaN, as the kernel leaves them unwritten (a layer that read one
     would turn NaN)."""
@@ -279,12 +279,12 @@ def decode_problem(counts, C, N, K, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("step", [1, 2, 3])
+@pytest.mark.parametrize("step", [1, 2])
 @pytest.mark.parametrize("C", [8, 16, 32, 64, 128, 256])
 def test_the_decode_gemm_computes_the_filled_slots_and_nothing_else(C, step):
-    """09_1 to 09_3: every filled slot right, nothing past an expert's count written. The counts
+    """09_1 and 09_2: every filled slot right, nothing past an expert's count written. The counts
     straddle 09_2's chunks of 32 (31, 32, 33, C - 1), so a chunk skipped or loaded from the wrong
-    rows shows; 09_3's blocks each walk several (expert, tile) items, idle experts among them."""
+    rows shows."""
     from moe_course import launch
 
     # idle experts, one token, a full expert, partial ones, counts either side of a chunk's end
@@ -325,7 +325,7 @@ def test_the_decode_gemm_refuses_what_it_cannot_take():
 
     x, w, count = decode_problem([1, 2], 16, 256, 192)
     with pytest.raises(ValueError, match="step must be one of"):
-        launch.decode_grouped_gemm(x, w, count, step=4)
+        launch.decode_grouped_gemm(x, w, count, step=3)
     with pytest.raises(ValueError, match="chunks of 64 need more token slots"):
         launch.decode_grouped_gemm(x, w, count, chunk=64)
     with pytest.raises(ValueError, match="chunk is 09_2's"):
@@ -398,16 +398,20 @@ def test_the_decode_gemm_table_sets_the_layers_kernel_against_torchs_graph():
     assert line.endswith("2.50x") and "09_2, graph" in line  # 0.5 / 0.2, torch's graph, not its eager 0.45
     row["09_1, graph"] = _timing(0.1, 6.0)  # the layer runs 09_2 here, so 09_2 is shown, not the faster 09_1
     assert decode.course_gemm(row) == "09_2, graph" and decode.gemm_table({"rows": [row]}).endswith("2.50x")
-    mixtral = dict(row, shape="mixtral-8x7b", active=8)  # 512 x 2 / 8 = 128 rows an expert: 09_1
-    assert decode.course_gemm(mixtral) == "09_1, graph"
+    mixtral = dict(row, shape="mixtral-8x7b", active=8)  # 512 x 2 / 8 = 128 rows an expert: full
+    assert decode.course_gemm(mixtral) == "09_1, graph"  # a record from before chunks of 64: the layer ran 09_1
+    mixtral["09_2/64, graph"] = _timing(0.15, 4.0)
+    assert decode.course_gemm(mixtral) == "09_2/64, graph"
 
 
-def test_the_decode_gemm_step_follows_the_rows_per_expert():
+def test_the_decode_chunk_follows_the_rows_per_expert():
     from moe_course import launch
 
     E, K = 8, 2  # Mixtral
-    assert decode.gemm_step(512, 256, E, K) == 1  # 128 rows an expert: full, 09_1
-    assert decode.gemm_step(255, 256, E, K) == 2  # just under 64 rows an expert
-    assert decode.gemm_step(1, 8, E, K) == 1  # one chunk: the same maths, 09_1
-    assert decode.gemm_step(512, launch.DECODE_CHUNK, 256, 8) == 1
-    assert decode.gemm_step(512, 256, 256, 8) == 2  # DeepSeek-V3: 16 rows an expert
+    assert decode.gemm_chunk(512, 256, E, K) == 64  # 128 rows an expert: full, chunks of 64
+    assert decode.gemm_chunk(256, 256, E, K) == 64  # 64 rows an expert
+    assert decode.gemm_chunk(255, 256, E, K) == launch.DECODE_CHUNK  # just under
+    assert decode.gemm_chunk(64, 64, E, K) == launch.DECODE_CHUNK  # 64 slots: no build of 64-slot chunks
+    assert decode.gemm_chunk(1, 8, E, K) == launch.DECODE_CHUNK  # one chunk of 8: 09_1's maths
+    assert decode.gemm_chunk(512, 256, 128, 8) == launch.DECODE_CHUNK  # 7B: 32 rows an expert
+    assert decode.gemm_chunk(512, 256, 256, 8) == launch.DECODE_CHUNK  # DeepSeek-V3: 16

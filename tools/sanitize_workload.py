@@ -193,7 +193,7 @@ def decode_step() -> None:
 
     from moe_course import decode, launch, moe
 
-    # chapter 09: 09_1 to 09_3 at every width they are built for, 09_2 in chunks of 64 too (idle
+    # chapter 09: 09_1 and 09_2 at every width they are built for, 09_2 in chunks of 64 too (idle
     # experts, a full one, partial ones, counts either side of a chunk), then the decode layer at 1,
     # 64 and 511 tokens, against chapter 01's layer
     for slots in launch.DECODE_SLOTS:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from moe_course import records
 from moe_course.checks import run_command
@@ -54,7 +55,11 @@ def main(argv=None) -> int:
     print(f"SonicMoE (transformers' \"sonicmoe\" backend): {why_no_sonicmoe or 'runs, on the installed sonic-moe'}")
 
     def checked_then_timed(model, ids):
-        results = hm.compare(model, ids, backends=backends)
+        results = {}
+        for backend in [b for b in backends if b != hm.REFERENCE]:  # one at a time, timed (SonicMoE compiles)
+            start = time.perf_counter()
+            results |= hm.compare(model, ids, backends=(hm.REFERENCE, backend))
+            print(f"  {backend} checked against eager in {time.perf_counter() - start:.0f} s", flush=True)
         problems = hm.disagreements(results, sizes.dtype)
         if problems:
             raise SystemExit(f"{model.config.model_type}: the course's backend disagrees with eager: {problems}")
@@ -62,7 +67,10 @@ def main(argv=None) -> int:
             print(f"  SonicMoE against eager: logits {results[hm.SONICMOE]['logits']:.1e} (the course's "
                   f"{results[hf.NAME]['logits']:.1e}, grouped_mm's {results['grouped_mm']['logits']:.1e})")
         print(f"  {hm.describe(model)}: checked, timing", flush=True)
-        return hm.time_backends(model, ids, backends), hm.time_experts(model, ids, backends)
+        start = time.perf_counter()
+        timed = hm.time_backends(model, ids, backends), hm.time_experts(model, ids, backends)
+        print(f"  timed in {time.perf_counter() - start:.0f} s", flush=True)
+        return timed
 
     data = hm.measure(sizes, tuple(args.models), work=checked_then_timed)
     data["sonicmoe"] = why_no_sonicmoe or "ran"

@@ -66,7 +66,7 @@ def measure_one(cfg, tokens: int, proj: str, roof) -> dict:
     eager = {"09_1": lambda: launch.decode_grouped_gemm(x_slots, w, count, step=1),
              "09_2": lambda: launch.decode_grouped_gemm(x_slots, w, count, step=2),
              "grouped_mm": lambda: torch._grouped_mm(x_sorted, w.transpose(1, 2), offs=offs)}
-    if capacity in launch.DECODE_WIDE_CHUNK_STEPS:  # the experiment: 09_2 in chunks of 64 slots
+    if capacity in launch.DECODE_WIDE_CHUNK_STEPS:  # 09_2 in chunks of 64 slots (full experts)
         eager["09_2/64"] = lambda: launch.decode_grouped_gemm(x_slots, w, count, chunk=launch.DECODE_WIDE_CHUNK)
     want = torch.einsum("eck,enk->ecn", x_slots.float(), w.float())  # checked first, against float32
     filled = layout.valid & (torch.arange(capacity, device="cuda") < count[:, None])

@@ -253,19 +253,20 @@ def decode_chunk(slots: int) -> int:
     return min(slots, DECODE_CHUNK)
 
 
-DECODE_CHUNKED_STEPS = {c: Step("09_2_decode_slot_chunks", "decode_grouped_gemm_chunked",
-                                f"decode, swap AB, {c} token slots in chunks of {decode_chunk(c)}",
-                                DECODE_ROWS, c, SLICE_K, threads=256, min_cc=HOPPER, smem_bytes=decode_smem(c),
-                                tma=True, defines={} if c == 64 else {"SLOTS": c})
-                        for c in DECODE_SLOTS}
+def decode_chunked_step(slots: int, chunk: int) -> Step:
+    """09_2 built for ``slots`` token slots in chunks of ``chunk`` (the file's own: 64 slots, chunks
+    of :func:`decode_chunk`)."""
+    return Step("09_2_decode_slot_chunks", "decode_grouped_gemm_chunked",
+                f"decode, swap AB, {slots} token slots in chunks of {chunk}", DECODE_ROWS, slots, SLICE_K,
+                threads=256, min_cc=HOPPER, smem_bytes=decode_smem(slots), tma=True,
+                defines=({} if slots == 64 else {"SLOTS": slots}) | ({} if chunk == decode_chunk(slots) else {"CHUNK": chunk}))
+
+
+DECODE_CHUNKED_STEPS = {c: decode_chunked_step(c, decode_chunk(c)) for c in DECODE_SLOTS}
 #: 09_2 with chunks of 64 slots (at 128 and 256 slots): for full experts (decode.gemm_chunk), fewer
 #: and wider wgmma chains than chunks of 32, and still not 09_1's whole capacity
 DECODE_WIDE_CHUNK = 64
-DECODE_WIDE_CHUNK_STEPS = {c: Step("09_2_decode_slot_chunks", "decode_grouped_gemm_chunked",
-                                   f"decode, swap AB, {c} token slots in chunks of {DECODE_WIDE_CHUNK}",
-                                   DECODE_ROWS, c, SLICE_K, threads=256, min_cc=HOPPER, smem_bytes=decode_smem(c),
-                                   tma=True, defines={"SLOTS": c, "CHUNK": DECODE_WIDE_CHUNK})
-                           for c in DECODE_SLOTS if c > DECODE_WIDE_CHUNK}
+DECODE_WIDE_CHUNK_STEPS = {c: decode_chunked_step(c, DECODE_WIDE_CHUNK) for c in DECODE_SLOTS if c > DECODE_WIDE_CHUNK}
 #: The decode GEMMs by chapter-09 step: 1 multiplies every slot, 2 only the chunks holding a token
 DECODE_GEMMS = {1: DECODE_STEPS, 2: DECODE_CHUNKED_STEPS}
 
@@ -778,7 +779,7 @@ def decode_grouped_gemm(x_slots, w, count, out=None, step: int = 2, chunk: int |
     check_out(y.view(E * C, N), E * C, N)
     fn = kernels.load(kernel.source, defines=kernel.defines).get_function(kernel.kernel)
     fn.max_dynamic_shared_size_bytes = kernel.smem_bytes
-    x_box = C if step == 1 else DECODE_WIDE_CHUNK if wide else decode_chunk(C)  # 09_2: a chunk per copy
+    x_box = C if step == 1 else min(C, chunk or DECODE_CHUNK)  # 09_2 loads a chunk of slots per copy
     fn((N // DECODE_ROWS, E), (kernel.threads,),
        (tma.tensor_map_2d(w, DECODE_ROWS), tma.tensor_map_2d(x_slots, x_box), ptr(y), ptr(count), np.int32(N),
         np.int32(K)), shared_mem=kernel.smem_bytes)

@@ -202,16 +202,14 @@ def decode_step() -> None:
         x = torch.randn(len(counts), slots, 192, device="cuda").to(torch.bfloat16)
         w = (torch.randn(len(counts), 256, 192, device="cuda") / 14).to(torch.bfloat16)
         want = torch.einsum("eck,enk->ecn", x.float(), w.float())
-        for step in launch.DECODE_GEMMS:
-            y = launch.decode_grouped_gemm(x, w, counts, step=step)
-            for e, c in enumerate(counts.tolist()):
-                if c:
-                    check(f"09_{step}, {slots} slots, expert {e} ({c} tokens)", y[e, :c], want[e, :c])
+        builds = {f"09_{step}": {"step": step} for step in launch.DECODE_GEMMS}
         if slots in launch.DECODE_WIDE_CHUNK_STEPS:
-            y = launch.decode_grouped_gemm(x, w, counts, chunk=launch.DECODE_WIDE_CHUNK)
+            builds["09_2/64"] = {"chunk": launch.DECODE_WIDE_CHUNK}
+        for name, how in builds.items():
+            y = launch.decode_grouped_gemm(x, w, counts, **how)
             for e, c in enumerate(counts.tolist()):
                 if c:
-                    check(f"09_2/64, {slots} slots, expert {e} ({c} tokens)", y[e, :c], want[e, :c])
+                    check(f"{name}, {slots} slots, expert {e} ({c} tokens)", y[e, :c], want[e, :c])
     for tokens in (1, 64, 511):
         g = torch.Generator().manual_seed(tokens)
         w = moe.random_weights(256, 256, 16, generator=g)

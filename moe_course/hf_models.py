@@ -16,6 +16,7 @@ weights.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -289,12 +290,20 @@ def differences(got: Run, want: Run) -> dict:
             "missing gradients": missing, "per parameter": errors}
 
 
-def compare(model, input_ids, backends=BACKENDS, reference: str = REFERENCE) -> dict:
+def compare(model, input_ids, backends=BACKENDS, reference: str = REFERENCE, report=None) -> dict:
     """Every backend against ``reference`` on the same weights and tokens: ``{backend:
-    differences}`` (:func:`differences`). On a GPU the reference is held on the host."""
+    differences}`` (:func:`differences`). On a GPU the reference is held on the host.
+    ``report(backend, seconds)``, if given, after each backend's run (a first run may compile)."""
     keep_on = "cpu" if input_ids.is_cuda else None
     want = run(model, reference, input_ids, keep_on)
-    return {b: differences(run(model, b, input_ids), want) for b in backends if b != reference}
+    found = {}
+    for b in backends:
+        if b != reference:
+            start = time.perf_counter()
+            found[b] = differences(run(model, b, input_ids), want)
+            if report is not None:
+                report(b, time.perf_counter() - start)
+    return found
 
 
 #: What "agree" means. float32: the backends differ only in the order of their sums (observed
@@ -677,14 +686,19 @@ def timing_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def minimum_line(m: dict) -> str:
-    """:func:`minimum`'s verdict in one line."""
+def minimum_line(m: dict, details: bool = True) -> str:
+    """:func:`minimum`'s verdict in one line: met or not and which bar (from the GEMMs' share), then,
+    with ``details``, the speed-ups it was judged on (the README's cell is the verdict alone)."""
     share = ("grouped_mm's GEMMs not timed alone" if m["gemm_share"] is None
              else f"grouped_mm's GEMMs {m['gemm_share']:.0%} of its call")
     need = "faster" if m["need_over_grouped_mm"] == 1.0 else f">= {m['need_over_grouped_mm']:.2f}x"
-    sonic = ("SonicMoE not run" if m["over_sonicmoe"] is None else f"x{m['over_sonicmoe']:.2f} SonicMoE")
-    return (f"issue 30: {share}, so {need} asked: x{m['over_grouped_mm']:.2f} grouped_mm, {sonic}, whole model "
-            f"x{m['whole_model_over_grouped_mm']:.2f}: minimum {'met' if m['met'] else 'NOT met'}")
+    verdict = (f"{'met' if m['met'] else 'NOT met'} ({share}: {need} asked"
+               f"{', SonicMoE not run' if m['over_sonicmoe'] is None else ''})")
+    if not details:
+        return verdict
+    sonic = "" if m["over_sonicmoe"] is None else f", x{m['over_sonicmoe']:.2f} SonicMoE"
+    return (f"issue 30: {verdict}: x{m['over_grouped_mm']:.2f} grouped_mm{sonic}, whole model "
+            f"x{m['whole_model_over_grouped_mm']:.2f}")
 
 
 def plot_times(record, live: bool, step: str = "forward+backward", ax=None):

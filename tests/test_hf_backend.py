@@ -113,8 +113,11 @@ def test_bf16_is_as_close_to_eager_as_transformers_own_grouped_mm(arch, calls):
 
 
 def assert_as_close_as_grouped_mm(model, ids):
-    results = hm.compare(model, ids, backends=("eager", "grouped_mm", "moe_course"))
+    reported = []
+    results = hm.compare(model, ids, backends=("eager", "grouped_mm", "moe_course"),
+                         report=lambda backend, seconds: reported.append(backend) if seconds >= 0 else None)
     assert hm.disagreements(results, torch.bfloat16) == [], results
+    assert reported == ["grouped_mm", "moe_course"]  # each compared backend once, the reference not
 
 
 def test_widths_off_grouped_mm_multiples_run_on_the_loop(capsys, monkeypatch):

@@ -403,14 +403,6 @@ def _decode_layer(rec: Records) -> str:
             + f"\nOn {_measured_on(r)}.\n")
 
 
-def issue30(m: dict) -> str:
-    """hf_models.minimum's verdict in a cell: met or not, and why that bar (the GEMMs' share)."""
-    share = "GEMMs not timed alone" if m["gemm_share"] is None else f"grouped_mm's GEMMs {m['gemm_share']:.0%}"
-    asked = "faster" if m["need_over_grouped_mm"] == 1.0 else f"{m['need_over_grouped_mm']:.2f}x"
-    sonic = "" if m["over_sonicmoe"] is not None else ", SonicMoE not run"
-    return f"{'met' if m['met'] else 'NOT met'} ({share}: {asked} asked{sonic})"
-
-
 def ch10(rec: Records) -> str:
     r = rec("hf_backends")
     experts = r.data["experts"]
@@ -429,7 +421,7 @@ def ch10(rec: Records) -> str:
                      f"{b['moe_course']['kept_MiB']:.0f} vs {b['grouped_mm']['kept_MiB']:.0f}"
                      + (f" vs {b['sonicmoe']['kept_MiB']:.0f}" if "sonicmoe" in b else ""),
                      x(model["grouped_mm"]["forward+backward"]["ms"] / model["moe_course"]["forward+backward"]["ms"]),
-                     issue30(hf_models.minimum(r.data, arch))])
+                     hf_models.minimum_line(hf_models.minimum(r.data, arch), details=False)])
     sizes = r.data["sizes"]
     missing = [a for a in hf_models.ARCHITECTURES if a not in experts]
     dates = sorted(set(r.data.get("measured_on", {}).values()))

@@ -139,6 +139,29 @@ struct __align__(1024) DecodeSlot {
 };
 constexpr u32 SLOT_BYTES = sizeof(DecodeSlot);
 
+// The ring in dynamic shared memory: STAGES slots, 1024-aligned (the 128B swizzle's unit), then a
+// "full" and an "empty" mbarrier per slot, initialised by thread 0 before any thread uses them.
+struct DecodeRing {
+    DecodeSlot* slots;
+    u64* full;
+    u64* empty;
+};
+__device__ __forceinline__ DecodeRing decode_ring(unsigned char* smem) {
+    const u32 pad = (1024 - (smem_addr(smem) & 1023)) & 1023;
+    DecodeSlot* slots = reinterpret_cast<DecodeSlot*>(smem + pad);
+    u64* full = reinterpret_cast<u64*>(slots + STAGES);
+    u64* empty = full + STAGES;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(&full[s], 1);   // thread 0's arrive_expect_tx
+            mbar_init(&empty[s], 8);  // one arrival per warp
+        }
+        fence_proxy_async();  // the initialised barriers, visible to the copy engine
+    }
+    __syncthreads();
+    return {slots, full, empty};
+}
+
 #if __INCLUDE_LEVEL__ == 0  // the kernel, only where this file is the one compiled (not in 09_2)
 extern "C" __global__ void __launch_bounds__(256)
 decode_grouped_gemm(const __grid_constant__ TmaDesc map_w,  // W as [E * N, K], boxes of 128 rows
@@ -151,21 +174,11 @@ decode_grouped_gemm(const __grid_constant__ TmaDesc map_w,  // W as [E * N, K], 
     if (rows <= 0) return;  // the whole block, before any barrier: W[e] is never read
 
     extern __shared__ unsigned char smem[];
-    const u32 pad = (1024 - (smem_addr(smem) & 1023)) & 1023;
-    DecodeSlot* slots = reinterpret_cast<DecodeSlot*>(smem + pad);
-    u64* full = reinterpret_cast<u64*>(slots + STAGES);
-    u64* empty = full + STAGES;
     const int num_k = K / BK;
     const int warpgroup = threadIdx.x / 128, lane = threadIdx.x % 32;
-
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(&full[s], 1);   // thread 0's arrive_expect_tx
-            mbar_init(&empty[s], 8);  // one arrival per warp
-        }
-        fence_proxy_async();  // the initialised barriers, visible to the copy engine
-    }
-    __syncthreads();
+    const DecodeRing ring = decode_ring(smem);  // slots and barriers, ready for every thread
+    DecodeSlot* slots = ring.slots;
+    u64 *full = ring.full, *empty = ring.empty;
 
     auto load = [&](int kt) {  // thread 0 only: slice kt into its slot, once the slot is free (03_1's ring)
         const int s = kt % STAGES;

@@ -32,21 +32,11 @@ decode_grouped_gemm_chunked(const __grid_constant__ TmaDesc map_w,  // W as [E *
     const int chunks = (rows + CHUNK - 1) / CHUNK;  // the chunks that hold a filled slot
 
     extern __shared__ unsigned char smem[];
-    const u32 pad = (1024 - (smem_addr(smem) & 1023)) & 1023;
-    DecodeSlot* slots = reinterpret_cast<DecodeSlot*>(smem + pad);
-    u64* full = reinterpret_cast<u64*>(slots + STAGES);
-    u64* empty = full + STAGES;
     const int num_k = K / BK;
     const int warpgroup = threadIdx.x / 128, lane = threadIdx.x % 32;
-
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(&full[s], 1);
-            mbar_init(&empty[s], 8);
-        }
-        fence_proxy_async();
-    }
-    __syncthreads();
+    const DecodeRing ring = decode_ring(smem);  // 09_1's ring
+    DecodeSlot* slots = ring.slots;
+    u64 *full = ring.full, *empty = ring.empty;
 
     // W's 128 rows and the filled chunks' rows: the slot's bytes this block waits for
     const u32 slot_bytes = (BW + chunks * CHUNK) * BK * sizeof(bf16);

@@ -8,6 +8,8 @@ down-projection (N = d):
 - ``09_2``: 09_1 loading and multiplying only the chunks of 32 slots that hold a token
   (kernels/09_2_decode_slot_chunks.cu); ``09_2/64``: the same file built with chunks of 64 slots,
   at 128 and 256 slots (fewer, wider wgmma chains: what the layer runs for full experts);
+- ``09_3``: 09_2's chunks split over blocks of 64 slots (kernels/09_3_decode_slot_split.cu), at
+  128 and 256 slots: two blocks an SM where 09_2 fits one (what the layer runs for sparse experts);
 - ``grouped_mm``: ``torch._grouped_mm`` on the pairs sorted by expert (CUTLASS).
 
 Each is timed replayed from a CUDA graph (``, graph``: how a serving engine runs a step, the
@@ -68,6 +70,8 @@ def measure_one(cfg, tokens: int, proj: str, roof) -> dict:
              "grouped_mm": lambda: torch._grouped_mm(x_sorted, w.transpose(1, 2), offs=offs)}
     if capacity in launch.DECODE_WIDE_CHUNK_STEPS:  # 09_2 in chunks of 64 slots (full experts)
         eager["09_2/64"] = lambda: launch.decode_grouped_gemm(x_slots, w, count, chunk=launch.DECODE_WIDE_CHUNK)
+    if capacity in launch.DECODE_SPLIT_STEPS:  # 09_3: the slots split over blocks (sparse experts)
+        eager["09_3"] = lambda: launch.decode_grouped_gemm(x_slots, w, count, step=3)
     want = torch.einsum("eck,enk->ecn", x_slots.float(), w.float())  # checked first, against float32
     filled = layout.valid & (torch.arange(capacity, device="cuda") < count[:, None])
     errors = {}
@@ -84,12 +88,13 @@ def measure_one(cfg, tokens: int, proj: str, roof) -> dict:
                     rounds=5, reps=20, flops=flops, bytes=nbytes)
     return {"shape": cfg.name, "proj": proj, "tokens": tokens, "active": active, "capacity": capacity,
             "bytes": nbytes, "relative_error": errors["09_2"], "relative_error_09_1": errors["09_1"],
-            **({"relative_error_09_2/64": errors["09_2/64"]} if "09_2/64" in errors else {}),
+            **{f"relative_error_{name}": errors[name] for name in ("09_2/64", "09_3") if name in errors},
             **{name: {**r.timing(), "tbps": r.tbps, "of_copy": r.tbps / roof.copy_tbps} for name, r in m.items()}}
 
 
 def measure_layer(cfg, tokens: int, roof) -> dict:
-    """The whole decode layer (router, up with SwiGLU, down, combine) on 09_2 and on chapter 06's
+    """The whole decode layer (router, up with SwiGLU, down, combine) on chapter 09's kernels (as
+    decode.gemm_step picks them) and on chapter 06's
     kernels (layer.forward), each captured in a CUDA graph, against the same layer on
     torch._grouped_mm (decode.grouped_mm_forward), graph-replayed and eager; checked against each
     other first."""
@@ -123,10 +128,10 @@ def measure_layer(cfg, tokens: int, roof) -> dict:
     err_06 = relative_error(training_y[alike].float(), theirs_y[alike].float())
     if not (err < 2e-2 and err_06 < 2e-2 and alike.float().mean() > 0.5):
         raise SystemExit(f"the decode layers disagree on {cfg.name} at T={tokens}: relative error {err:.3g} "
-                         f"(09_2), {err_06:.3g} (06, on the {int(alike.sum())} tokens routed alike)")
+                         f"(09), {err_06:.3g} (06, on the {int(alike.sum())} tokens routed alike)")
     active = int(decode.active_experts(experts, cfg.E))
     step = decode.decode_step(cfg, tokens, "layer", active=active)
-    m = interleaved({"09_2 layer, graph": ours_graph.replay, "06 layer, graph": training_graph.replay,
+    m = interleaved({"09 layer, graph": ours_graph.replay, "06 layer, graph": training_graph.replay,
                      "grouped_mm layer, graph": theirs_graph.replay,
                      "grouped_mm layer, eager": lambda: decode.grouped_mm_forward(x, wd, cfg.K)},
                     rounds=5, reps=20, bytes=step.bytes)

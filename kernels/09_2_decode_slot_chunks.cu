@@ -20,17 +20,13 @@
 static_assert(SLOTS % CHUNK == 0 && CHUNK >= 8, "CHUNK: a wgmma N (8, 16, 32, ...) that divides SLOTS");
 constexpr int CHUNKS = SLOTS / CHUNK;
 
-extern "C" __global__ void __launch_bounds__(256)
-decode_grouped_gemm_chunked(const __grid_constant__ TmaDesc map_w,  // W as [E * N, K], boxes of 128 rows
-                            const __grid_constant__ TmaDesc map_x,  // X as [E * SLOTS, K], boxes of CHUNK rows
-                            bf16* __restrict__ Y,                   // [E, SLOTS, N]
-                            const int* __restrict__ count,          // [E]: filled slots per expert
-                            int N, int K) {
-    const int expert = blockIdx.y, n0 = blockIdx.x * BW;
-    const int rows = min(count[expert], SLOTS);
-    if (rows <= 0) return;                        // an idle expert: W[e] is never read
-    const int chunks = (rows + CHUNK - 1) / CHUNK;  // the chunks that hold a filled slot
-
+// The block's work, shared with 09_3: the 128 rows n0.. of W[expert] times chunks first ..
+// first + chunks - 1 of the expert's slots (chunks <= HOLD: the accumulators it holds). The
+// expert's slots start at row expert * capacity of X and Y; rows: its filled slots.
+template <int HOLD>
+__device__ __forceinline__ void multiply_chunks(const TmaDesc& map_w, const TmaDesc& map_x, bf16* __restrict__ Y,
+                                                int expert, int n0, int capacity, int rows, int first, int chunks,
+                                                int N, int K) {
     extern __shared__ unsigned char smem[];
     const int num_k = K / BK;
     const int warpgroup = threadIdx.x / 128, lane = threadIdx.x % 32;
@@ -46,14 +42,14 @@ decode_grouped_gemm_chunked(const __grid_constant__ TmaDesc map_w,  // W as [E *
         mbar_arrive_expect_tx(&full[s], slot_bytes);
         tma_load_2d(slots[s].w, map_w, kt * BK, expert * N + n0, &full[s]);
         for (int c = 0; c < chunks; ++c)  // chunk c's rows start 1024-byte aligned (CHUNK x 128 B)
-            tma_load_2d(slots[s].x + c * CHUNK * BK, map_x, kt * BK, expert * SLOTS + c * CHUNK, &full[s]);
+            tma_load_2d(slots[s].x + c * CHUNK * BK, map_x, kt * BK, expert * capacity + (first + c) * CHUNK, &full[s]);
     };
     if (threadIdx.x == 0)
         for (int kt = 0; kt < STAGES && kt < num_k; ++kt) load(kt);
 
-    float acc[CHUNKS][CHUNK / 2];
+    float acc[HOLD][CHUNK / 2];
 #pragma unroll
-    for (int c = 0; c < CHUNKS; ++c)
+    for (int c = 0; c < HOLD; ++c)
 #pragma unroll
         for (int v = 0; v < CHUNK / 2; ++v) acc[c][v] = 0.0f;
     for (int kt = 0; kt < num_k; ++kt) {
@@ -62,7 +58,7 @@ decode_grouped_gemm_chunked(const __grid_constant__ TmaDesc map_w,  // W as [E *
         const bf16* w = slots[s].w + warpgroup * 64 * BK;
         wgmma_fence();
 #pragma unroll
-        for (int c = 0; c < CHUNKS; ++c) {
+        for (int c = 0; c < HOLD; ++c) {
             if (c >= chunks) break;  // uniform across the block
             wgmma_fence_operands(acc[c]);
             const bf16* x = slots[s].x + c * CHUNK * BK;
@@ -73,22 +69,35 @@ decode_grouped_gemm_chunked(const __grid_constant__ TmaDesc map_w,  // W as [E *
         wgmma_commit();
         wgmma_wait<0>();
 #pragma unroll
-        for (int c = 0; c < CHUNKS; ++c) wgmma_fence_operands(acc[c]);
+        for (int c = 0; c < HOLD; ++c) wgmma_fence_operands(acc[c]);
         __syncwarp();
         if (lane == 0) mbar_arrive(&empty[s]);
         if (threadIdx.x == 0 && kt + STAGES < num_k) load(kt + STAGES);
     }
-    // 09_1's epilogue, chunk by chunk: accumulator v of chunk c holds token slot c * CHUNK + col
+    // 09_1's epilogue, chunk by chunk: accumulator v of chunk c holds token slot (first + c) * CHUNK + col
     const int t = threadIdx.x % 128;
 #pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
+    for (int c = 0; c < HOLD; ++c) {
         if (c >= chunks) break;
 #pragma unroll
         for (int v = 0; v < CHUNK / 2; ++v) {
             const int r = 16 * (t / 32) + (t % 32) / 4 + 8 * ((v / 2) % 2);
-            const int col = c * CHUNK + 8 * (v / 4) + 2 * (t % 4) + v % 2;
+            const int col = (first + c) * CHUNK + 8 * (v / 4) + 2 * (t % 4) + v % 2;
             if (col < rows)
-                Y[((size_t)expert * SLOTS + col) * N + n0 + warpgroup * 64 + r] = __float2bfloat16_rn(acc[c][v]);
+                Y[((size_t)expert * capacity + col) * N + n0 + warpgroup * 64 + r] = __float2bfloat16_rn(acc[c][v]);
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+decode_grouped_gemm_chunked(const __grid_constant__ TmaDesc map_w,  // W as [E * N, K], boxes of 128 rows
+                            const __grid_constant__ TmaDesc map_x,  // X as [E * SLOTS, K], boxes of CHUNK rows
+                            bf16* __restrict__ Y,                   // [E, SLOTS, N]
+                            const int* __restrict__ count,          // [E]: filled slots per expert
+                            int N, int K) {
+    const int expert = blockIdx.y, n0 = blockIdx.x * BW;
+    const int rows = min(count[expert], SLOTS);
+    if (rows <= 0) return;  // an idle expert: W[e] is never read
+    // every chunk that holds a filled slot, from the first
+    multiply_chunks<CHUNKS>(map_w, map_x, Y, expert, n0, SLOTS, rows, 0, (rows + CHUNK - 1) / CHUNK, N, K);
 }

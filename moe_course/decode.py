@@ -464,13 +464,16 @@ class Case(NamedTuple):
 HOT_EXPERT = 1
 
 #: The steps the layer is checked at (issue #20): 1, 2, 7, 64 and 511 tokens, idle experts, every
-#: token on one expert, a capacity that overflows and one larger than the step.
+#: token on one expert, a capacity that overflows and one larger than the step; at 256 slots, sparse
+#: experts (where the layer runs 09_3) with and without one expert holding every token.
 CHECK_CASES = (
     Case("1 token: all but K experts idle", 1, 32, 16, 16, 2),
     Case("2 tokens", 2, 32, 16, 16, 4),
     Case("7 tokens, top-1: idle experts", 7, 32, 16, 16, 1),
     Case("64 tokens", 64, 32, 16, 8, 2),
     Case("511 tokens", 511, 32, 16, 16, 4),
+    Case("300 tokens over 64 experts, top-2: sparse experts", 300, 32, 16, 64, 2),
+    Case("200 tokens, every one on one of 64 experts", 200, 32, 16, 64, 2, "one expert"),
     Case("every token on one expert", 64, 32, 16, 8, 2, "one expert"),
     Case("every token on one expert, top-1", 7, 32, 16, 8, 1, "one expert"),
     Case("capacity 16 under 64 tokens on one expert: pairs dropped", 64, 32, 16, 8, 2, "one expert", 16),
@@ -579,6 +582,19 @@ def gemm_chunk(tokens: int, capacity: int, num_experts: int, k: int) -> int:
     return DECODE_WIDE_CHUNK if full else DECODE_CHUNK
 
 
+def gemm_step(tokens: int, capacity: int, num_experts: int, k: int) -> int:
+    """The chapter-09 kernel a step's expert GEMMs run on, from numbers the host has: 3 (09_3,
+    the slots split over blocks of ``launch.DECODE_SPLIT_SLOTS``) where the capacity holds more
+    slots than one such block and the experts are sparse (:func:`gemm_chunk` gives chunks of 32:
+    an expert's W is read by only one or two of its blocks), else 2 (09_2 in :func:`gemm_chunk`'s
+    chunks: small capacities, where 09_2 already fits two blocks an SM, and full experts, whose W
+    09_3 would read once per block)."""
+    from .launch import DECODE_CHUNK, DECODE_SPLIT_STEPS
+
+    sparse = gemm_chunk(tokens, capacity, num_experts, k) == DECODE_CHUNK
+    return 3 if capacity in DECODE_SPLIT_STEPS and sparse else 2
+
+
 def route(x: Tensor, w_router: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The router of the decode layers on a GPU (09_2's and the ``torch._grouped_mm`` one, so both
     route alike): logits in float32 at least (a small product), top-k softmax, no value read
@@ -587,10 +603,11 @@ def route(x: Tensor, w_router: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return moe.topk_softmax(moe.router_logits(x.to(acc), w_router.to(acc)), k, validate=False)
 
 
-def masked_moe_forward_kernel(x: Tensor, w: DecodeWeights | moe.MoEWeights, k: int, *,
-                              capacity: int | None = None, step: int = 2, chunk: int | None = None) -> DecodeOutput:
-    """:func:`masked_moe_forward` with its expert products on 09_2 (``step`` 1: 09_1), in chunks of
-    ``chunk`` slots (default :func:`gemm_chunk`'s): the router and the masked
+def masked_moe_forward_kernel(x: Tensor, w: DecodeWeights | moe.MoEWeights, k: int, *, capacity: int | None = None,
+                              step: int | None = None, chunk: int | None = None) -> DecodeOutput:
+    """:func:`masked_moe_forward` with its expert products on chapter 09's kernels: ``step`` 1
+    (09_1), 2 (09_2, in chunks of ``chunk`` slots, default :func:`gemm_chunk`'s) or 3 (09_3);
+    default :func:`gemm_step`'s. The router and the masked
     layout in torch (no value read back), the up-projection ``[gate; up]`` in one launch, SwiGLU
     in torch, the down-projection in a second launch, the combine in torch. Each launch reads the
     experts' counts on the device: an idle expert's weights are never read, and the whole step
@@ -608,25 +625,38 @@ def masked_moe_forward_kernel(x: Tensor, w: DecodeWeights | moe.MoEWeights, k: i
     acc = torch.promote_types(x.dtype, torch.float32)  # SwiGLU runs in float32 at least, as the router
     weights, experts = route(x, w.w_router, k)
     layout = masked_layout(experts, E, kernel_capacity(tokens) if capacity is None else capacity)
-    x_slots = torch.where(layout.valid[..., None], x[layout.slot_token], 0)  # (E, C, d): empty slots zero
-    count = layout.counts.clamp(max=layout.capacity).to(torch.int32)
+    C, spare = layout.capacity, E * layout.capacity
+    count = layout.counts.clamp(max=C).to(torch.int32)
+    if step is None:
+        step = gemm_step(tokens, C, E, k)
     if step == 2 and chunk is None:
-        chunk = gemm_chunk(tokens, layout.capacity, E, k)
-    # (E, C, 2n). The kernel writes a busy expert's filled slots only, and SwiGLU below runs on every
-    # slot (cheaper than gathering the filled ones), so the slots it does not write start at zero:
-    # reading memory no kernel wrote is an error (compute-sanitizer's initcheck reported it, H100,
-    # session 11), whatever is done with the values. A SwiGLU epilogue in the kernel, as 03_4 has
-    # for training, would read and write the filled slots alone: the next step.
-    h = launch.decode_grouped_gemm(x_slots, w.w_gate_up, count, out=x_slots.new_zeros(E, layout.capacity, two_n),
-                                   step=step, chunk=chunk)
-    gate, up = h.to(acc).split(two_n // 2, dim=-1)
-    a = (F.silu(gate) * up).to(x.dtype)  # (E, C, n)
-    # (E * C + 1, d): the slots' rows and the spare one a dropped pair reads, all zero but the
-    # filled slots the kernel writes (the combine gathers those alone; a copy of every slot, as
-    # masked_combine's, would read slots no kernel wrote)
-    y_rows = x_slots.new_zeros(E * layout.capacity + 1, d)
-    launch.decode_grouped_gemm(a, w.w_down, count, out=y_rows[:-1].view(E, layout.capacity, d), step=step,
-                               chunk=chunk)
+        chunk = gemm_chunk(tokens, C, E, k)
+    # The glue works on the T k pairs' rows, not on all E x C slots, E / k times more (session 17's
+    # glue gathered and ran SwiGLU in float32 over every slot: its layer took 2.4x chapter 06's on
+    # 7B at 64 tokens, H200). Each buffer is the E x C slots' rows and, after them, the spare row a
+    # dropped pair reads.
+    pairs = layout.pair_slot.reshape(-1)  # (T k,): pair (t, j)'s slot, or the spare one
+    n, like = two_n // 2, {"dtype": x.dtype, "device": x.device}
+    # The kernels read whole chunks of slots, so the rows past an expert's count up to its chunk's
+    # end are read as well (their columns of the product are never stored): reading memory nothing
+    # wrote is an error (compute-sanitizer's initcheck), so the inputs' rows start at zero, one
+    # memset, before each pair's row is copied in (the dropped ones onto the spare row, never read).
+    x_rows = torch.zeros(spare + 1, d, **like)
+    x_rows[pairs] = x[:, None].expand(tokens, k, d).reshape(tokens * k, d)
+    # The kernels write the filled slots alone, and each pair reads back its own slot (a filled one)
+    # or the spare row: the outputs need no memset, only that row zeroed (for y_rows, what a dropped
+    # pair adds; for h_rows, so that its SwiGLU, which lands on a_rows' spare row, reads written memory).
+    h_rows = torch.empty(spare + 1, two_n, **like)
+    h_rows[spare] = 0
+    launch.decode_grouped_gemm(x_rows[:spare].view(E, C, d), w.w_gate_up, count, out=h_rows[:spare].view(E, C, two_n),
+                               step=step, chunk=chunk)
+    gate, up = h_rows[pairs].to(acc).split(n, dim=-1)  # (T k, n) each: the pairs' rows only
+    a_rows = torch.zeros(spare + 1, n, **like)  # read in whole chunks by the down-projection, as x_rows
+    a_rows[pairs] = (F.silu(gate) * up).to(x.dtype)
+    y_rows = torch.empty(spare + 1, d, **like)
+    y_rows[spare] = 0
+    launch.decode_grouped_gemm(a_rows[:spare].view(E, C, n), w.w_down, count,
+                               out=y_rows[:spare].view(E, C, d), step=step, chunk=chunk)
     return DecodeOutput(combine_rows(y_rows, layout, weights), weights, experts, layout)
 
 
@@ -660,20 +690,26 @@ GEMM_KIND = "decode_gemm"
 #: engine runs a step: the host's launch cost paid once), and the two fastest eager too (where
 #: the host's cost per launch shows: ~80 µs for a course launch, ~23 for torch's, H200). Records
 #: of session 14 and before hold "09_1" and "grouped_mm" eager only. "09_2/64": 09_2 in chunks of 64
-#: slots (at 128 and 256 slots: ``launch.DECODE_WIDE_CHUNK_STEPS``), what the layer runs for full experts.
-GEMM_CONTENDERS = ("09_2, graph", "09_2/64, graph", "09_1, graph", "grouped_mm, graph", "09_2", "09_1", "grouped_mm")
+#: slots (at 128 and 256 slots: ``launch.DECODE_WIDE_CHUNK_STEPS``), what the layer runs for full experts;
+#: "09_3" (at 128 and 256 slots; records of session 18 on): what it runs for sparse ones there.
+GEMM_CONTENDERS = ("09_2, graph", "09_2/64, graph", "09_3, graph", "09_1, graph", "grouped_mm, graph", "09_2", "09_1",
+                   "grouped_mm")
 
 
 def course_gemm(row: dict) -> str:
     """The course's contender in a "decode_gemm" row: the graph of the kernel the layer runs at that
-    step (09_2 in :func:`gemm_chunk`'s chunks; in records before chunks of 64 were timed, 09_1 for
-    full experts, as the layer then ran), where those were measured; else the fastest 09_*."""
+    step (:func:`gemm_step`'s, 09_2 in :func:`gemm_chunk`'s chunks; in records before 09_3 or chunks
+    of 64 were timed, what the layer then ran: 09_2, or 09_1 for full experts), where those were
+    measured; else the fastest 09_*."""
     if "09_1, graph" in row and "09_2, graph" in row:
         from .configs import by_name
         from .launch import DECODE_WIDE_CHUNK
 
         cfg = by_name(row["shape"])
-        if gemm_chunk(row["tokens"], row["capacity"], cfg.E, cfg.K) == DECODE_WIDE_CHUNK:
+        args = row["tokens"], row["capacity"], cfg.E, cfg.K
+        if gemm_step(*args) == 3 and "09_3, graph" in row:
+            return "09_3, graph"
+        if gemm_chunk(*args) == DECODE_WIDE_CHUNK:
             return "09_2/64, graph" if "09_2/64, graph" in row else "09_1, graph"
         return "09_2, graph"
     return min((n for n in GEMM_CONTENDERS if n.startswith("09_") and n in row), key=lambda n: row[n]["ms"])
@@ -703,14 +739,15 @@ def gemm_table(data: dict) -> str:
 #: The record of bench_decode.py's layer part: the whole decode layer, the course's graph-replayed
 #: against the torch._grouped_mm layer, graph-replayed and eager.
 LAYER_KIND = "decode_layer"
-#: The whole decode layer, timed: on 09_2 (masked slots; records of session 14 and before: 09_1),
+#: The whole decode layer, timed: on chapter 09's kernels as :func:`gemm_step` picks them ("09 layer";
+#: records of session 17: "09_2 layer", 09_2 alone; of session 14 and before: 09_1), masked slots,
 #: on chapter 06's training kernels (the
 #: same launches as :func:`moe_course.layer.forward`: rows sorted by expert, 03_4's gathered
 #: up-projection with SwiGLU, 03_2, 06_4's combine), both graph-replayed; the torch._grouped_mm
 #: layer graph-replayed and eager.
-LAYER_CONTENDERS = ("09_2 layer, graph", "09_1 layer, graph", "06 layer, graph", "grouped_mm layer, graph",
-                    "grouped_mm layer, eager")
-COURSE_LAYERS = ("09_2 layer, graph", "09_1 layer, graph", "06 layer, graph")
+LAYER_CONTENDERS = ("09 layer, graph", "09_2 layer, graph", "09_1 layer, graph", "06 layer, graph",
+                    "grouped_mm layer, graph", "grouped_mm layer, eager")
+COURSE_LAYERS = ("09 layer, graph", "09_2 layer, graph", "09_1 layer, graph", "06 layer, graph")
 LAYER_MINIMUM = 1.3  # issue 20: the graph-replayed course layer over the grouped_mm layer at 64 tokens
 
 

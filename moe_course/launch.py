@@ -267,8 +267,20 @@ DECODE_CHUNKED_STEPS = {c: decode_chunked_step(c, decode_chunk(c)) for c in DECO
 #: and wider wgmma chains than chunks of 32, and still not 09_1's whole capacity
 DECODE_WIDE_CHUNK = 64
 DECODE_WIDE_CHUNK_STEPS = {c: decode_chunked_step(c, DECODE_WIDE_CHUNK) for c in DECODE_SLOTS if c > DECODE_WIDE_CHUNK}
-#: The decode GEMMs by chapter-09 step: 1 multiplies every slot, 2 only the chunks holding a token
-DECODE_GEMMS = {1: DECODE_STEPS, 2: DECODE_CHUNKED_STEPS}
+#: 09_3's block: HELD chunks of DECODE_CHUNK slots (its ring and accumulators); the grid's z
+#: splits an expert's capacity into groups of this many slots
+DECODE_SPLIT_HELD = 2
+DECODE_SPLIT_SLOTS = DECODE_SPLIT_HELD * DECODE_CHUNK
+#: 09_3 at the capacities it is built for (more slots than one block holds)
+DECODE_SPLIT_STEPS = {c: Step("09_3_decode_slot_split", "decode_grouped_gemm_split",
+                              f"decode, {c} token slots split over blocks of {DECODE_SPLIT_SLOTS}", DECODE_ROWS,
+                              DECODE_SPLIT_SLOTS, SLICE_K, threads=256, min_cc=HOPPER,
+                              smem_bytes=decode_smem(DECODE_SPLIT_SLOTS), tma=True,
+                              defines={} if c == 256 else {"CAPACITY": c})
+                      for c in DECODE_SLOTS if c > DECODE_SPLIT_SLOTS}
+#: The decode GEMMs by chapter-09 step: 1 multiplies every slot, 2 only the chunks holding a token,
+#: 3 those chunks split over blocks of DECODE_SPLIT_SLOTS slots (at 128 and 256 slots)
+DECODE_GEMMS = {1: DECODE_STEPS, 2: DECODE_CHUNKED_STEPS, 3: DECODE_SPLIT_STEPS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -755,9 +767,11 @@ def decode_grouped_gemm(x_slots, w, count, out=None, step: int = 2, chunk: int |
     graph). Returns ``y [E, C, N]`` bf16; rows past an expert's count are not written, and an
     expert with no tokens is not read. N a multiple of 128, K of 64. ``step``: 2
     (``kernels/09_2_decode_slot_chunks.cu``, only the chunks of slots that hold a token are
-    multiplied) or 1 (``kernels/09_1_decode_swap_ab.cu``, every slot). ``chunk``: 09_2's chunk of
-    slots, :data:`DECODE_CHUNK` (default) or :data:`DECODE_WIDE_CHUNK` (at more slots than that)."""
-    require(step in DECODE_GEMMS, lambda: f"step must be one of {tuple(DECODE_GEMMS)} (09_1, 09_2), got {step!r}")
+    multiplied), 1 (``kernels/09_1_decode_swap_ab.cu``, every slot) or 3
+    (``kernels/09_3_decode_slot_split.cu``, 09_2's chunks of 32 split over blocks of
+    :data:`DECODE_SPLIT_SLOTS` slots; ``C`` 128 or 256). ``chunk``: 09_2's chunk of slots,
+    :data:`DECODE_CHUNK` (default) or :data:`DECODE_WIDE_CHUNK` (at more slots than that)."""
+    require(step in DECODE_GEMMS, lambda: f"step must be one of {tuple(DECODE_GEMMS)} (09_1, 09_2, 09_3), got {step!r}")
     require(chunk in (None, DECODE_CHUNK, DECODE_WIDE_CHUNK) and (chunk is None or step == 2),
             lambda: f"chunk is 09_2's (step=2): {DECODE_CHUNK} or {DECODE_WIDE_CHUNK}, got {chunk!r} at step {step}")
     check_hopper_inputs({"x_slots": x_slots, "w": w, "count": count}, {"x_slots": 3, "w": 3, "count": 1},
@@ -768,6 +782,9 @@ def decode_grouped_gemm(x_slots, w, count, out=None, step: int = 2, chunk: int |
                                          f"{tuple(w.shape)}: E or K differs")
     require(count.numel() == E, lambda: f"count must hold one number per expert: {E}, got {count.numel()}")
     require(C in DECODE_SLOTS, lambda: f"the token slots per expert (C) must be one of {DECODE_SLOTS}, got {C}")
+    require(step != 3 or C in DECODE_SPLIT_STEPS,
+            lambda: f"09_3 (step=3) splits more token slots than one block of {DECODE_SPLIT_SLOTS} holds: C must be "
+                    f"one of {tuple(DECODE_SPLIT_STEPS)}, got {C} (09_2 does the rest)")
     wide = chunk == DECODE_WIDE_CHUNK
     require(not wide or C in DECODE_WIDE_CHUNK_STEPS,
             lambda: f"chunks of {DECODE_WIDE_CHUNK} need more token slots than that (C > {DECODE_WIDE_CHUNK}); "
@@ -779,8 +796,9 @@ def decode_grouped_gemm(x_slots, w, count, out=None, step: int = 2, chunk: int |
     check_out(y.view(E * C, N), E * C, N)
     fn = kernels.load(kernel.source, defines=kernel.defines).get_function(kernel.kernel)
     fn.max_dynamic_shared_size_bytes = kernel.smem_bytes
-    x_box = C if step == 1 else min(C, chunk or DECODE_CHUNK)  # 09_2 loads a chunk of slots per copy
-    fn((N // DECODE_ROWS, E), (kernel.threads,),
+    x_box = C if step == 1 else min(C, chunk or DECODE_CHUNK)  # 09_2 and 09_3 load a chunk of slots per copy
+    split = C // DECODE_SPLIT_SLOTS if step == 3 else 1  # 09_3: a block per group of slots
+    fn((N // DECODE_ROWS, E, split), (kernel.threads,),
        (tma.tensor_map_2d(w, DECODE_ROWS), tma.tensor_map_2d(x_slots, x_box), ptr(y), ptr(count), np.int32(N),
         np.int32(K)), shared_mem=kernel.smem_bytes)
     return y
@@ -1014,6 +1032,7 @@ KERNEL_FILES: dict[str, tuple[Step, object]] = {
     HF_WEIGHT_GRAD.source: (HF_WEIGHT_GRAD, hf_weight_grad_gate_up),
     DECODE_STEPS[64].source: (DECODE_STEPS[64], decode_grouped_gemm),
     DECODE_CHUNKED_STEPS[256].source: (DECODE_CHUNKED_STEPS[256], decode_grouped_gemm),
+    DECODE_SPLIT_STEPS[256].source: (DECODE_SPLIT_STEPS[256], decode_grouped_gemm),
     QUANTIZE.source: (QUANTIZE, quantize_1x128),
     FP8_GEMM.source: (FP8_GEMM, fp8_grouped_gemm),
     FP8_SWIGLU.source: (FP8_SWIGLU, fp8_swiglu_quantize),

@@ -244,9 +244,12 @@ def test_the_graph_replayed_layer_equals_the_eager_one(dtype):
 
 
 def kernel_stand_in(x_slots, w, count, out=None, step=2, chunk=None):
-    """09_1's and 09_2's contract in torch: the filled slots' products; every other row of ``out`` left as
-    it was, or, without ``out``, NaN, as the kernel leaves them unwritten (a layer that read one
-    would turn NaN)."""
+    """09_1's, 09_2's and 09_3's contract in torch: the filled slots' products; every other row of
+    ``out`` left as it was, or, without ``out``, NaN, as the kernel leaves them unwritten (a layer
+    that read one would turn NaN). A busy expert's every input row must have been written: 09_1
+    reads them all, 09_2 and 09_3 whole chunks (NaN here: memory nothing wrote, see nan_empty)."""
+    busy = count > 0
+    assert not torch.isnan(x_slots[busy]).any(), "a kernel would read an input row nothing wrote"
     y = torch.einsum("eck,enk->ecn", x_slots.double(), w.double()).to(x_slots.dtype)
     filled = torch.arange(x_slots.shape[1], device=x_slots.device) < count[:, None].long()
     if out is None:
@@ -255,13 +258,24 @@ def kernel_stand_in(x_slots, w, count, out=None, step=2, chunk=None):
     return out
 
 
+def nan_empty(*size, **kwargs):
+    """torch.empty whose floating-point memory reads NaN: a read of a row nothing wrote shows."""
+    t = REAL_EMPTY(*size, **kwargs)
+    return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+REAL_EMPTY = torch.empty
+
+
 @pytest.mark.parametrize("case", decode.CHECK_CASES, ids=CASE_IDS)
 def test_the_kernel_layers_glue_matches_chapter_01(case, monkeypatch):
-    """The step around 09_1 (layout, slots, counts, SwiGLU, combine) with torch standing in for
-    each launch, in float64: chapter 01's layer to 1e-10, and no unwritten row ever read."""
+    """The step around the kernels (layout, slots, counts, SwiGLU, combine) with torch standing in
+    for each launch, in float64: chapter 01's layer to 1e-10, and no unwritten row ever read (empty
+    memory reads NaN)."""
     from moe_course import launch
 
     monkeypatch.setattr(launch, "decode_grouped_gemm", kernel_stand_in)
+    monkeypatch.setattr(torch, "empty", nan_empty)
     decode.check_against_chapter01(case, lambda x, w, k, capacity: decode.masked_moe_forward_kernel(
         x, decode.prepare(w, x.dtype), k, capacity=capacity))
 
@@ -278,17 +292,19 @@ def decode_problem(counts, C, N, K, seed=0):
     return x, w, torch.tensor(counts, device="cuda", dtype=torch.int32)
 
 
+DECODE_BUILDS = [(C, step) for step in (1, 2, 3) for C in (8, 16, 32, 64, 128, 256) if step != 3 or C >= 128]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("step", [1, 2])
-@pytest.mark.parametrize("C", [8, 16, 32, 64, 128, 256])
+@pytest.mark.parametrize("C, step", DECODE_BUILDS, ids=[f"09_{step}-{C}" for C, step in DECODE_BUILDS])
 def test_the_decode_gemm_computes_the_filled_slots_and_nothing_else(C, step):
-    """09_1 and 09_2: every filled slot right, nothing past an expert's count written. The counts
-    straddle 09_2's chunks of 32 (31, 32, 33, C - 1), so a chunk skipped or loaded from the wrong
-    rows shows."""
+    """09_1, 09_2 and 09_3: every filled slot right, nothing past an expert's count written. The
+    counts straddle 09_2's chunks of 32 (31, 32, 33, C - 1) and 09_3's blocks of 64 slots (63, 64,
+    65, 127, 129), so a chunk or a block skipped, or loaded from the wrong rows, shows."""
     from moe_course import launch
 
     # idle experts, one token, a full expert, partial ones, counts either side of a chunk's end
-    counts = [0, 1, C, C // 2 + 1, 0, 3] + [c for c in (31, 32, 33, C - 1) if c <= C]
+    counts = [0, 1, C, C // 2 + 1, 0, 3] + [c for c in (31, 32, 33, 63, 64, 65, 127, 129, C - 1) if c <= C]
     x, w, count = decode_problem(counts, C, 256, 192, seed=C)
     y = torch.full((len(counts), C, 256), float("nan"), device="cuda", dtype=torch.bfloat16)
     launch.decode_grouped_gemm(x, w, count, out=y, step=step)
@@ -325,7 +341,11 @@ def test_the_decode_gemm_refuses_what_it_cannot_take():
 
     x, w, count = decode_problem([1, 2], 16, 256, 192)
     with pytest.raises(ValueError, match="step must be one of"):
+        launch.decode_grouped_gemm(x, w, count, step=4)
+    with pytest.raises(ValueError, match=r"09_3 \(step=3\) splits more token slots"):
         launch.decode_grouped_gemm(x, w, count, step=3)
+    with pytest.raises(ValueError, match="chunk is 09_2's"):
+        launch.decode_grouped_gemm(x, w, count, step=3, chunk=32)
     with pytest.raises(ValueError, match="chunks of 64 need more token slots"):
         launch.decode_grouped_gemm(x, w, count, chunk=64)
     with pytest.raises(ValueError, match="chunk is 09_2's"):
@@ -342,11 +362,16 @@ KERNEL_CASES = [decode.Case(c.name, c.tokens, 256, 256, c.E, c.K, c.routing, c.c
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("step", [1, 2])
+@pytest.mark.parametrize("step", [None, 1, 2, 3])
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=CASE_IDS)
 def test_the_kernel_layer_matches_chapter_01_on_the_gpu(case, step):
-    """bf16 on 09_1 or 09_2 against chapter 01's layer in float32 on the same bf16-rounded inputs."""
+    """bf16 on 09_1, 09_2, 09_3 (at the capacities it is built for) or the kernels the layer picks
+    (None) against chapter 01's layer in float32 on the same bf16-rounded inputs."""
+    from moe_course import launch
     from moe_course.checking import relative_error
+
+    if step == 3 and (case.capacity or decode.kernel_capacity(case.tokens)) not in launch.DECODE_SPLIT_STEPS:
+        pytest.skip("09_3 is built for 128 and 256 token slots")
 
     x, w = decode.case_inputs(case, torch.float32)
     x, w = x.bfloat16().float(), moe.MoEWeights(*(t.bfloat16().float() for t in w))
@@ -415,3 +440,26 @@ def test_the_decode_chunk_follows_the_rows_per_expert():
     assert decode.gemm_chunk(1, 8, E, K) == launch.DECODE_CHUNK  # one chunk of 8: 09_1's maths
     assert decode.gemm_chunk(512, 256, 128, 8) == launch.DECODE_CHUNK  # 7B: 32 rows an expert
     assert decode.gemm_chunk(512, 256, 256, 8) == launch.DECODE_CHUNK  # DeepSeek-V3: 16
+
+
+def test_the_decode_kernel_splits_the_slots_of_sparse_experts_only():
+    """09_3 where the capacity holds more than one of its blocks and experts are sparse; 09_2
+    where experts are full (09_3 would read their W once per block) or the capacity is small."""
+    assert decode.gemm_step(512, 256, 128, 8) == 3  # 7B: 32 rows an expert, 256 slots
+    assert decode.gemm_step(512, 256, 256, 8) == 3  # DeepSeek-V3: 16
+    assert decode.gemm_step(100, 128, 128, 8) == 3  # 128 slots
+    assert decode.gemm_step(512, 256, 8, 2) == 2  # Mixtral: 128 rows an expert, full
+    assert decode.gemm_step(64, 64, 128, 8) == 2  # 64 slots: one block of 09_3's
+    assert decode.gemm_step(1, 8, 128, 8) == 2
+    for case in decode.CHECK_CASES:  # the layer's checks reach 09_3 with and without a full expert
+        if "64 experts" in case.name:
+            assert decode.gemm_step(case.tokens, decode.kernel_capacity(case.tokens), case.E, case.K) == 3, case.name
+
+
+def test_the_decode_gemm_table_shows_09_3_where_the_layer_runs_it():
+    row = {"shape": "sonicmoe-7b", "proj": "up", "tokens": 512, "active": 128, "capacity": 256,
+           "09_2, graph": _timing(0.2, 3.0), "09_1, graph": _timing(0.3, 2.0), "grouped_mm, graph": _timing(0.5, 1.2)}
+    assert decode.course_gemm(row) == "09_2, graph"  # a record from before 09_3: the layer ran 09_2
+    row["09_3, graph"] = _timing(0.25, 2.4)  # shown because the layer runs it, though 09_2 is faster here
+    assert decode.course_gemm(row) == "09_3, graph" and decode.gemm_table({"rows": [row]}).endswith("2.00x")
+    assert decode.course_gemm(dict(row, tokens=64, capacity=64)) == "09_2, graph"

@@ -56,6 +56,7 @@ VARIANTS: dict[str, list[dict]] = {
     "09_1_decode_swap_ab": [{"SLOTS": c} for c in (8, 16, 32, 128, 256)],  # the file's own: 64
     "09_2_decode_slot_chunks": [{"SLOTS": c} for c in (8, 16, 32, 128, 256)]  # the file's own: 64
     + [{"SLOTS": c, "CHUNK": 64} for c in (128, 256)],  # launch.DECODE_WIDE_CHUNK_STEPS
+    "09_3_decode_slot_split": [{"CAPACITY": 128}],  # launch.DECODE_SPLIT_STEPS; the file's own: 256
 }
 CUPY_ADDS = ("-ftz=true", "--device-as-default-execution-space")  # cupy.cuda.compiler, NVRTC path
 # (CuPy also appends -arch=sm_90 after the course's -arch=sm_90a; NVRTC keeps the first: same bytes.)

@@ -370,14 +370,14 @@ def ch09(rec: Records) -> str:
     def pair(row):
         ours = decode.course_gemm(row)
         mark = (" (`09_1`)" if ours.startswith("09_1") and "09_2, graph" in row
-                else " (chunks of 64)" if ours.startswith("09_2/64") else "")
+                else " (chunks of 64)" if ours.startswith("09_2/64") else " (`09_3`)" if ours.startswith("09_3") else "")
         return f"{row[ours]['of_copy']:.0%} / {row[decode.torch_gemm(row)]['of_copy']:.0%}{mark}"
 
     rows = [[shape_label(shape)] + [pair(by[proj, t]) for proj in ("up", "down") for t in (1, 64, 512)]
             for shape, by in cells.items()]
     graphs = "09_2, graph" in r.data["rows"][0]
     return (table(head, rows)
-            + f"\nEach cell: the course's decode GEMM ({'the one the layer picks: `09_2`, in chunks of 64 slots where marked (full experts, `decode.gemm_chunk`), or `09_1` where marked (records before chunks of 64 were timed)' if graphs else '`09_1`'}) / "
+            + f"\nEach cell: the course's decode GEMM ({'the one the layer picks: `09_2`, in chunks of 64 slots where marked (full experts, `decode.gemm_chunk`), `09_3` where marked (sparse experts at 128 or 256 slots, `decode.gemm_step`), or `09_1` where marked (records before chunks of 64 were timed)' if graphs else '`09_1`'}) / "
               f"`torch._grouped_mm`{', each replayed from a CUDA graph' if graphs else ''}, as a fraction of the "
               f"measured device copy ({r.data['copy_tbps']:.2f} TB/s) over the bytes a step must move (the tokens, each "
               f"active expert's weights once, the outputs); the contenders interleaved, each checked first. "

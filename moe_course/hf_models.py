@@ -652,12 +652,20 @@ def timings() -> tuple[records.Record | None, bool]:
     ``(None, False)`` after one line saying that nothing has been measured yet."""
     if info().has_gpu:
         return records.live_or_recorded(KIND, lambda: measure(sizes_here()))
-    rec = records.load(KIND)
-    if rec is None:
+    recorded = records.load_all(KIND)
+    if not recorded:
         print(f"nothing measured yet: no GPU here ({info().why_no_gpu}) and no record "
               f"benchmarks/results/{KIND}__<gpu>.json; run this chapter on a GPU to make one")
         return None, False
+    # the record with the most models (a run may have measured one model alone, as SonicMoE's
+    # compile makes a whole run too long for one sitting); of equals, the newest
+    rec = max(recorded, key=lambda r: (len(r.data["models"]), str(r.environment.get("date", ""))))
     print(f"No GPU here ({info().why_no_gpu}): showing '{KIND}' as recorded on {rec.label()}.")
+    for other in (r for r in recorded if r is not rec):
+        print(f"\nAlso recorded, on {other.label()} ({', '.join(other.data['models'])}):")
+        print(timing_table(other.data))
+    if len(recorded) > 1:
+        print(f"\n{rec.gpu}:")
     return rec, False
 
 

@@ -511,10 +511,20 @@ def test_without_a_gpu_the_timing_section_says_nothing_was_measured(capsys, monk
     data = {"sizes": {"layers": 2}, "models": {"mixtral": {b: {"forward": row(1.0), "forward+backward": row(3.0)}
                                                            for b in hm.BACKENDS}}}
     hm.records.save(hm.KIND, data, results_dir=tmp_path)
+    env = hm.records.environment()
     rec, live = hm.timings()
     assert rec.data == data and not live and "showing 'hf_backends' as recorded on" in capsys.readouterr().out
     assert "Mixtral-8x7B    moe_course         1.00        3.00             1.00x" in hm.timing_table(rec.data)
     assert hm.plot_times(rec, live).get_title() == "whole model (2 blocks), forward+backward"
+    # a newer record of one model (another GPU) is printed, the one with more models drawn
+    one = {"sizes": {"layers": 2}, "models": {"olmoe": data["models"]["mixtral"]}}
+    two = {"sizes": {"layers": 2}, "models": {**data["models"], "olmoe": data["models"]["mixtral"]}}
+    hm.records.save(hm.KIND, two, results_dir=tmp_path)
+    monkeypatch.setattr(hm.records, "environment", lambda: {**env, "gpu": "NVIDIA H100 80GB HBM3", "date": "2099-01-01"})
+    hm.records.save(hm.KIND, one, results_dir=tmp_path)
+    rec, live = hm.timings()
+    out = capsys.readouterr().out
+    assert rec.data == two and "Also recorded, on NVIDIA H100 80GB HBM3, 2099-01-01" in out and "OLMoE-1B-7B" in out
 
 
 def test_a_model_too_large_for_the_gpu_is_skipped_saying_why(capsys, monkeypatch):

@@ -11,9 +11,9 @@
 // z*HELD+HELD-1 of the expert's slots and returns at once if they hold no token. Its ring and its
 // accumulators are sized for HELD chunks, not for the capacity: it is 09_2's block
 // (multiply_chunks) built with SLOTS = HELD * CHUNK, 60 registers a thread, so two blocks share
-// an SM and one's start and end hide under the other's loads. The price: an expert with more than HELD chunks has its W read
-// once by each of its z blocks, so this suits sparse experts (a few dozen rows each), and
-// decode.gemm_step keeps 09_2 where experts are full.
+// an SM and one's start and end hide under the other's loads. The price: an expert with more
+// than HELD chunks has its W read once by each of its z blocks, so this suits sparse experts (a
+// few dozen rows each), and decode.gemm_step keeps 09_2 where experts are full.
 #ifndef CAPACITY
 #define CAPACITY 256  // token slots per expert in the masked layout (128 or 256)
 #endif

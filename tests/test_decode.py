@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from moe_course import ceilings, configs, decode, moe
+from moe_course import ceilings, configs, decode, launch, moe
 from moe_course.checking import CheckFailed, relative_error
 
 CASE_IDS = [c.name for c in decode.CHECK_CASES]
@@ -258,13 +258,13 @@ def kernel_stand_in(x_slots, w, count, out=None, step=2, chunk=None):
     return out
 
 
+REAL_EMPTY = torch.empty
+
+
 def nan_empty(*size, **kwargs):
     """torch.empty whose floating-point memory reads NaN: a read of a row nothing wrote shows."""
     t = REAL_EMPTY(*size, **kwargs)
     return t.fill_(float("nan")) if t.is_floating_point() else t
-
-
-REAL_EMPTY = torch.empty
 
 
 @pytest.mark.parametrize("case", decode.CHECK_CASES, ids=CASE_IDS)
@@ -292,7 +292,7 @@ def decode_problem(counts, C, N, K, seed=0):
     return x, w, torch.tensor(counts, device="cuda", dtype=torch.int32)
 
 
-DECODE_BUILDS = [(C, step) for step in (1, 2, 3) for C in (8, 16, 32, 64, 128, 256) if step != 3 or C >= 128]
+DECODE_BUILDS = [(C, step) for step, built in launch.DECODE_GEMMS.items() for C in built]  # every width of each step
 
 
 @pytest.mark.gpu

@@ -550,8 +550,9 @@ def expert_queues(experts: Tensor, num_experts: int) -> Queues:
     """Where each pair stands in its expert's queue, without reading anything back to the host.
 
     The queue order is GShard's: every token's first choice, in token order, then every token's
-    second choice, and so on. A one-hot comparison ``(T*K, E)`` and a running sum down it (a scan,
-    as a GPU computes it) give each pair the number of pairs before it with the same expert: no
+    second choice, and so on. A one-hot comparison ``(E, T*K)`` and a running sum along each
+    expert's row (a scan, as a GPU computes it) give each pair the number of pairs before it with
+    the same expert: no
     ``bincount``, no sort, no ``.item()``, so the result's shape never depends on the values and
     a CUDA graph can capture it. The ids are not checked here (a check would read them back):
     they come from ``topk``, or the caller checks them (:func:`drop_tokens` does).
@@ -561,9 +562,12 @@ def expert_queues(experts: Tensor, num_experts: int) -> Queues:
     _check_tensor("experts", experts, 2, "of expert ids, shape (T, K)")
     num_tokens, k = experts.shape
     queue = experts.t().reshape(-1).long()  # (K*T,): all first choices, then all second choices, ...
-    one_hot = queue[:, None] == torch.arange(num_experts, device=queue.device)  # (K*T, E) bool
-    before_and_self = one_hot.cumsum(dim=0).gather(1, queue[:, None]).squeeze(1)  # this pair counted too
-    return Queues((before_and_self - 1).view(k, num_tokens).t(), one_hot.sum(dim=0))
+    # (E, K*T) bool, each expert's row along the queue: the running sum goes along a row, the
+    # memory's inner dimension, which a GPU scans far faster than down a column, and int32 halves
+    # its bytes (7B at 512 tokens, H100: 20 us, against 767 us for int64 down a (K*T, E) one-hot)
+    one_hot = torch.arange(num_experts, device=queue.device)[:, None] == queue
+    before_and_self = one_hot.cumsum(dim=1, dtype=torch.int32).gather(0, queue[None]).squeeze(0)  # this pair too
+    return Queues((before_and_self.long() - 1).view(k, num_tokens).t(), one_hot.sum(dim=1))
 
 
 def drop_tokens(experts: Tensor, num_experts: int, capacity: int) -> Capacity:

@@ -12,11 +12,12 @@
 // when its transpose bits are set; the 128-byte swizzled layout is then [r][64 values of N]
 // per box, which is exactly what a TMA box of dY (64 columns x 64 rows) writes.
 //
-// Tile: 256 (N) x 128 (K) of one expert's dW; consumer warpgroup c owns N rows 128c..128c+127,
-// as two 64-row halves (two m64n128k16 per 16 rows of the reduction, sharing X's operand).
-// Reduction: the expert's rows in slices of 64. dY's slice comes by TMA (rows past the expert's
-// end are the next expert's: harmless, because X's rows there are zero); X's slice by cp.async
-// (gathered or not), zero-filled past the expert's end.
+// Tile: 256 (N) x 128 (K) of one expert's dW. Consumer warpgroup c owns its K columns
+// 64c..64c+63, all 256 rows of N, held transposed: the accumulator is dW's tile seen as K x N,
+// one m64n256k16 per 16 rows of the reduction with A = X's 64 columns and B = dY's 256 (both
+// read from the slot as they arrived). Reduction: the expert's rows in slices of 64. dY's slice
+// comes by TMA (rows past the expert's end are the next expert's: harmless, because X's rows
+// there are zero); X's slice by cp.async (gathered or not), zero-filled past the expert's end.
 //
 // Why 256 x 128 and not chapter 03's 128 x 256: the gathered operand should be the narrow
 // side. Both tiles load 48 KB per slice, but TMA moves dY's part on its own, while X's part is
@@ -25,11 +26,19 @@
 // faster on Mixtral, Qwen3 and the 7B shape (Mixtral dW_gate_up 494 -> 580 TFLOP/s), 2% slower
 // on DeepSeek-V3.
 //
-// Epilogue: each 64 x 128 half goes through shared memory and leaves by TMA stores
-// (store_tile_tma below): the consumers go on to the next tile's multiplies while it drains.
-// With only 4-5 slices per tile (DeepSeek-V3: 256 rows per expert) the epilogue is a large
-// share of each tile. The ring, the staging buffers, STAGES, THREADS and the register split
-// are chapter 03's (warp_specialized.cuh); the loop is this kernel's own.
+// Why the accumulator transposed: with dW's rows (N) as wgmma's M, each consumer needed two
+// m64n128k16 per 16 rows (M is 64 at most, and its 128 rows of N are two of them), reading
+// 12 KB of shared memory per 16 rows where one m64n256k16 reads 10 KB; the tensor cores wait on
+// shared memory less with the wider N. The price is a transposing epilogue: stmatrix .trans
+// writes each 8 x 8 block of the accumulators into the staging buffer as dW's rows. Measured
+// on the H100 (kernels/NOTES.md, session 19): Mixtral 562 -> 617 TFLOP/s (dW_gate_up), Qwen3
+// 542 -> 568, DeepSeek-V3 1-3% slower (422 -> 417, dW_down 439 -> 426).
+//
+// Epilogue: the tile goes through shared memory and leaves by TMA stores
+// (store_tile_transposed below): the consumers go on to the next tile's multiplies while it
+// drains. With only 4-5 slices per tile (DeepSeek-V3: 256 rows per expert) the epilogue is a
+// large share of each tile. The ring, the staging buffers, STAGES, THREADS and the register
+// split are chapter 03's (warp_specialized.cuh); the loop is this kernel's own.
 #include "warp_specialized.cuh"
 
 #define BR 64   // rows reduced per slice
@@ -49,28 +58,52 @@ __device__ __forceinline__ void wg_tile(int t, int n_tiles, int k_tiles, int& e,
     k = i % k_tiles;
 }
 
-// The warpgroup's 64 x 128 accumulators leaving by TMA stores (tma_store_2d): the registers go
-// to the staging buffer as in 03_2, then one thread hands its two 64 x 64 boxes to the copy
-// engine and the warpgroup goes straight on to its next tile's multiplies while the bytes drain
-// to memory. Ordinary stores are issued by the warpgroup itself, 16 bytes a thread at a time,
-// and its next multiplies wait until the last is issued (and all SMs of a persistent grid reach
-// their epilogue together, so memory is idle during the multiplies and busy after them). The
-// one buffer is written again once the copy engine has read out its previous contents.
-// For tiles that are always whole: TMA clips only at the tensor's edges, not at an expert's.
-template <int NV, class Store>
-__device__ __forceinline__ void store_tile_tma(const float (&d)[NV], Staging& buf, int c, const Store& dw, int row0,
-                                               int col0) {
-    const int t = threadIdx.x % 128;
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&v);
+}
+
+// Four 8 x 8 blocks of bf16 from a warp's registers (each thread: two neighbouring values of a
+// row of each block, mma's fragment layout) to shared memory, transposed: thread i gives the
+// address of row i % 8 of block i / 8 as stored, i.e. of column i % 8 of the block it holds.
+__device__ __forceinline__ void stmatrix_x4_trans(void* row, u32 b0, u32 b1, u32 b2, u32 b3) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n"
+                 :: "r"(smem_addr(row)), "r"(b0), "r"(b1), "r"(b2), "r"(b3) : "memory");
+}
+
+// The tile leaves by TMA stores (tma_store_2d): consumer c's accumulators (its 64 columns of K
+// by 256 rows of N) go to the staging buffer transposed, as dW's rows, two 64 x 64 boxes at a
+// time; one thread hands them to the copy engine and the warpgroup goes straight on to its next
+// tile's multiplies while the bytes drain to memory. (Ordinary stores are issued by the
+// warpgroup itself, and its next multiplies wait until the last is issued; all SMs of a
+// persistent grid reach their epilogue together, so memory would idle during the multiplies
+// and be swamped after them.) The buffer is written again once the copy engine has read out its
+// previous contents. For tiles that are always whole: TMA clips only at the tensor's edges.
+template <class Store>
+__device__ __forceinline__ void store_tile_transposed(const float (&d)[128], Staging& buf, int c, const Store& dw,
+                                                      int row0, int col0) {
+    const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, q = lane / 8;
+    const int k_block = 16 * warp + 8 * (q % 2);  // the first K of the 8 x 8 blocks this thread addresses
 #pragma unroll
-    for (int half = 0; half < NV / 64; ++half) {  // 128 columns = 64 accumulators per thread
+    for (int half = 0; half < 2; ++half) {  // rows 128 half .. 128 half + 127 of N: two boxes
         if (t == 0) tma_store_wait_read<0>();
         warpgroup_sync(c);  // the buffer is free
-        stage_accumulators(d, buf, half, t);
+        // wgmma's fragment: accumulators 4j .. 4j + 3 of a thread are rows (K) lane / 4 and + 8
+        // of the warp's 16, columns (N) 8j + 2 (lane % 4) and + 1. stmatrix .trans takes four
+        // 8 x 8 blocks in that layout and writes each block's columns as rows: the 16 bytes at
+        // row n of N hold 8 values of K, as dW's box wants them.
+#pragma unroll
+        for (int j = 16 * half; j < 16 * half + 16; j += 2) {  // N columns 8j .. 8j + 15
+            const int n = 8 * (j + q / 2) + lane % 8 - 128 * half;
+            stmatrix_x4_trans(&buf.box[n / 64][swizzle_128b(n % 64, k_block / 8) * 8],
+                              pack_bf16(d[4 * j], d[4 * j + 1]), pack_bf16(d[4 * j + 2], d[4 * j + 3]),
+                              pack_bf16(d[4 * j + 4], d[4 * j + 5]), pack_bf16(d[4 * j + 6], d[4 * j + 7]));
+        }
         fence_proxy_async();  // these writes, visible to the copy engine
         warpgroup_sync(c);
         if (t == 0) {
-            dw.box(buf.box[0], row0, col0 + 128 * half);
-            dw.box(buf.box[1], row0, col0 + 128 * half + 64);
+            dw.box(buf.box[0], row0 + 128 * half, col0);
+            dw.box(buf.box[1], row0 + 128 * half + 64, col0);
             tma_store_commit();
         }
     }
@@ -146,35 +179,31 @@ __device__ __forceinline__ void weight_grad(const TmaDesc& map_dy, const bf16* _
             int e, n, k, start, end;
             wg_tile(t, n_tiles, k_tiles, e, n, k);
             expert_rows(offs, e, R, start, end);
-            float acc0[64], acc1[64];  // N rows 128c + 0..63 and 128c + 64..127, 128 columns of K
+            float acc[128];  // dW's tile transposed: its K columns 64c .. 64c + 63 by its 256 rows of N
 #pragma unroll
-            for (int v = 0; v < 64; ++v) acc0[v] = 0.0f, acc1[v] = 0.0f;
+            for (int v = 0; v < 128; ++v) acc[v] = 0.0f;
             for (int r0 = start; r0 < end; r0 += BR) {
                 mbar_wait(&full[s], parity);
                 fence_proxy_async();  // X came by cp.async (generic proxy)
                 wgmma_fence();
-                wgmma_fence_operands(acc0);
-                wgmma_fence_operands(acc1);
+                wgmma_fence_operands(acc);
+                // Every 16-row batch of the slot, even those past the expert's end (X's rows are
+                // zero there): skipping them costs more than it saves (a branch around a wgmma
+                // makes the compiler wait for the accumulators at it; kernels/NOTES.md).
 #pragma unroll
                 for (int kk = 0; kk < BR / 16; ++kk)  // 16 rows of the reduction = 16 x 128 B further
-                    if (r0 + 16 * kk < end) {  // 16 rows wholly past the expert's end would add zeros: skipped
-                        const u64 x_desc = wgmma_desc_mn(slots[s].x[0] + kk * 16 * 64, BR * 64 * 2);
-                        wgmma_m64n128k16</*TRANS_A=*/1, /*TRANS_B=*/1>(acc0, wgmma_desc_mn(slots[s].dy[2 * c] + kk * 16 * 64, 0), x_desc);
-                        wgmma_m64n128k16</*TRANS_A=*/1, /*TRANS_B=*/1>(acc1, wgmma_desc_mn(slots[s].dy[2 * c + 1] + kk * 16 * 64, 0), x_desc);
-                    }
+                    wgmma_m64n256k16</*TRANS_A=*/1, /*TRANS_B=*/1>(acc, wgmma_desc_mn(slots[s].x[c] + kk * 16 * 64, 0),
+                                                                wgmma_desc_mn(slots[s].dy[0] + kk * 16 * 64, BR * 64 * 2));
                 wgmma_commit();
                 // As in chapter 03: wait for the batch and free its slot at once. (Keeping one
                 // batch running while the next is issued measured the same here, within 2%.)
                 wgmma_wait<0>();
-                wgmma_fence_operands(acc0);
-                wgmma_fence_operands(acc1);
+                wgmma_fence_operands(acc);
                 mbar_arrive(&empty[s]);  // every consumer thread: the ring counts 256 (warp_specialized.cuh)
                 if (++s == STAGES) s = 0, parity ^= 1;
             }
-            // dW[e][n*256 + 128c + row][k*128 + col]: rows of the tile are N, columns K
-            const int row = e * N + n * TN + 128 * c;
-            store_tile_tma(acc0, staging[c], c, dw, row, k * TK);
-            store_tile_tma(acc1, staging[c], c, dw, row + 64, k * TK);
+            // dW[e][n*256 + row][k*128 + 64c + col]: the rows of dW are N
+            store_tile_transposed(acc, staging[c], c, dw, e * N + n * TN, k * TK + 64 * c);
         }
         if (threadIdx.x % 128 == 0) tma_store_wait_all();  // shared memory must outlive the stores reading it
     }

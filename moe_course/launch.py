@@ -215,7 +215,7 @@ def _weight_grad_step() -> Step:
 WEIGHT_GRAD = _weight_grad_step()
 COMBINE = Step("06_4_combine", "combine_rows", "each token gathers and sums its k rows (no atomics)", threads=128,
                min_cc=HOPPER)
-EPILOGUE_BOX_ROWS = 64  # 06_3 stores dW in TMA boxes of 64 x 64 (store_tile_tma)
+EPILOGUE_BOX_ROWS = 64  # 06_3 stores dW in TMA boxes of 64 x 64 (store_tile_transposed)
 
 # Chapter 10: the layer's kernels on Hugging Face's weight layout (no copy of the weights)
 HF_SWIGLU = _warp_specialized_step("10_1_hf_swiglu", "hf_swiglu_grouped_gemm",

@@ -61,3 +61,21 @@ def test_missing_markers_and_records_are_named(readme, tmp_path, capsys):
     empty.mkdir()
     assert tables.main(["--check", "--readme", str(readme), "--results", str(empty)]) == 1
     assert "no record ceilings__nvidia-h200.json" in capsys.readouterr().err
+
+
+def test_chapter_10_adds_the_h100s_sonicmoe_table_only_where_it_measured_sonicmoe(tmp_path):
+    """The H200's hf_backends record has no SonicMoE: the H100's (which has) follows it; without
+    that record, or with SonicMoE gone from it, the block is the H200's table alone."""
+    results = tmp_path / "results"
+    shutil.copytree(RESULTS_DIR, results)
+    both = tables.ch10(tables.Records(results))
+    assert "With SonicMoE beside them, on an H100" in both and "moe_course over sonicmoe" in both
+    h100 = results / f"hf_backends__{tables.H100}.json"
+    rec = json.loads(h100.read_text())
+    for v in rec["data"]["experts"].values():
+        v["backends"].pop("sonicmoe", None)
+    h100.write_text(json.dumps(rec))
+    alone = tables.ch10(tables.Records(results))
+    h100.unlink()
+    assert alone == tables.ch10(tables.Records(results)) and "on an H100" not in alone
+    assert alone.endswith("Records: `hf_backends` (one per GPU).\n")

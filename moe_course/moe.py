@@ -552,9 +552,8 @@ def expert_queues(experts: Tensor, num_experts: int) -> Queues:
     The queue order is GShard's: every token's first choice, in token order, then every token's
     second choice, and so on. A one-hot comparison ``(E, T*K)`` and a running sum along each
     expert's row (a scan, as a GPU computes it) give each pair the number of pairs before it with
-    the same expert: no
-    ``bincount``, no sort, no ``.item()``, so the result's shape never depends on the values and
-    a CUDA graph can capture it. The ids are not checked here (a check would read them back):
+    the same expert: no ``bincount``, no sort, no ``.item()``, so the result's shape never depends
+    on the values and a CUDA graph can capture it. The ids are not checked here (a check would read them back):
     they come from ``topk``, or the caller checks them (:func:`drop_tokens` does).
 
     ``experts (T, K)`` int -> :class:`Queues`

@@ -408,15 +408,20 @@ def ch10(rec: Records) -> str:
     the H100's (SonicMoE's kernels could not be installed on every GPU run)."""
     r = rec("hf_backends")
     text = _hf_backends_table(r)
-    has_sonic = lambda record: any("sonicmoe" in v["backends"] for v in record.data["experts"].values())
-    if not has_sonic(r) and (rec.folder / f"hf_backends__{H100}.json").exists() and has_sonic(h100 := rec("hf_backends", H100)):
-        text += "\nWith SonicMoE beside them, on an H100 (its own run: compare within a table):\n\n" + _hf_backends_table(h100)
+    h100_path = rec.folder / f"hf_backends__{H100}.json"
+    if not _has_sonicmoe(r) and h100_path.exists() and _has_sonicmoe(h100 := rec("hf_backends", H100)):
+        text += ("\nWith SonicMoE beside them, on an H100 (its own run: compare within a table):\n\n"
+                 + _hf_backends_table(h100))
     return text + "\nRecords: `hf_backends` (one per GPU).\n"
+
+
+def _has_sonicmoe(r: Record) -> bool:
+    return any("sonicmoe" in v["backends"] for v in r.data["experts"].values())
 
 
 def _hf_backends_table(r: Record) -> str:
     experts = r.data["experts"]
-    sonic = any("sonicmoe" in v["backends"] for v in experts.values())
+    sonic = _has_sonicmoe(r)
     names = ("eager", "grouped_mm", "moe_course") + (("sonicmoe",) if sonic else ())
     rows = []
     for arch, v in experts.items():

@@ -10,6 +10,12 @@ gradients agree. Without a GPU it prints the recorded results.
     python benchmarks/bench_moe_layer.py --train              # also the training run (loss curves)
     python benchmarks/bench_moe_layer.py --shapes sonicmoe-7b qwen3-30b-a3b \
         --contenders torch._grouped_mm course SonicMoE --record moe_layer_sonicmoe   # chapter 05
+    python benchmarks/bench_moe_layer.py --shapes mixtral-8x7b --contenders torch._grouped_mm course \
+        SonicMoE --record moe_layer_sonicmoe --merge     # one shape a run (SonicMoE compiles per shape)
+
+``--merge`` keeps the other shapes of this GPU's record of that kind, each with the date it was
+measured (``measured_on``): one shape a run, every shape in one record, each shape's contenders
+still timed in turns within its own run.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ def main(argv=None) -> int:
                     help=f"the layers to compare (default all): {', '.join(layer_measurements.CONTENDERS)}")
     ap.add_argument("--train", action="store_true", help="also run the training comparison")
     ap.add_argument("--no-save", action="store_true", help="do not write the record")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other shapes of this GPU's record of that kind (one shape a run, one record)")
     ap.add_argument("--record", type=argument_type(records.check_kind, "record kind"), default=KIND,
                     help=f"the record's kind, its file's name (default {KIND}; the SonicMoE comparison of chapter 05 "
                          "is recorded as moe_layer_sonicmoe)")
@@ -57,6 +65,8 @@ def main(argv=None) -> int:
         from moe_course.variants import sonicmoe_versions
 
         data["versions"] = sonicmoe_versions()
+    if args.merge:
+        data = merged(data, records.load(args.record, gpu=info().gpu), [cfg.name for cfg in args.shapes])
     for cfg in args.shapes:
         name = cfg.name
         print(f"--- {name} {tuple(cfg.shape)}", flush=True)
@@ -64,7 +74,7 @@ def main(argv=None) -> int:
         res = layer_measurements.measure_layer(tuple(cfg.shape), [c for c in args.contenders if c not in left_out],
                                      progress=lambda s: print("  ", s, flush=True))
         res["skipped"] |= {c: why for c, why in left_out.items() if c in args.contenders}
-        data["shapes"][name] = res
+        data["shapes"] = in_course_order(data["shapes"] | {name: res})
         if not args.no_save:  # after every shape: a long run cut short keeps what it measured
             records.save(args.record, data)
         import torch
@@ -81,6 +91,35 @@ def main(argv=None) -> int:
     if not args.no_save:
         print("recorded:", records.save(args.record, data).path)
     return 0
+
+
+def in_course_order(shapes: dict) -> dict:
+    """The shapes of a record in the order of moe_course.configs (chapter 02's first)."""
+    order = configs.names()
+    return dict(sorted(shapes.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+def merged(data: dict, earlier, measuring: list[str]) -> dict:
+    """``data`` started with the shapes of ``earlier`` (this GPU's record of the same kind) that
+    this run does not measure, and its training run if this one has none; ``measured_on`` says
+    which date each shape's numbers are from (the record's own date is the newest run's)."""
+    today = records.environment()["date"]
+    data["measured_on"] = {name: today for name in measuring}
+    if earlier is None:
+        print("--merge: no record of this kind from this GPU yet; writing these shapes alone")
+        return data
+    kept = [name for name in earlier.data["shapes"] if name not in measuring]
+    before = earlier.data.get("measured_on", {})
+    for name in kept:
+        data["shapes"][name] = earlier.data["shapes"][name]
+        data["measured_on"][name] = before.get(name, earlier.environment.get("date", "?"))
+    data["shapes"] = in_course_order(data["shapes"])
+    if data.get("train") is None and earlier.data.get("train") is not None:
+        data["train"] = earlier.data["train"]
+    if "versions" not in data and "versions" in earlier.data:
+        data["versions"] = earlier.data["versions"]
+    print(f"--merge: kept {', '.join(kept) or 'no other shape'} from {earlier.where()}")
+    return data
 
 
 if __name__ == "__main__":

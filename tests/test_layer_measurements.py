@@ -180,3 +180,22 @@ def test_the_recorded_kernel_comparison_checked_every_product():
     for shape, rows in rec.data["shapes"].items():
         assert len(rows) == 7 and all(r["status"] == "ok" and r["rel_err"] < 2e-2 for r in rows), shape
     assert "06_3_weight_grad" in layer_measurements.ops_table(rec.data)
+
+
+def test_bench_moe_layer_merges_one_shape_a_run_into_one_record():
+    """--merge: the shapes measured now replace theirs, the others are kept with their dates, in
+    the course's order; an earlier training run is kept where this run has none."""
+    bench = load("bench_moe_layer")
+    earlier = records.Record("moe_layer_sonicmoe", {"gpu": "NVIDIA H200", "date": "2026-12-06"},
+                             {"shapes": {"mixtral-8x7b": {"tag": 1}, "sonicmoe-7b": {"tag": 2}},
+                              "train": {"losses": "then"}, "versions": {"sonic-moe": "0.1"}})
+    now = {"shapes": {}, "train": None}
+    data = bench.merged(now, earlier, ["qwen3-30b-a3b", "mixtral-8x7b"])
+    assert list(data["shapes"]) == ["sonicmoe-7b"]  # mixtral is measured again: not kept
+    data["shapes"] = bench.in_course_order(data["shapes"] | {"mixtral-8x7b": {"tag": 3}, "qwen3-30b-a3b": {"tag": 4}})
+    assert list(data["shapes"]) == ["sonicmoe-7b", "qwen3-30b-a3b", "mixtral-8x7b"]
+    assert data["measured_on"] == {"sonicmoe-7b": "2026-12-06", "qwen3-30b-a3b": records.environment()["date"],
+                                   "mixtral-8x7b": records.environment()["date"]}
+    assert data["train"] == {"losses": "then"} and data["versions"] == {"sonic-moe": "0.1"}
+    alone = bench.merged({"shapes": {}, "train": None}, None, ["mixtral-8x7b"])
+    assert alone["shapes"] == {} and alone["measured_on"] == {"mixtral-8x7b": records.environment()["date"]}

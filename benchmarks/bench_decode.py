@@ -10,7 +10,10 @@ down-projection (N = d):
   at 128 and 256 slots (fewer, wider wgmma chains: what the layer runs for full experts);
 - ``09_3``: 09_2's chunks split over blocks of 64 slots (kernels/09_3_decode_slot_split.cu), at
   128 and 256 slots: two blocks an SM where 09_2 fits one (what the layer runs for sparse experts);
-- ``grouped_mm``: ``torch._grouped_mm`` on the pairs sorted by expert (CUTLASS).
+- ``grouped_mm``: ``torch._grouped_mm`` on the pairs sorted by expert (CUTLASS);
+- ``copy`` (not a contender): a device copy of the step's bytes, half read and half written,
+  timed the same way: what memory gives at this size, its launch and ramp included (a few µs
+  weigh on a 40 µs step; the device copy the fractions are of is measured over far more bytes).
 
 Each is timed replayed from a CUDA graph (``, graph``: how a serving engine runs a step, the
 host's launch cost paid once at capture), and 09_2 and grouped_mm eager too, where each call
@@ -79,9 +82,14 @@ def measure_one(cfg, tokens: int, proj: str, roof) -> dict:
         errors[name] = relative_error(eager[name]()[filled].float(), want[filled])
         if not errors[name] < 1e-2:
             raise SystemExit(f"{name} is wrong on {cfg.name} {proj} at T={tokens}: relative error {errors[name]:.3g}")
-    graphs = {f"{name}, graph": decode.graphed(fn)[0].replay for name, fn in eager.items()}
     active = int(decode.active_experts(experts, cfg.E))
     nbytes = 2 * (tokens * k_in + active * n_out * k_in + tokens * cfg.K * n_out)
+    # the reference at this size: a device copy reading and writing the step's bytes (half each),
+    # replayed and timed as the kernels are, so its launch and ramp are in it too
+    src = torch.randint(0, 255, (nbytes // 2,), device="cuda", dtype=torch.uint8, generator=g)
+    dst = torch.empty_like(src)
+    eager["copy"] = lambda: dst.copy_(src)
+    graphs = {f"{name}, graph": decode.graphed(fn)[0].replay for name, fn in eager.items()}
     flops = 2 * tokens * cfg.K * n_out * k_in
     contenders = graphs | {name: eager[name] for name in ("09_2", "grouped_mm")}
     m = interleaved({name: contenders[name] for name in decode.GEMM_CONTENDERS if name in contenders},

@@ -692,8 +692,10 @@ GEMM_KIND = "decode_gemm"
 #: of session 14 and before hold "09_1" and "grouped_mm" eager only. "09_2/64": 09_2 in chunks of 64
 #: slots (at 128 and 256 slots: ``launch.DECODE_WIDE_CHUNK_STEPS``), what the layer runs for full experts;
 #: "09_3" (at 128 and 256 slots; records of session 18 on): what it runs for sparse ones there.
+#: "copy, graph" (records of session 20 on) is no contender but the reference at the step's size:
+#: a device copy of its bytes, replayed and timed the same way (launch and ramp included).
 GEMM_CONTENDERS = ("09_2, graph", "09_2/64, graph", "09_3, graph", "09_1, graph", "grouped_mm, graph", "09_2", "09_1",
-                   "grouped_mm")
+                   "grouped_mm", "copy, graph")
 
 
 def course_gemm(row: dict) -> str:

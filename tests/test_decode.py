@@ -429,6 +429,16 @@ def test_the_decode_gemm_table_sets_the_layers_kernel_against_torchs_graph():
     assert decode.course_gemm(mixtral) == "09_2/64, graph"
 
 
+def test_the_copy_of_the_steps_bytes_is_a_column_not_a_contender():
+    """"copy, graph" (a copy of the step's bytes, timed the same way) gets its column, and is
+    neither the course's contender nor torch's, even when it is the fastest."""
+    row = {"shape": "sonicmoe-7b", "proj": "down", "tokens": 64, "active": 125, "capacity": 64,
+           "09_2, graph": _timing(0.04, 2.6), "grouped_mm, graph": _timing(0.06, 1.6), "copy, graph": _timing(0.03, 3.0)}
+    assert decode.course_gemm(row) == "09_2, graph" and decode.torch_gemm(row) == "grouped_mm, graph"
+    head, line = decode.gemm_table({"rows": [row]}).splitlines()
+    assert "copy, graph µs" in head and "91%" in line and line.endswith("1.50x")  # 3.0 / 3.3 of the copy
+
+
 def test_the_decode_chunk_follows_the_rows_per_expert():
     from moe_course import launch
 

@@ -700,8 +700,12 @@ def minimum_line(m: dict, details: bool = True) -> str:
     share = ("grouped_mm's GEMMs not timed alone" if m["gemm_share"] is None
              else f"grouped_mm's GEMMs {m['gemm_share']:.0%} of its call")
     need = "faster" if m["need_over_grouped_mm"] == 1.0 else f">= {m['need_over_grouped_mm']:.2f}x"
+    missed = [what for part, what in (("over_grouped_mm", "short of grouped_mm's bar"),
+                                      ("over_sonicmoe", "behind SonicMoE"), ("whole_model", "whole model not faster"))
+              if m["parts"][part] is False]
     verdict = (f"{'met' if m['met'] else 'NOT met'} ({share}: {need} asked"
-               f"{', SonicMoE not run' if m['over_sonicmoe'] is None else ''})")
+               f"{', SonicMoE not run' if m['over_sonicmoe'] is None else ''}"
+               f"{'; ' + ', '.join(missed) if missed else ''})")
     if not details:
         return verdict
     sonic = "" if m["over_sonicmoe"] is None else f", x{m['over_sonicmoe']:.2f} SonicMoE"

@@ -646,6 +646,13 @@ def test_issue_30s_minimum_asks_125x_where_the_gemms_are_under_80_percent():
     behind = hm.minimum(data(7.9, share=0.5, sonic=7.5), "mixtral")
     assert not behind["met"] and behind["parts"]["over_sonicmoe"] is False
     assert hm.minimum(data(7.9, share=0.5, sonic=8.0), "mixtral")["parts"]["over_sonicmoe"]
+    # the verdict names what was missed
+    assert hm.minimum_line(behind, details=False) == ("NOT met (grouped_mm's GEMMs 50% of its call: >= 1.25x asked; "
+                                                      "behind SonicMoE)")
+    assert hm.minimum_line(hm.minimum(data(9.0, share=0.5), "mixtral"), details=False).endswith(
+        "SonicMoE not run; short of grouped_mm's bar)")
+    assert hm.minimum_line(hm.minimum(data(7.9, share=0.5), "mixtral"), details=False) == (
+        "met (grouped_mm's GEMMs 50% of its call: >= 1.25x asked, SonicMoE not run)")
 
 
 def test_sonicmoe_is_a_contender_only_where_its_package_is_installed(monkeypatch):

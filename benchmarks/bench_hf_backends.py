@@ -83,22 +83,16 @@ def merged(data: dict, earlier) -> dict:
     """``data`` with the models of ``earlier`` (this GPU's record) it did not measure, where both
     were measured at the same sizes; ``measured_on`` says which date each model's numbers are from
     (the record's own date is the newest run's), ``sonicmoe`` which models SonicMoE ran on."""
-    today = records.environment()["date"]
-    data["measured_on"] = {arch: today for arch in data["models"]}
     ran_now = set(data["models"]) if data["sonicmoe"] == "ran" else set()
-    if earlier is None or earlier.data.get("sizes") != data["sizes"]:
+    if earlier is not None and earlier.data.get("sizes") != data["sizes"]:
+        earlier = None  # measured at other sizes: not comparable
+    kept = records.keep_unmeasured(data, earlier, "models", list(data["models"]), alongside=("experts",))
+    if earlier is None:
         print("--merge: no record of this GPU at these sizes; writing these models alone")
         data["sonicmoe_models"] = sorted(ran_now)
         return data
-    kept = [arch for arch in earlier.data["models"] if arch not in data["models"]]
-    before = earlier.data.get("measured_on", {})
     ran_before = set(earlier.data.get("sonicmoe_models", earlier.data["models"] if earlier.data.get("sonicmoe") == "ran"
                                       else ()))
-    for arch in kept:
-        data["models"][arch] = earlier.data["models"][arch]
-        if arch in earlier.data.get("experts", {}):
-            data["experts"][arch] = earlier.data["experts"][arch]
-        data["measured_on"][arch] = before.get(arch, earlier.environment.get("date", "?"))
     data["sonicmoe_models"] = sorted(ran_now | (ran_before & set(kept)))
     print(f"--merge: kept {', '.join(kept) or 'no other model'} from {earlier.where()}")
     return data

@@ -103,16 +103,10 @@ def merged(data: dict, earlier, measuring: list[str]) -> dict:
     """``data`` started with the shapes of ``earlier`` (this GPU's record of the same kind) that
     this run does not measure, and its training run if this one has none; ``measured_on`` says
     which date each shape's numbers are from (the record's own date is the newest run's)."""
-    today = records.environment()["date"]
-    data["measured_on"] = {name: today for name in measuring}
+    kept = records.keep_unmeasured(data, earlier, "shapes", measuring)
     if earlier is None:
         print("--merge: no record of this kind from this GPU yet; writing these shapes alone")
         return data
-    kept = [name for name in earlier.data["shapes"] if name not in measuring]
-    before = earlier.data.get("measured_on", {})
-    for name in kept:
-        data["shapes"][name] = earlier.data["shapes"][name]
-        data["measured_on"][name] = before.get(name, earlier.environment.get("date", "?"))
     data["shapes"] = in_course_order(data["shapes"])
     if data.get("train") is None and earlier.data.get("train") is not None:
         data["train"] = earlier.data["train"]

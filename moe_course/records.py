@@ -258,6 +258,28 @@ def load(kind: str, gpu: str | None = None, results_dir: Path | None = None) -> 
                default=None)
 
 
+def keep_unmeasured(data: dict, earlier: Record | None, key: str, measuring, *,
+                    alongside: tuple[str, ...] = ()) -> list[str]:
+    """Merge one run into the record before it, for benchmarks that measure one shape or model
+    per run (a GPU call's time is short): ``data[key]`` (entries by name) gains the entries of
+    ``earlier.data[key]`` this run did not measure, with their entries in the ``alongside`` dicts
+    (keyed the same way), and ``data["measured_on"]`` gives each entry's date: today for those in
+    ``measuring``, the earlier record's for those kept. Returns the names kept (none without an
+    earlier record)."""
+    data["measured_on"] = {name: environment()["date"] for name in measuring}
+    if earlier is None:
+        return []
+    kept = [name for name in earlier.data[key] if name not in measuring]
+    before = earlier.data.get("measured_on", {})
+    for name in kept:
+        data[key][name] = earlier.data[key][name]
+        for other in alongside:
+            if name in earlier.data.get(other, {}):
+                data.setdefault(other, {})[name] = earlier.data[other][name]
+        data["measured_on"][name] = before.get(name, earlier.environment.get("date", "?"))
+    return kept
+
+
 def recorded_instead(kind: str) -> Record | None:
     """For a benchmark script on a machine without a GPU: say why nothing is timed, then return
     the recorded results (after a line saying where and when they were measured), or ``None``

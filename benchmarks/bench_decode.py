@@ -20,14 +20,13 @@ host's launch cost paid once at capture), and 09_2 and grouped_mm eager too, whe
 pays the host's launch cost (a course launch ~80 µs, torch's ~23 µs, H200 session 14: below
 those, an eager time measures the host).
 
-Not contenders, though issue 20 asks for one serving library's fused MoE kernel: none can be
-installed on the GPU machine, which has no package registry and takes at most 64 MiB of carried
-files (PyPI, 2026-12-06). vLLM's ``fused_moe`` is a Triton kernel, but its routing alignment is a
-compiled op of the wheel (``_moe_C``): the release built for the machine's torch 2.11.0 is vLLM
-0.24.0, a 266 MiB wheel (the newest, 0.34.0, pins torch 2.14.0: another ABI). SGLang's kernels
-come in sgl-kernel, 510 MiB. FlashInfer 0.7.4 is a 97 MiB wheel of sources that it compiles with
-nvcc at first use. The nearest to running is vLLM 0.24.0's fused-MoE part alone (``_moe_C`` and
-the Triton kernel's modules, unpacked and xz-packed): kernels/NOTES.md, session 14.
+The serving library issue 20 asks for: vLLM's fused MoE (``moe_course.vllm_moe``: its Triton
+``fused_moe_kernel`` with its tuned block sizes, its CUDA alignment of the pairs), where vLLM 0.26
+is installed or its files are unpacked at ``$MOE_COURSE_VLLM_SITE`` (``tools/vllm_bundle.sh``: the
+GPU machine has no package registry). ``vLLM, graph``: one launch of its kernel on the same rows
+and weights, the pairs aligned beforehand (as the course's slots and torch's sorted rows are);
+``vLLM layer, graph``: its ``fused_experts`` behind the same router. SGLang's kernels come in
+sgl-kernel (510 MiB), FlashInfer 0.7 compiles its sources with nvcc at first use: not run.
 
 Each result is checked against float32 first; then both are timed in turns (CUDA events, median)
 and shown as TB/s over the bytes a step must move (the tokens, every active expert's weights
@@ -53,11 +52,12 @@ KIND = "decode_gemm"  # benchmarks/results/decode_gemm__<gpu>.json (decode.GEMM_
 def measure_one(cfg, tokens: int, proj: str, roof) -> dict:
     import torch
 
-    from moe_course import decode, launch, moe
+    from moe_course import decode, launch, moe, vllm_moe
     from moe_course.bench import interleaved
     from moe_course.checking import relative_error
 
     g = torch.Generator(device="cuda").manual_seed(tokens)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
     n_out, k_in = (2 * cfg.n, cfg.d) if proj == "up" else (cfg.d, cfg.n)
     w = (torch.randn(cfg.E, n_out, k_in, device="cuda", generator=g) / k_in**0.5).bfloat16()
     experts = moe.topk_softmax(torch.randn(tokens, cfg.E, device="cuda", generator=g), cfg.K).experts
@@ -82,6 +82,15 @@ def measure_one(cfg, tokens: int, proj: str, roof) -> dict:
         errors[name] = relative_error(eager[name]()[filled].float(), want[filled])
         if not errors[name] < 1e-2:
             raise SystemExit(f"{name} is wrong on {cfg.name} {proj} at T={tokens}: relative error {errors[name]:.3g}")
+    if vllm_moe.unavailable() is None:  # vLLM's kernel on the same rows, its pairs aligned beforehand
+        block = vllm_moe.config(tokens, cfg.E, cfg.d, cfg.n, cfg.K)
+        route, out = vllm_moe.routing(experts, cfg.E, block), torch.empty(tokens, cfg.K, n_out, **bf16)
+        eager["vLLM"] = lambda: vllm_moe.grouped_gemm(x, w, experts, block, route, out=out)
+        fitted = layout.pair_slot < cfg.E * capacity  # every pair, unless one was dropped past 256 slots
+        errors["vLLM"] = relative_error(eager["vLLM"]()[fitted].float(), want.flatten(0, 1)[layout.pair_slot[fitted]])
+        if not errors["vLLM"] < 1e-2:
+            raise SystemExit(f"vLLM's fused_moe is wrong on {cfg.name} {proj} at T={tokens}: "
+                             f"relative error {errors['vLLM']:.3g}")
     active = int(decode.active_experts(experts, cfg.E))
     nbytes = 2 * (tokens * k_in + active * n_out * k_in + tokens * cfg.K * n_out)
     # the reference at this size: a device copy reading and writing the step's bytes (half each),
@@ -96,7 +105,7 @@ def measure_one(cfg, tokens: int, proj: str, roof) -> dict:
                     rounds=5, reps=20, flops=flops, bytes=nbytes)
     return {"shape": cfg.name, "proj": proj, "tokens": tokens, "active": active, "capacity": capacity,
             "bytes": nbytes, "relative_error": errors["09_2"], "relative_error_09_1": errors["09_1"],
-            **{f"relative_error_{name}": errors[name] for name in ("09_2/64", "09_3") if name in errors},
+            **{f"relative_error_{name}": errors[name] for name in ("09_2/64", "09_3", "vLLM") if name in errors},
             **{name: {**r.timing(), "tbps": r.tbps, "of_copy": r.tbps / roof.copy_tbps} for name, r in m.items()}}
 
 
@@ -108,7 +117,7 @@ def measure_layer(cfg, tokens: int, roof) -> dict:
     other first."""
     import torch
 
-    from moe_course import decode, layer, moe
+    from moe_course import decode, layer, moe, vllm_moe
     from moe_course.bench import interleaved
     from moe_course.io_overlap import interleave_gate_up
     from moe_course.checking import relative_error
@@ -137,14 +146,24 @@ def measure_layer(cfg, tokens: int, roof) -> dict:
     if not (err < 2e-2 and err_06 < 2e-2 and alike.float().mean() > 0.5):
         raise SystemExit(f"the decode layers disagree on {cfg.name} at T={tokens}: relative error {err:.3g} "
                          f"(09), {err_06:.3g} (06, on the {int(alike.sum())} tokens routed alike)")
+    contenders = {"09 layer, graph": ours_graph.replay, "06 layer, graph": training_graph.replay,
+                  "grouped_mm layer, graph": theirs_graph.replay,
+                  "grouped_mm layer, eager": lambda: decode.grouped_mm_forward(x, wd, cfg.K)}
+    errors = {}
+    if vllm_moe.unavailable() is None:  # vLLM's fused_experts behind the same router
+        vllm_graph, vllm_y = decode.graphed(lambda: vllm_moe.layer(x, wd, cfg.K))
+        vllm_graph.replay()
+        errors["relative_error_vllm"] = relative_error(vllm_y.float(), theirs_y.float())
+        if not errors["relative_error_vllm"] < 2e-2:
+            raise SystemExit(f"vLLM's layer disagrees on {cfg.name} at T={tokens}: relative error "
+                             f"{errors['relative_error_vllm']:.3g}")
+        contenders["vLLM layer, graph"] = vllm_graph.replay
     active = int(decode.active_experts(experts, cfg.E))
     step = decode.decode_step(cfg, tokens, "layer", active=active)
-    m = interleaved({"09 layer, graph": ours_graph.replay, "06 layer, graph": training_graph.replay,
-                     "grouped_mm layer, graph": theirs_graph.replay,
-                     "grouped_mm layer, eager": lambda: decode.grouped_mm_forward(x, wd, cfg.K)},
+    m = interleaved({name: contenders[name] for name in decode.LAYER_CONTENDERS if name in contenders},
                     rounds=5, reps=20, bytes=step.bytes)
     return {"shape": cfg.name, "tokens": tokens, "active": active, "bytes": step.bytes, "relative_error": err,
-            "relative_error_06": err_06, "routed_alike": float(alike.float().mean()),
+            "relative_error_06": err_06, "routed_alike": float(alike.float().mean()), **errors,
             **{name: {**r.timing(), "tbps": r.tbps, "of_copy": r.tbps / roof.copy_tbps} for name, r in m.items()}}
 
 
@@ -170,9 +189,14 @@ def main(argv=None) -> int:
 
     from moe_course import ceilings
 
+    from moe_course import vllm_moe
+
     roof = ceilings.for_this_machine()
-    data = {"copy_tbps": roof.copy_tbps, "rows": []}
-    layers = {"copy_tbps": roof.copy_tbps, "rows": []}
+    why_no_vllm = vllm_moe.unavailable()
+    print(f"vLLM's fused_moe: {why_no_vllm or vllm_moe.describe()}")
+    serving = {"vllm": why_no_vllm or vllm_moe.describe()}
+    data = {"copy_tbps": roof.copy_tbps, "rows": [], **serving}
+    layers = {"copy_tbps": roof.copy_tbps, "rows": [], **serving}
     for cfg in args.shapes:
         for proj in ("up", "down") if "gemm" in args.parts else ():
             for tokens in args.tokens:

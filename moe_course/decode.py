@@ -692,10 +692,12 @@ GEMM_KIND = "decode_gemm"
 #: of session 14 and before hold "09_1" and "grouped_mm" eager only. "09_2/64": 09_2 in chunks of 64
 #: slots (at 128 and 256 slots: ``launch.DECODE_WIDE_CHUNK_STEPS``), what the layer runs for full experts;
 #: "09_3" (at 128 and 256 slots; records of session 18 on): what it runs for sparse ones there.
-#: "copy, graph" (records of session 20 on) is no contender but the reference at the step's size:
-#: a device copy of its bytes, replayed and timed the same way (launch and ramp included).
-GEMM_CONTENDERS = ("09_2, graph", "09_2/64, graph", "09_3, graph", "09_1, graph", "grouped_mm, graph", "09_2", "09_1",
-                   "grouped_mm", "copy, graph")
+#: "vLLM, graph" (where it could run; records of session 20 on): vLLM's fused_moe_kernel on the same
+#: rows (:mod:`moe_course.vllm_moe`). "copy, graph" (session 20 on) is no contender but the reference
+#: at the step's size: a device copy of its bytes, replayed and timed the same way (launch and ramp
+#: included).
+GEMM_CONTENDERS = ("09_2, graph", "09_2/64, graph", "09_3, graph", "09_1, graph", "grouped_mm, graph", "vLLM, graph",
+                   "09_2", "09_1", "grouped_mm", "copy, graph")
 
 
 def course_gemm(row: dict) -> str:
@@ -746,9 +748,10 @@ LAYER_KIND = "decode_layer"
 #: on chapter 06's training kernels (the
 #: same launches as :func:`moe_course.layer.forward`: rows sorted by expert, 03_4's gathered
 #: up-projection with SwiGLU, 03_2, 06_4's combine), both graph-replayed; the torch._grouped_mm
-#: layer graph-replayed and eager.
+#: layer graph-replayed and eager; vLLM's ``fused_experts`` behind the same router, graph-replayed
+#: (where it could run; records of session 20 on).
 LAYER_CONTENDERS = ("09 layer, graph", "09_2 layer, graph", "09_1 layer, graph", "06 layer, graph",
-                    "grouped_mm layer, graph", "grouped_mm layer, eager")
+                    "grouped_mm layer, graph", "vLLM layer, graph", "grouped_mm layer, eager")
 COURSE_LAYERS = ("09 layer, graph", "09_2 layer, graph", "09_1 layer, graph", "06 layer, graph")
 LAYER_MINIMUM = 1.3  # issue 20: the graph-replayed course layer over the grouped_mm layer at 64 tokens
 

@@ -35,7 +35,7 @@
 // 542 -> 568, DeepSeek-V3 1-3% slower (422 -> 417, dW_down 439 -> 426).
 //
 // Epilogue: the tile goes through shared memory and leaves by TMA stores
-// (store_tile_transposed below): the consumers go on to the next tile's multiplies while it
+// (store_tile below): the consumers go on to the next tile's multiplies while it
 // drains. With only 4-5 slices per tile (DeepSeek-V3: 256 rows per expert) the epilogue is a
 // large share of each tile. The ring, the staging buffers, STAGES, THREADS and the register
 // split are chapter 03's (warp_specialized.cuh); the loop is this kernel's own.
@@ -71,39 +71,56 @@ __device__ __forceinline__ void stmatrix_x4_trans(void* row, u32 b0, u32 b1, u32
                  :: "r"(smem_addr(row)), "r"(b0), "r"(b1), "r"(b2), "r"(b3) : "memory");
 }
 
-// The tile leaves by TMA stores (tma_store_2d): consumer c's accumulators (its 64 columns of K
-// by 256 rows of N) go to the staging buffer transposed, as dW's rows, two 64 x 64 boxes at a
-// time; one thread hands them to the copy engine and the warpgroup goes straight on to its next
-// tile's multiplies while the bytes drain to memory. (Ordinary stores are issued by the
-// warpgroup itself, and its next multiplies wait until the last is issued; all SMs of a
-// persistent grid reach their epilogue together, so memory would idle during the multiplies
-// and be swamped after them.) The buffer is written again once the copy engine has read out its
-// previous contents. For tiles that are always whole: TMA clips only at the tensor's edges.
-template <class Store>
-__device__ __forceinline__ void store_tile_transposed(const float (&d)[128], Staging& buf, int c, const Store& dw,
-                                                      int row0, int col0) {
-    const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, q = lane / 8;
+// Consumer c's accumulators (its 64 columns of K by 256 rows of N) to the staging buffer,
+// transposed, as dW's rows: N rows 128 half .. 128 half + 127, two 64 x 64 boxes.
+__device__ __forceinline__ void stage_transposed(const float (&d)[128], Staging& buf, int half, int t) {
+    const int warp = t / 32, lane = t % 32, q = lane / 8;
     const int k_block = 16 * warp + 8 * (q % 2);  // the first K of the 8 x 8 blocks this thread addresses
+    // wgmma's fragment: accumulators 4j .. 4j + 3 of a thread are rows (K) lane / 4 and + 8 of
+    // the warp's 16, columns (N) 8j + 2 (lane % 4) and + 1. stmatrix .trans takes four 8 x 8
+    // blocks in that layout and writes each block's columns as rows: the 16 bytes at row n of N
+    // hold 8 values of K, as dW's box wants them.
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {  // rows 128 half .. 128 half + 127 of N: two boxes
+    for (int j = 16 * half; j < 16 * half + 16; j += 2) {  // N columns 8j .. 8j + 15
+        const int n = 8 * (j + q / 2) + lane % 8 - 128 * half;
+        stmatrix_x4_trans(&buf.box[n / 64][swizzle_128b(n % 64, k_block / 8) * 8],
+                          pack_bf16(d[4 * j], d[4 * j + 1]), pack_bf16(d[4 * j + 2], d[4 * j + 3]),
+                          pack_bf16(d[4 * j + 4], d[4 * j + 5]), pack_bf16(d[4 * j + 6], d[4 * j + 7]));
+    }
+}
+
+// The tile leaves by TMA stores (tma_store_2d), 128 of its N at a time: staged (transposed, as
+// dW's rows; or, for a Store that wants dW transposed, as_accumulated(): 10_5, as the registers
+// hold it, chapter 03's stage_accumulators), then one thread hands the two 64 x 64 boxes to the
+// copy engine and the warpgroup goes straight on to its next tile's multiplies while the bytes
+// drain to memory. (Ordinary stores are issued by the warpgroup itself, and its next multiplies
+// wait until the last is issued; all SMs of a persistent grid reach their epilogue together, so
+// memory would idle during the multiplies and be swamped after them.) The buffer is written
+// again once the copy engine has read out its previous contents. For tiles that are always
+// whole: TMA clips only at the tensor's edges. (row0, col0): the tile's first box in the Store's
+// matrix; N runs down its rows, or along its columns as accumulated.
+template <class Store>
+__device__ __forceinline__ void store_tile(const float (&d)[128], Staging& buf, int c, const Store& dw, int row0,
+                                           int col0) {
+    const int t = threadIdx.x % 128;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {  // N 128 half .. 128 half + 127: two boxes
         if (t == 0) tma_store_wait_read<0>();
         warpgroup_sync(c);  // the buffer is free
-        // wgmma's fragment: accumulators 4j .. 4j + 3 of a thread are rows (K) lane / 4 and + 8
-        // of the warp's 16, columns (N) 8j + 2 (lane % 4) and + 1. stmatrix .trans takes four
-        // 8 x 8 blocks in that layout and writes each block's columns as rows: the 16 bytes at
-        // row n of N hold 8 values of K, as dW's box wants them.
-#pragma unroll
-        for (int j = 16 * half; j < 16 * half + 16; j += 2) {  // N columns 8j .. 8j + 15
-            const int n = 8 * (j + q / 2) + lane % 8 - 128 * half;
-            stmatrix_x4_trans(&buf.box[n / 64][swizzle_128b(n % 64, k_block / 8) * 8],
-                              pack_bf16(d[4 * j], d[4 * j + 1]), pack_bf16(d[4 * j + 2], d[4 * j + 3]),
-                              pack_bf16(d[4 * j + 4], d[4 * j + 5]), pack_bf16(d[4 * j + 6], d[4 * j + 7]));
-        }
+        if constexpr (Store::as_accumulated())
+            stage_accumulators(d, buf, half, t);
+        else
+            stage_transposed(d, buf, half, t);
         fence_proxy_async();  // these writes, visible to the copy engine
         warpgroup_sync(c);
         if (t == 0) {
-            dw.box(buf.box[0], row0 + 128 * half, col0);
-            dw.box(buf.box[1], row0 + 128 * half + 64, col0);
+            if constexpr (Store::as_accumulated()) {
+                dw.box(buf.box[0], row0, col0 + 128 * half);
+                dw.box(buf.box[1], row0, col0 + 128 * half + 64);
+            } else {
+                dw.box(buf.box[0], row0 + 128 * half, col0);
+                dw.box(buf.box[1], row0 + 128 * half + 64, col0);
+            }
             tma_store_commit();
         }
     }
@@ -111,12 +128,13 @@ __device__ __forceinline__ void store_tile_transposed(const float (&d)[128], Sta
 
 // Where a 64 x 64 box of dW goes: row `row` of dW seen as an [E * N, K] matrix, columns col..
 struct DwStore {
+    __device__ static constexpr bool as_accumulated() { return false; }  // dW's rows are N: the tile leaves transposed
     const TmaDesc& map;
     __device__ void box(const void* src, int row, int col) const { tma_store_2d(map, src, col, row); }
 };
 
 // The kernel's body, for any place the boxes of dW go (Store: DwStore here; 10_4 stores them
-// into Hugging Face's gate | up halves).
+// into Hugging Face's gate | up halves; 10_5 stores dW transposed, as accumulated).
 template <class Store>
 __device__ __forceinline__ void weight_grad(const TmaDesc& map_dy, const bf16* __restrict__ X,
                                             const int* __restrict__ gather_idx, const Store& dw,
@@ -202,8 +220,10 @@ __device__ __forceinline__ void weight_grad(const TmaDesc& map_dy, const bf16* _
                 mbar_arrive(&empty[s]);  // every consumer thread: the ring counts 256 (warp_specialized.cuh)
                 if (++s == STAGES) s = 0, parity ^= 1;
             }
-            // dW[e][n*256 + row][k*128 + 64c + col]: the rows of dW are N
-            store_tile_transposed(acc, staging[c], c, dw, e * N + n * TN, k * TK + 64 * c);
+            if constexpr (Store::as_accumulated())  // dW[e]^T[k*128 + 64c + row][n*256 + col] (10_5)
+                store_tile(acc, staging[c], c, dw, e * K + k * TK + 64 * c, n * TN);
+            else  // dW[e][n*256 + row][k*128 + 64c + col]: the rows of dW are N
+                store_tile(acc, staging[c], c, dw, e * N + n * TN, k * TK + 64 * c);
         }
         if (threadIdx.x % 128 == 0) tma_store_wait_all();  // shared memory must outlive the stores reading it
     }

@@ -11,6 +11,7 @@
 #include "06_3_weight_grad.cu"
 
 struct GateUpStore {
+    __device__ static constexpr bool as_accumulated() { return false; }  // dW's rows, as 06_3 stores them
     const TmaDesc& map;  // dW as HF's (E, 2I, H), seen (H, 2, I, E): tma.tensor_map_gate_up
     int N;               // rows of one expert's dW: 2I
     __device__ void box(const void* src, int row, int col) const {  // row of dW as [E * 2I, H]

@@ -27,7 +27,7 @@ gradient wanted: inference and ``generate()``), :func:`experts_kernels` runs the
 own parameters, with no copy: ``gate_up_proj`` through a 4-D tensor map that interleaves its
 gate and up halves in the load (``kernels/10_1_hf_swiglu.cu``), ``down_proj`` as it is (03_2),
 06_4's combine; where a gradient is wanted, :class:`KernelExperts` adds chapter 06's backward on
-the same layout (10_2, 06_3, 10_3, 10_4). Elsewhere the course's maths runs in torch: chapter 01's dispatch (:func:`moe_course.moe.dispatch`, pairs
+the same layout (10_2, 10_5, 10_3, 10_4). Elsewhere the course's maths runs in torch: chapter 01's dispatch (:func:`moe_course.moe.dispatch`, pairs
 sorted by expert), one grouped product on the concatenated ``[gate; up]`` rows, SwiGLU, the
 down-projection, chapter 01's combine, on ``torch._grouped_mm`` where it can, else one product
 per expert (:data:`moe_course.layer.TORCH_OPS`). Which one ran, and why, is printed once, in
@@ -345,9 +345,9 @@ class KernelExperts(torch.autograd.Function):
 
     - 10_2: dA' = gathered dout @ down_proj[e], read MN-major, with 06_2's SwiGLU backward:
       dH (interleaved like H), s * A and each row's routing-weight gradient ds;
-    - 06_3: down_proj's gradient (E, H, I) = dout_e^T (s A)_e, on a sorted copy of dout (06_3
-      gathers its second operand only; this copy is the one pass over memory the course's
-      layer does not make);
+    - 10_5: down_proj's gradient (E, H, I) = dout_e^T (s A)_e, dout gathered as 06_3 gathers
+      its X, the tile stored as accumulated (06_3 holds it transposed: here that is down_proj's
+      layout);
     - 10_3: dX's rows = dH @ gate_up_proj[e] through the 4-D map; 06_4 sums each token's rows;
     - 10_4: gate_up_proj's gradient = dH_e^T x_gathered, stored in gate | up order;
     - the routing weights' gradient: each pair's ds (zero for a pair routed to no expert, whose
@@ -376,7 +376,7 @@ class KernelExperts(torch.autograd.Function):
         dout = dout.contiguous().to(x.dtype)
         row_scale = weights.reshape(-1)[order]  # each sorted row's routing weight (0: no expert)
         dh, sa, ds = launch.hf_dswiglu_grouped_gemm(dout, gather_idx, down_proj, h, row_scale, offs, validate=False)
-        d_down = launch.weight_grad(dout[gather_idx.long()], sa, None, offs, validate=False)
+        d_down = launch.hf_weight_grad_down(sa, dout, gather_idx, offs, validate=False)
         del sa
         dx = launch.combine(launch.hf_transposed_b_grouped_gemm(dh, gate_up_proj, offs, validate=False), pos, None,
                             validate=False)
@@ -400,7 +400,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
                                                or self.gate_up_proj.requires_grad or self.down_proj.requires_grad)
     why = why_not_kernels(self, hidden_states)
     if why is None and needs_grad:
-        say_once(f"{NAME} experts: the course's kernels, forward and backward (10_1, 03_2, 06_4; 10_2, 06_3, "
+        say_once(f"{NAME} experts: the course's kernels, forward and backward (10_1, 03_2, 06_4; 10_2, 10_5, "
                  "10_3, 10_4), on the model's own weights")
         return KernelExperts.apply(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
     if why is None:

@@ -215,7 +215,7 @@ def _weight_grad_step() -> Step:
 WEIGHT_GRAD = _weight_grad_step()
 COMBINE = Step("06_4_combine", "combine_rows", "each token gathers and sums its k rows (no atomics)", threads=128,
                min_cc=HOPPER)
-EPILOGUE_BOX_ROWS = 64  # 06_3 stores dW in TMA boxes of 64 x 64 (store_tile_transposed)
+EPILOGUE_BOX_ROWS = 64  # 06_3 stores dW in TMA boxes of 64 x 64 (store_tile)
 
 # Chapter 10: the layer's kernels on Hugging Face's weight layout (no copy of the weights)
 HF_SWIGLU = _warp_specialized_step("10_1_hf_swiglu", "hf_swiglu_grouped_gemm",
@@ -226,6 +226,9 @@ HF_TRANSPOSED_B = _warp_specialized_step("10_3_hf_transposed_b", "hf_transposed_
                                          "06_1 on HF's gate_up_proj through the 4-D map")
 HF_WEIGHT_GRAD = dataclasses.replace(WEIGHT_GRAD, source="10_4_hf_weight_grad", kernel="hf_weight_grad_grouped_gemm",
                                      title="06_3 stored into HF's gate | up halves (4-D map)")
+HF_DOWN_WEIGHT_GRAD = dataclasses.replace(WEIGHT_GRAD, source="10_5_hf_down_weight_grad",
+                                          kernel="hf_down_weight_grad_grouped_gemm",
+                                          title="06_3 storing its tile as accumulated: dW transposed")
 
 # Chapter 09: a decode step's expert GEMM, the token slots as wgmma's N (one build per width)
 DECODE_SLOTS = (8, 16, 32, 64, 128, 256)
@@ -735,7 +738,8 @@ def weight_grad(dy, x, gather_idx, offs, validate: bool = True, step: Step = WEI
         require(T == R, lambda: f"without gather_idx, x must have dy's {R} rows, got {T}")
     else:
         check_gather_idx(gather_idx, R, T, validate)
-    dw = torch.empty(E, N, K, device=dy.device, dtype=torch.bfloat16)
+    # 10_5 stores each dW[e] transposed, (K, N); the others (N, K)
+    dw = torch.empty((E, K, N) if step is HF_DOWN_WEIGHT_GRAD else (E, N, K), device=dy.device, dtype=torch.bfloat16)
     fn = kernels.load(step.source, defines=step.defines).get_function(step.kernel)
     fn.max_dynamic_shared_size_bytes = step.smem_bytes
     i32 = np.int32
@@ -750,6 +754,14 @@ def weight_grad(dy, x, gather_idx, offs, validate: bool = True, step: Step = WEI
     fn((info().sm_count,), (step.threads,),
        (dy_map, ptr(x), idx, dw_map, ptr(offs), i32(E), i32(R), i32(N), i32(K), i32(T)), shared_mem=step.smem_bytes)
     return dw
+
+
+def hf_weight_grad_down(sa, dout, gather_idx, offs, validate: bool = True):
+    """The gradient of HF's ``down_proj (E, H, I)`` in its own layout, ``dout_e^T (s A)_e``, from
+    ``sa [R, I]`` (sorted rows) and ``dout [T, H]`` gathered by ``gather_idx``
+    (``kernels/10_5_hf_down_weight_grad.cu``): :func:`weight_grad`'s ``(s A)_e^T dout_e`` stored
+    transposed, with no sorted copy of ``dout``. I a multiple of 256, H of 128."""
+    return weight_grad(sa, dout, gather_idx, offs, validate, step=HF_DOWN_WEIGHT_GRAD)
 
 
 def hf_weight_grad_gate_up(dh, x, gather_idx, offs, validate: bool = True):
@@ -1030,6 +1042,7 @@ KERNEL_FILES: dict[str, tuple[Step, object]] = {
     HF_DSWIGLU.source: (HF_DSWIGLU, hf_dswiglu_grouped_gemm),
     HF_TRANSPOSED_B.source: (HF_TRANSPOSED_B, hf_transposed_b_grouped_gemm),
     HF_WEIGHT_GRAD.source: (HF_WEIGHT_GRAD, hf_weight_grad_gate_up),
+    HF_DOWN_WEIGHT_GRAD.source: (HF_DOWN_WEIGHT_GRAD, hf_weight_grad_down),
     DECODE_STEPS[64].source: (DECODE_STEPS[64], decode_grouped_gemm),
     DECODE_CHUNKED_STEPS[256].source: (DECODE_CHUNKED_STEPS[256], decode_grouped_gemm),
     DECODE_SPLIT_STEPS[256].source: (DECODE_SPLIT_STEPS[256], decode_grouped_gemm),

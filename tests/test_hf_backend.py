@@ -345,7 +345,8 @@ def torch_for_each_kernel(monkeypatch):
         "combine": combine,
         "hf_dswiglu_grouped_gemm": lambda dout, idx, down, h, s, offs, validate=True:
             ops.dswiglu(dout, idx, down.transpose(1, 2), h, s, offs),
-        "weight_grad": lambda dy, x, idx, offs, validate=True: ops.weight_grad(dy, x, idx, offs),
+        "hf_weight_grad_down": lambda sa, dout, idx, offs, validate=True:  # (E, I, H) -> HF's (E, H, I)
+            ops.weight_grad(sa, dout, idx, offs).transpose(1, 2),
         "hf_transposed_b_grouped_gemm": lambda dh, gu, offs, validate=True: ops.times_w(dh, io.interleave_gate_up(gu), offs),
         "hf_weight_grad_gate_up": gate_up_grad,
     }
@@ -424,7 +425,7 @@ def test_on_a_gpu_inference_runs_the_kernels_on_the_models_own_weights(routing, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_on_a_gpu_training_runs_the_kernels_forward_and_backward(routing, monkeypatch):
-    """With gradients wanted: KernelExperts (10_1, 03_2, 06_4; 10_2, 06_3, 10_3, 10_4), every
+    """With gradients wanted: KernelExperts (10_1, 03_2, 06_4; 10_2, 10_5, 10_3, 10_4), every
     gradient held to the torch maths on the same weights."""
     module = experts(256, 256, dtype=torch.bfloat16).cuda()
     T, K, index = ROUTINGS[routing]
@@ -435,7 +436,7 @@ def test_on_a_gpu_training_runs_the_kernels_forward_and_backward(routing, monkey
                         lambda *args, original=hf.KernelExperts.apply: ran.append(1) or original(*args))
 
     def poisoned_first(dout, gather_idx, down_proj, h, *args, original=launch.hf_dswiglu_grouped_gemm, **kwargs):
-        # dh and sa, NaN wherever 10_2 writes nothing: 06_3 and 10_4 read past an expert's end
+        # dh and sa, NaN wherever 10_2 writes nothing: 10_5 and 10_4 read past an expert's end
         R, n = gather_idx.numel(), down_proj.shape[2]
         poison(*[((R, 2 * n), torch.bfloat16), ((R, n), torch.bfloat16)] * 4)
         return original(dout, gather_idx, down_proj, h, *args, **kwargs)

@@ -63,7 +63,7 @@ def test_hf_up_projection_refuses_an_intermediate_size_off_the_tile():
 
 
 # --------------------------------------------------------------------------------------------
-# The backward: 10_2, 10_3, 10_4, each against chapter 06's float32 maths on the course's layout
+# The backward: 10_2 to 10_5, each against chapter 06's float32 maths on the course's layout
 # (converted from HF's in float32 here, never by the kernels), outputs poisoned first.
 
 
@@ -125,6 +125,25 @@ def test_hf_weight_grad_is_stored_in_gate_up_order(case, inter, hidden):
     interleaved = layer.TORCH_OPS.weight_grad(dh.float(), x.float(), idx, offs)  # rows in dh's order
     want = torch.cat((interleaved[:, 0::2], interleaved[:, 1::2]), dim=1)  # HF: gate rows, then up rows
     assert got.shape == (E, 2 * inter, hidden) and rel(got, want) < 1e-2
+    for e, c in enumerate(counts):
+        if c == 0:
+            assert torch.all(got[e] == 0), f"expert {e} has no rows: its gradient must be zero"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(BACKWARD_COUNTS))
+@pytest.mark.parametrize("inter,hidden", [(256, 128), (512, 384)])
+def test_hf_down_weight_grad_is_stored_in_down_projs_layout(case, inter, hidden):
+    """10_5: down_proj's gradient (E, H, I) = dout_e^T (s A)_e with dout gathered, the tile left as
+    accumulated: against the float32 product, transposed here, never by the kernel."""
+    counts, T = BACKWARD_COUNTS[case], 333
+    offs, idx = rows_of(counts, T, seed=3)
+    R, E = sum(counts), len(counts)
+    sa, dout = randn(R, inter), randn(T, hidden)
+    poison(((E, hidden, inter), torch.bfloat16))
+    got = launch.hf_weight_grad_down(sa, dout, idx, offs)
+    course = layer.TORCH_OPS.weight_grad(sa.float(), dout.float(), idx, offs)  # (E, I, H): the course's layout
+    assert got.shape == (E, hidden, inter) and rel(got, course.transpose(1, 2)) < 1e-2
     for e, c in enumerate(counts):
         if c == 0:
             assert torch.all(got[e] == 0), f"expert {e} has no rows: its gradient must be zero"

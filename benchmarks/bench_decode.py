@@ -187,9 +187,7 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    from moe_course import ceilings
-
-    from moe_course import vllm_moe
+    from moe_course import ceilings, vllm_moe
 
     roof = ceilings.for_this_machine()
     why_no_vllm = vllm_moe.unavailable()

@@ -137,7 +137,8 @@ def test_as_outputs_says_what_came_back():
 
 @pytest.mark.parametrize("notebook, graded", [("01_simple_moe.ipynb", 4), ("02_load_balancing.ipynb", 4),
                                               ("04_token_rounding.ipynb", 3), ("05_moe_backward.ipynb", 4),
-                                              ("08_fp8_quantization.ipynb", 3)])
+                                              ("08_fp8_quantization.ipynb", 3), ("10_decode_slots.ipynb", 2),
+                                              ("11_experts_backend.ipynb", 2)])
 def test_unfilled_exercises_fail_saying_not_implemented(notebook, graded):
     path = ROOT / "exercises" / notebook
     assert path.exists(), f"{path} is missing: run `make exercises`"

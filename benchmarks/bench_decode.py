@@ -57,7 +57,6 @@ def measure_one(cfg, tokens: int, proj: str, roof) -> dict:
     from moe_course.checking import relative_error
 
     g = torch.Generator(device="cuda").manual_seed(tokens)
-    bf16 = dict(device="cuda", dtype=torch.bfloat16)
     n_out, k_in = (2 * cfg.n, cfg.d) if proj == "up" else (cfg.d, cfg.n)
     w = (torch.randn(cfg.E, n_out, k_in, device="cuda", generator=g) / k_in**0.5).bfloat16()
     experts = moe.topk_softmax(torch.randn(tokens, cfg.E, device="cuda", generator=g), cfg.K).experts
@@ -84,7 +83,8 @@ def measure_one(cfg, tokens: int, proj: str, roof) -> dict:
             raise SystemExit(f"{name} is wrong on {cfg.name} {proj} at T={tokens}: relative error {errors[name]:.3g}")
     if vllm_moe.unavailable() is None:  # vLLM's kernel on the same rows, its pairs aligned beforehand
         block = vllm_moe.config(tokens, cfg.E, cfg.d, cfg.n, cfg.K)
-        route, out = vllm_moe.routing(experts, cfg.E, block), torch.empty(tokens, cfg.K, n_out, **bf16)
+        route = vllm_moe.routing(experts, cfg.E, block)
+        out = torch.empty(tokens, cfg.K, n_out, device="cuda", dtype=torch.bfloat16)
         eager["vLLM"] = lambda: vllm_moe.grouped_gemm(x, w, experts, block, route, out=out)
         fitted = layout.pair_slot < cfg.E * capacity  # every pair, unless one was dropped past 256 slots
         errors["vLLM"] = relative_error(eager["vLLM"]()[fitted].float(), want.flatten(0, 1)[layout.pair_slot[fitted]])

@@ -725,8 +725,9 @@ def weight_grad(dy, x, gather_idx, offs, validate: bool = True, step: Step = WEI
     """``dW[e] = dy[rows of e]^T @ x[gather_idx[rows of e]]``, ``[E, N, K]`` bf16 (fp32 sums):
     ``dy [R, N]`` sorted by expert, ``x [T, K]`` (``gather_idx`` None: ``x`` is ``[R, K]``, row r
     itself). An expert with no rows gets zeros (``kernels/06_3_weight_grad.cu``). N a multiple
-    of 256, K of 128. ``step``: another build of ``06_3`` (other ``defines`` and shared memory),
-    for experiments."""
+    of 256, K of 128. ``step``: another build of ``06_3`` (other ``defines`` and shared memory,
+    for experiments), or chapter 10's: 10_4 stores ``dW`` in HF's gate | up halves, 10_5
+    (:data:`HF_DOWN_WEIGHT_GRAD`) each ``dW[e]`` transposed, ``[E, K, N]``."""
     tensors = {"dy": dy, "x": x, "offs": offs} | ({"gather_idx": gather_idx} if gather_idx is not None else {})
     check_hopper_inputs(tensors, {"dy": 2, "x": 2, "offs": 1, "gather_idx": 1},
                         {"offs": torch.int32, "gather_idx": torch.int32})

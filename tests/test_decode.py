@@ -439,6 +439,18 @@ def test_the_copy_of_the_steps_bytes_is_a_column_not_a_contender():
     assert "copy, graph µs" in head and "91%" in line and line.endswith("1.50x")  # 3.0 / 3.3 of the copy
 
 
+def test_the_decode_tables_show_vllm_beside_the_course_and_torch():
+    row = {"shape": "deepseek-v3", "proj": "up", "tokens": 64, "active": 222, "capacity": 64,
+           "09_2, graph": _timing(4.0, 3.2), "grouped_mm, graph": _timing(4.4, 2.9), "vLLM, graph": _timing(3.9, 3.3)}
+    head, line = decode.gemm_table({"rows": [row]}).splitlines()
+    assert "vLLM, graph µs" in head and "3900.0" in line
+    assert decode.course_gemm(row) == "09_2, graph" and line.endswith("1.10x")  # the course over torch, as before
+    layer_row = {"shape": "deepseek-v3", "tokens": 64, "active": 222, "06 layer, graph": _timing(6.0, 3.2),
+                 "grouped_mm layer, graph": _timing(6.6, 2.9), "vLLM layer, graph": _timing(6.1, 3.1)}
+    head, line = decode.layer_table({"rows": [layer_row]}).splitlines()
+    assert "vLLM layer, graph µs" in head and "6100.0" in line and line.endswith("1.10x")
+
+
 def test_the_decode_chunk_follows_the_rows_per_expert():
     from moe_course import launch
 

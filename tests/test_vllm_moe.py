@@ -1,13 +1,13 @@
 """moe_course.vllm_moe, vLLM's fused MoE as chapter 09's serving contender: the torch stand-in of
 vLLM's pair alignment against vLLM's documented example and against its contract at awkward
 routings (idle experts, every pair on one expert, counts on and off the block), a clear reason
-where it cannot run, the decode tables' column for it; on a GPU where vLLM's files are present,
-its kernel and layer against float32."""
+where it cannot run; on a GPU where vLLM's files are present, its kernel and layer against
+float32. The decode tables' columns for it: tests/test_decode.py."""
 
 import pytest
 import torch
 
-from moe_course import decode, vllm_moe
+from moe_course import vllm_moe
 
 
 def aligned(topk_ids, num_experts, block):
@@ -60,22 +60,6 @@ def test_it_says_why_it_cannot_run():
         assert why is not None and "no CUDA GPU" in why
     elif why is not None:  # a GPU, but neither vLLM nor its files: the two ways to get them named
         assert "vllm" in why.lower()
-
-
-def _timing(ms, tbps):
-    return {"ms": ms, "ms_p10": ms, "ms_p90": ms, "reps": 20, "tflops": 1.0, "tbps": tbps, "of_copy": tbps / 3.3}
-
-
-def test_the_decode_tables_show_vllm_beside_the_course_and_torch():
-    row = {"shape": "deepseek-v3", "proj": "up", "tokens": 64, "active": 222, "capacity": 64,
-           "09_2, graph": _timing(4.0, 3.2), "grouped_mm, graph": _timing(4.4, 2.9), "vLLM, graph": _timing(3.9, 3.3)}
-    head, line = decode.gemm_table({"rows": [row]}).splitlines()
-    assert "vLLM, graph µs" in head and "3900.0" in line
-    assert decode.course_gemm(row) == "09_2, graph" and line.endswith("1.10x")  # the course over torch, as before
-    layer_row = {"shape": "deepseek-v3", "tokens": 64, "active": 222, "06 layer, graph": _timing(6.0, 3.2),
-                 "grouped_mm layer, graph": _timing(6.6, 2.9), "vLLM layer, graph": _timing(6.1, 3.1)}
-    head, line = decode.layer_table({"rows": [layer_row]}).splitlines()
-    assert "vLLM layer, graph µs" in head and "6100.0" in line and line.endswith("1.10x")
 
 
 needs_vllm = pytest.mark.skipif(vllm_moe.unavailable() is not None, reason=f"{vllm_moe.unavailable()}")

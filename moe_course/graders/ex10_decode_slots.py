@@ -155,6 +155,11 @@ def _slots_unmasked(experts: Tensor, num_experts: int, capacity: int) -> Tensor:
     return experts * capacity + moe.expert_queues(experts, num_experts).position
 
 
+def _slots_position_major(experts: Tensor, num_experts: int, capacity: int) -> Tensor:
+    position = moe.expert_queues(experts, num_experts).position
+    return torch.where(position < capacity, position * num_experts + experts, num_experts * capacity)
+
+
 #: ``{why: function (experts, num_experts, capacity) -> pair_slot}``
 SLOT_MISTAKES: dict[str, Callable[[Tensor, int, int], Tensor]] = {
     "a pair past the capacity is not sent to the spare slot E*C: at position >= C it lands in the next "
@@ -162,8 +167,7 @@ SLOT_MISTAKES: dict[str, Callable[[Tensor, int, int], Tensor]] = {
         _slots_unmasked,
     "the slots are numbered position-major (position * E + expert): expert e's C slots are consecutive, "
     "e*C .. e*C + C - 1":
-        lambda e, n, c: torch.where(moe.expert_queues(e, n).position < c,
-                                    moe.expert_queues(e, n).position * n + e, n * c),
+        _slots_position_major,
 }
 
 

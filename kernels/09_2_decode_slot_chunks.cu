@@ -74,18 +74,34 @@ __device__ __forceinline__ void multiply_chunks(const TmaDesc& map_w, const TmaD
         if (lane == 0) mbar_arrive(&empty[s]);
         if (threadIdx.x == 0 && kt + STAGES < num_k) load(kt + STAGES);
     }
-    // 09_1's epilogue, chunk by chunk: accumulator v of chunk c holds token slot (first + c) * CHUNK + col
+    // The epilogue, through shared memory. 09_1's writes each accumulator as a 2-byte value:
+    // per store a warp writes 16 contiguous bytes for each of four token slots, a fraction of
+    // a 32-byte sector, and a token's 128 outputs take 16 such pieces. Here the tile goes to the
+    // ring's memory first (free once every warp's last wgmma has read it), one row of 128
+    // outputs per token slot, and each row leaves as 16-byte vectors: whole sectors. (Session 21,
+    // H100, 7B down at 512 tokens: 09_3 75% -> 77% of the copy rate; Mixtral up at 512 88 -> 91%.)
+    constexpr int PITCH = BW + 8;  // bf16 a staged row: 16 bytes of padding spread the banks
+    static_assert(HOLD * CHUNK * PITCH * sizeof(bf16) <= STAGES * sizeof(DecodeSlot), "the staged tile must fit the ring");
+    bf16* stage = reinterpret_cast<bf16*>(slots);
     const int t = threadIdx.x % 128;
+    __syncthreads();  // every warp's last wgmma has read the ring
 #pragma unroll
     for (int c = 0; c < HOLD; ++c) {
         if (c >= chunks) break;
 #pragma unroll
-        for (int v = 0; v < CHUNK / 2; ++v) {
+        for (int v = 0; v < CHUNK / 2; ++v) {  // accumulator v: row r of W (an output), token slot col
             const int r = 16 * (t / 32) + (t % 32) / 4 + 8 * ((v / 2) % 2);
-            const int col = (first + c) * CHUNK + 8 * (v / 4) + 2 * (t % 4) + v % 2;
-            if (col < rows)
-                Y[((size_t)expert * capacity + col) * N + n0 + warpgroup * 64 + r] = __float2bfloat16_rn(acc[c][v]);
+            const int col = c * CHUNK + 8 * (v / 4) + 2 * (t % 4) + v % 2;
+            stage[col * PITCH + warpgroup * 64 + r] = __float2bfloat16_rn(acc[c][v]);
         }
+    }
+    __syncthreads();
+    const int filled = min(rows - first * CHUNK, chunks * CHUNK);  // this block's filled slots
+    constexpr int VECS = BW / 8;                                     // 16-byte vectors a row
+    for (int i = threadIdx.x; i < filled * VECS; i += 256) {  // the block's 256 threads
+        const int slot = i / VECS, part = i % VECS;
+        *reinterpret_cast<uint4*>(Y + ((size_t)expert * capacity + first * CHUNK + slot) * N + n0 + 8 * part) =
+            *reinterpret_cast<const uint4*>(stage + slot * PITCH + 8 * part);
     }
 }
 

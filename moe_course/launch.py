@@ -810,8 +810,8 @@ def decode_grouped_gemm(x_slots, w, count, out=None, step: int = 2, chunk: int |
     fn = kernels.load(kernel.source, defines=kernel.defines).get_function(kernel.kernel)
     fn.max_dynamic_shared_size_bytes = kernel.smem_bytes
     x_box = C if step == 1 else min(C, chunk or DECODE_CHUNK)  # 09_2 and 09_3 load a chunk of slots per copy
-    split = C // DECODE_SPLIT_SLOTS if step == 3 else 1  # 09_3: a block per group of slots
-    fn((N // DECODE_ROWS, E, split), (kernel.threads,),
+    groups = C // DECODE_SPLIT_SLOTS if step == 3 else 1  # 09_3: a block per group of slots, the fastest index
+    fn((N // DECODE_ROWS * groups, E), (kernel.threads,),
        (tma.tensor_map_2d(w, DECODE_ROWS), tma.tensor_map_2d(x_slots, x_box), ptr(y), ptr(count), np.int32(N),
         np.int32(K)), shared_mem=kernel.smem_bytes)
     return y

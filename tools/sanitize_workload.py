@@ -160,7 +160,7 @@ def hf_experts() -> None:
     from moe_course import hf
     from moe_course import layer as lay
 
-    # chapter 10: transformers' experts call on the kernels (10_1 to 10_4 with 03_2, 06_3, 06_4),
+    # chapter 10: transformers' experts call on the kernels (10_1 to 10_5 with 03_2 and 06_4),
     # output and every gradient against the torch maths on the same weights, in float32
     E, H, I = 6, 256, 256
     gate_up = (torch.randn(E, 2 * I, H, device="cuda") / 16).to(torch.bfloat16)

@@ -807,6 +807,8 @@ def decode_grouped_gemm(x_slots, w, count, out=None, step: int = 2, chunk: int |
             lambda: f"{kernel.name} needs N % {DECODE_ROWS} == 0 and K % {SLICE_K} == 0; got N={N}, K={K}")
     y = torch.empty(E, C, N, device=w.device, dtype=torch.bfloat16) if out is None else out
     check_out(y.view(E * C, N), E * C, N)
+    if out is not None:  # 09_2's and 09_3's epilogues write 16-byte vectors
+        check_bf16_cuda("out", out)
     fn = kernels.load(kernel.source, defines=kernel.defines).get_function(kernel.kernel)
     fn.max_dynamic_shared_size_bytes = kernel.smem_bytes
     x_box = C if step == 1 else min(C, chunk or DECODE_CHUNK)  # 09_2 and 09_3 load a chunk of slots per copy

@@ -350,6 +350,9 @@ def test_the_decode_gemm_refuses_what_it_cannot_take():
         launch.decode_grouped_gemm(x, w, count, chunk=64)
     with pytest.raises(ValueError, match="chunk is 09_2's"):
         launch.decode_grouped_gemm(x, w, count, step=1, chunk=32)
+    shifted = torch.empty(2 * 16 * 256 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(2, 16, 256)
+    with pytest.raises(ValueError, match="16-byte boundary"):  # the epilogue writes 16-byte vectors
+        launch.decode_grouped_gemm(x, w, count, out=shifted)
     x, w, count = decode_problem([1, 2], 24, 256, 192)  # 24 slots: not a width it is built for
     with pytest.raises(ValueError, match=r"token slots per expert \(C\) must be one of"):
         launch.decode_grouped_gemm(x, w, count)

@@ -270,8 +270,8 @@ DECODE_CHUNKED_STEPS = {c: decode_chunked_step(c, decode_chunk(c)) for c in DECO
 #: and wider wgmma chains than chunks of 32, and still not 09_1's whole capacity
 DECODE_WIDE_CHUNK = 64
 DECODE_WIDE_CHUNK_STEPS = {c: decode_chunked_step(c, DECODE_WIDE_CHUNK) for c in DECODE_SLOTS if c > DECODE_WIDE_CHUNK}
-#: 09_3's block: HELD chunks of DECODE_CHUNK slots (its ring and accumulators); the grid's z
-#: splits an expert's capacity into groups of this many slots
+#: 09_3's block: HELD chunks of DECODE_CHUNK slots (its ring and accumulators); an expert's
+#: capacity comes in groups of this many slots, a block each (the grid's fastest index)
 DECODE_SPLIT_HELD = 2
 DECODE_SPLIT_SLOTS = DECODE_SPLIT_HELD * DECODE_CHUNK
 #: 09_3 at the capacities it is built for (more slots than one block holds)

@@ -11,7 +11,9 @@ median):
 
 Before any timing, chapter 10's checks (hf_models.compare: logits, loss, every gradient) must
 hold for the course's backend against eager, as close as transformers' own grouped_mm. Without
-a GPU it prints the recorded results. A model that cannot fit the card is skipped, saying so.
+a GPU it prints the recorded results. A model that fits the card only with a narrower vocabulary
+(DeepSeek-V3 on an 80 GB H100) is built so, and the record says so; one that cannot fit is skipped,
+saying so.
 
     python benchmarks/bench_hf_backends.py
     python benchmarks/bench_hf_backends.py --models qwen3_moe mixtral --no-save
@@ -94,6 +96,9 @@ def merged(data: dict, earlier) -> dict:
     ran_before = set(earlier.data.get("sonicmoe_models", earlier.data["models"] if earlier.data.get("sonicmoe") == "ran"
                                       else ()))
     data["sonicmoe_models"] = sorted(ran_now | (ran_before & set(kept)))
+    narrowed = {arch: note for arch, note in earlier.data.get("narrowed", {}).items() if arch in kept}
+    if narrowed or "narrowed" in data:  # a kept model built with a narrower vocabulary keeps its note
+        data["narrowed"] = {**narrowed, **data.get("narrowed", {})}
     print(f"--merge: kept {', '.join(kept) or 'no other model'} from {earlier.where()}")
     return data
 

@@ -150,19 +150,24 @@ def build(config, backend: str = REFERENCE, *, seed: int = 0, dtype=torch.float3
         return AutoModelForCausalLM.from_config(config, experts_implementation=backend, dtype=dtype)
 
 
-def for_each_model(sizes: Sizes, work, archs=tuple(ARCHITECTURES)) -> dict:
+def for_each_model(sizes: Sizes, work, archs=tuple(ARCHITECTURES), narrowed: dict | None = None) -> dict:
     """``{arch: work(model, input_ids)}`` over the architectures, each model built at ``sizes``,
     worked on, and freed before the next is built: on a GPU, DeepSeek-V3's one MoE block is 22 GB
     in bf16 (44 with its gradients), so the four models do not fit an 80 GB card side by side.
     ``input_ids``: :func:`tokens` for that model's vocabulary (the same every time). Built from
-    the same seed, a model is the same every time it is built."""
+    the same seed, a model is the same every time it is built. A model that fits the card only
+    with a narrower vocabulary (:func:`config_that_fits`) is built so, saying so; ``narrowed``,
+    if given, collects those notes (``{arch: note}``) for the record."""
     out = {}
     for arch in archs:
-        config = hf_config(arch, shrink=sizes.shrink, layers=sizes.layers, vocab=sizes.vocab)
-        why_not = too_large(config, sizes)
-        if why_not:
-            print(f"{arch}: skipped on this GPU: {why_not}")
+        config, note = config_that_fits(arch, sizes)
+        if config is None:
+            print(f"{arch}: skipped on this GPU: {note}")
             continue
+        if note:
+            print(f"{arch}: {note}")
+            if narrowed is not None:
+                narrowed[arch] = note
         model = build(config, dtype=sizes.dtype, device=sizes.device)
         out[arch] = work(model, tokens(sizes, config.vocab_size))
         del model
@@ -188,6 +193,29 @@ def too_large(config, sizes: Sizes, gpu_bytes: int | None = None) -> str | None:
         return None
     return (f"its weights are {weights / 1e9:.1f} GB; with their gradients and eager's temporaries about "
             f"{3 * weights / 1e9:.0f} GB, more than 90% of this card's {card / 1e9:.0f} GB")
+
+
+#: The vocabulary a model gets where its real one does not fit the card beside the blocks'
+#: gradients (DeepSeek-V3's two blocks on an 80 GB H100): the embedding and the logits' weights
+#: shrink (3.5 GB of its 27.9 in bf16), the blocks, whose experts call this chapter measures, stay
+#: the real model's.
+NARROW_VOCAB = 8192
+
+
+def config_that_fits(arch: str, sizes: Sizes, gpu_bytes: int | None = None):
+    """``(config, note)``: the configuration of ``arch`` at ``sizes`` and None where it fits this
+    GPU (:func:`too_large`); where only a vocabulary of :data:`NARROW_VOCAB` tokens fits, that
+    configuration and a note saying so; where nothing fits, ``(None, why)``."""
+    config = hf_config(arch, shrink=sizes.shrink, layers=sizes.layers, vocab=sizes.vocab)
+    why = too_large(config, sizes, gpu_bytes)
+    if why is None:
+        return config, None
+    if sizes.vocab is None or sizes.vocab > NARROW_VOCAB:
+        narrow = hf_config(arch, shrink=sizes.shrink, layers=sizes.layers, vocab=NARROW_VOCAB)
+        if too_large(narrow, sizes, gpu_bytes) is None:
+            return narrow, (f"vocabulary narrowed from {config.vocab_size} to {NARROW_VOCAB} tokens to fit this card "
+                            f"(at its real one {why}); its blocks are the real model's")
+    return None, why
 
 
 def optimizer_that_fits(model) -> str:
@@ -641,9 +669,12 @@ def measure(sizes: Sizes, archs=tuple(ARCHITECTURES), backends=BACKENDS, work=No
                       "seq": sizes.seq, "dtype": str(sizes.dtype).removeprefix("torch.")},
             "models": {}, "experts": {}}
     work = work or (lambda model, ids: (time_backends(model, ids, backends), time_experts(model, ids, backends)))
-    both = for_each_model(sizes, work, archs)
+    narrowed = {}
+    both = for_each_model(sizes, work, archs, narrowed)
     for arch, (whole, experts) in both.items():
         data["models"][arch], data["experts"][arch] = whole, experts
+    if narrowed:  # models built with a narrower vocabulary than the real one, and why
+        data["narrowed"] = narrowed
     return data
 
 
@@ -691,6 +722,8 @@ def timing_table(data: dict) -> str:
                              f"{both:11.2f} " + (f"{grouped / both:13.2f}x" if grouped else " " * 14) + f" {kept}")
             if grouped and hf.NAME in e["backends"] and arch in data["models"]:
                 lines.append(f"{'':<15} {minimum_line(minimum(data, arch))}")
+            if arch in data.get("narrowed", {}):
+                lines.append(f"{'':<15} {data['narrowed'][arch]}")
     return "\n".join(lines)
 
 

@@ -539,10 +539,41 @@ def test_a_model_too_large_for_the_gpu_is_skipped_saying_why(capsys, monkeypatch
     assert hm.too_large(hm.hf_config("mixtral"), gpu, gpu_bytes=h100) is None
     cpu = dataclasses.replace(gpu, device="cpu")
     assert hm.too_large(hm.hf_config("deepseek_v3"), cpu) is None  # the host's memory is not checked
-    monkeypatch.setattr(hm, "too_large", lambda config, sizes: "too big" if config.model_type == "mixtral" else None)
+    monkeypatch.setattr(hm, "too_large",
+                        lambda config, sizes, gpu_bytes=None: "too big" if config.model_type == "mixtral" else None)
     built = hm.for_each_model(hm.sizes_here(), lambda model, ids: model.config.model_type)
     assert list(built) == [a for a in hm.ARCHITECTURES if a != "mixtral"]
     assert "mixtral: skipped on this GPU: too big" in capsys.readouterr().out
+
+
+def test_a_model_that_fits_only_with_a_narrower_vocabulary_is_built_so_saying_why(capsys, monkeypatch):
+    """DeepSeek-V3 on an 80 GB H100: its two blocks with a vocabulary of NARROW_VOCAB tokens (24.4 GB
+    of weights) fit where the real vocabulary's (27.9 GB) does not; the blocks stay the real
+    model's. Nothing fits a 40 GB card; every model fits an H200 as it is."""
+    gpu = dataclasses.replace(hm.sizes_here(), shrink=1, vocab=None, layers=2, dtype=torch.bfloat16, device="cuda")
+    h100, h200 = int(79.18 * 2**30), int(139.8 * 2**30)
+    real = hm.hf_config("deepseek_v3")
+    config, note = hm.config_that_fits("deepseek_v3", gpu, gpu_bytes=h100)
+    assert config.vocab_size == hm.NARROW_VOCAB < real.vocab_size and "27.9 GB" in note and "narrowed" in note
+    for field in ("hidden_size", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "num_hidden_layers"):
+        assert getattr(config, field) == getattr(real, field), field
+    at_h200, none = hm.config_that_fits("deepseek_v3", gpu, gpu_bytes=h200)
+    assert none is None and at_h200.vocab_size == real.vocab_size
+    for arch in ("qwen3_moe", "mixtral", "olmoe"):
+        assert hm.config_that_fits(arch, gpu, gpu_bytes=h100)[1] is None, arch
+    nothing, why = hm.config_that_fits("deepseek_v3", gpu, gpu_bytes=40 * 2**30)
+    assert nothing is None and "27.9 GB" in why
+    # for_each_model builds it narrowed, says so once, and hands the note to the record
+    monkeypatch.setattr(hm, "too_large", lambda config, sizes, gpu_bytes=None:
+                        "too big" if config.model_type == "mixtral" and config.vocab_size > hm.NARROW_VOCAB else None)
+    notes = {}
+    small = dataclasses.replace(hm.sizes_here(), shrink=32, vocab=None, dtype=torch.float32, device="cpu")
+    built = hm.for_each_model(small, lambda model, ids: (model.config.vocab_size, int(ids.max())),
+                              ("mixtral", "olmoe"), narrowed=notes)
+    assert built["mixtral"][0] == hm.NARROW_VOCAB and built["mixtral"][1] < hm.NARROW_VOCAB
+    assert built["olmoe"][0] == hm.hf_config("olmoe").vocab_size  # fits: its real vocabulary
+    assert list(notes) == ["mixtral"] and "narrowed" in notes["mixtral"]
+    assert capsys.readouterr().out.count("mixtral: vocabulary narrowed") == 1
 
 
 def test_the_expert_ids_are_read_back_once_per_call(monkeypatch):
@@ -701,3 +732,9 @@ def test_bench_hf_backends_merges_one_model_a_run_into_one_record():
     assert again["sonicmoe_models"] == ["mixtral", "olmoe"] and again["measured_on"]["olmoe"] == data["measured_on"]["olmoe"]
     other = {"sizes": {**sizes, "batch": 8}, "sonicmoe": "ran", "models": {"olmoe": timed(5)}, "experts": {"olmoe": timed(5)}}
     assert set(bench.merged(other, earlier)["models"]) == {"olmoe"}
+    # a kept model's note of a narrowed vocabulary stays; one measured again takes its new note (or none)
+    narrowed = records.Record("hf_backends", {"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-12-07"},
+                              {**data, "narrowed": {"mixtral": "narrowed then", "olmoe": "narrowed too"}})
+    fresh = lambda: {"sizes": dict(sizes), "sonicmoe": "ran", "models": {"olmoe": timed(6)}, "experts": {"olmoe": timed(6)}}
+    assert bench.merged(fresh(), narrowed)["narrowed"] == {"mixtral": "narrowed then"}
+    assert "narrowed" not in bench.merged(fresh(), earlier)

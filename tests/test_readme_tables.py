@@ -79,3 +79,9 @@ def test_chapter_10_adds_the_h100s_sonicmoe_table_only_where_it_measured_sonicmo
     h100.unlink()
     assert alone == tables.ch10(tables.Records(results)) and "on an H100" not in alone
     assert alone.endswith("Records: `hf_backends` (one per GPU).\n")
+    # a model built with a narrower vocabulary (DeepSeek-V3 on an 80 GB card) is said so under its table
+    h200 = results / "hf_backends__nvidia-h200.json"
+    rec = json.loads(h200.read_text())
+    rec["data"]["narrowed"] = {"deepseek_v3": "vocabulary narrowed"}
+    h200.write_text(json.dumps(rec))
+    assert "deepseek_v3's vocabulary narrowed to 8192 tokens to fit that card" in tables.ch10(tables.Records(results))

@@ -18,10 +18,14 @@ saying so.
     python benchmarks/bench_hf_backends.py
     python benchmarks/bench_hf_backends.py --models qwen3_moe mixtral --no-save
     python benchmarks/bench_hf_backends.py --models olmoe --merge   # one model per run, one record
+    python benchmarks/bench_hf_backends.py --models deepseek_v3 --merge --eager-untimed
 
 ``--merge`` keeps the other models of this GPU's record (measured at the same sizes) and replaces
 those measured now: a run too long for one sitting (SonicMoE compiles for each shape) goes model
-by model into one record, which names the date each model was measured.
+by model into one record, which names the date each model was measured. ``--eager-untimed``:
+eager is still what the others are checked against, but not timed (DeepSeek-V3's eager takes about
+6 s a forward + backward, and the timing runs it 30 times: most of a GPU call); the tables show
+"-" for it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-save", action="store_true", help="do not write the record")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other models of this GPU's record (same sizes), replace those measured now")
+    ap.add_argument("--eager-untimed", action="store_true",
+                    help="check the backends against eager, but do not time eager (it is slow: DeepSeek-V3)")
     args = ap.parse_args(argv)
     if not info().has_gpu:
         rec = records.recorded_instead(hm.KIND)
@@ -54,6 +60,7 @@ def main(argv=None) -> int:
     sizes = hm.sizes_here()
     why_no_sonicmoe = hm.sonicmoe_here()
     backends = hm.backends_here()
+    timed_backends = tuple(b for b in backends if not (args.eager_untimed and b == hm.REFERENCE))
     print(f"SonicMoE (transformers' \"sonicmoe\" backend): {why_no_sonicmoe or 'runs, on the installed sonic-moe'}")
 
     def checked_then_timed(model, ids):
@@ -67,7 +74,7 @@ def main(argv=None) -> int:
                   f"{results[hf.NAME]['logits']:.1e}, grouped_mm's {results['grouped_mm']['logits']:.1e})")
         print(f"  {hm.describe(model)}: checked, timing", flush=True)
         start = time.perf_counter()
-        timed = hm.time_backends(model, ids, backends), hm.time_experts(model, ids, backends)
+        timed = hm.time_backends(model, ids, timed_backends), hm.time_experts(model, ids, timed_backends)
         print(f"  timed in {time.perf_counter() - start:.0f} s", flush=True)
         return timed
 

@@ -750,7 +750,7 @@ def plot_times(record, live: bool, step: str = "forward+backward", ax=None):
     """Milliseconds per ``step`` ("forward" or "forward+backward") of each model, one bar per backend."""
     models = record.data["models"]
     archs = list(models)
-    backends = list(next(iter(models.values())))
+    backends = list(dict.fromkeys(b for by_backend in models.values() for b in by_backend))  # eager may be untimed
     series = {b: [models[a][b][step]["ms"] if b in models[a] else None for a in archs] for b in backends}
     return plotting.grouped_bars([ARCHITECTURES[a].record.title for a in archs], series,
                                  ylabel=f"{step}, ms", record=record, live=live, fmt="%.1f",

@@ -517,6 +517,15 @@ def test_without_a_gpu_the_timing_section_says_nothing_was_measured(capsys, monk
     assert rec.data == data and not live and "showing 'hf_backends' as recorded on" in capsys.readouterr().out
     assert "Mixtral-8x7B    moe_course         1.00        3.00             1.00x" in hm.timing_table(rec.data)
     assert hm.plot_times(rec, live).get_title() == "whole model (2 blocks), forward+backward"
+    # a model timed without eager (bench_hf_backends --eager-untimed) first: eager's bars are still
+    # drawn for the others and "not measured" written in its place; the table leaves its ratio out
+    untimed = {"sizes": {"layers": 2}, "models": {"deepseek_v3": {b: data["models"]["mixtral"][b] for b in hm.BACKENDS
+                                                                  if b != hm.REFERENCE}, **data["models"]}}
+    ax = hm.plot_times(hm.records.Record(hm.KIND, env, untimed), live)
+    assert hm.REFERENCE in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "not measured" in [t.get_text() for t in ax.texts]
+    assert "DeepSeek-V3     moe_course         1.00        3.00" in [
+        line.rstrip() for line in hm.timing_table(untimed).splitlines()]
     # a newer record of one model (another GPU) is printed, the one with more models drawn
     one = {"sizes": {"layers": 2}, "models": {"olmoe": data["models"]["mixtral"]}}
     two = {"sizes": {"layers": 2}, "models": {**data["models"], "olmoe": data["models"]["mixtral"]}}

@@ -157,7 +157,7 @@ def for_each_model(sizes: Sizes, work, archs=tuple(ARCHITECTURES), narrowed: dic
     ``input_ids``: :func:`tokens` for that model's vocabulary (the same every time). Built from
     the same seed, a model is the same every time it is built. A model that fits the card only
     with a narrower vocabulary (:func:`config_that_fits`) is built so, saying so; ``narrowed``,
-    if given, collects those notes (``{arch: note}``) for the record."""
+    if given, collects them for the record: ``{arch: {"vocab": tokens, "note": why}}``."""
     out = {}
     for arch in archs:
         config, note = config_that_fits(arch, sizes)
@@ -167,7 +167,7 @@ def for_each_model(sizes: Sizes, work, archs=tuple(ARCHITECTURES), narrowed: dic
         if note:
             print(f"{arch}: {note}")
             if narrowed is not None:
-                narrowed[arch] = note
+                narrowed[arch] = {"vocab": config.vocab_size, "note": note}
         model = build(config, dtype=sizes.dtype, device=sizes.device)
         out[arch] = work(model, tokens(sizes, config.vocab_size))
         del model
@@ -723,7 +723,7 @@ def timing_table(data: dict) -> str:
             if grouped and hf.NAME in e["backends"] and arch in data["models"]:
                 lines.append(f"{'':<15} {minimum_line(minimum(data, arch))}")
             if arch in data.get("narrowed", {}):
-                lines.append(f"{'':<15} {data['narrowed'][arch]}")
+                lines.append(f"{'':<15} {data['narrowed'][arch]['note']}")
     return "\n".join(lines)
 
 

@@ -526,6 +526,11 @@ def test_without_a_gpu_the_timing_section_says_nothing_was_measured(capsys, monk
     assert "not measured" in [t.get_text() for t in ax.texts]
     assert "DeepSeek-V3     moe_course         1.00        3.00" in [
         line.rstrip() for line in hm.timing_table(untimed).splitlines()]
+    # a model built with a narrower vocabulary: its note under its rows
+    experts = {"deepseek_v3": {"backends": {b: {**t, "kept_MiB": 1.0} for b, t in untimed["models"]["deepseek_v3"].items()}}}
+    noted = {**untimed, "experts": experts, "narrowed": {"deepseek_v3": {"vocab": 8192, "note": "vocabulary narrowed"}}}
+    table = hm.timing_table(noted).splitlines()
+    assert table[-1].strip() == "vocabulary narrowed" and "issue 30:" in table[-2]
     # a newer record of one model (another GPU) is printed, the one with more models drawn
     one = {"sizes": {"layers": 2}, "models": {"olmoe": data["models"]["mixtral"]}}
     two = {"sizes": {"layers": 2}, "models": {**data["models"], "olmoe": data["models"]["mixtral"]}}
@@ -581,7 +586,8 @@ def test_a_model_that_fits_only_with_a_narrower_vocabulary_is_built_so_saying_wh
                               ("mixtral", "olmoe"), narrowed=notes)
     assert built["mixtral"][0] == hm.NARROW_VOCAB and built["mixtral"][1] < hm.NARROW_VOCAB
     assert built["olmoe"][0] == hm.hf_config("olmoe").vocab_size  # fits: its real vocabulary
-    assert list(notes) == ["mixtral"] and "narrowed" in notes["mixtral"]
+    assert list(notes) == ["mixtral"] and notes["mixtral"]["vocab"] == hm.NARROW_VOCAB
+    assert "narrowed" in notes["mixtral"]["note"]
     assert capsys.readouterr().out.count("mixtral: vocabulary narrowed") == 1
 
 

@@ -82,6 +82,6 @@ def test_chapter_10_adds_the_h100s_sonicmoe_table_only_where_it_measured_sonicmo
     # a model built with a narrower vocabulary (DeepSeek-V3 on an 80 GB card) is said so under its table
     h200 = results / "hf_backends__nvidia-h200.json"
     rec = json.loads(h200.read_text())
-    rec["data"]["narrowed"] = {"deepseek_v3": "vocabulary narrowed"}
+    rec["data"]["narrowed"] = {"deepseek_v3": {"vocab": 8192, "note": "vocabulary narrowed"}}
     h200.write_text(json.dumps(rec))
     assert "deepseek_v3's vocabulary narrowed to 8192 tokens to fit that card" in tables.ch10(tables.Records(results))

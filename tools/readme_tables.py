@@ -454,8 +454,8 @@ def _hf_backends_table(r: Record) -> str:
               f"weights), transformers' backends timed in turns after they agree. On {_measured_on(r)}"
               + (f" (the models measured one a run, on {' and '.join(dates)})" if len(dates) > 1 else "")
               + (f"; {', '.join(missing)} did not fit that card with its gradients" if missing else "")
-              + "".join(f"; {arch}'s vocabulary narrowed to {hf_models.NARROW_VOCAB} tokens to fit that card (its "
-                        f"blocks the real model's)" for arch in r.data.get("narrowed", {}))
+              + "".join(f"; {arch}'s vocabulary narrowed to {n['vocab']} tokens to fit that card (its blocks the "
+                        f"real model's)" for arch, n in r.data.get("narrowed", {}).items())
               + ("" if sonic else f". SonicMoE did not run in this record: {r.data.get('sonicmoe', 'not measured')}")
               + (f". SonicMoE not measured on {', '.join(no_sonic)}" if sonic and no_sonic else "")
               + ".\n")

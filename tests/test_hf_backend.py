@@ -749,7 +749,8 @@ def test_bench_hf_backends_merges_one_model_a_run_into_one_record():
     assert set(bench.merged(other, earlier)["models"]) == {"olmoe"}
     # a kept model's note of a narrowed vocabulary stays; one measured again takes its new note (or none)
     narrowed = records.Record("hf_backends", {"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-12-07"},
-                              {**data, "narrowed": {"mixtral": "narrowed then", "olmoe": "narrowed too"}})
+                              {**data, "narrowed": {"mixtral": {"vocab": 8192, "note": "narrowed then"},
+                                                    "olmoe": {"vocab": 8192, "note": "narrowed too"}}})
     fresh = lambda: {"sizes": dict(sizes), "sonicmoe": "ran", "models": {"olmoe": timed(6)}, "experts": {"olmoe": timed(6)}}
-    assert bench.merged(fresh(), narrowed)["narrowed"] == {"mixtral": "narrowed then"}
+    assert bench.merged(fresh(), narrowed)["narrowed"] == {"mixtral": {"vocab": 8192, "note": "narrowed then"}}
     assert "narrowed" not in bench.merged(fresh(), earlier)

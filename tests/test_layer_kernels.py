@@ -17,6 +17,9 @@ COUNTS = {
     "single-expert": [64],
     "many-tiles": [1500, 3, 700, 0, 129],
     "16-row-boundaries": [16, 0, 48, 80, 33],  # 06_3 skips the 16-row batches past an expert's end
+    # 135 M-tiles of 128 rows: more tiles than an H100 or H200 has blocks (132), so the
+    # persistent kernels' blocks each take two or more ("many-tiles" gives each at most one)
+    "more-tiles-than-blocks": [9000, 0, 8000, 1],
 }
 
 

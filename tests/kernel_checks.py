@@ -9,6 +9,13 @@ COUNT_CASES = {  # rows per expert
     "single-row": [1],
     "more-tiles-than-sms": [700, 0, 1333, 129, 2000, 65, 900, 1100, 3000, 256, 1, 777] * 3,
 }
+# chapter 06's kernels and chapter 10's backward: the cases above ("more-tiles-than-sms": 268
+# M-tiles, so each persistent block takes two or more), and a few of their own
+LAYER_COUNT_CASES = COUNT_CASES | {
+    "single-expert": [64],
+    "a-few-tiles": [1500, 3, 700, 0, 129],  # 21 M-tiles: at most one a block
+    "16-row-boundaries": [16, 0, 48, 80, 33],  # 06_3 skips the 16-row batches past an expert's end
+}
 
 
 def poison(*shapes_dtypes):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from kernel_checks import COUNT_CASES, poison, randn, rel
+from kernel_checks import COUNT_CASES, LAYER_COUNT_CASES, poison, randn, rel
 
 from moe_course import io_overlap as io
 from moe_course import launch, layer
@@ -67,14 +67,6 @@ def test_hf_up_projection_refuses_an_intermediate_size_off_the_tile():
 # (converted from HF's in float32 here, never by the kernels), outputs poisoned first.
 
 
-BACKWARD_COUNTS = {
-    "ragged": [0, 1, 130, 0, 257],
-    "one-expert-has-every-row": [0, 0, 300, 0],
-    "many-tiles": [1500, 3, 700, 0, 129],
-    "16-row-boundaries": [16, 0, 48, 80, 33],
-}
-
-
 def rows_of(counts, tokens, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     offs = torch.tensor(counts).cumsum(0).to(device="cuda", dtype=torch.int32)
@@ -82,10 +74,10 @@ def rows_of(counts, tokens, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", list(BACKWARD_COUNTS))
+@pytest.mark.parametrize("case", list(LAYER_COUNT_CASES))
 @pytest.mark.parametrize("hidden,inter", [(256, 256), (512, 512)])  # inter = 512: ds in two shares
 def test_hf_dswiglu_reads_down_proj_as_it_is(case, hidden, inter):
-    counts, T = BACKWARD_COUNTS[case], 333
+    counts, T = LAYER_COUNT_CASES[case], 333
     offs, idx = rows_of(counts, T, seed=1)
     R, E = sum(counts), len(counts)
     dout, down_proj, h = randn(T, hidden), randn(E, hidden, inter, scale=hidden ** -0.5), randn(R, 2 * inter, scale=2.0)
@@ -99,10 +91,10 @@ def test_hf_dswiglu_reads_down_proj_as_it_is(case, hidden, inter):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", list(BACKWARD_COUNTS))
+@pytest.mark.parametrize("case", list(LAYER_COUNT_CASES))
 @pytest.mark.parametrize("hidden,inter", [(256, 128), (512, 384)])
 def test_hf_transposed_b_reads_gate_up_in_dh_order(case, hidden, inter):
-    counts = BACKWARD_COUNTS[case]
+    counts = LAYER_COUNT_CASES[case]
     offs, _ = rows_of(counts, 1, seed=0)
     R, E = sum(counts), len(counts)
     dh, gate_up = randn(R, 2 * inter), randn(E, 2 * inter, hidden, scale=(2 * inter) ** -0.5)
@@ -113,10 +105,10 @@ def test_hf_transposed_b_reads_gate_up_in_dh_order(case, hidden, inter):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", list(BACKWARD_COUNTS))
+@pytest.mark.parametrize("case", list(LAYER_COUNT_CASES))
 @pytest.mark.parametrize("inter,hidden", [(128, 128), (256, 384)])
 def test_hf_weight_grad_is_stored_in_gate_up_order(case, inter, hidden):
-    counts, T = BACKWARD_COUNTS[case], 333
+    counts, T = LAYER_COUNT_CASES[case], 333
     offs, idx = rows_of(counts, T, seed=2)
     R, E = sum(counts), len(counts)
     dh, x = randn(R, 2 * inter), randn(T, hidden)
@@ -131,12 +123,12 @@ def test_hf_weight_grad_is_stored_in_gate_up_order(case, inter, hidden):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", list(BACKWARD_COUNTS))
+@pytest.mark.parametrize("case", list(LAYER_COUNT_CASES))
 @pytest.mark.parametrize("inter,hidden", [(256, 128), (512, 384)])
 def test_hf_down_weight_grad_is_stored_in_down_projs_layout(case, inter, hidden):
     """10_5: down_proj's gradient (E, H, I) = dout_e^T (s A)_e with dout gathered, the tile left as
     accumulated: against the float32 product, transposed here, never by the kernel."""
-    counts, T = BACKWARD_COUNTS[case], 333
+    counts, T = LAYER_COUNT_CASES[case], 333
     offs, idx = rows_of(counts, T, seed=3)
     R, E = sum(counts), len(counts)
     sa, dout = randn(R, inter), randn(T, hidden)

@@ -1,26 +1,16 @@
 """Chapter 06's kernels (moe_course/launch.py) one by one, against the same maths in
 float32 (moe_course.layer.TORCH_OPS), at awkward expert counts: experts with no rows, counts
-that are not multiples of the tile, one expert with every row. Outputs are poisoned first (the
-memory the kernel will write held NaN just before), so a tile the kernel skips fails the check.
-The refusals run without a GPU."""
+that are not multiples of the tile, one expert with every row, more tiles than a GPU has blocks
+(kernel_checks.LAYER_COUNT_CASES, shared with chapter 10's backward). Outputs are poisoned
+first (the memory the kernel will write held NaN just before), so a tile the kernel skips fails
+the check. The refusals run without a GPU."""
 
 import pytest
 import torch
 
-from kernel_checks import poison, randn, rel
+from kernel_checks import LAYER_COUNT_CASES, poison, randn, rel
 
 from moe_course import launch, layer
-
-COUNTS = {
-    "ragged": [0, 1, 130, 0, 257],
-    "one-expert-has-every-row": [0, 0, 300, 0],
-    "single-expert": [64],
-    "many-tiles": [1500, 3, 700, 0, 129],
-    "16-row-boundaries": [16, 0, 48, 80, 33],  # 06_3 skips the 16-row batches past an expert's end
-    # 135 M-tiles of 128 rows: more tiles than an H100 or H200 has blocks (132), so the
-    # persistent kernels' blocks each take two or more ("many-tiles" gives each at most one)
-    "more-tiles-than-blocks": [9000, 0, 8000, 1],
-}
 
 
 def routing(counts, tokens, seed=0):
@@ -32,11 +22,11 @@ def routing(counts, tokens, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", list(COUNTS))
+@pytest.mark.parametrize("case", list(LAYER_COUNT_CASES))
 @pytest.mark.parametrize("K,N", [(192, 256), (512, 512)])
 def test_transposed_b_matches_float32(case, K, N):
-    offs, _ = routing(COUNTS[case], 1)
-    M, E = sum(COUNTS[case]), len(COUNTS[case])
+    offs, _ = routing(LAYER_COUNT_CASES[case], 1)
+    M, E = sum(LAYER_COUNT_CASES[case]), len(LAYER_COUNT_CASES[case])
     x, w = randn(M, K), randn(E, K, N, scale=K ** -0.5)
     poison(((M, N), torch.bfloat16))
     got = launch.transposed_b_grouped_gemm(x, w, offs)
@@ -44,12 +34,12 @@ def test_transposed_b_matches_float32(case, K, N):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", list(COUNTS))
+@pytest.mark.parametrize("case", list(LAYER_COUNT_CASES))
 @pytest.mark.parametrize("d,n", [(192, 256), (256, 512)])  # n = 512: each row's ds in two shares
 def test_dswiglu_matches_float32(case, d, n):
     T = 333
-    offs, idx = routing(COUNTS[case], T, seed=1)
-    R, E = sum(COUNTS[case]), len(COUNTS[case])
+    offs, idx = routing(LAYER_COUNT_CASES[case], T, seed=1)
+    R, E = sum(LAYER_COUNT_CASES[case]), len(LAYER_COUNT_CASES[case])
     dout, w_down, h = randn(T, d), randn(E, n, d, scale=d ** -0.5), randn(R, 2 * n, scale=2.0)
     s = torch.rand(R, device="cuda")
     poison(((R, 2 * n), torch.bfloat16), ((R, n), torch.bfloat16), ((n // 256, R), torch.float32))
@@ -60,19 +50,19 @@ def test_dswiglu_matches_float32(case, d, n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", list(COUNTS))
+@pytest.mark.parametrize("case", list(LAYER_COUNT_CASES))
 @pytest.mark.parametrize("N,K,gathered", [(256, 128, False), (512, 384, True)])
 def test_weight_grad_matches_float32(case, N, K, gathered):
     T = 333
-    offs, idx = routing(COUNTS[case], T, seed=2)
-    R, E = sum(COUNTS[case]), len(COUNTS[case])
+    offs, idx = routing(LAYER_COUNT_CASES[case], T, seed=2)
+    R, E = sum(LAYER_COUNT_CASES[case]), len(LAYER_COUNT_CASES[case])
     dy = randn(R, N)
     x, idx = (randn(T, K), idx) if gathered else (randn(R, K), None)
     poison(((E, N, K), torch.bfloat16))
     got = launch.weight_grad(dy, x, idx, offs)
     want = layer.TORCH_OPS.weight_grad(dy.float(), x.float(), idx, offs)
     assert rel(got, want) < 1e-2
-    for e, c in enumerate(COUNTS[case]):
+    for e, c in enumerate(LAYER_COUNT_CASES[case]):
         if c == 0:
             assert torch.all(got[e] == 0), f"expert {e} has no rows: its gradient must be zero"
 

@@ -1,5 +1,6 @@
-"""What the GPU tests of the kernels share: the awkward expert counts, outputs poisoned before a
-launch (so a tile the kernel skips shows up as NaN), and the relative error that refuses NaN."""
+"""What the GPU tests of the kernels share: the awkward expert counts and their routing (offsets
+and random gather indices), outputs poisoned before a launch (so a tile the kernel skips shows
+up as NaN), and the relative error that refuses NaN."""
 
 import torch
 
@@ -14,8 +15,16 @@ COUNT_CASES = {  # rows per expert
 LAYER_COUNT_CASES = COUNT_CASES | {
     "single-expert": [64],
     "a-few-tiles": [1500, 3, 700, 0, 129],  # 21 M-tiles: at most one a block
-    "16-row-boundaries": [16, 0, 48, 80, 33],  # 06_3 skips the 16-row batches past an expert's end
+    "16-row-boundaries": [16, 0, 48, 80, 33],  # 06_3 reduces 16 rows a wgmma: ends on and off them
 }
+
+
+def routing(counts, tokens, seed=0):
+    """``(offs, gather_idx)`` for ``counts`` rows per expert: each expert's end row (int32), and
+    for every row a random token of ``tokens`` (int32; the same draws for the same seed)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    offs = torch.tensor(counts).cumsum(0).to(device="cuda", dtype=torch.int32)
+    return offs, torch.randint(0, tokens, (sum(counts),), device="cuda", dtype=torch.int32, generator=g)
 
 
 def poison(*shapes_dtypes):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from kernel_checks import COUNT_CASES, LAYER_COUNT_CASES, poison, randn, rel
+from kernel_checks import COUNT_CASES, LAYER_COUNT_CASES, poison, randn, rel, routing
 
 from moe_course import io_overlap as io
 from moe_course import launch, layer
@@ -67,18 +67,12 @@ def test_hf_up_projection_refuses_an_intermediate_size_off_the_tile():
 # (converted from HF's in float32 here, never by the kernels), outputs poisoned first.
 
 
-def rows_of(counts, tokens, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    offs = torch.tensor(counts).cumsum(0).to(device="cuda", dtype=torch.int32)
-    return offs, torch.randint(0, tokens, (sum(counts),), device="cuda", dtype=torch.int32, generator=g)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", list(LAYER_COUNT_CASES))
 @pytest.mark.parametrize("hidden,inter", [(256, 256), (512, 512)])  # inter = 512: ds in two shares
 def test_hf_dswiglu_reads_down_proj_as_it_is(case, hidden, inter):
     counts, T = LAYER_COUNT_CASES[case], 333
-    offs, idx = rows_of(counts, T, seed=1)
+    offs, idx = routing(counts, T, seed=1)
     R, E = sum(counts), len(counts)
     dout, down_proj, h = randn(T, hidden), randn(E, hidden, inter, scale=hidden ** -0.5), randn(R, 2 * inter, scale=2.0)
     s = torch.rand(R, device="cuda")
@@ -95,7 +89,7 @@ def test_hf_dswiglu_reads_down_proj_as_it_is(case, hidden, inter):
 @pytest.mark.parametrize("hidden,inter", [(256, 128), (512, 384)])
 def test_hf_transposed_b_reads_gate_up_in_dh_order(case, hidden, inter):
     counts = LAYER_COUNT_CASES[case]
-    offs, _ = rows_of(counts, 1, seed=0)
+    offs, _ = routing(counts, 1, seed=0)
     R, E = sum(counts), len(counts)
     dh, gate_up = randn(R, 2 * inter), randn(E, 2 * inter, hidden, scale=(2 * inter) ** -0.5)
     poison(((R, hidden), torch.bfloat16))
@@ -109,7 +103,7 @@ def test_hf_transposed_b_reads_gate_up_in_dh_order(case, hidden, inter):
 @pytest.mark.parametrize("inter,hidden", [(128, 128), (256, 384)])
 def test_hf_weight_grad_is_stored_in_gate_up_order(case, inter, hidden):
     counts, T = LAYER_COUNT_CASES[case], 333
-    offs, idx = rows_of(counts, T, seed=2)
+    offs, idx = routing(counts, T, seed=2)
     R, E = sum(counts), len(counts)
     dh, x = randn(R, 2 * inter), randn(T, hidden)
     poison(((E, 2 * inter, hidden), torch.bfloat16))
@@ -129,7 +123,7 @@ def test_hf_down_weight_grad_is_stored_in_down_projs_layout(case, inter, hidden)
     """10_5: down_proj's gradient (E, H, I) = dout_e^T (s A)_e with dout gathered, the tile left as
     accumulated: against the float32 product, transposed here, never by the kernel."""
     counts, T = LAYER_COUNT_CASES[case], 333
-    offs, idx = rows_of(counts, T, seed=3)
+    offs, idx = routing(counts, T, seed=3)
     R, E = sum(counts), len(counts)
     sa, dout = randn(R, inter), randn(T, hidden)
     poison(((E, hidden, inter), torch.bfloat16))

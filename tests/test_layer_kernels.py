@@ -8,25 +8,18 @@ the check. The refusals run without a GPU."""
 import pytest
 import torch
 
-from kernel_checks import LAYER_COUNT_CASES, poison, randn, rel
+from kernel_checks import LAYER_COUNT_CASES, poison, randn, rel, routing
 
 from moe_course import launch, layer
-
-
-def routing(counts, tokens, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    rows = sum(counts)
-    offs = torch.tensor(counts).cumsum(0).to(device="cuda", dtype=torch.int32)
-    gather_idx = torch.randint(0, tokens, (rows,), device="cuda", dtype=torch.int32, generator=g)
-    return offs, gather_idx
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", list(LAYER_COUNT_CASES))
 @pytest.mark.parametrize("K,N", [(192, 256), (512, 512)])
 def test_transposed_b_matches_float32(case, K, N):
-    offs, _ = routing(LAYER_COUNT_CASES[case], 1)
-    M, E = sum(LAYER_COUNT_CASES[case]), len(LAYER_COUNT_CASES[case])
+    counts = LAYER_COUNT_CASES[case]
+    offs, _ = routing(counts, 1)
+    M, E = sum(counts), len(counts)
     x, w = randn(M, K), randn(E, K, N, scale=K ** -0.5)
     poison(((M, N), torch.bfloat16))
     got = launch.transposed_b_grouped_gemm(x, w, offs)
@@ -38,8 +31,9 @@ def test_transposed_b_matches_float32(case, K, N):
 @pytest.mark.parametrize("d,n", [(192, 256), (256, 512)])  # n = 512: each row's ds in two shares
 def test_dswiglu_matches_float32(case, d, n):
     T = 333
-    offs, idx = routing(LAYER_COUNT_CASES[case], T, seed=1)
-    R, E = sum(LAYER_COUNT_CASES[case]), len(LAYER_COUNT_CASES[case])
+    counts = LAYER_COUNT_CASES[case]
+    offs, idx = routing(counts, T, seed=1)
+    R, E = sum(counts), len(counts)
     dout, w_down, h = randn(T, d), randn(E, n, d, scale=d ** -0.5), randn(R, 2 * n, scale=2.0)
     s = torch.rand(R, device="cuda")
     poison(((R, 2 * n), torch.bfloat16), ((R, n), torch.bfloat16), ((n // 256, R), torch.float32))
@@ -54,15 +48,16 @@ def test_dswiglu_matches_float32(case, d, n):
 @pytest.mark.parametrize("N,K,gathered", [(256, 128, False), (512, 384, True)])
 def test_weight_grad_matches_float32(case, N, K, gathered):
     T = 333
-    offs, idx = routing(LAYER_COUNT_CASES[case], T, seed=2)
-    R, E = sum(LAYER_COUNT_CASES[case]), len(LAYER_COUNT_CASES[case])
+    counts = LAYER_COUNT_CASES[case]
+    offs, idx = routing(counts, T, seed=2)
+    R, E = sum(counts), len(counts)
     dy = randn(R, N)
     x, idx = (randn(T, K), idx) if gathered else (randn(R, K), None)
     poison(((E, N, K), torch.bfloat16))
     got = launch.weight_grad(dy, x, idx, offs)
     want = layer.TORCH_OPS.weight_grad(dy.float(), x.float(), idx, offs)
     assert rel(got, want) < 1e-2
-    for e, c in enumerate(LAYER_COUNT_CASES[case]):
+    for e, c in enumerate(counts):
         if c == 0:
             assert torch.all(got[e] == 0), f"expert {e} has no rows: its gradient must be zero"
 

@@ -104,7 +104,12 @@ dswiglu_grouped_gemm(const __grid_constant__ TmaDesc map_w, const bf16* __restri
                      const TileInfo* __restrict__ tile_map, int* __restrict__ num_tiles, int M, int N,
                      int K, int tokens, int group_m) {
     const Problem p{offs, tile_map, num_tiles, M, N, K, group_m};
+#ifdef PINGPONG  // each consumer warpgroup a whole tile, in turns (warp_specialized.cuh); BN = 128
+    warp_specialized_pingpong(p, GatherProducer{{map_w, map_w}, dout, gather_idx, tokens},
+                              DswigluEpilogue{H, row_scale, dH, sA, ds_part});
+#else
     warp_specialized_grouped_gemm(p, GatherProducer{{map_w, map_w}, dout, gather_idx, tokens},
                                   DswigluEpilogue{H, row_scale, dH, sA, ds_part});
+#endif
 }
 #endif

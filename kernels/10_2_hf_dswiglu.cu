@@ -32,6 +32,11 @@ hf_dswiglu_grouped_gemm(const __grid_constant__ TmaDesc map_down, const bf16* __
                         const TileInfo* __restrict__ tile_map, int* __restrict__ num_tiles, int M, int N,
                         int K, int tokens, int group_m) {
     const Problem p{offs, tile_map, num_tiles, M, N, K, group_m};
+#ifdef PINGPONG  // as in 06_2
+    warp_specialized_pingpong(p, GatherMnMajorWProducer{{{map_down, map_down}, dout, gather_idx, tokens}},
+                              DswigluEpilogue{H, row_scale, dH, sA, ds_part});
+#else
     warp_specialized_grouped_gemm(p, GatherMnMajorWProducer{{{map_down, map_down}, dout, gather_idx, tokens}},
                                   DswigluEpilogue{H, row_scale, dH, sA, ds_part});
+#endif
 }

@@ -119,6 +119,19 @@ def warp_specialized_smem(block_m: int, block_n: int, stages: int) -> int:
     return tma_ring_smem(block_m, block_n, stages) + 2 * STAGING_BYTES + 16 * stages + 8
 
 
+PINGPONG_BYTES = 24  # warp_specialized.cuh's ping-pong: two turn mbarriers and the `done` word
+
+
+def pingpong_step(step: Step, stages: int = 6) -> Step:
+    """``step`` (06_2 or 10_2) built with warp_specialized.cuh's ping-pong schedule: each consumer
+    warpgroup a whole 128 x 128 tile, the two in turns (one multiplies while the other runs its
+    epilogue), and a ring of ``stages`` slots of 32 KB. Not finished: it hangs where a persistent
+    block takes two tiles or more (kernels/NOTES.md, session 24), so nothing uses it by default."""
+    block_n = 128
+    return dataclasses.replace(step, block_n=block_n, defines={"PINGPONG": 1, "BN": block_n, "STAGES": stages},
+                               smem_bytes=warp_specialized_smem(WGMMA_BLOCK_M, block_n, stages) + PINGPONG_BYTES)
+
+
 def weight_grad_smem(rows: int, block_n: int, block_k: int, stages: int) -> int:
     """06_3's shared memory: ``stages`` slots of ``rows`` rows of dY (``block_n`` wide) and of X
     (``block_k`` wide), a staging buffer per consumer warpgroup, two mbarriers a slot, 1024 to align."""
@@ -664,23 +677,25 @@ def hf_transposed_b_grouped_gemm(dh, gate_up_proj, offs, validate: bool = True):
     return transposed_b_grouped_gemm(dh, gate_up_proj, offs, validate, step=HF_TRANSPOSED_B)
 
 
-def dswiglu_grouped_gemm(dout, gather_idx, w_down, h, row_scale, offs, validate: bool = True):
+def dswiglu_grouped_gemm(dout, gather_idx, w_down, h, row_scale, offs, validate: bool = True, step: Step = DSWIGLU):
     """The backward's first product and the SwiGLU backward (``kernels/06_2_dswiglu.cu``).
 
     ``dout [T, d]`` (the layer's output gradient), ``w_down [E, n, d]``, ``h [R, 2n]`` (the
     forward's pre-activation, gate and up interleaved), ``row_scale [R]`` fp32 (each sorted row's
     routing weight). Returns ``(dh [R, 2n], sa [R, n], ds [R])``: the pre-activation's gradient,
-    ``s * silu(gate) * up`` and each row's routing-weight gradient ``<dout W_down[e], a>`` (fp32)."""
+    ``s * silu(gate) * up`` and each row's routing-weight gradient ``<dout W_down[e], a>`` (fp32).
+    ``step``: another build of 06_2 (:func:`pingpong_step`)."""
     E, n, d = _dswiglu_weight(w_down, dout, "w_down [E, n, d]", transposed=False)
-    return _dswiglu(DSWIGLU, lambda: tma.tensor_map_2d(w_down, DSWIGLU.block_n),  # [E * n, d]: K-major boxes
+    return _dswiglu(step, lambda: tma.tensor_map_2d(w_down, step.block_n),  # [E * n, d]: K-major boxes
                     dout, gather_idx, w_down, h, row_scale, offs, E, n, d, validate)
 
 
-def hf_dswiglu_grouped_gemm(dout, gather_idx, down_proj, h, row_scale, offs, validate: bool = True):
+def hf_dswiglu_grouped_gemm(dout, gather_idx, down_proj, h, row_scale, offs, validate: bool = True,
+                            step: Step = HF_DSWIGLU):
     """:func:`dswiglu_grouped_gemm` on HF's ``down_proj (E, H, I)`` as it is, read MN-major
     (``kernels/10_2_hf_dswiglu.cu``): the same ``(dh, sa, ds)``."""
     E, n, d = _dswiglu_weight(down_proj, dout, "down_proj [E, d, n]", transposed=True)
-    return _dswiglu(HF_DSWIGLU, lambda: tma.tensor_map_2d(down_proj, HF_DSWIGLU.k_multiple),  # [E * d, n]: MN-major
+    return _dswiglu(step, lambda: tma.tensor_map_2d(down_proj, step.k_multiple),  # [E * d, n]: MN-major
                     dout, gather_idx, down_proj, h, row_scale, offs, E, n, d, validate)
 
 

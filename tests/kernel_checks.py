@@ -2,6 +2,7 @@
 and random gather indices), outputs poisoned before a launch (so a tile the kernel skips shows
 up as NaN), and the relative error that refuses NaN."""
 
+import pytest
 import torch
 
 COUNT_CASES = {  # rows per expert
@@ -17,6 +18,12 @@ LAYER_COUNT_CASES = COUNT_CASES | {
     "a-few-tiles": [1500, 3, 700, 0, 129],  # 21 M-tiles: at most one a block
     "16-row-boundaries": [16, 0, 48, 80, 33],  # 06_3 reduces 16 rows a wgmma: ends on and off them
 }
+
+
+# warp_specialized.cuh's ping-pong schedule (launch.pingpong_step) hangs where a persistent block
+# takes two tiles or more (kernels/NOTES.md, session 24): its builds are skipped until it is mended
+PINGPONG_UNFINISHED = pytest.mark.skip(reason="the ping-pong schedule hangs where a block takes two tiles "
+                                              "or more (kernels/NOTES.md, session 24)")
 
 
 def routing(counts, tokens, seed=0):

@@ -23,7 +23,7 @@ SCRIPTS = {  # name: folder
     "bench_moe_layer": "benchmarks", "bench_moe_variants": "benchmarks", "bench_token_rounding": "benchmarks",
     "ceilings": "benchmarks", "memory_analysis": "benchmarks", "profile_moe_layer": "benchmarks",
     "throughput": "benchmarks", "token_rounding_quality": "benchmarks", "bench_hf_backends": "benchmarks",
-    "bench_decode": "benchmarks",
+    "bench_decode": "benchmarks", "bench_dswiglu_schedules": "benchmarks",
     "book": "tools", "cubin_digest": "tools", "grade": "tools", "make_exercises": "tools", "make_locks": "tools",
     "readme_tables": "tools", "sanitize": "tools", "sanitize_workload": "tools", "setup_env": "tools",
     "update": "tools",

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from kernel_checks import COUNT_CASES, LAYER_COUNT_CASES, poison, randn, rel, routing
+from kernel_checks import COUNT_CASES, LAYER_COUNT_CASES, PINGPONG_UNFINISHED, poison, randn, rel, routing
 
 from moe_course import io_overlap as io
 from moe_course import launch, layer
@@ -68,16 +68,19 @@ def test_hf_up_projection_refuses_an_intermediate_size_off_the_tile():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pingpong", [pytest.param(False, id="cooperative"),
+                                      pytest.param(True, id="pingpong", marks=PINGPONG_UNFINISHED)])
 @pytest.mark.parametrize("case", list(LAYER_COUNT_CASES))
 @pytest.mark.parametrize("hidden,inter", [(256, 256), (512, 512)])  # inter = 512: ds in two shares
-def test_hf_dswiglu_reads_down_proj_as_it_is(case, hidden, inter):
+def test_hf_dswiglu_reads_down_proj_as_it_is(case, hidden, inter, pingpong):
     counts, T = LAYER_COUNT_CASES[case], 333
+    step = launch.pingpong_step(launch.HF_DSWIGLU) if pingpong else launch.HF_DSWIGLU
     offs, idx = routing(counts, T, seed=1)
     R, E = sum(counts), len(counts)
     dout, down_proj, h = randn(T, hidden), randn(E, hidden, inter, scale=hidden ** -0.5), randn(R, 2 * inter, scale=2.0)
     s = torch.rand(R, device="cuda")
-    poison(((R, 2 * inter), torch.bfloat16), ((R, inter), torch.bfloat16), ((inter // 256, R), torch.float32))
-    got = launch.hf_dswiglu_grouped_gemm(dout, idx, down_proj, h, s, offs)
+    poison(((R, 2 * inter), torch.bfloat16), ((R, inter), torch.bfloat16), ((inter // step.block_n, R), torch.float32))
+    got = launch.hf_dswiglu_grouped_gemm(dout, idx, down_proj, h, s, offs, step=step)
     w_down = down_proj.float().transpose(1, 2)  # the course's [E, n, d]
     want = layer.TORCH_OPS.dswiglu(dout.float(), idx, w_down, h.float(), s, offs)
     for name, g, w in zip(("dh", "s*a", "ds"), got, want):

@@ -8,7 +8,7 @@ the check. The refusals run without a GPU."""
 import pytest
 import torch
 
-from kernel_checks import LAYER_COUNT_CASES, poison, randn, rel, routing
+from kernel_checks import LAYER_COUNT_CASES, PINGPONG_UNFINISHED, poison, randn, rel, routing
 
 from moe_course import launch, layer
 
@@ -26,18 +26,24 @@ def test_transposed_b_matches_float32(case, K, N):
     assert rel(got, layer.TORCH_OPS.times_w(x.float(), w.float(), offs)) < 1e-2
 
 
+# 06_2 as built by default, and with warp_specialized.cuh's ping-pong schedule (whose turns and
+# end of work only show where a block takes two tiles or more: "more-tiles-than-sms")
+DSWIGLU_BUILDS = {"cooperative": launch.DSWIGLU, "pingpong": launch.pingpong_step(launch.DSWIGLU)}
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("build", ["cooperative", pytest.param("pingpong", marks=PINGPONG_UNFINISHED)])
 @pytest.mark.parametrize("case", list(LAYER_COUNT_CASES))
 @pytest.mark.parametrize("d,n", [(192, 256), (256, 512)])  # n = 512: each row's ds in two shares
-def test_dswiglu_matches_float32(case, d, n):
-    T = 333
+def test_dswiglu_matches_float32(case, d, n, build):
+    T, step = 333, DSWIGLU_BUILDS[build]
     counts = LAYER_COUNT_CASES[case]
     offs, idx = routing(counts, T, seed=1)
     R, E = sum(counts), len(counts)
     dout, w_down, h = randn(T, d), randn(E, n, d, scale=d ** -0.5), randn(R, 2 * n, scale=2.0)
     s = torch.rand(R, device="cuda")
-    poison(((R, 2 * n), torch.bfloat16), ((R, n), torch.bfloat16), ((n // 256, R), torch.float32))
-    dh, sa, ds = launch.dswiglu_grouped_gemm(dout, idx, w_down, h, s, offs)
+    poison(((R, 2 * n), torch.bfloat16), ((R, n), torch.bfloat16), ((n // step.block_n, R), torch.float32))
+    dh, sa, ds = launch.dswiglu_grouped_gemm(dout, idx, w_down, h, s, offs, step=step)
     want = layer.TORCH_OPS.dswiglu(dout.float(), idx, w_down.float(), h.float(), s, offs)
     for name, got, ref in zip(("dh", "s*a", "ds"), (dh, sa, ds), want):
         assert rel(got, ref) < 1e-2, name
@@ -141,3 +147,20 @@ def test_tensor_maps_work_in_a_thread_with_no_cuda_call_yet():
     thread.start()
     thread.join()
     assert not errors, errors
+
+
+def test_the_pingpong_builds_compile_and_are_asked_for_by_name():
+    """No GPU needed: the ping-pong builds of 06_2 and 10_2 compile for sm_90a within the
+    registers and shared memory of an H100 (BN = 128, a 32 KB slot), and the schedule benchmark
+    runs them only when asked (they are unfinished)."""
+    from benchmark_scripts import load
+
+    from moe_course import kernels
+
+    for step in (launch.pingpong_step(launch.DSWIGLU, 6), launch.pingpong_step(launch.HF_DSWIGLU, 5)):
+        report = kernels.compile_report(step.source, defines=step.defines).resources[step.kernel]
+        assert report.spill_stores == 0 and report.stack_bytes == 0, report
+        assert step.block_n == 128 and step.smem_bytes <= 227 * 1024
+    bench = load("bench_dswiglu_schedules")
+    assert not any("ping-pong" in name for name in bench.builds(pingpong=False))
+    assert sum("ping-pong" in name for name in bench.builds(pingpong=True)) == 3

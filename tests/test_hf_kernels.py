@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from kernel_checks import COUNT_CASES, LAYER_COUNT_CASES, PINGPONG_UNFINISHED, poison, randn, rel, routing
+from kernel_checks import COUNT_CASES, LAYER_COUNT_CASES, SCHEDULES, poison, randn, rel, routing
 
 from moe_course import io_overlap as io
 from moe_course import launch, layer
@@ -68,8 +68,7 @@ def test_hf_up_projection_refuses_an_intermediate_size_off_the_tile():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pingpong", [pytest.param(False, id="cooperative"),
-                                      pytest.param(True, id="pingpong", marks=PINGPONG_UNFINISHED)])
+@pytest.mark.parametrize("pingpong", SCHEDULES)
 @pytest.mark.parametrize("case", list(LAYER_COUNT_CASES))
 @pytest.mark.parametrize("hidden,inter", [(256, 256), (512, 512)])  # inter = 512: ds in two shares
 def test_hf_dswiglu_reads_down_proj_as_it_is(case, hidden, inter, pingpong):

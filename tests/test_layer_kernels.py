@@ -8,7 +8,7 @@ the check. The refusals run without a GPU."""
 import pytest
 import torch
 
-from kernel_checks import LAYER_COUNT_CASES, PINGPONG_UNFINISHED, poison, randn, rel, routing
+from kernel_checks import LAYER_COUNT_CASES, SCHEDULES, poison, randn, rel, routing
 
 from moe_course import launch, layer
 
@@ -28,15 +28,12 @@ def test_transposed_b_matches_float32(case, K, N):
 
 # 06_2 as built by default, and with warp_specialized.cuh's ping-pong schedule (whose turns and
 # end of work only show where a block takes two tiles or more: "more-tiles-than-sms")
-DSWIGLU_BUILDS = {"cooperative": launch.DSWIGLU, "pingpong": launch.pingpong_step(launch.DSWIGLU)}
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("build", ["cooperative", pytest.param("pingpong", marks=PINGPONG_UNFINISHED)])
+@pytest.mark.parametrize("pingpong", SCHEDULES)
 @pytest.mark.parametrize("case", list(LAYER_COUNT_CASES))
 @pytest.mark.parametrize("d,n", [(192, 256), (256, 512)])  # n = 512: each row's ds in two shares
-def test_dswiglu_matches_float32(case, d, n, build):
-    T, step = 333, DSWIGLU_BUILDS[build]
+def test_dswiglu_matches_float32(case, d, n, pingpong):
+    T, step = 333, launch.pingpong_step(launch.DSWIGLU) if pingpong else launch.DSWIGLU
     counts = LAYER_COUNT_CASES[case]
     offs, idx = routing(counts, T, seed=1)
     R, E = sum(counts), len(counts)

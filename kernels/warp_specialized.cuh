@@ -144,7 +144,7 @@ struct Ring {
     int* taken;    // two words through which the producer's thread 0 hands a tile to the others
                    // (job and taken: warp_specialized_grouped_gemm only; 06_3 has no room for them)
     u64* turn;     // turn[c]: consumer warpgroup c may start its next mainloop (the ping-pong only)
-    int* done;     // the ping-pong's consumers: one of them met the end (the ping-pong only)
+    int* done;     // done[c]: consumer warpgroup c met the end (the ping-pong only)
 };
 
 // (pingpong: each slice is read by one consumer warpgroup, not both, and the turns exist)
@@ -169,7 +169,7 @@ __device__ __forceinline__ Ring<SlotT> make_ring(int full_arrivals, bool pingpon
         if (pingpong) {  // (only the ping-pong's host size has room for these)
             mbar_init(&r.turn[0], 128);
             mbar_init(&r.turn[1], 128);
-            *r.done = 0;
+            r.done[0] = r.done[1] = 0;
         }
         fence_proxy_async();
     }
@@ -346,14 +346,16 @@ __device__ __forceinline__ void warp_specialized_grouped_gemm(const Problem& p, 
 //
 // The end. The producer lays one job with no rows after the block's last tile, in the slot
 // where the next tile would begin, so the warpgroup whose turn it is meets it. That one says
-// so in `done` and passes the turn; the other reads `done` after its own turn wait, never
-// while waiting on full[] for a slice that will never come.
+// so in its own flag, done[c], and passes the turn; the other reads done[other] after its own
+// turn wait, never while waiting on full[] for a slice that will never come.
 //
-// Status (session 24, kernels/NOTES.md): not finished. Where a block takes at most one tile it
-// is right (dH and s A bit for bit the cooperative build's, H100); where a block takes two or
-// more it hangs, and the cause is not found (a model of the protocol above, run in Python over
-// every interleaving tried, never deadlocks). Only builds with -DPINGPONG use it
-// (launch.pingpong_step); the layer does not.
+// Why a flag each and not one for both: the four warps of a warpgroup are scheduled on their
+// own and pass a barrier at different moments. With one shared flag, a warp that came late to
+// its turn wait could read the flag its own warpgroup's other warps had just set on meeting the
+// end, and leave without its turn arrival: the other warpgroup's turn never completed. That was
+// the hang where a block takes two tiles or more (sessions 23-24; a model of the protocol with
+// each warp its own actor finds it, kernels/NOTES.md, session 25). Only builds with -DPINGPONG
+// use this schedule (launch.pingpong_step).
 // ---------------------------------------------------------------------------------------------
 template <typename Producer, typename Epilogue>
 __device__ __forceinline__ void warp_specialized_pingpong(const Problem& p, Producer producer, Epilogue epilogue) {
@@ -372,20 +374,20 @@ __device__ __forceinline__ void warp_specialized_pingpong(const Problem& p, Prod
     }
     setmaxnreg_inc<CONSUMER_REGS>();  // ------------------------------------ consumers
     const int c = warpgroup - 1, other = 1 - c;
-    volatile int* done = ring.done;
+    volatile int* done = ring.done;  // done[c]: written by warpgroup c alone
     int turn_parity = 0;
     for (int tile = c;; tile += 2) {  // the block's tiles c, c + 2, c + 4, ...
         if (tile > 0) {  // warpgroup 0 has the first turn
             mbar_wait(&ring.turn[c], turn_parity);
             turn_parity ^= 1;
-            if (*done) break;
+            if (done[other]) break;  // the other warpgroup met the end
         }
         const long long first = (long long)tile * num_k;  // the tile's first slice in the ring's order
         int s = (int)(first % STAGES), parity = (int)((first / STAGES) & 1);
         mbar_wait(&ring.full[s], parity);
         const TileJob job = ring.job[s];
         if (job.row0 < 0) {  // the end: tell the other warpgroup, and let it look
-            *done = 1;
+            done[c] = 1;
             mbar_arrive(&ring.turn[other]);  // a release: `done` is seen after the other's wait
             break;
         }

@@ -119,14 +119,14 @@ def warp_specialized_smem(block_m: int, block_n: int, stages: int) -> int:
     return tma_ring_smem(block_m, block_n, stages) + 2 * STAGING_BYTES + 16 * stages + 8
 
 
-PINGPONG_BYTES = 24  # warp_specialized.cuh's ping-pong: two turn mbarriers and the `done` word
+PINGPONG_BYTES = 24  # warp_specialized.cuh's ping-pong: two turn mbarriers and the two `done` words
 
 
 def pingpong_step(step: Step, stages: int = 6) -> Step:
     """``step`` (06_2 or 10_2) built with warp_specialized.cuh's ping-pong schedule: each consumer
     warpgroup a whole 128 x 128 tile, the two in turns (one multiplies while the other runs its
-    epilogue), and a ring of ``stages`` slots of 32 KB. Not finished: it hangs where a persistent
-    block takes two tiles or more (kernels/NOTES.md, session 24), so nothing uses it by default."""
+    epilogue), and a ring of ``stages`` slots of 32 KB. Not the default: kernels/NOTES.md (session
+    25) says where it stands against the cooperative schedule."""
     block_n = 128
     return dataclasses.replace(step, block_n=block_n, defines={"PINGPONG": 1, "BN": block_n, "STAGES": stages},
                                smem_bytes=warp_specialized_smem(WGMMA_BLOCK_M, block_n, stages) + PINGPONG_BYTES)

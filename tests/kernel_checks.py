@@ -20,12 +20,8 @@ LAYER_COUNT_CASES = COUNT_CASES | {
 }
 
 
-# warp_specialized.cuh's ping-pong schedule (launch.pingpong_step) hangs where a persistent block
-# takes two tiles or more (kernels/NOTES.md, session 24): its builds are skipped until it is mended
-PINGPONG_UNFINISHED = pytest.mark.skip(reason="the ping-pong schedule hangs where a block takes two tiles "
-                                              "or more (kernels/NOTES.md, session 24)")
 # the consumer schedules 06_2 and 10_2 are tested under, as `pingpong` (launch.pingpong_step or not)
-SCHEDULES = [pytest.param(False, id="cooperative"), pytest.param(True, id="pingpong", marks=PINGPONG_UNFINISHED)]
+SCHEDULES = [pytest.param(False, id="cooperative"), pytest.param(True, id="pingpong")]
 
 
 def routing(counts, tokens, seed=0):

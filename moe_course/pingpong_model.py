@@ -1,0 +1,178 @@
+"""A model of the ping-pong schedule's turns (``kernels/warp_specialized.cuh``,
+``warp_specialized_pingpong``), explored exhaustively, each warp its own actor.
+
+In the ping-pong, consumer warpgroup 0 takes a block's tiles 0, 2, 4, ... and warpgroup 1 the
+tiles 1, 3, 5, ...; their mainloops take turns through two mbarriers (``turn[c]``: warpgroup
+``c`` may start its next tile), and each finds its tile's slices in the ring by counting. After
+the block's last tile the producer lays a job with no rows (the end) in the slot where the next
+tile would begin; the warpgroup whose turn it is meets it, raises a flag and passes the turn,
+and the other, after its own turn wait, sees the flag and stops.
+
+The model checks who waits for what, as :mod:`moe_course.ring_model` does for chapter 03's ring,
+with one difference that matters here: **the four warps of a warpgroup are separate actors**.
+They wait, arrive and read flags at different moments; a barrier counts one arrival per warp.
+A model with one actor per warpgroup (sessions 23-24's) never deadlocks; this one shows, with a
+shortest trace, why one flag shared by both warpgroups hangs (a slow warp of the warpgroup that
+met the end reads its own warpgroup's flag and leaves without its turn arrival), and that a
+flag per warpgroup (``done[c]``, read by the other) does not.
+
+    >>> from moe_course import pingpong_model
+    >>> print(pingpong_model.explore(tiles=1, num_k=1, stages=2, shared_flag=True))
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import NamedTuple
+
+END = -1  # the job with no rows
+
+
+class Barrier(NamedTuple):
+    phase: int = 0  # phases completed so far; the current one has parity phase & 1
+    arrived: int = 0
+
+
+def _arrive(bar: Barrier, expected: int) -> Barrier:
+    arrived = bar.arrived + 1
+    return Barrier(bar.phase + 1, 0) if arrived == expected else Barrier(bar.phase, arrived)
+
+
+def _passed(bar: Barrier, parity: int) -> bool:
+    """mbarrier.try_wait.parity: the phase of this parity has completed."""
+    return (bar.phase & 1) != parity
+
+
+class Warp(NamedTuple):
+    pc: str = "top"
+    tile: int = 0
+    kt: int = 0
+    turn_parity: int = 0
+
+
+class State(NamedTuple):
+    producer: int  # the next slice the producer lays (tiles * num_k: the end; one more: finished)
+    slots: tuple  # what each slot holds: a slice number, END, or None
+    full: tuple
+    empty: tuple
+    turn: tuple
+    flags: tuple  # (done[0], done[1]); with shared_flag only flags[0] is used
+    warps: tuple  # (warpgroup 0's warps..., warpgroup 1's warps...)
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    kind: str  # "ok", "deadlock", "stale", "lost slice"
+    message: str
+    trace: list
+    states: int
+
+    def __str__(self) -> str:
+        if self.ok:
+            return self.message
+        shown = "\n".join(f"  {i + 1:3d}. {s}" for i, s in enumerate(self.trace))
+        return f"{self.message}\nThe shortest way there ({len(self.trace)} steps):\n{shown}"
+
+
+def explore(tiles: int, num_k: int, stages: int, warps: int = 2, shared_flag: bool = False,
+            max_states: int = 2_000_000) -> Verdict:
+    """Every interleaving of the producer and ``warps`` warps per consumer warpgroup, for a
+    block that takes ``tiles`` tiles of ``num_k`` slices through a ring of ``stages`` slots.
+    ``shared_flag``: one end flag for both warpgroups (the hang) instead of ``done[c]``."""
+    slices = tiles * num_k
+    start = State(0, (None,) * stages, (Barrier(),) * stages, (Barrier(),) * stages, (Barrier(),) * 2,
+                  (0, 0), tuple(Warp(tile=c) for c in (0, 1) for _ in range(warps)))
+    parent: dict = {start: None}
+    queue = deque([start])
+
+    def trace_to(st: State) -> list:
+        steps = []
+        while parent[st] is not None:
+            st, what = parent[st]
+            steps.append(what)
+        return [s for s in steps[::-1] if s]  # (a warp's step to the top of its loop says nothing)
+
+    def name(i: int) -> str:
+        return f"warpgroup {i // warps} warp {i % warps}"
+
+    while queue:
+        st = queue.popleft()
+        moves = []
+        j = st.producer  # ---------------------------------------------------- the producer
+        if j <= slices:
+            s, use = j % stages, j // stages
+            if use == 0 or _passed(st.empty[s], (use - 1) & 1):
+                slots = st.slots[:s] + ((j if j < slices else END),) + st.slots[s + 1:]
+                full = st.full[:s] + (_arrive(st.full[s], 1),) + st.full[s + 1:]
+                what = f"slice {j} (tile {j // num_k})" if j < slices else "the end"
+                moves.append((f"the producer lays {what} in slot {s}",
+                              st._replace(producer=j + 1, slots=slots, full=full)))
+        for i, w in enumerate(st.warps):  # ------------------------------------- the consumer warps
+            c, other = i // warps, 1 - i // warps
+            first = w.tile * num_k
+
+            def put(i=i, w=w, st=st, **kw):  # the warps, warp i's registers changed
+                return st.warps[:i] + (w._replace(**kw),) + st.warps[i + 1:]
+
+            if w.pc == "top":
+                moves.append((None, st._replace(warps=put(pc="turn" if w.tile > 0 else "first"))))
+            elif w.pc == "turn" and _passed(st.turn[c], w.turn_parity):
+                moves.append((f"{name(i)} passes its turn wait (tile {w.tile})",
+                              st._replace(warps=put(pc="flag", turn_parity=w.turn_parity ^ 1))))
+            elif w.pc == "flag":
+                raised = st.flags[0] if shared_flag else st.flags[other]
+                flag = "the flag" if shared_flag else f"done[{other}]"
+                moves.append((f"{name(i)} reads {flag} = {raised}" + (": it stops" if raised else ""),
+                              st._replace(warps=put(pc="exit" if raised else "first"))))
+            elif w.pc in ("first", "full"):
+                s, use = (first + w.kt) % stages, (first + w.kt) // stages
+                if _passed(st.full[s], use & 1):
+                    held = st.slots[s]
+                    if w.pc == "first" and held == END:
+                        moves.append((f"{name(i)} finds the end in slot {s}", st._replace(warps=put(pc="raise"))))
+                        continue
+                    if held != first + w.kt:
+                        return Verdict(False, "stale", f"{name(i)} reads slot {s} for slice {first + w.kt} "
+                                                       f"(tile {w.tile}) but it holds {held}",
+                                       trace_to(st), len(parent))
+                    last = w.kt == num_k - 1
+                    moves.append((f"{name(i)} multiplies slice {first + w.kt} (tile {w.tile}) from slot {s}",
+                                  st._replace(warps=put(pc="pass" if last else "free"))))
+            elif w.pc == "pass":
+                turn = st.turn[:other] + (_arrive(st.turn[other], warps),) + st.turn[other + 1:]
+                moves.append((f"{name(i)} arrives on turn[{other}] (its tile's last multiply is issued)",
+                              st._replace(turn=turn, warps=put(pc="free"))))
+            elif w.pc == "free":
+                s = (first + w.kt) % stages
+                empty = st.empty[:s] + (_arrive(st.empty[s], warps),) + st.empty[s + 1:]
+                done = w.kt == num_k - 1
+                moves.append((f"{name(i)} arrives on empty[{s}]",
+                              st._replace(empty=empty, warps=put(pc="top", tile=w.tile + 2, kt=0) if done
+                                          else put(pc="full", kt=w.kt + 1))))
+            elif w.pc == "raise":
+                flags = (1, st.flags[1]) if shared_flag else tuple(1 if k == c else f for k, f in enumerate(st.flags))
+                moves.append((f"{name(i)} raises " + ("the flag" if shared_flag else f"done[{c}]"),
+                              st._replace(flags=flags, warps=put(pc="end"))))
+            elif w.pc == "end":
+                turn = st.turn[:other] + (_arrive(st.turn[other], warps),) + st.turn[other + 1:]
+                moves.append((f"{name(i)} arrives on turn[{other}] and stops",
+                              st._replace(turn=turn, warps=put(pc="exit"))))
+        finished = st.producer > slices and all(w.pc == "exit" for w in st.warps)
+        if not moves and not finished:
+            stuck = [f"{name(i)} waits on " + (f"turn[{i // warps}]" if w.pc == "turn" else "full[]")
+                     for i, w in enumerate(st.warps) if w.pc != "exit"]
+            gone = [name(i) for i, w in enumerate(st.warps) if w.pc == "exit"]
+            msg = (f"deadlock: {', '.join(stuck)}; " + (f"{', '.join(gone)} stopped. " if gone else "")
+                   + "Every barrier waited on needs an arrival that will never come.")
+            return Verdict(False, "deadlock", msg, trace_to(st), len(parent))
+        for what, nxt in moves:
+            if nxt not in parent:
+                parent[nxt] = (st, what)
+                queue.append(nxt)
+        if len(parent) > max_states:
+            raise RuntimeError(f"more than {max_states} states: try fewer tiles, slices or warps")
+    return Verdict(True, "ok", f"ok: every interleaving of {tiles} tile(s) x {num_k} slice(s), {stages} slots, "
+                               f"{warps} warps a warpgroup ends with every warp stopped ({len(parent)} states)",
+                   [], len(parent))

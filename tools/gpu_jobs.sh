@@ -6,7 +6,7 @@
 #
 #   bash tools/gpu_jobs.sh tests            chapters 06 and 10's kernel GPU tests (nothing to carry)
 #   bash tools/gpu_jobs.sh dswiglu          06_2 / 10_2 schedules, checked then timed (nothing to carry;
-#                                           PINGPONG=1 adds the unfinished ping-pong, under a timeout)
+#                                           PINGPONG=1 adds the ping-pong builds, under a timeout)
 #   bash tools/gpu_jobs.sh hf-sonic MODEL   chapter 10's backends beside SonicMoE, one model a call,
 #                                           merged into the record (carry .sonic: tools/sonic_bundle.sh;
 #                                           EXTRA=--eager-untimed for DeepSeek-V3)
@@ -14,6 +14,8 @@
 #                                           merged into moe_layer_sonicmoe (carry .sonic; CONTENDERS=...)
 #   bash tools/gpu_jobs.sh decode           chapter 09's decode records with vLLM beside (carry .serving:
 #                                           tools/vllm_bundle.sh)
+#   bash tools/gpu_jobs.sh ncu-fp8 SHAPE PROJ  Nsight Compute on one launch of 07_2 (up or down): the
+#                                           summary, and the SASS lines where the warps stall most
 #
 # SonicMoE compiles with the CuTe DSL and autotunes through quack on its first call of a shape
 # (minutes). Its caches are pointed into /tmp/quack and packed into $OUT/quack_cache.tar.xz at the
@@ -82,8 +84,41 @@ case "$job" in
     timeout "${LIMIT:-560}" python3 benchmarks/bench_decode.py 2>&1 | tail -80
     keep_records decode_gemm decode_layer
     ;;
+  ncu-fp8)
+    shape=${2:-mixtral-8x7b} proj=${3:-up}
+    cat > /tmp/fp8_one.py <<PY
+from moe_course import configs, fp8, launch
+from moe_course.grouped_gemm import expert_counts, make_problem
+import torch
+cfg = configs.by_name("$shape")
+d_in, d_out = (cfg.d, 2 * cfg.n) if "$proj" == "up" else (cfg.n, cfg.d)
+p = make_problem(expert_counts(cfg.T, cfg.E, cfg.K), d_in, d_out)
+w_q, w_s = fp8.quantize_experts(fp8.quantize_blocks, p.w)
+x_q, x_s = launch.quantize_1x128(p.x)
+for _ in range(3):  # the profiled launch is the third: compiled and warm
+    launch.fp8_grouped_gemm(x_q, x_s, w_q, w_s, p.offs, validate=False)
+torch.cuda.synchronize()
+PY
+    timeout 400 ncu --clock-control none --set full --import-source yes -k regex:fp8_grouped_gemm \
+      --launch-skip 2 --launch-count 1 -f -o "$OUT/fp8_${shape}_${proj}" python3 /tmp/fp8_one.py 2>&1 | tail -5
+    ncu --import "$OUT/fp8_${shape}_${proj}.ncu-rep" --page details 2>&1 | head -120
+    ncu --import "$OUT/fp8_${shape}_${proj}.ncu-rep" --page source --csv --print-source sass > /tmp/source.csv 2>&1
+    python3 - <<'PY'
+import csv, io
+rows = list(csv.reader(open("/tmp/source.csv", errors="replace")))
+head = next(i for i, r in enumerate(rows) if any("Warp Stall Sampling" in c for c in r))  # ncu prints a kernel row first
+names = rows[head]
+stall = next(i for i, c in enumerate(names) if c.startswith("Warp Stall Sampling (All"))
+src = next(i for i, c in enumerate(names) if c in ("Source", "# Address") or "Source" in c)
+body = [r for r in rows[head + 1:] if len(r) > stall and r[stall].replace(".", "").isdigit()]
+total = sum(float(r[stall]) for r in body) or 1.0
+print(f"{len(body)} SASS lines; the 40 where warps were sampled most ({names[stall]}):")
+for r in sorted(body, key=lambda r: -float(r[stall]))[:40]:
+    print(f"{100 * float(r[stall]) / total:5.1f}%  {r[src][:110]}")
+PY
+    ;;
   *)
-    sed -n '2,20p' "$0"
+    sed -n '2,22p' "$0"
     exit 2
     ;;
 esac

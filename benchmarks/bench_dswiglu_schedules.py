@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_course import configs, records
+from moe_course import configs, layer_measurements, records
 from moe_course.checks import argument_type, positive_int, run_command
 from moe_course.machine import info
 
@@ -123,18 +123,6 @@ def time_shape(cfg, steps: dict, rounds: int, reps: int) -> dict:
             "builds": {name: m.timing() for name, m in res.items()}}
 
 
-def table(data: dict) -> str:
-    lines = []
-    for shape, row in data.get("shapes", {}).items():
-        base = {p: row["builds"][f"{p} cooperative"]["ms"] for p in ("06_2", "10_2") if f"{p} cooperative" in row["builds"]}
-        lines.append(f"--- {shape}")
-        for name, m in row["builds"].items():
-            ref = base.get(name[:4])
-            lines.append(f"  {name:<26} {m['ms']:8.3f} ms  {m['tflops']:6.0f} TFLOP/s"
-                         + (f"  {ref / m['ms']:.2f}x cooperative" if ref else ""))
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", type=argument_type(configs.by_name), default=list(configs.CHAPTER02),
@@ -147,7 +135,7 @@ def main(argv=None) -> int:
     if not info().has_gpu:
         rec = records.recorded_instead(KIND)
         if rec is not None:
-            print(table(rec.data))
+            print(layer_measurements.schedules_table(rec.data))
         return 0
     import torch
 
@@ -163,7 +151,7 @@ def main(argv=None) -> int:
     for cfg in args.shapes:
         print(f"--- {cfg.name} {tuple(cfg.shape)}", flush=True)
         data["shapes"][cfg.name] = time_shape(cfg, steps, args.rounds, reps=5)
-        print(table({"shapes": {cfg.name: data["shapes"][cfg.name]}}), flush=True)
+        print(layer_measurements.schedules_table({"shapes": {cfg.name: data["shapes"][cfg.name]}}), flush=True)
         if not (args.no_save or args.no_check):
             records.save(KIND, data)
         torch.cuda.empty_cache()

@@ -515,6 +515,20 @@ def ops_table(data: dict, names=("course", "torch._grouped_mm")) -> str:
     return "\n".join(lines)
 
 
+def schedules_table(data: dict) -> str:
+    """benchmarks/bench_dswiglu_schedules.py's record: each build of 06_2 and 10_2 on each shape,
+    ms, TFLOP/s and speed over the same product's cooperative build."""
+    lines = []
+    for shape, row in data.get("shapes", {}).items():
+        base = {p: row["builds"][f"{p} cooperative"]["ms"] for p in ("06_2", "10_2") if f"{p} cooperative" in row["builds"]}
+        lines.append(f"--- {shape}")
+        for name, m in row["builds"].items():
+            ref = base.get(name[:4])
+            lines.append(f"  {name:<26} {m['ms']:8.3f} ms  {m['tflops']:6.0f} TFLOP/s"
+                         + (f"  {ref / m['ms']:.2f}x cooperative" if ref else ""))
+    return "\n".join(lines)
+
+
 def kernel_profile(shape, name: str = "course", iters: int = 3, seed: int = 0) -> dict:
     """Where one forward + backward of contender ``name`` spends its GPU time on shape ``(T, d,
     n, E, k)``: torch.profiler over ``iters`` steps (it sees every kernel of the process, CuPy's

@@ -14,10 +14,13 @@ They wait, arrive and read flags at different moments; a barrier counts one arri
 A model with one actor per warpgroup (sessions 23-24's) never deadlocks; this one shows, with a
 shortest trace, why one flag shared by both warpgroups hangs (a slow warp of the warpgroup that
 met the end reads its own warpgroup's flag and leaves without its turn arrival), and that a
-flag per warpgroup (``done[c]``, read by the other) does not.
+flag per warpgroup (``done[c]``, read by the other) does not::
 
-    >>> from moe_course import pingpong_model
-    >>> print(pingpong_model.explore(tiles=1, num_k=1, stages=2, shared_flag=True))
+    from moe_course import pingpong_model
+    print(pingpong_model.explore(tiles=1, num_k=1, stages=2, shared_flag=True))  # the deadlock
+    print(pingpong_model.explore(tiles=3, num_k=2, stages=3))                    # ok
+
+Chapter 06 (section 4) shows both.
 """
 
 from __future__ import annotations

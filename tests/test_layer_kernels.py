@@ -149,7 +149,7 @@ def test_tensor_maps_work_in_a_thread_with_no_cuda_call_yet():
 def test_the_pingpong_builds_compile_and_are_asked_for_by_name():
     """No GPU needed: the ping-pong builds of 06_2 and 10_2 compile for sm_90a within the
     registers and shared memory of an H100 (BN = 128, a 32 KB slot), and the schedule benchmark
-    runs them only when asked (they are unfinished)."""
+    runs them only when asked (they are not the default)."""
     from benchmark_scripts import load
 
     from moe_course import kernels

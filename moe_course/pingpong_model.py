@@ -26,8 +26,9 @@ Chapter 06 (section 4) shows both.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from typing import NamedTuple
+
+from .ring_model import Verdict  # ok or not, what went wrong, and a shortest trace to it
 
 END = -1  # the job with no rows
 
@@ -62,21 +63,6 @@ class State(NamedTuple):
     turn: tuple
     flags: tuple  # (done[0], done[1]); with shared_flag only flags[0] is used
     warps: tuple  # (warpgroup 0's warps..., warpgroup 1's warps...)
-
-
-@dataclass
-class Verdict:
-    ok: bool
-    kind: str  # "ok", "deadlock", "stale", "lost slice"
-    message: str
-    trace: list
-    states: int
-
-    def __str__(self) -> str:
-        if self.ok:
-            return self.message
-        shown = "\n".join(f"  {i + 1:3d}. {s}" for i, s in enumerate(self.trace))
-        return f"{self.message}\nThe shortest way there ({len(self.trace)} steps):\n{shown}"
 
 
 def explore(tiles: int, num_k: int, stages: int, warps: int = 2, shared_flag: bool = False,

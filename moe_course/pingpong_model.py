@@ -11,6 +11,7 @@ and the other, after its own turn wait, sees the flag and stops.
 The model checks who waits for what, as :mod:`moe_course.ring_model` does for chapter 03's ring,
 with one difference that matters here: **the four warps of a warpgroup are separate actors**.
 They wait, arrive and read flags at different moments; a barrier counts one arrival per warp.
+(The producer is one actor: how its copies fill a slot is chapter 03's ring, modelled there.)
 A model with one actor per warpgroup (sessions 23-24's) never deadlocks; this one shows, with a
 shortest trace, why one flag shared by both warpgroups hangs (a slow warp of the warpgroup that
 met the end reads its own warpgroup's flag and leaves without its turn arrival), and that a

@@ -57,7 +57,7 @@ case "$job" in
     timeout 500 python3 -m pytest -p no:cacheprovider -q -m gpu tests/test_layer_kernels.py tests/test_hf_kernels.py 2>&1 | tail -15
     ;;
   dswiglu)
-    timeout 500 python3 benchmarks/bench_dswiglu_schedules.py ${PINGPONG:+--pingpong} 2>&1 | tail -80
+    timeout 300 python3 benchmarks/bench_dswiglu_schedules.py ${PINGPONG:+--pingpong} 2>&1 | tail -80
     keep_records dswiglu_schedules
     ;;
   hf-sonic)

@@ -26,22 +26,18 @@ Chapter 06 (section 4) shows both.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from typing import NamedTuple
 
-from .ring_model import Verdict  # ok or not, what went wrong, and a shortest trace to it
+from .ring_model import Barrier, Verdict, _complete  # chapter 03's ring model: its mbarrier and its verdict
 
 END = -1  # the job with no rows
 
 
-class Barrier(NamedTuple):
-    phase: int = 0  # phases completed so far; the current one has parity phase & 1
-    arrived: int = 0
-
-
 def _arrive(bar: Barrier, expected: int) -> Barrier:
-    arrived = bar.arrived + 1
-    return Barrier(bar.phase + 1, 0) if arrived == expected else Barrier(bar.phase, arrived)
+    """One arrival (no bytes: every barrier here counts arrivals only)."""
+    return _complete(bar._replace(arrived=bar.arrived + 1), expected)
 
 
 def _passed(bar: Barrier, parity: int) -> bool:
@@ -54,6 +50,11 @@ class Warp(NamedTuple):
     tile: int = 0
     kt: int = 0
     turn_parity: int = 0
+
+
+def _set_warp(warps: tuple, i: int, **registers) -> tuple:
+    """The warps, warp i's registers changed."""
+    return warps[:i] + (warps[i]._replace(**registers),) + warps[i + 1:]
 
 
 class State(NamedTuple):
@@ -102,10 +103,7 @@ def explore(tiles: int, num_k: int, stages: int, warps: int = 2, shared_flag: bo
         for i, w in enumerate(st.warps):  # ------------------------------------- the consumer warps
             c, other = i // warps, 1 - i // warps
             first = w.tile * num_k
-
-            def put(i=i, w=w, st=st, **kw):  # the warps, warp i's registers changed
-                return st.warps[:i] + (w._replace(**kw),) + st.warps[i + 1:]
-
+            put = functools.partial(_set_warp, st.warps, i)
             if w.pc == "top":
                 moves.append((None, st._replace(warps=put(pc="turn" if w.tile > 0 else "first"))))
             elif w.pc == "turn" and _passed(st.turn[c], w.turn_parity):

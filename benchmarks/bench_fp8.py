@@ -27,8 +27,14 @@ never timed. Dense rates measured in the same run (8192^3: ``torch._scaled_mm`` 
 bf16 ``torch.mm``) are the ceilings each result is shown against. Without a GPU it prints the
 recorded results.
 
+A kernel experiment is tried with ``--try``: 07_2, 07_3 and 07_4 built again with the given
+``#define``\ s added to each default build's, their bytes checked equal to the default's first,
+then timed in the same turns; the record keeps them under ``tried`` (the tables show the
+defaults), and a line after each row says how they did.
+
     python benchmarks/bench_fp8.py
     python benchmarks/bench_fp8.py --shapes mixtral-8x7b --no-save
+    python benchmarks/bench_fp8.py --no-layer --try FP8_ORDERED=1
 """
 
 from __future__ import annotations
@@ -74,7 +80,42 @@ def _reference(x_q, x_scales, w_q, w_scales, offs, rows):
     return out
 
 
-def measure_one(cfg, proj: str, dense: dict) -> dict:
+def defines_argument(text: str) -> dict:
+    """``KEY=VAL[,KEY=VAL]`` -> {KEY: VAL}: a --try's #defines."""
+    pairs = [item.partition("=") for item in text.split(",") if item]
+    if not pairs or any(not key.isidentifier() or not value for key, _, value in pairs):
+        raise ValueError(f"{text!r}: expected KEY=VALUE[,KEY=VALUE] (#defines, e.g. FP8_ORDERED=1)")
+    return {key: value for key, _, value in pairs}
+
+
+def same_bytes(a, b) -> bool:
+    """Two contiguous tensors hold the same bytes (torch.equal does not take e4m3)."""
+    import torch
+
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(-1).view(torch.uint8),
+                                                                     b.view(-1).view(torch.uint8))
+
+
+def tried_label(defines: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in defines.items())
+
+
+def tried_summary(row: dict) -> list[str]:
+    """One line a tried build: each kernel's default ms over its own (>1: the experiment is faster)."""
+    out = []
+    for label, kernels in row.get("tried", {}).items():
+        if "error" in kernels:
+            out.append(f"{'':<22}tried {label}: {kernels['error']}")
+            continue
+        parts = [f"{name} x{row[name]['ms'] / r['ms']:.3f} ({r['ms']:.3f} ms, {r['tflops']:.0f} TFLOP/s)"
+                 for name, r in kernels.items() if name in row]
+        out.append(f"{'':<22}tried {label} over the default: " + ", ".join(parts))
+    return out
+
+
+def measure_one(cfg, proj: str, dense: dict, tried: tuple[dict, ...] = ()) -> dict:
+    import dataclasses
+
     import torch
 
     from moe_course import launch
@@ -124,6 +165,33 @@ def measure_one(cfg, proj: str, dense: dict) -> dict:
             row["error"] = "07_2 at 128 x 128 and at 128 x 256 give different bytes"
             return row
 
+    # --try: the same kernels with more #defines; the same bytes first (the order of the sums is unchanged)
+    tried_fns, row["tried"] = {}, {}
+    for defines in tried:
+        label = tried_label(defines)
+
+        def build(step, defines=defines):
+            return dataclasses.replace(step, defines={**step.defines, **defines})
+        gemm, swiglu, gather = build(launch.fp8_gemm_step(d_out)), build(launch.FP8_SWIGLU), build(launch.FP8_GATHER)
+        same = same_bytes(launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, step=gemm), y)
+        if same and proj == "up":
+            tokens_q = launch.quantize_1x128(tokens)
+            pairs = [(launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs, step=swiglu), (a_q, a_scales)),
+                     (launch.fp8_gather_swiglu_quantize(*tokens_q, gather_idx, w_q, w_scales, offs, step=gather),
+                      launch.fp8_gather_swiglu_quantize(*tokens_q, gather_idx, w_q, w_scales, offs))]
+            same = all(same_bytes(mine, theirs) for got, default in pairs for mine, theirs in zip(got, default))
+        if not same:
+            row["tried"][label] = {"error": "not the default's bytes: not timed"}
+            continue
+        row["tried"][label] = {}
+        tried_fns[(label, "07_2")] = lambda s=gemm: launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs,
+                                                                            validate=False, step=s)
+        if proj == "up":
+            tried_fns[(label, "07_3")] = lambda s=swiglu: launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales,
+                                                                                     offs, validate=False, step=s)
+            tried_fns[(label, "07_1+07_4")] = lambda s=gather: launch.fp8_gather_swiglu_quantize(
+                *launch.quantize_1x128(tokens, validate=False), gather_idx, w_q, w_scales, offs, validate=False, step=s)
+
     def scaled_grouped_mm():
         return torch._scaled_grouped_mm(x_rows_q, w_rows_q.transpose(1, 2), x_rows_scales.view(-1),
                                         w_rows_scales.view(cfg.E, -1), offs=offs, out_dtype=torch.bfloat16,
@@ -150,13 +218,21 @@ def measure_one(cfg, proj: str, dense: dict) -> dict:
         fns["torch._scaled_grouped_mm"] = scaled_grouped_mm
     except Exception as exc:  # say what torch refused, time the rest
         row["torch._scaled_grouped_mm"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    fns |= {f"{kernel} [{label}]": fn for (label, kernel), fn in tried_fns.items()}
     flops = {name: (0.0 if name == "07_1" else p.flops) for name in fns}
     nbytes = {name: (3.0 * x.numel() + 4.0 * x_scales.numel() if name == "07_1" else 0.0) for name in fns}
     m = interleaved(fns, rounds=5, reps=10, flops=flops, bytes=nbytes)
     for name, r in m.items():
-        row[name] = {**r.timing(), "tflops": r.tflops, "of_dense_fp8": r.tflops / dense["fp8"]}
+        result = {**r.timing(), "tflops": r.tflops, "of_dense_fp8": r.tflops / dense["fp8"]}
         if name == "07_1":
-            row[name]["tbps"] = r.tbps
+            result["tbps"] = r.tbps
+        kernel, _, label = name.partition(" [")
+        if label:
+            row["tried"][label.removesuffix("]")][kernel] = result
+        else:
+            row[name] = result
+    if not row["tried"]:
+        del row["tried"]
     return row
 
 
@@ -199,6 +275,9 @@ def main(argv=None) -> int:
     ap.add_argument("--proj", nargs="+", choices=("up", "down"), default=["up", "down"])
     ap.add_argument("--no-layer", action="store_true", help="only the GEMMs, not the whole layer's forward")
     ap.add_argument("--no-save", action="store_true", help="do not write the record")
+    ap.add_argument("--try", dest="tried", action="append", default=[], type=argument_type(defines_argument),
+                    metavar="KEY=VAL[,KEY=VAL]", help="an experiment: 07_2, 07_3 and 07_4 built with these #defines "
+                    "too, checked against the defaults' bytes, timed beside them (repeatable)")
     args = ap.parse_args(argv)
     if not info().has_gpu:
         rec = records.recorded_instead(KIND)
@@ -211,9 +290,10 @@ def main(argv=None) -> int:
     print(fp8.gemm_table({**data, "rows": []}).splitlines()[0], flush=True)
     for cfg in args.shapes:
         for proj in args.proj:
-            data["rows"].append(measure_one(cfg, proj, data["dense_tflops"]))
+            data["rows"].append(measure_one(cfg, proj, data["dense_tflops"], tuple(args.tried)))
             torch.cuda.empty_cache()  # the last shape's operands, freed on return
-            print("\n".join(fp8.gemm_table({**data, "rows": data["rows"][-1:]}).splitlines()[2:]), flush=True)
+            print("\n".join(fp8.gemm_table({**data, "rows": data["rows"][-1:]}).splitlines()[2:]
+                            + tried_summary(data["rows"][-1])), flush=True)
         if not args.no_layer:
             data["layers"].append(measure_layer(cfg))
             torch.cuda.empty_cache()

@@ -150,6 +150,33 @@ __device__ __forceinline__ void fp8_producer(const Ring<SlotT>& ring, const Prob
     }
 }
 
+// FP8_ORDERED (an experiment, session 26; kernels/NOTES.md): the two consumer warpgroups issue
+// their multiplies in turn, 0 then 1, slice by slice (half by half at 128 x 256). Why: both wait
+// on the same full slot, so left alone they issue together; if the tensor cores then interleave
+// the two batches, both finish together, both promote together, and the tensor cores idle
+// through every promotion. In turn, warpgroup 0's batch is queued whole ahead of 1's: 0 promotes
+// while 1's batch runs, and queues its next behind it. Named barriers 5 + c, "warpgroup c may
+// issue": bar.sync by c's 128 threads, bar.arrive by the other's (barrier 4 is 07_3's). Turns
+// alternate strictly (an arrival cannot run ahead: the next one needs the other's turn first), so
+// both warpgroups must issue equally often: they take every tile together, an empty half too.
+struct TensorTurn {
+    int c;  // this consumer warpgroup
+#ifdef FP8_ORDERED
+    bool started = false;  // warpgroup 0's first turn is its own; every later one is given
+    __device__ __forceinline__ void take() {
+        if (c == 1 || started) asm volatile("bar.sync %0, 256;\n" :: "r"(5 + c) : "memory");
+        started = true;
+    }
+    __device__ __forceinline__ void pass() const { asm volatile("bar.arrive %0, 256;\n" :: "r"(6 - c) : "memory"); }
+    // at the end, warpgroup 0 takes the turn warpgroup 1 gave after its last batch (no barrier left half-arrived)
+    __device__ __forceinline__ void finish() const { if (c == 0 && started) asm volatile("bar.sync 5, 256;\n" ::: "memory"); }
+#else  // the default: each warpgroup issues as soon as its slot is full
+    __device__ __forceinline__ void take() {}
+    __device__ __forceinline__ void pass() const {}
+    __device__ __forceinline__ void finish() const {}
+#endif
+};
+
 // A tile's main loop for one consumer warpgroup: per slice, a fresh sum of 128 products in
 // `part`, waited for, then promoted into acc. (The wait costs this warpgroup's tensor time while
 // it promotes; the other consumer's multiplies fill that gap. Two accumulators in turn, so that
@@ -162,17 +189,22 @@ __device__ __forceinline__ void fp8_producer(const Ring<SlotT>& ring, const Prob
 // async proxy must be fenced against before reading (03_3).
 template <bool GATHERED = false, typename SlotT>
 __device__ __forceinline__ void fp8_mainloop(float (&acc)[64], const Ring<SlotT>& ring, int& s, int& parity,
-                                             SliceScales& scales, int num_k, int a_off, int b_off, bool has_rows) {
+                                             SliceScales& scales, int num_k, int a_off, int b_off, bool has_rows,
+                                             TensorTurn& turn) {
     float part[64];
     for (int kt = 0; kt < num_k; ++kt) {
         float scale_lo, scale_hi;
         scales.take(kt, scale_lo, scale_hi);
         if (kt) mbar_wait(&ring.full[s], parity);
+        turn.take();
         if (has_rows) {
             if (GATHERED) fence_proxy_async();
             wgmma_slice_fp8(part, ring.slots[s].a + a_off, ring.slots[s].b + b_off);
+            turn.pass();  // issued: the other warpgroup's batch may queue behind this one
             wgmma_wait<0>();
             wgmma_fence_operands(part);
+        } else {
+            turn.pass();
         }
         mbar_arrive(&ring.empty[s]);  // every read of the slot is done: free it
         if (has_rows) promote(acc, part, scale_lo, scale_hi);
@@ -190,7 +222,8 @@ __device__ __forceinline__ void fp8_mainloop(float (&acc)[64], const Ring<SlotT>
 // columns in groups of 8, four values a group.
 template <typename SlotT>
 __device__ __forceinline__ void fp8_mainloop_wide(float (&acc)[128], const Ring<SlotT>& ring, int& s, int& parity,
-                                                  SliceScales (&scales)[2], int num_k, int a_off, bool has_rows) {
+                                                  SliceScales (&scales)[2], int num_k, int a_off, bool has_rows,
+                                                  TensorTurn& turn) {
     float part[64];
     for (int kt = 0; kt < num_k; ++kt) {
         float scale_lo[2], scale_hi[2];
@@ -199,10 +232,14 @@ __device__ __forceinline__ void fp8_mainloop_wide(float (&acc)[128], const Ring<
         if (kt) mbar_wait(&ring.full[s], parity);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
+            turn.take();
             if (has_rows) {
                 wgmma_slice_fp8(part, ring.slots[s].a + a_off, ring.slots[s].b + half * 128 * FP8_BK);
+                turn.pass();
                 wgmma_wait<0>();
                 wgmma_fence_operands(part);
+            } else {
+                turn.pass();
             }
             if (half == 1) mbar_arrive(&ring.empty[s]);  // every read of the slot is done: free it
             if (has_rows) {
@@ -234,6 +271,7 @@ fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ 
         const int c = threadIdx.x / 128, t = threadIdx.x % 128;
         const int r = c * 64 + 16 * (t / 32) + (t % 32) / 4;  // this thread's rows of the tile: r and r + 8
         int s = 0, parity = 0;
+        TensorTurn turn{c};
         for (;;) {
             mbar_wait(&ring.full[s], parity);  // the tile's first slice, or the end
             const TileJob job = ring.job[s];
@@ -248,7 +286,7 @@ fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ 
             SliceScales scales[2] = {
                 SliceScales(x_scales, ld_scales, job.row0 + r, job.row0 + r + 8, w_scale, num_k),
                 SliceScales(x_scales, ld_scales, job.row0 + r, job.row0 + r + 8, w_scale + num_k, num_k)};
-            fp8_mainloop_wide(acc, ring, s, parity, scales, num_k, c * 64 * FP8_BK, has_rows);
+            fp8_mainloop_wide(acc, ring, s, parity, scales, num_k, c * 64 * FP8_BK, has_rows, turn);
 #else
             // BN = 128 = the weights' scale block: one weight scale per slice of this tile
             const float* w_scale = w_scales + ((size_t)job.expert * n_tiles + job.n) * num_k;
@@ -256,10 +294,11 @@ fp8_grouped_gemm(const __grid_constant__ TmaDesc map_x, const __grid_constant__ 
 #pragma unroll
             for (int v = 0; v < BN / 2; ++v) acc[v] = 0.0f;
             SliceScales scales(x_scales, ld_scales, job.row0 + r, job.row0 + r + 8, w_scale, num_k);
-            fp8_mainloop(acc, ring, s, parity, scales, num_k, c * 64 * FP8_BK, 0, has_rows);
+            fp8_mainloop(acc, ring, s, parity, scales, num_k, c * 64 * FP8_BK, 0, has_rows, turn);
 #endif
             if (has_rows) StagedStore{Y}.store(acc, ring.staging[c], c, p, r0, job.row_end, job.n);
         }
+        turn.finish();
     }
 }
 #endif

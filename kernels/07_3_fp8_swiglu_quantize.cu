@@ -85,6 +85,7 @@ __device__ __forceinline__ void fp8_swiglu_quantize_tiles(const Rows& rows, cons
         QuantizedStage& mine = *reinterpret_cast<QuantizedStage*>(&ring.staging[c]);
         const QuantizedStage& theirs = *reinterpret_cast<const QuantizedStage*>(&ring.staging[1 - c]);
         int s = 0, parity = 0;
+        TensorTurn turn{c};
         for (;;) {
             mbar_wait(&ring.full[s], parity);
             const TileJob job = ring.job[s];
@@ -96,7 +97,7 @@ __device__ __forceinline__ void fp8_swiglu_quantize_tiles(const Rows& rows, cons
             for (int v = 0; v < 64; ++v) acc[v] = 0.0f;
             SliceScales scales(x_scales, ld_scales, rows.scale_row(job.row0 + r, job.row_end),
                                rows.scale_row(job.row0 + r + 8, job.row_end), w_scale, num_k);
-            fp8_mainloop<Rows::gathered>(acc, ring, s, parity, scales, num_k, 0, c * 128 * FP8_BK, true);  // 07_2's
+            fp8_mainloop<Rows::gathered>(acc, ring, s, parity, scales, num_k, 0, c * 128 * FP8_BK, true, turn);  // 07_2's
 
             // SwiGLU in place: acc[v] (v even) becomes output j = 4 (v / 4) + quad_lane of this
             // consumer's 64, row r ((v & 2) == 0) or r + 8
@@ -140,6 +141,7 @@ __device__ __forceinline__ void fp8_swiglu_quantize_tiles(const Rows& rows, cons
             }
             warpgroup_sync(c);  // copied out before the next tile stages its bytes
         }
+        turn.finish();
     }
 }
 

@@ -997,36 +997,38 @@ def fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, out=None, validate: boo
 
 
 @kernels.on_torch_stream
-def fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs, validate: bool = True):
+def fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs, validate: bool = True, step: Step = FP8_SWIGLU):
     """The FP8 up-projection with SwiGLU, its output quantised for the down-projection
     (``kernels/07_3_fp8_swiglu_quantize.cu``): ``h = (x_q * x_scales) @ (w_q[e] * w_scales[e]).T``
     with ``w_q [E, 2n, K]``'s rows interleaved (gate_j, up_j), ``a = silu(gate) * up`` in fp32,
     and ``(a_q [M, n] e4m3, a_scales [n / 128, width])``, what :func:`quantize_1x128` would give
     for ``a`` (1 x 128 groups, transposed scales, the padding 1). Inputs as
-    :func:`fp8_grouped_gemm`'s; 2n a multiple of 256."""
-    M, N, K = _check_fp8_gemm(FP8_SWIGLU, x_q, x_scales, w_q, w_scales, offs, validate)
+    :func:`fp8_grouped_gemm`'s; 2n a multiple of 256. ``step``: another build of 07_3 (other
+    ``defines``, the same tile), as benchmarks try one."""
+    M, N, K = _check_fp8_gemm(step, x_q, x_scales, w_q, w_scales, offs, validate)
     width = fp8_scales_width(M)
     a_q = torch.empty(M, N // 2, device=x_q.device, dtype=torch.float8_e4m3fn)
     a_scales = torch.empty(N // 2 // FP8_GROUP, width, device=x_q.device, dtype=torch.float32)
     a_scales[:, M:] = 1.0  # the padding, as quantize_1x128 writes it
     if M:
-        module = kernels.load(FP8_SWIGLU.source, defines=FP8_SWIGLU.defines)
-        head = (tma.tensor_map_fp8(x_q, FP8_SWIGLU.block_m), tma.tensor_map_fp8(w_q, FP8_SWIGLU.block_n),
+        module = kernels.load(step.source, defines=step.defines)
+        head = (tma.tensor_map_fp8(x_q, step.block_m), tma.tensor_map_fp8(w_q, step.block_n),
                 ptr(x_scales), np.int32(x_scales.shape[1]), ptr(w_scales), ptr(a_q), ptr(a_scales), np.int32(width))
-        launch_persistent(FP8_SWIGLU, module, head, offs, M, K, (M, N, K))
+        launch_persistent(step, module, head, offs, M, K, (M, N, K))
     return a_q, a_scales
 
 
 @kernels.on_torch_stream
-def fp8_gather_swiglu_quantize(x_q, x_scales, gather_idx, w_q, w_scales, offs, validate: bool = True):
+def fp8_gather_swiglu_quantize(x_q, x_scales, gather_idx, w_q, w_scales, offs, validate: bool = True,
+                               step: Step = FP8_GATHER):
     """:func:`fp8_swiglu_quantize` on rows ``gather_idx`` of ``x_q [T, K]`` (the layer's tokens,
     quantised once by :func:`quantize_1x128` without a gather: ``x_scales [K / 128, width(T)]``),
     read inside the kernel (``kernels/07_4_fp8_gather.cu``): the same ``(a_q [M, n], a_scales)``
     for ``M = len(gather_idx)`` sorted rows, bit for bit, without the gathered copy. An index
-    outside ``x_q``: a zero row (``validate`` names it instead)."""
+    outside ``x_q``: a zero row (``validate`` names it instead). ``step``: another build of 07_4."""
     check_tensor_types({"gather_idx": (gather_idx, torch.int32, 1)})
     M = gather_idx.numel()
-    _, N, K = _check_fp8_gemm(FP8_GATHER, x_q, x_scales, w_q, w_scales, offs, validate, rows=M)
+    _, N, K = _check_fp8_gemm(step, x_q, x_scales, w_q, w_scales, offs, validate, rows=M)
     check_on_gpu({"gather_idx": gather_idx})
     T = x_q.shape[0]
     if validate:
@@ -1036,10 +1038,10 @@ def fp8_gather_swiglu_quantize(x_q, x_scales, gather_idx, w_q, w_scales, offs, v
     a_scales = torch.empty(N // 2 // FP8_GROUP, width, device=x_q.device, dtype=torch.float32)
     a_scales[:, M:] = 1.0
     if M:
-        module = kernels.load(FP8_GATHER.source, defines=FP8_GATHER.defines)
-        head = (tma.tensor_map_fp8(w_q, FP8_GATHER.block_n), ptr(x_q), ptr(gather_idx), np.int32(T), ptr(x_scales),
+        module = kernels.load(step.source, defines=step.defines)
+        head = (tma.tensor_map_fp8(w_q, step.block_n), ptr(x_q), ptr(gather_idx), np.int32(T), ptr(x_scales),
                 np.int32(x_scales.shape[1]), ptr(w_scales), ptr(a_q), ptr(a_scales), np.int32(width))
-        launch_persistent(FP8_GATHER, module, head, offs, M, K, (M, N, K))
+        launch_persistent(step, module, head, offs, M, K, (M, N, K))
     return a_q, a_scales
 
 

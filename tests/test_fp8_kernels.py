@@ -4,6 +4,8 @@ dequantised operands at the awkward expert counts (empty experts, counts off the
 with every row; outputs NaN-poisoned first, so a skipped tile fails), and both refuse bad inputs
 with a message that names the problem (these checks run before any launch: on a CPU too)."""
 
+import dataclasses
+
 import pytest
 import torch
 from kernel_checks import COUNT_CASES, poison, rel
@@ -333,3 +335,39 @@ def test_the_fp8_layer_forward_matches_its_maths_on_the_same_fp8_weights(T, gath
     assert rel(got, moe.moe_forward(x, w, 2, expert_step=fp8_experts).y) < 1e-2
     # FP8 is several percent from float32 (a bf16 forward by mistake: ~2e-3)
     assert rel(got, variants.reference_forward(x, w, 2)) > 2e-2
+
+
+# --- FP8_ORDERED, an experiment: the consumers issue their multiplies in turn (kernels/NOTES.md) --
+
+def _ordered(step):
+    return dataclasses.replace(step, defines={**step.defines, "FP8_ORDERED": 1})
+
+
+def _same_bytes(a, b):
+    return a.shape == b.shape and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(COUNT_CASES), ids=list(COUNT_CASES))
+def test_the_consumers_in_turn_give_the_default_builds_bytes(case):
+    """FP8_ORDERED changes when the tensor cores run each consumer's batch, not what it sums: 07_2
+    (both widths), 07_3 and 07_4 give their default builds' bytes, across tiles too
+    (more-tiles-than-sms: two or more a block, so the turns carry from tile to tile) and with an
+    empty half (rows past the expert's end: that consumer still takes its turns)."""
+    counts, n, K = COUNT_CASES[case], 256, 640
+    x, w, offs = _fp8_problem(counts, 2 * n, K, seed=len(counts) + 11)
+    x_q, x_scales = launch.quantize_1x128(x)
+    w_q, w_scales = fp8.quantize_blocks(w.float())
+    M = x.shape[0]
+    for step in (launch.FP8_GEMM, launch.FP8_GEMM_WIDE):
+        poison(((M, 2 * n), torch.bfloat16))
+        ordered = launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, step=_ordered(step))
+        assert _same_bytes(ordered, launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, step=step)), step.name
+    got = launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs, step=_ordered(launch.FP8_SWIGLU))
+    want = launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs)
+    assert all(_same_bytes(a, b) for a, b in zip(got, want)), "07_3"
+    gather_idx = torch.randint(0, M, (M,), device="cuda", dtype=torch.int32)
+    got = launch.fp8_gather_swiglu_quantize(x_q, x_scales, gather_idx, w_q, w_scales, offs,
+                                            step=_ordered(launch.FP8_GATHER))
+    want = launch.fp8_gather_swiglu_quantize(x_q, x_scales, gather_idx, w_q, w_scales, offs)
+    assert all(_same_bytes(a, b) for a, b in zip(got, want)), "07_4"

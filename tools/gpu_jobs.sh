@@ -16,6 +16,10 @@
 #                                           tools/vllm_bundle.sh)
 #   bash tools/gpu_jobs.sh ncu-fp8 SHAPE PROJ  Nsight Compute on one launch of 07_2 (up or down): the
 #                                           summary, and the SASS lines where the warps stall most
+#                                           (TRY=KEY=VAL,...: of 07_2 built with those #defines too)
+#   bash tools/gpu_jobs.sh fp8-try DEFINES  chapter 07's GPU tests (FP8_ORDERED's builds against the
+#                                           defaults' bytes among them), then bench_fp8.py --try DEFINES:
+#                                           an experimental build timed beside 07_2 / 07_3 / 07_4
 #
 # SonicMoE compiles with the CuTe DSL and autotunes through quack on its first call of a shape
 # (minutes). Its caches are pointed into /tmp/quack and packed into $OUT/quack_cache.tar.xz at the
@@ -84,9 +88,17 @@ case "$job" in
     timeout "${LIMIT:-560}" python3 benchmarks/bench_decode.py 2>&1 | tail -80
     keep_records decode_gemm decode_layer
     ;;
+  fp8-try)
+    defines=${2:?which #defines, e.g. FP8_ORDERED=1}
+    timeout 240 python3 -m pytest -p no:cacheprovider -q -m gpu tests/test_fp8_kernels.py 2>&1 | tail -8
+    # shellcheck disable=SC2086  # SHAPES: names separated by spaces
+    timeout "${LIMIT:-400}" python3 benchmarks/bench_fp8.py --no-layer --try "$defines" ${SHAPES:+--shapes $SHAPES} 2>&1 | tail -60
+    keep_records fp8_grouped_gemm
+    ;;
   ncu-fp8)
     shape=${2:-mixtral-8x7b} proj=${3:-up}
     cat > /tmp/fp8_one.py <<PY
+import dataclasses
 from moe_course import configs, fp8, launch
 from moe_course.grouped_gemm import expert_counts, make_problem
 import torch
@@ -95,14 +107,17 @@ d_in, d_out = (cfg.d, 2 * cfg.n) if "$proj" == "up" else (cfg.n, cfg.d)
 p = make_problem(expert_counts(cfg.T, cfg.E, cfg.K), d_in, d_out)
 w_q, w_s = fp8.quantize_experts(fp8.quantize_blocks, p.w)
 x_q, x_s = launch.quantize_1x128(p.x)
+step = launch.fp8_gemm_step(d_out)
+step = dataclasses.replace(step, defines={**step.defines, **dict(kv.split("=") for kv in "${TRY:-}".split(",") if kv)})
+print("profiling", step.name)
 for _ in range(3):  # the profiled launch is the third: compiled and warm
-    launch.fp8_grouped_gemm(x_q, x_s, w_q, w_s, p.offs, validate=False)
+    launch.fp8_grouped_gemm(x_q, x_s, w_q, w_s, p.offs, validate=False, step=step)
 torch.cuda.synchronize()
 PY
     timeout 400 ncu --clock-control none --set full --import-source yes -k regex:fp8_grouped_gemm \
-      --launch-skip 2 --launch-count 1 -f -o "$OUT/fp8_${shape}_${proj}" python3 /tmp/fp8_one.py 2>&1 | tail -5
-    ncu --import "$OUT/fp8_${shape}_${proj}.ncu-rep" --page details 2>&1 | head -120
-    ncu --import "$OUT/fp8_${shape}_${proj}.ncu-rep" --page source --csv --print-source sass > /tmp/source.csv 2>&1
+      --launch-skip 2 --launch-count 1 -f -o "$OUT/fp8_${shape}_${proj}${TRY:+_try}" python3 /tmp/fp8_one.py 2>&1 | tail -5
+    ncu --import "$OUT/fp8_${shape}_${proj}${TRY:+_try}.ncu-rep" --page details 2>&1 | head -120
+    ncu --import "$OUT/fp8_${shape}_${proj}${TRY:+_try}.ncu-rep" --page source --csv --print-source sass > /tmp/source.csv 2>&1
     python3 - <<'PY'
 import csv, io
 rows = list(csv.reader(open("/tmp/source.csv", errors="replace")))

@@ -28,7 +28,7 @@ bf16 ``torch.mm``) are the ceilings each result is shown against. Without a GPU 
 recorded results.
 
 A kernel experiment is tried with ``--try``: 07_2, 07_3 and 07_4 built again with the given
-``#define``\ s added to each default build's, their bytes checked equal to the default's first,
+#defines added to each default build's, their bytes checked equal to the default's first,
 then timed in the same turns; the record keeps them under ``tried`` (the tables show the
 defaults), and a line after each row says how they did.
 
@@ -114,8 +114,6 @@ def tried_summary(row: dict) -> list[str]:
 
 
 def measure_one(cfg, proj: str, dense: dict, tried: tuple[dict, ...] = ()) -> dict:
-    import dataclasses
-
     import torch
 
     from moe_course import launch
@@ -169,11 +167,10 @@ def measure_one(cfg, proj: str, dense: dict, tried: tuple[dict, ...] = ()) -> di
     tried_fns, row["tried"] = {}, {}
     for defines in tried:
         label = tried_label(defines)
-
-        def build(step, defines=defines):
-            return dataclasses.replace(step, defines={**step.defines, **defines})
-        gemm, swiglu, gather = build(launch.fp8_gemm_step(d_out)), build(launch.FP8_SWIGLU), build(launch.FP8_GATHER)
-        same = same_bytes(launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, step=gemm), y)
+        gemm, swiglu, gather = (step.with_defines(**defines) for step in
+                                (launch.fp8_gemm_step(d_out), launch.FP8_SWIGLU, launch.FP8_GATHER))
+        gemms = (gemm, narrow.with_defines(**defines)) if has_narrow else (gemm,)
+        same = all(same_bytes(launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, step=s), y) for s in gemms)
         if same and proj == "up":
             tokens_q = launch.quantize_1x128(tokens)
             pairs = [(launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs, step=swiglu), (a_q, a_scales)),
@@ -186,6 +183,9 @@ def measure_one(cfg, proj: str, dense: dict, tried: tuple[dict, ...] = ()) -> di
         row["tried"][label] = {}
         tried_fns[(label, "07_2")] = lambda s=gemm: launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs,
                                                                             validate=False, step=s)
+        if has_narrow:  # the experiment may change which width is faster
+            tried_fns[(label, "07_2 at 128x128")] = lambda s=gemms[1]: launch.fp8_grouped_gemm(
+                x_q, x_scales, w_q, w_scales, offs, validate=False, step=s)
         if proj == "up":
             tried_fns[(label, "07_3")] = lambda s=swiglu: launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales,
                                                                                      offs, validate=False, step=s)

@@ -90,6 +90,11 @@ class Step:
     def name(self) -> str:
         return self.source + "".join(f"[{k}={v}]" for k, v in self.defines.items())
 
+    def with_defines(self, **defines) -> Step:
+        """This build with more ``#define``\\ s (an experiment's, opt-in): the same tile, shared
+        memory and launcher, so it runs wherever the launcher takes a ``step``."""
+        return dataclasses.replace(self, defines={**self.defines, **defines})
+
 
 HOPPER = (9, 0)  # wgmma, TMA, setmaxnreg: sm_90a
 MAX_EXPERTS = 1024  # build_tile_map (and 04_1's round_counts) use one thread per expert

@@ -4,8 +4,6 @@ dequantised operands at the awkward expert counts (empty experts, counts off the
 with every row; outputs NaN-poisoned first, so a skipped tile fails), and both refuse bad inputs
 with a message that names the problem (these checks run before any launch: on a CPU too)."""
 
-import dataclasses
-
 import pytest
 import torch
 from kernel_checks import COUNT_CASES, poison, rel
@@ -340,7 +338,7 @@ def test_the_fp8_layer_forward_matches_its_maths_on_the_same_fp8_weights(T, gath
 # --- FP8_ORDERED, an experiment: the consumers issue their multiplies in turn (kernels/NOTES.md) --
 
 def _ordered(step):
-    return dataclasses.replace(step, defines={**step.defines, "FP8_ORDERED": 1})
+    return step.with_defines(FP8_ORDERED=1)
 
 
 def _same_bytes(a, b):

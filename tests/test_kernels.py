@@ -1,7 +1,5 @@
 """Every source in kernels/ compiles for sm_90a on any machine; errors quote their lines."""
 
-import dataclasses
-
 import pytest
 
 from moe_course import kernels, launch
@@ -10,13 +8,9 @@ SOURCES = kernels.kernel_files()
 pytestmark = pytest.mark.nvrtc  # every test here compiles
 
 
-def _with(step, **defines):
-    return dataclasses.replace(step, defines={**step.defines, **defines})
-
-
 # opt-in builds the benchmarks try beside the defaults (kernels/NOTES.md says where each stands)
 EXPERIMENTS = [launch.pingpong_step(launch.DSWIGLU), launch.pingpong_step(launch.HF_DSWIGLU),
-               *(_with(step, FP8_ORDERED=1) for step in (launch.FP8_GEMM, launch.FP8_GEMM_WIDE, launch.FP8_SWIGLU,
+               *(step.with_defines(FP8_ORDERED=1) for step in (launch.FP8_GEMM, launch.FP8_GEMM_WIDE, launch.FP8_SWIGLU,
                                                          launch.FP8_GATHER))]
 
 

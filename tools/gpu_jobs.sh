@@ -98,7 +98,6 @@ case "$job" in
   ncu-fp8)
     shape=${2:-mixtral-8x7b} proj=${3:-up}
     cat > /tmp/fp8_one.py <<PY
-import dataclasses
 from moe_course import configs, fp8, launch
 from moe_course.grouped_gemm import expert_counts, make_problem
 import torch
@@ -108,7 +107,7 @@ p = make_problem(expert_counts(cfg.T, cfg.E, cfg.K), d_in, d_out)
 w_q, w_s = fp8.quantize_experts(fp8.quantize_blocks, p.w)
 x_q, x_s = launch.quantize_1x128(p.x)
 step = launch.fp8_gemm_step(d_out)
-step = dataclasses.replace(step, defines={**step.defines, **dict(kv.split("=") for kv in "${TRY:-}".split(",") if kv)})
+step = step.with_defines(**dict(kv.split("=") for kv in "${TRY:-}".split(",") if kv))
 print("profiling", step.name)
 for _ in range(3):  # the profiled launch is the third: compiled and warm
     launch.fp8_grouped_gemm(x_q, x_s, w_q, w_s, p.offs, validate=False, step=step)

@@ -1,5 +1,6 @@
-"""A model of the ping-pong schedule's turns (``kernels/warp_specialized.cuh``,
-``warp_specialized_pingpong``), explored exhaustively, each warp its own actor.
+"""Models of two consumer warpgroups taking turns, explored exhaustively, each warp its own
+actor: the ping-pong schedule (``kernels/warp_specialized.cuh``, ``warp_specialized_pingpong``)
+and, at the end, 07_2's consumers issuing in turn.
 
 In the ping-pong, consumer warpgroup 0 takes a block's tiles 0, 2, 4, ... and warpgroup 1 the
 tiles 1, 3, 5, ...; their mainloops take turns through two mbarriers (``turn[c]``: warpgroup
@@ -22,6 +23,15 @@ flag per warpgroup (``done[c]``, read by the other) does not::
     print(pingpong_model.explore(tiles=3, num_k=2, stages=3))                    # ok
 
 Chapter 06 (section 4) shows both.
+
+:func:`explore_issue_turns` models a lighter kind of turn, 07_2's ``FP8_ORDERED`` experiment
+(chapter 07's FP8 GEMM): both warpgroups work on every tile, and take turns only to *issue*
+each batch of multiplies, through two named barriers, so that one warpgroup's promotion runs
+while the other's batch does. It checks that every warp ends, that no barrier is left
+half-arrived, and that on every SM sub-core the batches queue in turn::
+
+    print(pingpong_model.explore_issue_turns(batches=3, warps=2))                 # ok
+    print(pingpong_model.explore_issue_turns(batches=2, warps=2, finish=False))   # left half-arrived
 """
 
 from __future__ import annotations
@@ -163,4 +173,135 @@ def explore(tiles: int, num_k: int, stages: int, warps: int = 2, shared_flag: bo
             raise RuntimeError(f"more than {max_states} states: try fewer tiles, slices or warps")
     return Verdict(True, "ok", f"ok: every interleaving of {tiles} tile(s) x {num_k} slice(s), {stages} slots, "
                                f"{warps} warps a warpgroup ends with every warp stopped ({len(parent)} states)",
+                   [], len(parent))
+
+
+# ----------------------------------------------------------------------------------------------
+# 07_2's consumers issuing in turn (FP8_ORDERED, kernels/07_2_fp8_grouped_gemm.cu's TensorTurn).
+# Both warpgroups multiply every batch (a slice, or half a slice); warpgroup c waits for its turn
+# on named barrier B(c) (bar.sync), issues, and gives the other its turn (bar.arrive on B(1 - c)).
+# A named barrier, unlike an mbarrier, has no phase to wait for: it counts arrivals (one a warp,
+# of the 2 x warps expected) and releases the warps waiting at it once the count is reached,
+# starting again from zero. So nothing may arrive for turn j + 1 before turn j has completed,
+# and at the end no arrival may be left over.
+
+
+class NamedBarrier(NamedTuple):
+    arrived: int = 0
+    completed: int = 0  # how many times the count was reached (what a waiting warp watches)
+    turn: int | None = None  # the batch this round of arrivals is for (its first arrival's)
+
+
+class TurnWarp(NamedTuple):
+    pc: str = "take"  # take, wait, issue, pass, finish, finishing, exit
+    batch: int = 0
+    waits_for: int = 0  # the barrier's `completed` count to wait beyond
+
+
+def explore_issue_turns(batches: int, warps: int = 2, first_turn_free: bool = True, finish: bool = True,
+                        pass_first: bool = False, max_states: int = 2_000_000) -> Verdict:
+    """Every interleaving of two consumer warpgroups of ``warps`` warps issuing ``batches``
+    batches each in turn, as FP8_ORDERED does; ok when every warp ends, no barrier is left
+    half-arrived, no round of arrivals mixes two turns, and each warpgroup's batch j is issued
+    by all of its warps before any warp of the other issues the batch after it (0's j, then 1's
+    j, then 0's j + 1: on every SM sub-core the batches queue in turn). ``first_turn_free``:
+    warpgroup 0 takes its first turn without waiting (False: it waits like every other);
+    ``finish``: warpgroup 0 takes the turn warpgroup 1 gave after its last batch;
+    ``pass_first``: the turn passed before the batch is issued (a wrong kernel: the order is lost)."""
+    expected = 2 * warps
+    start = (tuple(TurnWarp() for _ in range(expected)), (NamedBarrier(), NamedBarrier()), (0,) * expected)
+    parent: dict = {start: None}
+    queue = deque([start])
+
+    def name(i: int) -> str:
+        return f"warpgroup {i // warps} warp {i % warps}"
+
+    def trace_to(st) -> list:
+        steps = []
+        while parent[st] is not None:
+            st, what = parent[st]
+            steps.append(what)
+        return [s for s in steps[::-1] if s]
+
+    def fail(st, kind: str, message: str) -> Verdict:
+        return Verdict(False, kind, message, trace_to(st), len(parent))
+
+    def arrive(bars: tuple, b: int, turn: int):
+        """One warp's arrival on barrier b for ``turn``: the barriers after, or None if that round
+        of arrivals was for another turn."""
+        bar = bars[b]
+        if bar.arrived and bar.turn != turn:
+            return None
+        bar = NamedBarrier(bar.arrived + 1, bar.completed, turn)
+        if bar.arrived == expected:
+            bar = NamedBarrier(0, bar.completed + 1, None)
+        return bars[:b] + (bar,) + bars[b + 1:]
+
+    while queue:
+        st = queue.popleft()
+        ws, bars, issued = st
+        moves = []
+        for i, w in enumerate(ws):
+            c = i // warps
+            put = functools.partial(_set_warp, ws, i)
+            if w.pc == "take":
+                if w.batch == batches:
+                    moves.append(("", (put(pc="finish"), bars, issued)))
+                elif c == 0 and w.batch == 0 and first_turn_free:
+                    moves.append((f"{name(i)} takes its first turn unasked",
+                                  (put(pc="pass" if pass_first else "issue"), bars, issued)))
+                else:
+                    after = arrive(bars, c, w.batch)
+                    if after is None:
+                        return fail(st, "mixed", f"{name(i)} arrives on B({c}) for batch {w.batch} while it "
+                                                 f"counts arrivals for batch {bars[c].turn}")
+                    moves.append((f"{name(i)} waits on B({c}) for its turn (batch {w.batch})",
+                                  (put(pc="wait", waits_for=bars[c].completed), after, issued)))
+            elif w.pc == "wait" and bars[c].completed > w.waits_for:
+                moves.append((f"{name(i)} may issue batch {w.batch}",
+                              (put(pc="pass" if pass_first else "issue"), bars, issued)))
+            elif w.pc == "issue":
+                other = range((1 - c) * warps, (2 - c) * warps)
+                need = w.batch + 1 if c == 1 else w.batch  # the other's batches issued before this one
+                if any(issued[k] < need for k in other):
+                    late = next(k for k in other if issued[k] < need)
+                    return fail(st, "order", f"{name(i)} issues batch {w.batch} before {name(late)} issued "
+                                             f"{'its batch ' + str(need - 1) if need else 'anything'}")
+                moves.append((f"{name(i)} issues batch {w.batch}",
+                              (put(pc="take" if pass_first else "pass", batch=w.batch + pass_first), bars,
+                               issued[:i] + (issued[i] + 1,) + issued[i + 1:])))
+            elif w.pc == "pass":
+                turn = w.batch if c == 0 else w.batch + 1  # the other's batch this turn lets it issue
+                after = arrive(bars, 1 - c, turn)
+                if after is None:
+                    return fail(st, "mixed", f"{name(i)} arrives on B({1 - c}) for batch {turn} while it "
+                                             f"counts arrivals for batch {bars[1 - c].turn}")
+                moves.append((f"{name(i)} passes the turn (B({1 - c}))",
+                              (put(pc="issue") if pass_first else put(pc="take", batch=w.batch + 1), after, issued)))
+            elif w.pc == "finish":
+                if c == 0 and finish and batches:
+                    moves.append((f"{name(i)} takes the last turn back (B(0))",
+                                  (put(pc="finishing", waits_for=bars[0].completed), arrive(bars, 0, batches),
+                                   issued)))
+                else:
+                    moves.append((f"{name(i)} ends", (put(pc="exit"), bars, issued)))
+            elif w.pc == "finishing" and bars[0].completed > w.waits_for:
+                moves.append((f"{name(i)} ends", (put(pc="exit"), bars, issued)))
+        if not moves:
+            if all(w.pc == "exit" for w in ws):
+                left = [f"B({b}) holds {bar.arrived} arrival(s)" for b, bar in enumerate(bars) if bar.arrived]
+                if left:
+                    return fail(st, "left over", "every warp ended, but " + ", ".join(left) + ": a barrier left "
+                                                 "half-arrived (the next kernel on this SM may count them)")
+                continue
+            stuck = [f"{name(i)} waits on B({i // warps})" for i, w in enumerate(ws) if w.pc in ("wait", "finishing")]
+            return fail(st, "deadlock", f"deadlock: {', '.join(stuck)}")
+        for what, nxt in moves:
+            if nxt not in parent:
+                parent[nxt] = (st, what)
+                queue.append(nxt)
+        if len(parent) > max_states:
+            raise RuntimeError(f"more than {max_states} states: try fewer batches or warps")
+    return Verdict(True, "ok", f"ok: every interleaving of {batches} batch(es), {warps} warps a warpgroup: "
+                               f"the batches queue in turn and every warp ends ({len(parent)} states)",
                    [], len(parent))

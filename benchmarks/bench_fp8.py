@@ -34,7 +34,7 @@ defaults), and a line after each row says how they did.
 
     python benchmarks/bench_fp8.py
     python benchmarks/bench_fp8.py --shapes mixtral-8x7b --no-save
-    python benchmarks/bench_fp8.py --no-layer --try FP8_ORDERED=1
+    python benchmarks/bench_fp8.py --no-layer --try ISSUE_IN_TURN=1
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import argparse
 import sys
 
 from moe_course import configs, fp8, records
-from moe_course.checks import argument_type, run_command
+from moe_course.checks import argument_type, defines_argument, defines_label, run_command
 from moe_course.machine import info
 
 KIND = "fp8_grouped_gemm"  # benchmarks/results/fp8_grouped_gemm__<gpu>.json (fp8.GEMM_KIND)
@@ -80,24 +80,12 @@ def _reference(x_q, x_scales, w_q, w_scales, offs, rows):
     return out
 
 
-def defines_argument(text: str) -> dict:
-    """``KEY=VAL[,KEY=VAL]`` -> {KEY: VAL}: a --try's #defines."""
-    pairs = [item.partition("=") for item in text.split(",") if item]
-    if not pairs or any(not key.isidentifier() or not value for key, _, value in pairs):
-        raise ValueError(f"{text!r}: expected KEY=VALUE[,KEY=VALUE] (#defines, e.g. FP8_ORDERED=1)")
-    return {key: value for key, _, value in pairs}
-
-
 def same_bytes(a, b) -> bool:
     """Two contiguous tensors hold the same bytes (torch.equal does not take e4m3)."""
     import torch
 
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(-1).view(torch.uint8),
                                                                      b.view(-1).view(torch.uint8))
-
-
-def tried_label(defines: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in defines.items())
 
 
 def tried_summary(row: dict) -> list[str]:
@@ -166,7 +154,7 @@ def measure_one(cfg, proj: str, dense: dict, tried: tuple[dict, ...] = ()) -> di
     # --try: the same kernels with more #defines; the same bytes first (the order of the sums is unchanged)
     tried_fns, row["tried"] = {}, {}
     for defines in tried:
-        label = tried_label(defines)
+        label = defines_label(defines)
         gemm, swiglu, gather = (step.with_defines(**defines) for step in
                                 (launch.fp8_gemm_step(d_out), launch.FP8_SWIGLU, launch.FP8_GATHER))
         gemms = (gemm, narrow.with_defines(**defines)) if has_narrow else (gemm,)

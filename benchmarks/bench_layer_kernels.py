@@ -7,6 +7,11 @@ where. Without a GPU it prints the recorded results.
 
     python benchmarks/bench_layer_kernels.py
     python benchmarks/bench_layer_kernels.py --shapes deepseek-v3 --no-save
+    python benchmarks/bench_layer_kernels.py --try ISSUE_IN_TURN=1
+
+``--try KEY=VAL[,KEY=VAL]``: the course's GEMMs built again with those #defines too (an
+experiment), each product checked for the default build's bytes, then timed in the same turns;
+the record keeps them under ``tried`` and a table after the run says how each did.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import argparse
 import sys
 
 from moe_course import configs, layer_measurements, records
-from moe_course.checks import argument_type, run_command
+from moe_course.checks import argument_type, defines_argument, defines_label, run_command
 from moe_course.machine import info
 
 KIND = "layer_kernels"
@@ -26,6 +31,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", type=argument_type(configs.by_name), default=list(configs.CHAPTER02),
                     metavar="NAME", help=f"MoE configurations (default: the four of chapter 02): {', '.join(configs.names())}")
     ap.add_argument("--no-save", action="store_true", help="do not write the record")
+    ap.add_argument("--try", dest="tried", action="append", default=[], type=argument_type(defines_argument),
+                    metavar="KEY=VAL[,KEY=VAL]", help="an experiment: the GEMMs built with these #defines too, "
+                    "checked against the defaults' bytes, timed beside them (repeatable)")
     args = ap.parse_args(argv)
     if not info().has_gpu:
         rec = records.recorded_instead(KIND)
@@ -34,8 +42,9 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    from moe_course.layer import kernels_unavailable
+    from moe_course.layer import kernel_ops, kernels_unavailable
 
+    tried = {defines_label(defines): kernel_ops(**defines) for defines in args.tried}
     data = {"shapes": {}}
     for cfg in args.shapes:
         name, shape = cfg.name, tuple(cfg.shape)
@@ -45,11 +54,14 @@ def main(argv=None) -> int:
             print(f"skipped: the course's kernels cannot run here ({why})")
             return 0
         print(f"--- {name} {shape}", flush=True)
-        data["shapes"][name] = layer_measurements.measure_ops(shape, progress=lambda s: print("  ", s, flush=True))
+        data["shapes"][name] = layer_measurements.measure_ops(shape, progress=lambda s: print("  ", s, flush=True),
+                                                              tried=tried)
         if not args.no_save:  # after every shape: a run cut short keeps what it measured
             records.save(KIND, data)
         torch.cuda.empty_cache()
     print(layer_measurements.ops_table(data))
+    if tried:
+        print(layer_measurements.tried_table(data))
     return 0
 
 

@@ -193,6 +193,7 @@ __device__ __forceinline__ void weight_grad(const TmaDesc& map_dy, const bf16* _
         setmaxnreg_inc<CONSUMER_REGS>();
         const int c = warpgroup - 1;
         int s = 0, parity = 0;
+        TensorTurn turn{c};  // ISSUE_IN_TURN's (warp_specialized.cuh); nothing by default
         for (int t = blockIdx.x; t < total; t += gridDim.x) {
             int e, n, k, start, end;
             wg_tile(t, n_tiles, k_tiles, e, n, k);
@@ -203,6 +204,7 @@ __device__ __forceinline__ void weight_grad(const TmaDesc& map_dy, const bf16* _
             for (int r0 = start; r0 < end; r0 += BR) {
                 mbar_wait(&full[s], parity);
                 fence_proxy_async();  // X came by cp.async (generic proxy)
+                turn.take();
                 wgmma_fence();
                 wgmma_fence_operands(acc);
                 // Every 16-row batch of the slot, even those past the expert's end (X's rows are
@@ -213,6 +215,7 @@ __device__ __forceinline__ void weight_grad(const TmaDesc& map_dy, const bf16* _
                     wgmma_m64n256k16</*TRANS_A=*/1, /*TRANS_B=*/1>(acc, wgmma_desc_mn(slots[s].x[c] + kk * 16 * 64, 0),
                                                                 wgmma_desc_mn(slots[s].dy[0] + kk * 16 * 64, BR * 64 * 2));
                 wgmma_commit();
+                turn.pass();
                 // As in chapter 03: wait for the batch and free its slot at once. (Keeping one
                 // batch running while the next is issued measured the same here, within 2%.)
                 wgmma_wait<0>();
@@ -225,6 +228,7 @@ __device__ __forceinline__ void weight_grad(const TmaDesc& map_dy, const bf16* _
             else  // dW[e][n*256 + row][k*128 + 64c + col]: the rows of dW are N
                 store_tile(acc, staging[c], c, dw, e * N + n * TN, k * TK + 64 * c);
         }
+        turn.finish();
         if (threadIdx.x % 128 == 0) tma_store_wait_all();  // shared memory must outlive the stores reading it
     }
 }

@@ -150,33 +150,6 @@ __device__ __forceinline__ void fp8_producer(const Ring<SlotT>& ring, const Prob
     }
 }
 
-// FP8_ORDERED (an experiment, session 26; kernels/NOTES.md): the two consumer warpgroups issue
-// their multiplies in turn, 0 then 1, slice by slice (half by half at 128 x 256). Why: both wait
-// on the same full slot, so left alone they issue together; if the tensor cores then interleave
-// the two batches, both finish together, both promote together, and the tensor cores idle
-// through every promotion. In turn, warpgroup 0's batch is queued whole ahead of 1's: 0 promotes
-// while 1's batch runs, and queues its next behind it. Named barriers 5 + c, "warpgroup c may
-// issue": bar.sync by c's 128 threads, bar.arrive by the other's (barrier 4 is 07_3's). Turns
-// alternate strictly (an arrival cannot run ahead: the next one needs the other's turn first), so
-// both warpgroups must issue equally often: they take every tile together, an empty half too.
-struct TensorTurn {
-    int c;  // this consumer warpgroup
-#ifdef FP8_ORDERED
-    bool started = false;  // warpgroup 0's first turn is its own; every later one is given
-    __device__ __forceinline__ void take() {
-        if (c == 1 || started) asm volatile("bar.sync %0, 256;\n" :: "r"(5 + c) : "memory");
-        started = true;
-    }
-    __device__ __forceinline__ void pass() const { asm volatile("bar.arrive %0, 256;\n" :: "r"(6 - c) : "memory"); }
-    // at the end, warpgroup 0 takes the turn warpgroup 1 gave after its last batch (no barrier left half-arrived)
-    __device__ __forceinline__ void finish() const { if (c == 0 && started) asm volatile("bar.sync 5, 256;\n" ::: "memory"); }
-#else  // the default: each warpgroup issues as soon as its slot is full
-    __device__ __forceinline__ void take() {}
-    __device__ __forceinline__ void pass() const {}
-    __device__ __forceinline__ void finish() const {}
-#endif
-};
-
 // A tile's main loop for one consumer warpgroup: per slice, a fresh sum of 128 products in
 // `part`, waited for, then promoted into acc. (The wait costs this warpgroup's tensor time while
 // it promotes; the other consumer's multiplies fill that gap. Two accumulators in turn, so that
@@ -185,6 +158,8 @@ struct TensorTurn {
 // position of the tile's first slice, whose full barrier the caller has already waited for;
 // left after its last. a_off, b_off: where this warpgroup's operands start in a slot.
 // has_rows false: the slots are freed and nothing is multiplied (an empty half of the tile).
+// turn: ISSUE_IN_TURN's (warp_specialized.cuh): with it the two consumers issue in turn, which
+// here is meant to hide each one's promotion behind the other's multiplies.
 // GATHERED: the slot's X rows were copied by ordinary (cp.async) stores, which the tensor cores'
 // async proxy must be fenced against before reading (03_3).
 template <bool GATHERED = false, typename SlotT>

@@ -106,6 +106,37 @@ struct __align__(1024) Staging {
 
 __device__ __forceinline__ void warpgroup_sync(int c) { asm volatile("bar.sync %0, 128;\n" :: "r"(1 + c) : "memory"); }
 
+// ---------------------------------------------------------------------------------------------
+// ISSUE_IN_TURN (an experiment, session 26; kernels/NOTES.md): the two consumer warpgroups issue
+// their batches of multiplies in turn, 0 then 1, batch by batch. Why: both wait on the same full
+// slot, so left alone they issue at the same moment; if the tensor cores interleave the two
+// batches (warp w of each warpgroup shares SM sub-core w), both finish together, and whatever
+// each does between its batches (the wait, freeing the slot, 07_2's promotion) leaves the tensor
+// cores idle. In turn, 0's batch is queued whole ahead of 1's: 0's gap falls while 1's batch runs.
+// Named barriers 5 + c, "warpgroup c may issue": bar.sync by c's 128 threads, bar.arrive by the
+// other's (1, 2: warpgroup_sync; 3: take_tile; 4: 07_3's consumers_sync). Turns alternate
+// strictly (an arrival cannot run ahead: the next one needs the other's turn first), so both
+// warpgroups must issue equally often: both take every tile and every slice, an empty half too.
+// moe_course/pingpong_model.py (explore_issue_turns) checks this protocol warp by warp.
+struct TensorTurn {
+    int c;  // this consumer warpgroup: 0 or 1
+#ifdef ISSUE_IN_TURN
+    // warpgroup 1 gives 0 its first turn; so no register remembers whether a turn is the first
+    // (06_2 has none to spare: a `started` flag spilled there)
+    __device__ explicit TensorTurn(int c_) : c(c_) { if (c == 1) asm volatile("bar.arrive 5, 256;\n" ::: "memory"); }
+    __device__ __forceinline__ void take() const { asm volatile("bar.sync %0, 256;\n" :: "r"(5 + c) : "memory"); }
+    // after the batch is issued (and before it is waited for): the other's batch queues behind it
+    __device__ __forceinline__ void pass() const { asm volatile("bar.arrive %0, 256;\n" :: "r"(6 - c) : "memory"); }
+    // at the end, warpgroup 0 takes the turn warpgroup 1 gave last (no barrier left half-arrived)
+    __device__ __forceinline__ void finish() const { if (c == 0) asm volatile("bar.sync 5, 256;\n" ::: "memory"); }
+#else  // the default: each warpgroup issues as soon as its slot is full
+    __device__ explicit TensorTurn(int c_) : c(c_) {}
+    __device__ __forceinline__ void take() const {}
+    __device__ __forceinline__ void pass() const {}
+    __device__ __forceinline__ void finish() const {}
+#endif
+};
+
 __device__ __forceinline__ bf16* staged(Staging& buf, int r, int col) {  // col in 0..127
     return &buf.box[col / 64][swizzle_128b(r, (col % 64) / 8) * 8 + col % 8];
 }
@@ -282,6 +313,7 @@ __device__ __forceinline__ void warp_specialized_grouped_gemm(const Problem& p, 
         const int c = warpgroup - 1;  // which 64 rows of the tile
         const bool tracer = threadIdx.x == 128;
         int s = 0, parity = 0, slice = 0;
+        TensorTurn turn{c};
         for (int tile = 0;; ++tile) {
             mbar_wait(&full[s], parity);  // the tile's first slice, or the end
             const TileJob job = ring.job[s];
@@ -298,14 +330,18 @@ __device__ __forceinline__ void warp_specialized_grouped_gemm(const Problem& p, 
             for (int kt = 0; kt < num_k; ++kt) {
                 if (kt) mbar_wait(&full[s], parity);
                 if (tracer) trace_event(1, slice);
+                turn.take();
                 if (has_rows) {
                     Producer::multiply(acc, slots[s], c);
+                    turn.pass();
                     // Wait for this slice's multiply and free its slot at once: the producer gets
                     // the slot one slice earlier than with wgmma_wait<1> (chapter 02), and the
                     // tensor cores do not idle meanwhile, since the other consumer warpgroup's
                     // batch is still running. Measured: equal or faster on every shape.
                     wgmma_wait<0>();
                     wgmma_fence_operands(acc);
+                } else {
+                    turn.pass();
                 }
                 // Every consumer thread arrives (not lane 0 for its warp): each has read the slot,
                 // and the job at a tile's first slice, and its own arrival is what orders those
@@ -323,6 +359,7 @@ __device__ __forceinline__ void warp_specialized_grouped_gemm(const Problem& p, 
             if (has_rows) epilogue.store(acc, staging[c], c, p, r0, row_end, n);
             if (tracer) trace_event(3, tile);
         }
+        turn.finish();
     }
 }
 

@@ -255,6 +255,20 @@ def argument_type(parse: Callable[[str], object], name: str | None = None):
     return parse_argument
 
 
+def defines_argument(text: str) -> dict:
+    """``KEY=VAL[,KEY=VAL]`` -> ``{KEY: VAL}``: the #defines of an experimental kernel build, as a
+    benchmark's ``--try`` takes them (with :func:`argument_type`)."""
+    pairs = [item.partition("=") for item in text.split(",") if item]
+    if not pairs or any(not key.isidentifier() or not value for key, _, value in pairs):
+        raise ValueError(f"{text!r}: expected KEY=VALUE[,KEY=VALUE] (#defines, e.g. ISSUE_IN_TURN=1)")
+    return {key: value for key, _, value in pairs}
+
+
+def defines_label(defines: dict) -> str:
+    """How a record and a table name an experimental build: ``KEY=VAL,KEY=VAL``."""
+    return ",".join(f"{k}={v}" for k, v in defines.items())
+
+
 class RecordError(ValueError):
     """A record that cannot be read or saved (:mod:`moe_course.records` raises it): the message
     names the file (or the key) and what is wrong. :func:`run_command` prints it as one line."""

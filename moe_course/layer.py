@@ -234,14 +234,22 @@ GROUPED_MM_OPS = Ops(up=_grouped_mm_up, times_w=lambda x, w, offs: torch._groupe
                      dswiglu=_grouped_mm_dswiglu, weight_grad=_grouped_mm_weight_grad, combine=_torch_combine)
 
 
-KERNEL_OPS = Ops(
-    up=lambda x, idx, w, offs: launch.swiglu_grouped_gemm(x, idx, w, offs, store_h=True, validate=False),
-    times_w=lambda x, w, offs: launch.transposed_b_grouped_gemm(x, w, offs, validate=False),
-    dswiglu=lambda dout, idx, w, h, s, offs: launch.dswiglu_grouped_gemm(dout, idx, w, h, s.contiguous(), offs,
-                                                                        validate=False),
-    weight_grad=lambda dy, x, idx, offs: launch.weight_grad(dy, x, idx, offs, validate=False),
-    combine=lambda rows, pos, weights: launch.combine(rows, pos, weights, validate=False),
-)
+def kernel_ops(**defines) -> Ops:
+    """The layer's products on the course's kernels; ``defines``: each GEMM built with these
+    ``#define``\\ s too (an experiment's, as ``benchmarks/bench_layer_kernels.py --try`` times one)."""
+    up, times_w, dswiglu, weight_grad = (step.with_defines(**defines) for step in
+                                         (launch.SWIGLU, launch.TRANSPOSED_B, launch.DSWIGLU, launch.WEIGHT_GRAD))
+    return Ops(
+        up=lambda x, idx, w, offs: launch.swiglu_grouped_gemm(x, idx, w, offs, store_h=True, validate=False, step=up),
+        times_w=lambda x, w, offs: launch.transposed_b_grouped_gemm(x, w, offs, validate=False, step=times_w),
+        dswiglu=lambda dout, idx, w, h, s, offs: launch.dswiglu_grouped_gemm(dout, idx, w, h, s.contiguous(), offs,
+                                                                            validate=False, step=dswiglu),
+        weight_grad=lambda dy, x, idx, offs: launch.weight_grad(dy, x, idx, offs, validate=False, step=weight_grad),
+        combine=lambda rows, pos, weights: launch.combine(rows, pos, weights, validate=False),
+    )
+
+
+KERNEL_OPS = kernel_ops()
 
 
 def kernels_unavailable(x, d: int, n: int) -> str | None:

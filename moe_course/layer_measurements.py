@@ -472,28 +472,44 @@ def op_cases(shape, device: str = "cuda", seed: int = 0) -> list[tuple[str, str,
 
 def measure_ops(shape, mine: layer.Ops | None = None, theirs: layer.Ops | None = None, device: str = "cuda",
                 names=("course", "torch._grouped_mm"), rounds: int = 5, reps: int = 5, tolerance: float = 2e-2,
-                progress: Callable[[str], None] = print) -> list[dict]:
+                progress: Callable[[str], None] = print, tried: dict | None = None) -> list[dict]:
     """Each product of :func:`op_cases`, ``mine`` (default the course's kernels) against
     ``theirs`` (default ``torch._grouped_mm`` plus the torch around it: the gather, the
     elementwise SwiGLU and its backward): every output compared first (relative error below
-    ``tolerance``), then both timed in turns. A product that fails its check is not timed."""
+    ``tolerance``), then both timed in turns. A product that fails its check is not timed.
+    ``tried``: label -> Ops, experimental builds of ``mine`` (:func:`moe_course.layer.kernel_ops`
+    with more #defines), each required to give ``mine``'s bytes, then timed in the same turns:
+    ``row["tried"][label]``."""
     mine, theirs = mine or layer.KERNEL_OPS, theirs or layer.GROUPED_MM_OPS
     rows = []
     for product, kernel, run, flops, nbytes in op_cases(shape, device):
-        ours, ref = run(mine), run(theirs)
-        ours, ref = (ours if isinstance(ours, tuple) else (ours,)), (ref if isinstance(ref, tuple) else (ref,))
+        ours, ref = _outputs(run(mine)), _outputs(run(theirs))
         err = max(relative_error(a, b) for a, b in zip(ours, ref))
-        del ours, ref
+        del ref
         row = {"product": product, "kernel": kernel, "flops": flops, "bytes": nbytes, "rel_err": finite_or_none(err)}
         if not err < tolerance:
             rows.append(row | {"status": "failed", "note": f"relative error {err:.2e} above {tolerance:.0e}: not timed"})
             progress(f"{product}: FAILED its check ({err:.2e})")
             continue
-        res = interleaved({names[0]: lambda run=run: run(mine), names[1]: lambda run=run: run(theirs)}, rounds=rounds, reps=reps,
-                          warmup=2, flops=flops, bytes=nbytes)
-        rows.append(row | {"status": "ok"} | {name: m.timing() | {"tbps": m.tbps} for name, m in res.items()})
-        progress(f"{product}: {names[0]} {res[names[0]].ms:.3f} ms, {names[1]} {res[names[1]].ms:.3f} ms")
+        fns = {names[0]: lambda run=run: run(mine), names[1]: lambda run=run: run(theirs)}
+        same = {label: all(torch.equal(a, b) for a, b in zip(_outputs(run(ops)), ours))
+                for label, ops in (tried or {}).items()}
+        del ours
+        fns |= {f"[{label}]": (lambda run=run, ops=ops: run(ops)) for label, ops in (tried or {}).items() if same[label]}
+        res = interleaved(fns, rounds=rounds, reps=reps, warmup=2, flops=flops, bytes=nbytes)
+        row |= {"status": "ok"} | {name: res[name].timing() | {"tbps": res[name].tbps} for name in names}
+        if tried:
+            row["tried"] = {label: (res[f"[{label}]"].timing() if same[label] else
+                                    {"error": f"not {names[0]}'s bytes: not timed"}) for label in tried}
+        rows.append(row)
+        progress(f"{product}: {names[0]} {res[names[0]].ms:.3f} ms, {names[1]} {res[names[1]].ms:.3f} ms"
+                 + "".join(f", [{label}] {res[f'[{label}]'].ms:.3f} ms" for label in tried or {} if same[label]))
     return rows
+
+
+def _outputs(result) -> tuple:
+    """A product's outputs as a tuple (some return one tensor, some several)."""
+    return result if isinstance(result, tuple) else (result,)
 
 
 def ops_table(data: dict, names=("course", "torch._grouped_mm")) -> str:
@@ -512,6 +528,20 @@ def ops_table(data: dict, names=("course", "torch._grouped_mm")) -> str:
                          f"{rate:>13} {b['ms'] / a['ms']:>5.2f}x")
     lines.append(f"rate: the course's kernel (TFLOP/s of the product, TB/s for the combine); speed: "
                  f"{names[1]}'s time over the course's")
+    return "\n".join(lines)
+
+
+def tried_table(data: dict, name: str = "course") -> str:
+    """The experimental builds of a ``layer_kernels`` record (``bench_layer_kernels.py --try``):
+    per shape and product, the default build's ms and each tried build's, with its speed over
+    the default (above 1: the experiment is faster)."""
+    lines = []
+    for shape, rows in data["shapes"].items():
+        for r in rows:
+            for label, t in r.get("tried", {}).items():
+                head = f"{shape:<14} {r['product']:<44} [{label}]"
+                lines.append(f"{head} {t['error']}" if "error" in t else
+                             f"{head} {t['ms']:8.3f} ms against {r[name]['ms']:.3f}: {r[name]['ms'] / t['ms']:.3f}x")
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """Models of two consumer warpgroups taking turns, explored exhaustively, each warp its own
 actor: the ping-pong schedule (``kernels/warp_specialized.cuh``, ``warp_specialized_pingpong``)
-and, at the end, 07_2's consumers issuing in turn.
+and, at the end, the cooperative consumers issuing their multiplies in turn (``ISSUE_IN_TURN``).
 
 In the ping-pong, consumer warpgroup 0 takes a block's tiles 0, 2, 4, ... and warpgroup 1 the
 tiles 1, 3, 5, ...; their mainloops take turns through two mbarriers (``turn[c]``: warpgroup
@@ -24,10 +24,11 @@ flag per warpgroup (``done[c]``, read by the other) does not::
 
 Chapter 06 (section 4) shows both.
 
-:func:`explore_issue_turns` models a lighter kind of turn, 07_2's ``FP8_ORDERED`` experiment
-(chapter 07's FP8 GEMM): both warpgroups work on every tile, and take turns only to *issue*
-each batch of multiplies, through two named barriers, so that one warpgroup's promotion runs
-while the other's batch does. It checks that every warp ends, that no barrier is left
+:func:`explore_issue_turns` models a lighter kind of turn, the ``ISSUE_IN_TURN`` experiment
+(warp_specialized.cuh's ``TensorTurn``, in chapter 03's cooperative kernels, 06_3 and chapter
+07's FP8 GEMM): both warpgroups work on every tile, and take turns only to *issue* each batch of
+multiplies, through two named barriers, so that what one warpgroup does between its batches
+(waiting, freeing the slot, FP8's promotion) runs while the other's batch does. It checks that every warp ends, that no barrier is left
 half-arrived, and that on every SM sub-core the batches queue in turn::
 
     print(pingpong_model.explore_issue_turns(batches=3, warps=2))                 # ok
@@ -177,7 +178,7 @@ def explore(tiles: int, num_k: int, stages: int, warps: int = 2, shared_flag: bo
 
 
 # ----------------------------------------------------------------------------------------------
-# 07_2's consumers issuing in turn (FP8_ORDERED, kernels/07_2_fp8_grouped_gemm.cu's TensorTurn).
+# The cooperative consumers issuing in turn (ISSUE_IN_TURN, kernels/warp_specialized.cuh's TensorTurn).
 # Both warpgroups multiply every batch (a slice, or half a slice); warpgroup c waits for its turn
 # on named barrier B(c) (bar.sync), issues, and gives the other its turn (bar.arrive on B(1 - c)).
 # A named barrier, unlike an mbarrier, has no phase to wait for: it counts arrivals (one a warp,
@@ -193,23 +194,24 @@ class NamedBarrier(NamedTuple):
 
 
 class TurnWarp(NamedTuple):
-    pc: str = "take"  # take, wait, issue, pass, finish, finishing, exit
+    pc: str = "take"  # give (warpgroup 1's start), take, wait, issue, pass, finish, finishing, exit
     batch: int = 0
     waits_for: int = 0  # the barrier's `completed` count to wait beyond
 
 
-def explore_issue_turns(batches: int, warps: int = 2, first_turn_free: bool = True, finish: bool = True,
+def explore_issue_turns(batches: int, warps: int = 2, first_turn_given: bool = True, finish: bool = True,
                         pass_first: bool = False, max_states: int = 2_000_000) -> Verdict:
     """Every interleaving of two consumer warpgroups of ``warps`` warps issuing ``batches``
-    batches each in turn, as FP8_ORDERED does; ok when every warp ends, no barrier is left
+    batches each in turn, as ISSUE_IN_TURN does; ok when every warp ends, no barrier is left
     half-arrived, no round of arrivals mixes two turns, and each warpgroup's batch j is issued
     by all of its warps before any warp of the other issues the batch after it (0's j, then 1's
-    j, then 0's j + 1: on every SM sub-core the batches queue in turn). ``first_turn_free``:
-    warpgroup 0 takes its first turn without waiting (False: it waits like every other);
-    ``finish``: warpgroup 0 takes the turn warpgroup 1 gave after its last batch;
+    j, then 0's j + 1: on every SM sub-core the batches queue in turn). ``first_turn_given``:
+    warpgroup 1 starts by giving 0 its first turn (False: nobody does); ``finish``: warpgroup 0
+    ends by taking the turn warpgroup 1 gave last;
     ``pass_first``: the turn passed before the batch is issued (a wrong kernel: the order is lost)."""
     expected = 2 * warps
-    start = (tuple(TurnWarp() for _ in range(expected)), (NamedBarrier(), NamedBarrier()), (0,) * expected)
+    start = (tuple(TurnWarp(pc="give" if i >= warps and first_turn_given else "take") for i in range(expected)),
+             (NamedBarrier(), NamedBarrier()), (0,) * expected)
     parent: dict = {start: None}
     queue = deque([start])
 
@@ -244,12 +246,12 @@ def explore_issue_turns(batches: int, warps: int = 2, first_turn_free: bool = Tr
         for i, w in enumerate(ws):
             c = i // warps
             put = functools.partial(_set_warp, ws, i)
-            if w.pc == "take":
+            if w.pc == "give":  # warpgroup 1's first act: warpgroup 0's first turn
+                moves.append((f"{name(i)} gives warpgroup 0 its first turn (B(0))",
+                              (put(pc="take"), arrive(bars, 0, 0), issued)))
+            elif w.pc == "take":
                 if w.batch == batches:
                     moves.append(("", (put(pc="finish"), bars, issued)))
-                elif c == 0 and w.batch == 0 and first_turn_free:
-                    moves.append((f"{name(i)} takes its first turn unasked",
-                                  (put(pc="pass" if pass_first else "issue"), bars, issued)))
                 else:
                     after = arrive(bars, c, w.batch)
                     if after is None:
@@ -279,7 +281,7 @@ def explore_issue_turns(batches: int, warps: int = 2, first_turn_free: bool = Tr
                 moves.append((f"{name(i)} passes the turn (B({1 - c}))",
                               (put(pc="issue") if pass_first else put(pc="take", batch=w.batch + 1), after, issued)))
             elif w.pc == "finish":
-                if c == 0 and finish and batches:
+                if c == 0 and finish:
                     moves.append((f"{name(i)} takes the last turn back (B(0))",
                                   (put(pc="finishing", waits_for=bars[0].completed), arrive(bars, 0, batches),
                                    issued)))

@@ -389,14 +389,14 @@ def test_quantisation_share_reads_the_up_projections_and_the_layers_of_a_record(
 
 # --- bench_fp8.py --try: an experimental build beside the defaults (its GPU part: on a GPU) -----
 
-def test_bench_fp8_try_parses_defines_and_refuses_a_bare_name():
-    from benchmark_scripts import load
+def test_try_parses_defines_and_refuses_a_bare_name():
+    from moe_course.checks import defines_argument, defines_label
 
-    bench = load("bench_fp8")
-    assert bench.defines_argument("FP8_ORDERED=1,STAGES=3") == {"FP8_ORDERED": "1", "STAGES": "3"}
-    for bad in ("FP8_ORDERED", "=1", "A B=1", ""):
+    assert defines_argument("ISSUE_IN_TURN=1,STAGES=3") == {"ISSUE_IN_TURN": "1", "STAGES": "3"}
+    assert defines_label(defines_argument("ISSUE_IN_TURN=1,STAGES=3")) == "ISSUE_IN_TURN=1,STAGES=3"
+    for bad in ("ISSUE_IN_TURN", "=1", "A B=1", ""):
         with pytest.raises(ValueError, match="KEY=VALUE"):
-            bench.defines_argument(bad)
+            defines_argument(bad)
 
 
 def test_bench_fp8_try_says_how_each_kernel_did_against_its_default():
@@ -404,7 +404,7 @@ def test_bench_fp8_try_says_how_each_kernel_did_against_its_default():
 
     bench = load("bench_fp8")
     row = {"07_2": {"ms": 1.0}, "07_3": {"ms": 2.0},
-           "tried": {"FP8_ORDERED=1": {"07_2": {"ms": 0.8, "tflops": 1100.0}, "07_3": {"ms": 2.5, "tflops": 700.0}},
+           "tried": {"ISSUE_IN_TURN=1": {"07_2": {"ms": 0.8, "tflops": 1100.0}, "07_3": {"ms": 2.5, "tflops": 700.0}},
                      "X=1": {"error": "not the default's bytes: not timed"}}}
     ordered, wrong = bench.tried_summary(row)
     assert "07_2 x1.250" in ordered and "07_3 x0.800" in ordered  # default ms over the experiment's

@@ -335,10 +335,10 @@ def test_the_fp8_layer_forward_matches_its_maths_on_the_same_fp8_weights(T, gath
     assert rel(got, variants.reference_forward(x, w, 2)) > 2e-2
 
 
-# --- FP8_ORDERED, an experiment: the consumers issue their multiplies in turn (kernels/NOTES.md) --
+# --- ISSUE_IN_TURN, an experiment: the consumers issue their multiplies in turn (kernels/NOTES.md) --
 
-def _ordered(step):
-    return step.with_defines(FP8_ORDERED=1)
+def _in_turn(step):
+    return step.with_defines(ISSUE_IN_TURN=1)
 
 
 def _same_bytes(a, b):
@@ -348,7 +348,7 @@ def _same_bytes(a, b):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", list(COUNT_CASES), ids=list(COUNT_CASES))
 def test_the_consumers_in_turn_give_the_default_builds_bytes(case):
-    """FP8_ORDERED changes when the tensor cores run each consumer's batch, not what it sums: 07_2
+    """ISSUE_IN_TURN changes when the tensor cores run each consumer's batch, not what it sums: 07_2
     (both widths), 07_3 and 07_4 give their default builds' bytes, across tiles too
     (more-tiles-than-sms: two or more a block, so the turns carry from tile to tile) and with an
     empty half (rows past the expert's end: that consumer still takes its turns)."""
@@ -359,13 +359,13 @@ def test_the_consumers_in_turn_give_the_default_builds_bytes(case):
     M = x.shape[0]
     for step in (launch.FP8_GEMM, launch.FP8_GEMM_WIDE):
         poison(((M, 2 * n), torch.bfloat16))
-        ordered = launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, step=_ordered(step))
+        ordered = launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, step=_in_turn(step))
         assert _same_bytes(ordered, launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, step=step)), step.name
-    got = launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs, step=_ordered(launch.FP8_SWIGLU))
+    got = launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs, step=_in_turn(launch.FP8_SWIGLU))
     want = launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs)
     assert all(_same_bytes(a, b) for a, b in zip(got, want)), "07_3"
     gather_idx = torch.randint(0, M, (M,), device="cuda", dtype=torch.int32)
     got = launch.fp8_gather_swiglu_quantize(x_q, x_scales, gather_idx, w_q, w_scales, offs,
-                                            step=_ordered(launch.FP8_GATHER))
+                                            step=_in_turn(launch.FP8_GATHER))
     want = launch.fp8_gather_swiglu_quantize(x_q, x_scales, gather_idx, w_q, w_scales, offs)
     assert all(_same_bytes(a, b) for a, b in zip(got, want)), "07_4"

@@ -8,10 +8,13 @@ SOURCES = kernels.kernel_files()
 pytestmark = pytest.mark.nvrtc  # every test here compiles
 
 
-# opt-in builds the benchmarks try beside the defaults (kernels/NOTES.md says where each stands)
+# opt-in builds the benchmarks try beside the defaults (kernels/NOTES.md says where each stands):
+# the ping-pong 06_2 / 10_2, and ISSUE_IN_TURN in every kernel whose consumers take its turns
+IN_TURN = [launch.STEPS[launch.BEST], launch.GATHER, launch.SWIGLU, launch.TRANSPOSED_B, launch.DSWIGLU,
+           launch.WEIGHT_GRAD, launch.HF_SWIGLU, launch.HF_DSWIGLU, launch.HF_TRANSPOSED_B, launch.HF_WEIGHT_GRAD,
+           launch.HF_DOWN_WEIGHT_GRAD, launch.FP8_GEMM, launch.FP8_GEMM_WIDE, launch.FP8_SWIGLU, launch.FP8_GATHER]
 EXPERIMENTS = [launch.pingpong_step(launch.DSWIGLU), launch.pingpong_step(launch.HF_DSWIGLU),
-               *(step.with_defines(FP8_ORDERED=1) for step in (launch.FP8_GEMM, launch.FP8_GEMM_WIDE, launch.FP8_SWIGLU,
-                                                         launch.FP8_GATHER))]
+               *(step.with_defines(ISSUE_IN_TURN=1) for step in IN_TURN)]
 
 
 def _serialised_wgmma(log: str) -> list[str]:
@@ -45,7 +48,7 @@ def test_experimental_builds_compile_with_their_wgmma_pipelined(step):
 
 def test_the_serialisation_check_sees_ptxas_warning():
     """The check above would see the warning: a wgmma waited for behind a branch ptxas cannot
-    prove uniform (what FP8_ORDERED's first draft did, session 26)."""
+    prove uniform (what ISSUE_IN_TURN's first draft did, session 26)."""
     log = ("ptxas info    : (C7518) Potential Performance Loss: wgmma.mma_async instructions are serialized due "
            "to program dependence on compiler-inserted WG.DP in divergent path in the function 'fp8_grouped_gemm' "
            "in line 1784")  # NVRTC 13.0's words, copied from that build's log

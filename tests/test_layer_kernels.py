@@ -161,3 +161,35 @@ def test_the_pingpong_builds_compile_and_are_asked_for_by_name():
     bench = load("bench_dswiglu_schedules")
     assert not any("ping-pong" in name for name in bench.builds(pingpong=False))
     assert sum("ping-pong" in name for name in bench.builds(pingpong=True)) == 3
+
+
+# ISSUE_IN_TURN, an experiment (warp_specialized.cuh's TensorTurn, kernels/NOTES.md session 26):
+# the two consumer warpgroups issue their batches of multiplies in turn
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(LAYER_COUNT_CASES))
+def test_the_consumers_in_turn_give_the_default_builds_bytes(case):
+    """ISSUE_IN_TURN changes when the tensor cores run each consumer's batch, not what it sums:
+    every product of the layer gives its default build's bytes ("more-tiles-than-sms": the turns
+    carry from tile to tile; a warpgroup whose half of a tile is empty still takes its turns)."""
+    T, d, n = 333, 256, 256
+    counts = LAYER_COUNT_CASES[case]
+    offs, idx = routing(counts, T, seed=3)
+    R, E = sum(counts), len(counts)
+    x, dout = randn(T, d), randn(T, d)
+    w_up, w_down_t, w_down = randn(E, 2 * n, d, scale=d ** -0.5), randn(E, n, d), randn(E, n, d, scale=d ** -0.5)
+    s = torch.rand(R, device="cuda")
+
+    def both(launcher, step, *args, **kwargs):
+        got = launcher(*args, **kwargs, step=step.with_defines(ISSUE_IN_TURN=1))
+        want = launcher(*args, **kwargs, step=step)
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        for g, w in zip(got, want):
+            if g is not None:
+                assert torch.equal(g, w), step.name
+
+    both(launch.swiglu_grouped_gemm, launch.SWIGLU, x, idx, w_up, offs)
+    a, h = launch.swiglu_grouped_gemm(x, idx, w_up, offs)
+    both(launch.transposed_b_grouped_gemm, launch.TRANSPOSED_B, a, w_down_t, offs)
+    both(launch.dswiglu_grouped_gemm, launch.DSWIGLU, dout, idx, w_down, h, s, offs)
+    both(launch.weight_grad, launch.WEIGHT_GRAD, h, x, idx, offs)
+    both(launch.gather_grouped_gemm, launch.GATHER, x, idx, w_up, offs)

@@ -143,6 +143,32 @@ def test_measure_ops_checks_then_times_each_product():
     assert "FAILED" in layer_measurements.ops_table({"shapes": {"tiny": rows}})
 
 
+def test_measure_ops_times_a_tried_build_only_where_it_gives_the_same_bytes():
+    """--try's path on a CPU: a build equal to ``mine`` is timed beside it; one whose bytes differ
+    (here the weight gradients, 1% off) is reported for those products, not timed."""
+    grouped_mm_on_cpu()
+    shape = (96, 64, 32, 4, 2)
+    off = layer.TORCH_OPS._replace(weight_grad=lambda dy, x, idx, offs: layer.TORCH_OPS.weight_grad(dy, x, idx, offs)
+                                   * 1.01)
+    rows = layer_measurements.measure_ops(shape, mine=layer.TORCH_OPS, device="cpu", rounds=1, reps=1,
+                                          progress=lambda s: None, tried={"SAME=1": layer.TORCH_OPS, "OFF=1": off})
+    assert all(r["tried"]["SAME=1"]["ms"] > 0 for r in rows)
+    assert [("error" in r["tried"]["OFF=1"]) for r in rows] == [k == "06_3_weight_grad" for k in
+                                                                 (r["kernel"] for r in rows)]
+    text = layer_measurements.tried_table({"shapes": {"tiny": rows}})
+    assert text.count("[SAME=1]") == 7 and text.count("not course's bytes") == 2
+
+
+def test_kernel_ops_builds_each_gemm_with_the_tried_defines(monkeypatch):
+    seen = {}
+    for name in ("swiglu_grouped_gemm", "transposed_b_grouped_gemm", "dswiglu_grouped_gemm", "weight_grad"):
+        monkeypatch.setattr(layer.launch, name, lambda *a, step, _n=name, **k: seen.setdefault(_n, step))
+    ops = layer.kernel_ops(ISSUE_IN_TURN=1)
+    ops.up(None, None, None, None), ops.times_w(None, None, None)
+    ops.dswiglu(None, None, None, None, torch.ones(1), None), ops.weight_grad(None, None, None, None)
+    assert len(seen) == 4 and all(step.defines.get("ISSUE_IN_TURN") == 1 for step in seen.values())
+
+
 def test_relative_error_in_chunks_agrees_and_sees_nan():
     """checking.relative_error compares torch tensors a chunk at a time (measure_ops' 15 GB weight
     gradients): the same number as in one piece, and a NaN anywhere fails every tolerance."""

@@ -44,7 +44,7 @@ def test_the_kernel_reads_the_other_warpgroups_flag():
     assert "if (done[other]) break;" in body and "done[c] = 1;" in body
 
 
-# --- 07_2's consumers issuing in turn (FP8_ORDERED): named barriers, each warp its own actor ---
+# --- the consumers issuing in turn (ISSUE_IN_TURN): named barriers, each warp its own actor ------
 
 @pytest.mark.parametrize("batches", [0, 1, 2, 5])
 @pytest.mark.parametrize("warps", [1, 2, 3])
@@ -58,8 +58,8 @@ def test_without_the_last_take_a_barrier_is_left_half_arrived():
     assert verdict.kind == "left over" and "B(0) holds 2 arrival(s)" in verdict.message
 
 
-def test_if_warpgroup_0_waits_for_its_first_turn_nobody_starts():
-    verdict = pingpong_model.explore_issue_turns(1, 2, first_turn_free=False)
+def test_if_nobody_gives_warpgroup_0_its_first_turn_nobody_starts():
+    verdict = pingpong_model.explore_issue_turns(1, 2, first_turn_given=False)
     assert verdict.kind == "deadlock" and len(verdict.trace) == 4
 
 
@@ -71,14 +71,23 @@ def test_passing_the_turn_before_issuing_loses_the_order(warps):
     assert verdict.kind == "order" and "before warpgroup 0" in verdict.message
 
 
-def test_the_kernel_takes_and_passes_its_turns_as_the_model_does():
+def test_the_kernels_take_and_pass_their_turns_as_the_model_does():
+    """TensorTurn as the model has it, and each main loop passing its turn between issuing its
+    batch and waiting for it (07_2's two loops, the skeleton's cooperative loop, 06_3's)."""
     from moe_course import KERNELS_DIR
 
-    source = (KERNELS_DIR / "07_2_fp8_grouped_gemm.cu").read_text()
+    source = (KERNELS_DIR / "warp_specialized.cuh").read_text()
     turn = source[source.index("struct TensorTurn"):source.index("#else  // the default")]
-    assert 'if (c == 1 || started) asm volatile("bar.sync %0, 256;\\n" :: "r"(5 + c)' in turn  # 0's first turn free
-    assert 'bar.arrive %0, 256;\\n" :: "r"(6 - c)' in turn  # to the other's barrier
-    assert 'if (c == 0 && started) asm volatile("bar.sync 5, 256;' in turn  # the last turn taken back
-    start = source.index("void fp8_mainloop(")
-    mainloop = source[start:source.index("#if BN == 256", start)]
-    assert mainloop.index("wgmma_slice_fp8(") < mainloop.index("turn.pass();") < mainloop.index("wgmma_wait<0>")
+    assert 'if (c == 1) asm volatile("bar.arrive 5, 256;' in turn  # 1 gives 0 its first turn
+    assert 'asm volatile("bar.sync %0, 256;\\n" :: "r"(5 + c)' in turn  # each turn waited for
+    assert 'bar.arrive %0, 256;\\n" :: "r"(6 - c)' in turn  # and passed to the other's barrier
+    assert 'if (c == 0) asm volatile("bar.sync 5, 256;' in turn  # the last turn taken back
+    fp8 = (KERNELS_DIR / "07_2_fp8_grouped_gemm.cu").read_text()
+    loops = [(fp8, "void fp8_mainloop(", "wgmma_slice_fp8("), (fp8, "void fp8_mainloop_wide(", "wgmma_slice_fp8("),
+             (source, "void warp_specialized_grouped_gemm(", "Producer::multiply("),
+             ((KERNELS_DIR / "06_3_weight_grad.cu").read_text(), "void weight_grad(", "wgmma_commit();")]
+    for text, name, issue in loops:
+        body = text[text.index(name):]
+        take, issued, passed, waited = (body.index(s) for s in ("turn.take();", issue, "turn.pass();", "wgmma_wait<0>"))
+        assert take < issued < passed < waited, name
+        assert "turn.finish();" in body or name.startswith("void fp8_mainloop"), name

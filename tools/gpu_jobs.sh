@@ -17,9 +17,11 @@
 #   bash tools/gpu_jobs.sh ncu-fp8 SHAPE PROJ  Nsight Compute on one launch of 07_2 (up or down): the
 #                                           summary, and the SASS lines where the warps stall most
 #                                           (TRY=KEY=VAL,...: of 07_2 built with those #defines too)
-#   bash tools/gpu_jobs.sh fp8-try DEFINES  chapter 07's GPU tests (FP8_ORDERED's builds against the
+#   bash tools/gpu_jobs.sh fp8-try DEFINES  chapter 07's GPU tests (ISSUE_IN_TURN's builds against the
 #                                           defaults' bytes among them), then bench_fp8.py --try DEFINES:
 #                                           an experimental build timed beside 07_2 / 07_3 / 07_4
+#   bash tools/gpu_jobs.sh layer-try DEFINES  the same for chapter 06's kernels: the in-turn test of
+#                                           tests/test_layer_kernels.py, then bench_layer_kernels.py --try
 #
 # SonicMoE compiles with the CuTe DSL and autotunes through quack on its first call of a shape
 # (minutes). Its caches are pointed into /tmp/quack and packed into $OUT/quack_cache.tar.xz at the
@@ -89,11 +91,18 @@ case "$job" in
     keep_records decode_gemm decode_layer
     ;;
   fp8-try)
-    defines=${2:?which #defines, e.g. FP8_ORDERED=1}
+    defines=${2:?which #defines, e.g. ISSUE_IN_TURN=1}
     timeout 240 python3 -m pytest -p no:cacheprovider -q -m gpu tests/test_fp8_kernels.py 2>&1 | tail -8
     # shellcheck disable=SC2086  # SHAPES: names separated by spaces
     timeout "${LIMIT:-400}" python3 benchmarks/bench_fp8.py --no-layer --try "$defines" ${SHAPES:+--shapes $SHAPES} 2>&1 | tail -60
     keep_records fp8_grouped_gemm
+    ;;
+  layer-try)
+    defines=${2:?which #defines, e.g. ISSUE_IN_TURN=1}
+    timeout 150 python3 -m pytest -p no:cacheprovider -q -m gpu tests/test_layer_kernels.py -k in_turn 2>&1 | tail -6
+    # shellcheck disable=SC2086  # SHAPES: names separated by spaces
+    timeout "${LIMIT:-400}" python3 benchmarks/bench_layer_kernels.py --try "$defines" ${SHAPES:+--shapes $SHAPES} 2>&1 | tail -70
+    keep_records layer_kernels
     ;;
   ncu-fp8)
     shape=${2:-mixtral-8x7b} proj=${3:-up}
@@ -132,7 +141,7 @@ for r in sorted(body, key=lambda r: -float(r[stall]))[:40]:
 PY
     ;;
   *)
-    sed -n '2,22p' "$0"
+    sed -n '2,29p' "$0"
     exit 2
     ;;
 esac

@@ -68,6 +68,43 @@ def _set_warp(warps: tuple, i: int, **registers) -> tuple:
     return warps[:i] + (warps[i]._replace(**registers),) + warps[i + 1:]
 
 
+class _Search:
+    """Breadth-first over every state reachable from ``start``, so that the first failure found
+    comes with a shortest trace: ``run(expand)``, where ``expand(state)`` gives the moves out of
+    it, ``[(what happened, next state)]`` (``what`` empty: a step too small to print), or a failed
+    :class:`Verdict` (made by :meth:`fail`)."""
+
+    def __init__(self, start):
+        self.parent: dict = {start: None}
+        self.queue = deque([start])
+
+    @property
+    def states(self) -> int:
+        return len(self.parent)
+
+    def fail(self, st, kind: str, message: str) -> Verdict:
+        steps = []
+        while self.parent[st] is not None:
+            st, what = self.parent[st]
+            steps.append(what)
+        return Verdict(False, kind, message, [s for s in steps[::-1] if s], self.states)
+
+    def run(self, expand, max_states: int, fewer: str) -> Verdict | None:
+        """None once every state is explored; the first failed Verdict otherwise."""
+        while self.queue:
+            st = self.queue.popleft()
+            moves = expand(st)
+            if isinstance(moves, Verdict):
+                return moves
+            for what, nxt in moves:
+                if nxt not in self.parent:
+                    self.parent[nxt] = (st, what)
+                    self.queue.append(nxt)
+            if self.states > max_states:
+                raise RuntimeError(f"more than {max_states} states: try {fewer}")
+        return None
+
+
 class State(NamedTuple):
     producer: int  # the next slice the producer lays (tiles * num_k: the end; one more: finished)
     slots: tuple  # what each slot holds: a slice number, END, or None
@@ -84,23 +121,13 @@ def explore(tiles: int, num_k: int, stages: int, warps: int = 2, shared_flag: bo
     block that takes ``tiles`` tiles of ``num_k`` slices through a ring of ``stages`` slots.
     ``shared_flag``: one end flag for both warpgroups (the hang) instead of ``done[c]``."""
     slices = tiles * num_k
-    start = State(0, (None,) * stages, (Barrier(),) * stages, (Barrier(),) * stages, (Barrier(),) * 2,
-                  (0, 0), tuple(Warp(tile=c) for c in (0, 1) for _ in range(warps)))
-    parent: dict = {start: None}
-    queue = deque([start])
-
-    def trace_to(st: State) -> list:
-        steps = []
-        while parent[st] is not None:
-            st, what = parent[st]
-            steps.append(what)
-        return [s for s in steps[::-1] if s]  # (a warp's step to the top of its loop says nothing)
+    search = _Search(State(0, (None,) * stages, (Barrier(),) * stages, (Barrier(),) * stages, (Barrier(),) * 2,
+                           (0, 0), tuple(Warp(tile=c) for c in (0, 1) for _ in range(warps))))
 
     def name(i: int) -> str:
         return f"warpgroup {i // warps} warp {i % warps}"
 
-    while queue:
-        st = queue.popleft()
+    def expand(st: State):
         moves = []
         j = st.producer  # ---------------------------------------------------- the producer
         if j <= slices:
@@ -133,9 +160,8 @@ def explore(tiles: int, num_k: int, stages: int, warps: int = 2, shared_flag: bo
                         moves.append((f"{name(i)} finds the end in slot {s}", st._replace(warps=put(pc="raise"))))
                         continue
                     if held != first + w.kt:
-                        return Verdict(False, "stale", f"{name(i)} reads slot {s} for slice {first + w.kt} "
-                                                       f"(tile {w.tile}) but it holds {held}",
-                                       trace_to(st), len(parent))
+                        return search.fail(st, "stale", f"{name(i)} reads slot {s} for slice {first + w.kt} "
+                                                        f"(tile {w.tile}) but it holds {held}")
                     last = w.kt == num_k - 1
                     moves.append((f"{name(i)} multiplies slice {first + w.kt} (tile {w.tile}) from slot {s}",
                                   st._replace(warps=put(pc="pass" if last else "free"))))
@@ -165,16 +191,13 @@ def explore(tiles: int, num_k: int, stages: int, warps: int = 2, shared_flag: bo
             gone = [name(i) for i, w in enumerate(st.warps) if w.pc == "exit"]
             msg = (f"deadlock: {', '.join(stuck)}; " + (f"{', '.join(gone)} stopped. " if gone else "")
                    + "Every barrier waited on needs an arrival that will never come.")
-            return Verdict(False, "deadlock", msg, trace_to(st), len(parent))
-        for what, nxt in moves:
-            if nxt not in parent:
-                parent[nxt] = (st, what)
-                queue.append(nxt)
-        if len(parent) > max_states:
-            raise RuntimeError(f"more than {max_states} states: try fewer tiles, slices or warps")
-    return Verdict(True, "ok", f"ok: every interleaving of {tiles} tile(s) x {num_k} slice(s), {stages} slots, "
-                               f"{warps} warps a warpgroup ends with every warp stopped ({len(parent)} states)",
-                   [], len(parent))
+            return search.fail(st, "deadlock", msg)
+        return moves
+
+    failed = search.run(expand, max_states, "fewer tiles, slices or warps")
+    return failed or Verdict(True, "ok", f"ok: every interleaving of {tiles} tile(s) x {num_k} slice(s), {stages} "
+                                         f"slots, {warps} warps a warpgroup ends with every warp stopped "
+                                         f"({search.states} states)", [], search.states)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,23 +233,12 @@ def explore_issue_turns(batches: int, warps: int = 2, first_turn_given: bool = T
     ends by taking the turn warpgroup 1 gave last;
     ``pass_first``: the turn passed before the batch is issued (a wrong kernel: the order is lost)."""
     expected = 2 * warps
-    start = (tuple(TurnWarp(pc="give" if i >= warps and first_turn_given else "take") for i in range(expected)),
-             (NamedBarrier(), NamedBarrier()), (0,) * expected)
-    parent: dict = {start: None}
-    queue = deque([start])
+    search = _Search((tuple(TurnWarp(pc="give" if i >= warps and first_turn_given else "take")
+                            for i in range(expected)), (NamedBarrier(), NamedBarrier()), (0,) * expected))
+    fail = search.fail
 
     def name(i: int) -> str:
         return f"warpgroup {i // warps} warp {i % warps}"
-
-    def trace_to(st) -> list:
-        steps = []
-        while parent[st] is not None:
-            st, what = parent[st]
-            steps.append(what)
-        return [s for s in steps[::-1] if s]
-
-    def fail(st, kind: str, message: str) -> Verdict:
-        return Verdict(False, kind, message, trace_to(st), len(parent))
 
     def arrive(bars: tuple, b: int, turn: int):
         """One warp's arrival on barrier b for ``turn``: the barriers after, or None if that round
@@ -239,8 +251,7 @@ def explore_issue_turns(batches: int, warps: int = 2, first_turn_given: bool = T
             bar = NamedBarrier(0, bar.completed + 1, None)
         return bars[:b] + (bar,) + bars[b + 1:]
 
-    while queue:
-        st = queue.popleft()
+    def expand(st):
         ws, bars, issued = st
         moves = []
         for i, w in enumerate(ws):
@@ -295,15 +306,12 @@ def explore_issue_turns(batches: int, warps: int = 2, first_turn_given: bool = T
                 if left:
                     return fail(st, "left over", "every warp ended, but " + ", ".join(left) + ": a barrier left "
                                                  "half-arrived (the next kernel on this SM may count them)")
-                continue
+                return []
             stuck = [f"{name(i)} waits on B({i // warps})" for i, w in enumerate(ws) if w.pc in ("wait", "finishing")]
             return fail(st, "deadlock", f"deadlock: {', '.join(stuck)}")
-        for what, nxt in moves:
-            if nxt not in parent:
-                parent[nxt] = (st, what)
-                queue.append(nxt)
-        if len(parent) > max_states:
-            raise RuntimeError(f"more than {max_states} states: try fewer batches or warps")
-    return Verdict(True, "ok", f"ok: every interleaving of {batches} batch(es), {warps} warps a warpgroup: "
-                               f"the batches queue in turn and every warp ends ({len(parent)} states)",
-                   [], len(parent))
+        return moves
+
+    failed = search.run(expand, max_states, "fewer batches or warps")
+    return failed or Verdict(True, "ok", f"ok: every interleaving of {batches} batch(es), {warps} warps a warpgroup: "
+                                         f"the batches queue in turn and every warp ends ({search.states} states)",
+                             [], search.states)

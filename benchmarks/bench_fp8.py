@@ -80,14 +80,6 @@ def _reference(x_q, x_scales, w_q, w_scales, offs, rows):
     return out
 
 
-def same_bytes(a, b) -> bool:
-    """Two contiguous tensors hold the same bytes (torch.equal does not take e4m3)."""
-    import torch
-
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(-1).view(torch.uint8),
-                                                                     b.view(-1).view(torch.uint8))
-
-
 def tried_summary(row: dict) -> list[str]:
     """One line a tried build: each kernel's default ms over its own (>1: the experiment is faster)."""
     out = []
@@ -106,7 +98,7 @@ def measure_one(cfg, proj: str, dense: dict, tried: tuple[dict, ...] = ()) -> di
 
     from moe_course import launch
     from moe_course.bench import interleaved
-    from moe_course.checking import relative_error
+    from moe_course.checking import relative_error, same_bytes
     from moe_course.grouped_gemm import expert_counts, make_problem
 
     d_in, d_out = (cfg.d, 2 * cfg.n) if proj == "up" else (cfg.n, cfg.d)

@@ -114,6 +114,13 @@ def relative_error(got, expected, chunk: int = 1 << 24) -> float:
     return float(np.linalg.norm(g - e) / (denom if denom else 1.0))
 
 
+def same_bytes(a, b) -> bool:
+    """Two contiguous tensors of one shape and dtype hold the same bytes: an experimental kernel
+    build against its default (``torch.equal`` does not take e4m3, so both are read as bytes)."""
+    return (a.shape == b.shape and a.dtype == b.dtype
+            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+
+
 @contextlib.contextmanager
 def grading(title: str):
     """Wrap a grader: a pass prints one line; an unfilled exercise says so plainly.

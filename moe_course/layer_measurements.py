@@ -31,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 from . import layer, moe, plotting
 from . import token_rounding as tr
 from .bench import interleaved
-from .checking import relative_error
+from .checking import relative_error, same_bytes
 from .records import finite_or_none
 from .variants import grouped_mm_unavailable, sonicmoe_unavailable
 
@@ -492,7 +492,7 @@ def measure_ops(shape, mine: layer.Ops | None = None, theirs: layer.Ops | None =
             progress(f"{product}: FAILED its check ({err:.2e})")
             continue
         fns = {names[0]: lambda run=run: run(mine), names[1]: lambda run=run: run(theirs)}
-        same = {label: all(torch.equal(a, b) for a, b in zip(_outputs(run(ops)), ours))
+        same = {label: all(same_bytes(a, b) for a, b in zip(_outputs(run(ops)), ours))
                 for label, ops in (tried or {}).items()}
         del ours
         fns |= {f"[{label}]": (lambda run=run, ops=ops: run(ops)) for label, ops in (tried or {}).items() if same[label]}

@@ -49,3 +49,17 @@ def test_grading_reports_unfilled_and_wrong_answers(capsys):
 def test_relative_error():
     assert relative_error(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == 0
     assert relative_error(np.array([1.1, 0.0]), np.array([1.0, 0.0])) == pytest.approx(0.1)
+
+
+def test_same_bytes_reads_e4m3_and_tells_one_bit_apart():
+    from moe_course.checking import same_bytes
+
+    a = torch.linspace(-3, 3, 64).to(torch.float8_e4m3fn)
+    assert same_bytes(a, a.clone())
+    b = a.clone()
+    b.view(torch.uint8)[7] ^= 1
+    assert not same_bytes(a, b)
+    assert not same_bytes(a.float(), a.clone().float().to(torch.float64))  # one dtype
+    assert not same_bytes(a.view(8, 8), a)  # one shape
+    nan = torch.full((3,), float("nan"))
+    assert same_bytes(nan, nan.clone())  # the same bits, though NaN != NaN

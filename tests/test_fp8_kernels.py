@@ -9,6 +9,7 @@ import torch
 from kernel_checks import COUNT_CASES, poison, rel
 
 from moe_course import fp8, launch
+from moe_course.checking import same_bytes
 
 E4M3 = torch.float8_e4m3fn
 
@@ -341,10 +342,6 @@ def _in_turn(step):
     return step.with_defines(ISSUE_IN_TURN=1)
 
 
-def _same_bytes(a, b):
-    return a.shape == b.shape and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", list(COUNT_CASES), ids=list(COUNT_CASES))
 def test_the_consumers_in_turn_give_the_default_builds_bytes(case):
@@ -360,12 +357,12 @@ def test_the_consumers_in_turn_give_the_default_builds_bytes(case):
     for step in (launch.FP8_GEMM, launch.FP8_GEMM_WIDE):
         poison(((M, 2 * n), torch.bfloat16))
         ordered = launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, step=_in_turn(step))
-        assert _same_bytes(ordered, launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, step=step)), step.name
+        assert same_bytes(ordered, launch.fp8_grouped_gemm(x_q, x_scales, w_q, w_scales, offs, step=step)), step.name
     got = launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs, step=_in_turn(launch.FP8_SWIGLU))
     want = launch.fp8_swiglu_quantize(x_q, x_scales, w_q, w_scales, offs)
-    assert all(_same_bytes(a, b) for a, b in zip(got, want)), "07_3"
+    assert all(same_bytes(a, b) for a, b in zip(got, want)), "07_3"
     gather_idx = torch.randint(0, M, (M,), device="cuda", dtype=torch.int32)
     got = launch.fp8_gather_swiglu_quantize(x_q, x_scales, gather_idx, w_q, w_scales, offs,
                                             step=_in_turn(launch.FP8_GATHER))
     want = launch.fp8_gather_swiglu_quantize(x_q, x_scales, gather_idx, w_q, w_scales, offs)
-    assert all(_same_bytes(a, b) for a, b in zip(got, want)), "07_4"
+    assert all(same_bytes(a, b) for a, b in zip(got, want)), "07_4"
